@@ -1,0 +1,38 @@
+"""Small helpers shared by everything that runs a model forward over token windows."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from .errors import InvalidInputError
+
+
+def input_device(model: nn.Module) -> torch.device:
+    """Where input ids must go. Models dispatched with accelerate move inputs themselves."""
+    if getattr(model, "hf_device_map", None):
+        return torch.device("cpu")
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if isinstance(emb, nn.Module):
+        for p in emb.parameters():
+            return p.device
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def check_windows(windows: torch.Tensor) -> torch.Tensor:
+    if not isinstance(windows, torch.Tensor) or windows.dim() != 2 or windows.shape[0] < 1:
+        raise InvalidInputError("windows must be a 2-D tensor of token ids [num_windows, seq_len]")
+    if windows.dtype not in (torch.int64, torch.int32):
+        raise InvalidInputError(f"windows must hold integer token ids, got {windows.dtype}")
+    return windows.long()
+
+
+def batches(windows: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
+    if batch_size < 1:
+        raise InvalidInputError(f"batch_size must be at least 1, got {batch_size}")
+    for start in range(0, windows.shape[0], batch_size):
+        yield windows[start : start + batch_size]

@@ -1,0 +1,476 @@
+"""The ``lorp`` command line: similarity, select, prune, eval ppl, bench.
+
+Every failure the user can cause ends in one line on stderr (``lorp: error: ...``) and a non-zero
+exit code: 2 for bad input, 1 for anything else; never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from .errors import InvalidInputError, LorpError
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+BUNDLED = "bundled"
+
+
+# ----------------------------------------------------------------------------- argument types
+def _budget(text: str) -> int | float:
+    """A block count (``6``) or a fraction of the blocks (``0.2``)."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a block count or fraction: {text!r}") from None
+    if value != value or not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"a fraction must be between 0 and 1, got {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = _budget(text)
+    if isinstance(value, int):
+        raise argparse.ArgumentTypeError(f"a fraction must be between 0 and 1, got {text!r}")
+    return value
+
+
+def _layer_list(text: str) -> list[int]:
+    try:
+        return sorted({int(part) for part in text.split(",") if part.strip()})
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not a comma-separated list of block indices: {text!r}"
+        ) from None
+
+
+def _shapes(width: int) -> Callable[[str], list[tuple[int, ...]]]:
+    def parse(text: str) -> list[tuple[int, ...]]:
+        out = []
+        for item in text.split(","):
+            parts = item.lower().split("x")
+            try:
+                shape = tuple(int(p) for p in parts)
+            except ValueError:
+                shape = ()
+            if len(shape) != width or min(shape) < 1:
+                form = "x".join(["B", "L", "N"][:width])
+                raise argparse.ArgumentTypeError(
+                    f"expected {form}[,{form}...] with positive numbers, got {item!r}"
+                )
+            out.append(shape)
+        return out
+
+    return parse
+
+
+# ----------------------------------------------------------------------------- helpers
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line usage errors."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+class _Progress:
+    """One line per stage step on stderr, rate-limited."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.last = 0.0
+
+    def __call__(self, stage: str, fraction: float, message: str) -> None:
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if fraction not in (0.0, 1.0) and now - self.last < 1.0:
+            return
+        self.last = now
+        print(f"[{stage:>11}] {fraction * 100:5.1f}%  {message}", file=sys.stderr, flush=True)
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model",
+        required=True,
+        help=f"HF model directory (safetensors), a .gguf file, a hub id (with --allow-hub), or "
+        f"'{BUNDLED}' for the bundled SmolLM2-135M",
+    )
+    p.add_argument("--gguf-file", help="GGUF file name inside --model when it is a directory")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument(
+        "--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda, cuda:N"
+    )
+    p.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="allow pickle (.bin/.pt) weights: they can run code",
+    )
+    p.add_argument(
+        "--trust-remote-code", action="store_true", help="run the model repository's own code"
+    )
+    p.add_argument("--allow-hub", action="store_true", help="allow --model to be a model hub id")
+
+
+def _load_options(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "gguf_file": args.gguf_file,
+        "dtype": args.dtype,
+        "device": args.device,
+        "allow_pickle": args.allow_pickle,
+        "trust_remote_code": args.trust_remote_code,
+        "allow_hub": args.allow_hub,
+    }
+
+
+def _model_source(args: argparse.Namespace) -> str:
+    if args.model == BUNDLED:
+        from .loading import bundled_model_path
+
+        return str(bundled_model_path())
+    return str(args.model)
+
+
+def _load(args: argparse.Namespace) -> Any:
+    from .loading import load_model
+
+    return load_model(_model_source(args), **_load_options(args))
+
+
+def _require_file(path: Path, what: str) -> Path:
+    if not path.is_file():
+        raise InvalidInputError(f"{what} not found: {path}")
+    return path
+
+
+def _emit(data: dict[str, Any], as_json: bool, lines: Sequence[str]) -> None:
+    if as_json:
+        print(json.dumps(data))
+    else:
+        print("\n".join(lines))
+
+
+def _bench_config(args: argparse.Namespace) -> Any:
+    from .bench import BenchmarkConfig
+
+    return BenchmarkConfig(
+        prefill=tuple(args.prefill),
+        decode=tuple(args.decode),
+        warmup=args.warmup,
+        repetitions=args.repetitions,
+        measure_blocks=not args.no_block_timing,
+        allow_few_repetitions=args.repetitions < 10,
+    )
+
+
+def _bench_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--prefill",
+        type=_shapes(2),
+        default=[(1, 512), (8, 128)],
+        help="prefill workloads BATCHxPROMPT, comma-separated (default 1x512,8x128)",
+    )
+    p.add_argument(
+        "--decode",
+        type=_shapes(3),
+        default=[(1, 32, 128)],
+        help="decode workloads BATCHxPROMPTxNEW, comma-separated (default 1x32x128)",
+    )
+    p.add_argument(
+        "--warmup", type=int, default=2, help="untimed runs per model and workload (default 2)"
+    )
+    p.add_argument(
+        "--repetitions",
+        type=_positive_int,
+        default=10,
+        help="timed runs per model and workload (default 10; fewer is marked as such)",
+    )
+    p.add_argument(
+        "--no-block-timing", action="store_true", help="skip per-block timing (no ideal speedup)"
+    )
+
+
+# ----------------------------------------------------------------------------- commands
+def cmd_similarity(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from .data import text_windows
+    from .similarity import capture_similarity
+
+    calibration = _require_file(args.calibration, "calibration file")
+    loaded = _load(args)
+    windows = text_windows(loaded.tokenizer, calibration, args.seq_len, args.windows)
+    start = time.perf_counter()
+    s = capture_similarity(
+        loaded.model, windows, batch_size=args.batch_size, progress=_Progress(not args.quiet)
+    )
+    elapsed = time.perf_counter() - start
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    np.save(args.out, s)
+    if not args.quiet:
+        print(
+            f"wrote {args.out}: {s.shape[0]}x{s.shape[1]} from {windows.shape[0]} windows x "
+            f"{windows.shape[1]} tokens in {elapsed:.1f}s",
+            file=sys.stderr,
+        )
+    return EXIT_OK
+
+
+def _load_similarity(path: Path) -> Any:
+    import numpy as np
+
+    _require_file(path, "similarity file")
+    try:
+        return np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise InvalidInputError(f"{path} is not a numpy .npy matrix ({exc})") from exc
+
+
+def cmd_select(args: argparse.Namespace) -> int:
+    from .selection import select_layers
+
+    s = _load_similarity(args.similarity)
+    sel = select_layers(s, args.remove, method=args.method, num_clusters=args.clusters)
+    data = {
+        "method": sel.method,
+        "num_layers": sel.num_layers,
+        "removed": sel.removed,
+        "rls": sel.rls,
+        "num_clusters": sel.num_clusters,
+        "labels": sel.labels,
+    }
+    _emit(
+        data,
+        args.json,
+        [
+            f"method: {sel.method}",
+            f"layers: {sel.num_layers}",
+            f"RLS: {sel.rls:.4f}" + (f"  K: {sel.num_clusters}" if sel.num_clusters else ""),
+            f"phases: {sel.labels}" if sel.labels is not None else "phases: -",
+            f"remove: {','.join(map(str, sel.removed))}",
+        ],
+    )
+    return EXIT_OK
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from .pipeline import PruneConfig, run_pipeline
+
+    calibration = _require_file(args.calibration, "calibration file")
+    evaluation = _require_file(args.eval, "evaluation file") if args.eval else None
+    budget = args.remove if args.remove is not None else args.fraction
+    config = PruneConfig(
+        method=args.method,
+        num_remove=budget if isinstance(budget, int) else None,
+        fraction=budget if isinstance(budget, float) else None,
+        num_clusters=args.clusters,
+        windows=args.windows,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        eval_windows=args.eval_windows,
+        eval_seq_len=args.eval_seq_len,
+        benchmark=None if args.no_bench else _bench_config(args),
+    )
+    out = run_pipeline(
+        _model_source(args),
+        calibration,
+        args.out,
+        config,
+        evaluation=evaluation,
+        progress=_Progress(not args.quiet),
+        **_load_options(args),
+    )
+    res = out.result
+    lines = [
+        f"removed {len(res.removed)} of {res.num_layers_before} blocks: {res.removed} "
+        f"(method {res.selection.method}, RLS {res.selection.rls:.3f}"
+        + (f", K {res.selection.num_clusters})" if res.selection.num_clusters else ")"),
+        f"checkpoint: {out.checkpoint_dir}",
+        f"report: {args.out / 'report.json'}, {args.out / 'report.html'}",
+    ]
+    if res.quality is not None:
+        q = res.quality
+        lines.append(
+            f"perplexity {q.dense.ppl:.2f} -> {q.pruned.ppl:.2f}, KL {q.kl:.4f}, "
+            f"top-1 agreement {q.top1_agreement:.3f}"
+        )
+    if res.benchmark is not None:
+        for w in res.benchmark.workloads:
+            lines.append(f"{w.name}: speedup {w.speedup:.2f}x")
+    summary = {"removed": res.removed, "out": str(args.out), "report": out.report}
+    _emit(summary, args.json, lines)
+    return EXIT_OK
+
+
+def cmd_eval_ppl(args: argparse.Namespace) -> int:
+    from .data import text_windows
+    from .quality import perplexity
+
+    text = _require_file(args.text, "text file")
+    loaded = _load(args)
+    windows = text_windows(loaded.tokenizer, text, args.seq_len, args.windows)
+    res = perplexity(
+        loaded.model, windows, batch_size=args.batch_size, progress=_Progress(not args.quiet)
+    )
+    data = {
+        "ppl": res.ppl,
+        "nll": res.nll,
+        "tokens": res.tokens,
+        "windows": int(windows.shape[0]),
+        "seq_len": int(windows.shape[1]),
+    }
+    _emit(
+        data,
+        args.json,
+        [
+            f"perplexity {res.ppl:.3f} over {res.tokens} predicted tokens "
+            f"({windows.shape[0]} windows x {windows.shape[1]})"
+        ],
+    )
+    return EXIT_OK
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import benchmark
+
+    loaded = _load(args)
+    result = benchmark(
+        loaded.model, args.remove_layers, _bench_config(args), progress=_Progress(not args.quiet)
+    )
+    data = result.to_dict()
+    lines = [f"removed blocks {args.remove_layers} of {result.num_layers}"]
+    for w in result.workloads:
+        ideal = w.ideal_speedup(args.remove_layers)
+        lines.append(
+            f"{w.name:>24}: original {w.original.to_dict()['median_s'] * 1e3:9.1f} ms  "
+            f"pruned {w.pruned.to_dict()['median_s'] * 1e3:9.1f} ms  speedup {w.speedup:.3f}x"
+            + (f"  ideal {ideal:.3f}x" if ideal else "")
+        )
+    _emit(data, args.json, lines)
+    return EXIT_OK
+
+
+# ----------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    from .selection import METHODS
+
+    parser = _Parser(prog="lorp", description="Training-free depth pruning of LLMs (LoRP).")
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=_Parser
+    )
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+
+    p = sub.add_parser("similarity", help="capture the block-input similarity matrix S")
+    _model_args(p)
+    p.add_argument("--calibration", type=Path, required=True, help="UTF-8 calibration text")
+    p.add_argument(
+        "--windows", type=_positive_int, default=32, help="calibration windows (default 32)"
+    )
+    p.add_argument(
+        "--seq-len", type=_positive_int, default=512, help="tokens per window (default 512)"
+    )
+    p.add_argument("--batch-size", type=_positive_int, default=1)
+    p.add_argument("--out", type=Path, required=True, help="where to write S (.npy)")
+    common(p)
+    p.set_defaults(func=cmd_similarity)
+
+    p = sub.add_parser("select", help="choose blocks to remove from a similarity matrix")
+    p.add_argument(
+        "--similarity", type=Path, required=True, help="S as .npy (from `lorp similarity`)"
+    )
+    p.add_argument(
+        "--remove", type=_budget, required=True, help="blocks to remove: a count or a fraction"
+    )
+    p.add_argument("--method", default="lorp", choices=METHODS)
+    p.add_argument("--clusters", type=_positive_int, help="force the number of phases K (lorp)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_select)
+
+    p = sub.add_parser("prune", help="select, remove and save; measure quality and speed")
+    _model_args(p)
+    p.add_argument("--calibration", type=Path, required=True, help="UTF-8 calibration text")
+    budget = p.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--remove", type=_positive_int, help="number of blocks to remove")
+    budget.add_argument("--fraction", type=_fraction, help="fraction of blocks to remove")
+    p.add_argument("--method", default="lorp", choices=METHODS)
+    p.add_argument("--clusters", type=_positive_int, help="force the number of phases K (lorp)")
+    p.add_argument("--windows", type=_positive_int, default=32)
+    p.add_argument("--seq-len", type=_positive_int, default=512)
+    p.add_argument("--batch-size", type=_positive_int, default=1)
+    p.add_argument("--eval", type=Path, help="held-out text for dense vs pruned quality")
+    p.add_argument("--eval-windows", type=_positive_int, default=64)
+    p.add_argument("--eval-seq-len", type=_positive_int, default=512)
+    p.add_argument("--no-bench", action="store_true", help="skip the speed/memory benchmark")
+    _bench_args(p)
+    p.add_argument("--out", type=Path, required=True, help="output directory")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    common(p)
+    p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("eval", help="evaluate a model")
+    esub = p.add_subparsers(dest="what", required=True, metavar="WHAT", parser_class=_Parser)
+    pe = esub.add_parser("ppl", help="perplexity on a text file (non-overlapping windows)")
+    _model_args(pe)
+    pe.add_argument("--text", type=Path, required=True)
+    pe.add_argument("--seq-len", type=_positive_int, default=512)
+    pe.add_argument(
+        "--windows", type=_positive_int, default=None, help="first N windows (default: all)"
+    )
+    pe.add_argument("--batch-size", type=_positive_int, default=1)
+    pe.add_argument("--json", action="store_true")
+    common(pe)
+    pe.set_defaults(func=cmd_eval_ppl)
+
+    p = sub.add_parser("bench", help="time original vs pruned without saving a checkpoint")
+    _model_args(p)
+    p.add_argument("--remove-layers", type=_layer_list, required=True, help="e.g. 3,7,9")
+    _bench_args(p)
+    p.add_argument("--json", action="store_true")
+    common(p)
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "quiet", False) or getattr(args, "json", False):
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    try:
+        return int(args.func(args))
+    except LorpError as exc:
+        print(f"lorp: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE if isinstance(exc, InvalidInputError) else EXIT_FAILURE
+    except KeyboardInterrupt:
+        print("lorp: interrupted", file=sys.stderr)
+        return 130
+    except (OSError, MemoryError) as exc:
+        print(f"lorp: error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,64 @@
+"""Every error lorp raises. Each carries a stable ``code`` that the CLI and the service map to
+exit messages and HTTP/job error codes; nothing else in lorp defines exception classes."""
+
+from __future__ import annotations
+
+
+class LorpError(Exception):
+    """Base class of all lorp errors."""
+
+    code = "lorp_error"
+
+
+class InvalidInputError(LorpError, ValueError):
+    """An argument or input file is malformed (bad budget, bad matrix, unknown method...)."""
+
+    code = "invalid_input"
+
+
+class BudgetError(InvalidInputError):
+    """The removal budget cannot be met (too many blocks, not a valid fraction...)."""
+
+    code = "invalid_budget"
+
+
+class SimilarityMatrixError(InvalidInputError):
+    """The similarity matrix is not square, not symmetric, or not finite."""
+
+    code = "invalid_similarity"
+
+
+class UnsupportedModelError(LorpError):
+    """The model's architecture is not supported (its block list cannot be found...)."""
+
+    code = "unsupported_model"
+
+
+class UnsafeWeightsError(LorpError):
+    """Weights in a format that can execute code (pickle) and loading them was not allowed."""
+
+    code = "unsafe_weights"
+
+
+class ModelLoadError(LorpError):
+    """A model or tokenizer could not be loaded (missing, corrupt, wrong shapes...)."""
+
+    code = "model_load_failed"
+
+
+class ModelTooLargeError(LorpError):
+    """The model needs more memory than the caller allows."""
+
+    code = "model_too_large"
+
+
+class CancelledError(LorpError):
+    """Raised from a progress callback to stop the work at the next stage boundary."""
+
+    code = "cancelled"
+
+
+class QualityGateError(LorpError):
+    """The pruned model broke a quality limit the caller set."""
+
+    code = "quality_gate"

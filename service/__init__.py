@@ -1,0 +1,1 @@
+"""LoRP pruning as a REST service: FastAPI app, job store (Redis), artifact storage (S3)."""

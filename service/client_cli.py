@@ -1,0 +1,468 @@
+"""``lorp-jobs``: the command line for the LoRP jobs API.
+
+    lorp-jobs submit --model s3://in/acme/m.gguf --calibration corpus:wiki --blocks 6 --wait
+    lorp-jobs status JOB_ID
+    lorp-jobs wait JOB_ID --timeout 3600
+    lorp-jobs list --state running
+    lorp-jobs cancel JOB_ID
+    lorp-jobs download JOB_ID -o out/
+
+The API URL and key come from ``--url``/``--api-key`` or ``LORP_API_URL``/``LORP_API_KEY``.
+Exit codes: 0 ok (``wait``: job succeeded), 1 error (HTTP, network, checksum), 2 usage,
+3 job failed, 4 job cancelled, 5 wait timed out, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+from service.client import (
+    Artifact,
+    ClientError,
+    Job,
+    LorpClient,
+    WaitTimeoutError,
+    overall_fraction,
+)
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_FAILED = 3
+EXIT_CANCELLED = 4
+EXIT_TIMEOUT = 5
+EXIT_INTERRUPTED = 130
+
+_STATE_EXIT = {"succeeded": EXIT_OK, "failed": EXIT_FAILED, "cancelled": EXIT_CANCELLED}
+
+
+class UsageError(Exception):
+    """Bad command-line input detected after argparse (exit 2)."""
+
+
+# --------------------------------------------------------------------------------------------
+# argument parsing
+
+
+def _pair(text: str) -> list[int]:
+    return _ints(text, 2, "BATCHxPROMPT_LEN, e.g. 1x512")
+
+
+def _triple(text: str) -> list[int]:
+    return _ints(text, 3, "BATCHxPROMPT_LENxNEW_TOKENS, e.g. 1x32x128")
+
+
+def _ints(text: str, n: int, form: str) -> list[int]:
+    parts = text.lower().replace(":", "x").replace(",", "x").split("x")
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {form}, got {text!r}") from None
+    if len(values) != n or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected {form} (positive integers), got {text!r}")
+    return values
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lorp-jobs",
+        description="Submit and follow LoRP depth-pruning jobs on a LoRP service.",
+    )
+    parser.add_argument(
+        "--url",
+        default=os.environ.get("LORP_API_URL", "http://127.0.0.1:8000"),
+        help="API base URL (env LORP_API_URL; default %(default)s)",
+    )
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get("LORP_API_KEY"),
+        help="API key sent as X-API-Key (env LORP_API_KEY)",
+    )
+    parser.add_argument(
+        "--http-timeout", type=_positive_float, default=30.0, help="seconds per HTTP request"
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("submit", help="submit a job (spec from flags and/or a JSON file)")
+    p.add_argument("--spec", help="JSON job spec file ('-' = stdin); flags override its fields")
+    p.add_argument("--model", help="s3://bucket/key, /abs/path under a local root, or hf:org/name")
+    p.add_argument("--gguf-file", help="GGUF file name inside a model directory/prefix")
+    p.add_argument("--calibration", help="s3://bucket/key.txt, corpus:<name> or /abs/path")
+    p.add_argument("--evaluation", help="held-out text for perplexity (same forms)")
+    p.add_argument("--method", choices=["lorp", "shortgpt", "streamline"])
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--blocks", type=int, help="number of blocks to remove")
+    budget.add_argument("--fraction", type=float, help="fraction of blocks to remove (0..1)")
+    p.add_argument("--num-clusters", type=int)
+    p.add_argument("--windows", type=int, help="calibration windows")
+    p.add_argument("--seq-len", type=int, help="calibration window length (tokens)")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--eval-windows", type=int)
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"])
+    p.add_argument(
+        "--prefill", type=_pair, action="append", metavar="BxL", help="prefill workload (repeat)"
+    )
+    p.add_argument(
+        "--decode", type=_triple, action="append", metavar="BxLxN", help="decode workload (repeat)"
+    )
+    p.add_argument("--warmup", type=int)
+    p.add_argument("--repetitions", type=int)
+    p.add_argument("--no-benchmark", action="store_true", help="send benchmark: null")
+    p.add_argument("--idempotency-key", help="makes retries of this submission safe")
+    p.add_argument("--wait", action="store_true", help="wait for the job, showing progress")
+    _add_wait_options(p)
+    p.add_argument("--json", action="store_true", help="print the job as JSON")
+
+    p = sub.add_parser("status", help="show a job")
+    p.add_argument("job_id")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("wait", help="wait for a job to finish, with a progress bar")
+    p.add_argument("job_id")
+    _add_wait_options(p)
+    p.add_argument("--json", action="store_true", help="print the final job as JSON")
+
+    p = sub.add_parser("list", help="list jobs (newest first)")
+    p.add_argument("--state", choices=["queued", "running", "succeeded", "failed", "cancelled"])
+    p.add_argument("--limit", type=int, default=20, help="page size (default %(default)s)")
+    p.add_argument("--cursor", help="next_cursor from a previous page")
+    p.add_argument("--all", action="store_true", help="follow every page")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("cancel", help="cancel a queued or running job")
+    p.add_argument("job_id")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("download", help="download and verify every artifact of a succeeded job")
+    p.add_argument("job_id")
+    p.add_argument("-o", "--out", help="destination directory (default: ./<job_id>)")
+    p.add_argument("--quiet", action="store_true")
+    return parser
+
+
+def _add_wait_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--timeout", type=_positive_float, help="give up after this many seconds")
+    p.add_argument(
+        "--interval", type=_positive_float, default=1.0, help="poll interval (default 1s)"
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def build_spec(args: argparse.Namespace) -> dict[str, Any]:
+    """The JSON job spec from ``--spec`` plus flag overrides; UsageError when incomplete."""
+    spec: dict[str, Any] = {}
+    if args.spec:
+        try:
+            raw = sys.stdin.read() if args.spec == "-" else Path(args.spec).read_text("utf-8")
+            loaded = json.loads(raw)
+        except OSError as exc:
+            raise UsageError(f"cannot read --spec {args.spec}: {exc.strerror or exc}") from None
+        except ValueError as exc:
+            raise UsageError(f"--spec {args.spec} is not valid JSON: {exc}") from None
+        if not isinstance(loaded, dict):
+            raise UsageError(f"--spec {args.spec} must hold a JSON object")
+        spec.update(loaded)
+    for flag in (
+        "model",
+        "gguf_file",
+        "calibration",
+        "evaluation",
+        "method",
+        "num_clusters",
+        "windows",
+        "seq_len",
+        "batch_size",
+        "eval_windows",
+        "dtype",
+    ):
+        value = getattr(args, flag)
+        if value is not None:
+            spec[flag] = value
+    if args.blocks is not None:
+        spec["budget"] = {"blocks": args.blocks}
+    elif args.fraction is not None:
+        spec["budget"] = {"fraction": args.fraction}
+    if args.no_benchmark:
+        if args.prefill or args.decode or args.warmup is not None or args.repetitions is not None:
+            raise UsageError("--no-benchmark can't be combined with benchmark options")
+        spec["benchmark"] = None
+    elif args.prefill or args.decode or args.warmup is not None or args.repetitions is not None:
+        bench = dict(spec.get("benchmark") or {})
+        if args.prefill:
+            bench["prefill"] = args.prefill
+        if args.decode:
+            bench["decode"] = args.decode
+        if args.warmup is not None:
+            bench["warmup"] = args.warmup
+        if args.repetitions is not None:
+            bench["repetitions"] = args.repetitions
+        spec["benchmark"] = bench
+    missing = [k for k in ("model", "calibration", "budget") if k not in spec]
+    if missing:
+        flags = {
+            "model": "--model",
+            "calibration": "--calibration",
+            "budget": "--blocks/--fraction",
+        }
+        raise UsageError("missing " + ", ".join(flags[m] for m in missing) + " (or --spec FILE)")
+    return spec
+
+
+# --------------------------------------------------------------------------------------------
+# output
+
+
+def _fmt_duration(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
+
+
+class ProgressBar:
+    """A one-line text progress bar (redrawn in place on a terminal, one line per change
+    otherwise) fed with polled jobs."""
+
+    def __init__(self, stream: TextIO | None = None, width: int = 30) -> None:
+        self.stream = stream if stream is not None else sys.stderr
+        self.width = width
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.started = time.monotonic()
+        self._last_line = ""
+        self._drawn = False
+
+    def render(self, job: Job) -> str:
+        frac = overall_fraction(job)
+        filled = round(frac * self.width)
+        bar = "#" * filled + "." * (self.width - filled)
+        progress = job.get("progress") or {}
+        stage = progress.get("stage") or "-"
+        stage_pct = 100 * float(progress.get("fraction") or 0.0)
+        message = (progress.get("message") or "").strip()
+        state = job.get("state", "?")
+        text = f"[{bar}] {100 * frac:5.1f}% {state:<9} {stage} {stage_pct:.0f}%"
+        if message:
+            text += f"  {message}"
+        return text[:160]
+
+    def update(self, job: Job) -> None:
+        line = self.render(job)
+        elapsed = _fmt_duration(time.monotonic() - self.started)
+        if self.tty:
+            self.stream.write("\r\x1b[2K" + line + f"  {elapsed}")
+            self._drawn = True
+        elif line != self._last_line:
+            self.stream.write(f"{elapsed} {line}\n")
+        self._last_line = line
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.tty and self._drawn:
+            self.stream.write("\n")
+            self.stream.flush()
+            self._drawn = False
+
+
+def _fmt_float(value: Any, spec: str = ".3f", suffix: str = "") -> str:
+    return f"{value:{spec}}{suffix}" if isinstance(value, int | float) else "-"
+
+
+def format_job(job: Job) -> str:
+    """Human-readable multi-line view of a job."""
+    progress = job.get("progress") or {}
+    lines = [
+        f"job       {job.get('id')}",
+        f"state     {job.get('state')}"
+        + ("  (cancel requested)" if job.get("cancel_requested") else ""),
+        f"created   {job.get('created_at')}",
+    ]
+    if job.get("started_at"):
+        lines.append(f"started   {job.get('started_at')}")
+    if job.get("finished_at"):
+        lines.append(f"finished  {job.get('finished_at')}")
+    if job.get("state") in ("queued", "running"):
+        lines.append(
+            f"progress  {progress.get('stage') or '-'} "
+            f"{100 * float(progress.get('fraction') or 0):.0f}%  {progress.get('message') or ''}"
+        )
+    error = job.get("error")
+    if error:
+        lines.append(f"error     {error.get('code')}: {error.get('message')}")
+    summary = job.get("summary")
+    if summary:
+        lines.extend(format_summary(summary))
+    return "\n".join(lines)
+
+
+def format_summary(summary: dict[str, Any]) -> list[str]:
+    lines = []
+    removed = summary.get("removed_blocks")
+    if removed is not None:
+        lines.append(
+            f"removed   {len(removed)} of {summary.get('num_layers', '?')} blocks: {removed}"
+            f"  (method {summary.get('method', '?')}, RLS {_fmt_float(summary.get('rls'))}, "
+            f"K={summary.get('num_clusters', '-')})"
+        )
+    if summary.get("prefill_speedup") is not None or summary.get("decode_speedup") is not None:
+        lines.append(
+            f"speedup   prefill x{_fmt_float(summary.get('prefill_speedup'), '.2f')}  "
+            f"decode x{_fmt_float(summary.get('decode_speedup'), '.2f')}"
+        )
+    for name, value in (summary.get("speedups") or {}).items():
+        lines.append(f"          {name}: x{_fmt_float(value, '.2f')}")
+    if summary.get("memory_reduction") is not None:
+        saved = summary.get("weights_saved_bytes")
+        extra = f" ({saved / 2**20:.1f} MiB of weights)" if isinstance(saved, int) else ""
+        lines.append(f"memory    -{100 * summary['memory_reduction']:.1f}%{extra}")
+    if summary.get("perplexity_before") is not None:
+        lines.append(
+            f"ppl       {_fmt_float(summary.get('perplexity_before'), '.2f')} -> "
+            f"{_fmt_float(summary.get('perplexity_after'), '.2f')}"
+            f"  (x{_fmt_float(summary.get('perplexity_ratio'), '.3f')})"
+        )
+    return lines
+
+
+def _print_json(obj: Any, out: TextIO) -> None:
+    out.write(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def _show(job: Job, as_json: bool, out: TextIO) -> None:
+    if as_json:
+        _print_json(job, out)
+    else:
+        out.write(format_job(job) + "\n")
+
+
+# --------------------------------------------------------------------------------------------
+# commands
+
+
+def _wait(client: LorpClient, job_id: str, args: argparse.Namespace, err: TextIO) -> Job:
+    bar = None if args.no_progress else ProgressBar(err)
+    on_progress: Callable[[Job], None] | None = bar.update if bar is not None else None
+    try:
+        return client.wait(
+            job_id, timeout=args.timeout, poll_interval=args.interval, on_progress=on_progress
+        )
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def run(args: argparse.Namespace, client: LorpClient, out: TextIO, err: TextIO) -> int:
+    """Execute a parsed command against ``client``; returns the exit code."""
+    if args.command == "submit":
+        spec = build_spec(args)
+        job = client.submit(spec, idempotency_key=args.idempotency_key)
+        if not args.wait:
+            if args.json:
+                _print_json(job, out)
+            else:
+                out.write(f"{job['id']}\n")
+            return EXIT_OK
+        err.write(f"submitted {job['id']}\n")
+        job = _wait(client, job["id"], args, err)
+        _show(job, args.json, out)
+        return _STATE_EXIT.get(str(job.get("state")), EXIT_ERROR)
+
+    if args.command == "status":
+        job = client.get(args.job_id)
+        _show(job, args.json, out)
+        return EXIT_OK
+
+    if args.command == "wait":
+        job = _wait(client, args.job_id, args, err)
+        _show(job, args.json, out)
+        return _STATE_EXIT.get(str(job.get("state")), EXIT_ERROR)
+
+    if args.command == "list":
+        if args.limit < 1:
+            raise UsageError("--limit must be at least 1")
+        if args.all:
+            jobs = list(client.iter_jobs(state=args.state, page_size=min(args.limit, 100)))
+            next_cursor = None
+        else:
+            page = client.list(state=args.state, limit=args.limit, cursor=args.cursor)
+            jobs, next_cursor = page["items"], page.get("next_cursor")
+        if args.json:
+            _print_json({"items": jobs, "next_cursor": next_cursor}, out)
+            return EXIT_OK
+        for job in jobs:
+            progress = job.get("progress") or {}
+            stage = (progress.get("stage") or "") if job.get("state") == "running" else ""
+            out.write(
+                f"{job['id']}  {job.get('state', '?'):<9}  {job.get('created_at')}  {stage}\n"
+            )
+        if next_cursor:
+            err.write(f"more: --cursor {next_cursor}\n")
+        return EXIT_OK
+
+    if args.command == "cancel":
+        job = client.cancel(args.job_id)
+        if args.json:
+            _print_json(job, out)
+        else:
+            note = " (stops at the next stage boundary)" if job.get("state") == "running" else ""
+            out.write(f"{job['id']} {job.get('state')}{note}\n")
+        return EXIT_OK
+
+    if args.command == "download":
+        dest = Path(args.out) if args.out else Path(args.job_id)
+
+        def on_file(artifact: Artifact, path: Path) -> None:
+            if not args.quiet:
+                err.write(f"  {artifact['size']:>12,d}  {path}  sha256 ok\n")
+
+        paths = client.download(args.job_id, dest, on_file=on_file)
+        out.write(f"{len(paths)} files verified in {dest}\n")
+        return EXIT_OK
+
+    raise UsageError(f"unknown command {args.command!r}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    out, err = sys.stdout, sys.stderr
+    if not args.api_key:
+        parser.error("no API key: pass --api-key or set LORP_API_KEY")
+    try:
+        with LorpClient(args.url, args.api_key, timeout=args.http_timeout) as client:
+            return run(args, client, out, err)
+    except UsageError as exc:
+        err.write(f"lorp-jobs: error: {exc}\n")
+        return EXIT_USAGE
+    except WaitTimeoutError as exc:
+        err.write(f"lorp-jobs: timeout: {exc}\n")
+        return EXIT_TIMEOUT
+    except ClientError as exc:
+        err.write(f"lorp-jobs: error: {exc}\n")
+        return EXIT_ERROR
+    except OSError as exc:
+        err.write(f"lorp-jobs: error: {exc}\n")
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        err.write("lorp-jobs: interrupted\n")
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

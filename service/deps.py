@@ -1,0 +1,62 @@
+"""FastAPI dependencies as ``Annotated`` aliases, so routes read like prose."""
+
+from __future__ import annotations
+
+import hmac
+from typing import Annotated
+
+from celery import Celery
+from fastapi import Depends, Header, HTTPException, Request, status
+
+from service.config import Settings
+from service.jobs import JobStore
+from service.storage import Storage
+
+
+def get_settings(request: Request) -> Settings:
+    """The app's settings (built once at startup)."""
+    return request.app.state.settings
+
+
+def get_store(request: Request) -> JobStore:
+    """The app's job store."""
+    return request.app.state.store
+
+
+def get_storage(request: Request) -> Storage:
+    """The app's object-store client."""
+    return request.app.state.storage
+
+
+def get_celery(request: Request) -> Celery:
+    """The Celery app used to send tasks."""
+    return request.app.state.celery
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+StoreDep = Annotated[JobStore, Depends(get_store)]
+StorageDep = Annotated[Storage, Depends(get_storage)]
+CeleryDep = Annotated[Celery, Depends(get_celery)]
+
+
+def get_tenant(
+    settings: SettingsDep,
+    x_api_key: Annotated[str | None, Header(description="API key (maps to a tenant)")] = None,
+) -> str:
+    """The tenant of the caller's ``X-API-Key``; 401 when missing or unknown."""
+    tenant = None
+    if x_api_key:
+        given = x_api_key.encode("utf-8", "surrogateescape")
+        for key, owner in settings.api_keys.items():
+            if hmac.compare_digest(given, key.encode()):
+                tenant = owner
+    if tenant is None:
+        raise HTTPException(
+            status_code=status.HTTP_401_UNAUTHORIZED,
+            detail="missing or unknown API key (send X-API-Key)",
+            headers={"WWW-Authenticate": "ApiKey"},
+        )
+    return tenant
+
+
+TenantDep = Annotated[str, Depends(get_tenant)]

@@ -1,0 +1,53 @@
+"""Service-side errors (job store, object storage) and the job error codes the API reports.
+
+``lorp.errors`` classes carry their own ``.code``; the codes below are the service's own.
+"""
+
+from __future__ import annotations
+
+# Job error codes produced by the service/worker (besides ``lorp.errors.*.code``).
+STORAGE_UNAVAILABLE = "storage_unavailable"
+INPUT_NOT_FOUND = "input_not_found"
+INTERNAL = "internal"
+
+
+class ServiceError(Exception):
+    """Base class; ``code`` is stable and shown to API clients."""
+
+    code = "service_error"
+
+
+class JobNotFoundError(ServiceError):
+    """No such job for this tenant (other tenants' jobs are indistinguishable from missing)."""
+
+    code = "not_found"
+
+
+class IdempotencyConflictError(ServiceError):
+    """The Idempotency-Key was already used with a different request body."""
+
+    code = "idempotency_conflict"
+
+
+class InvalidTransitionError(ServiceError):
+    """The job is not in a state that allows the requested transition."""
+
+    code = "invalid_state"
+
+
+class StorageError(ServiceError):
+    """The object store refused an operation."""
+
+    code = "storage_error"
+
+
+class StorageUnavailableError(StorageError):
+    """The object store could not be reached (after retries)."""
+
+    code = STORAGE_UNAVAILABLE
+
+
+class StorageNotFoundError(StorageError):
+    """An object or prefix does not exist."""
+
+    code = INPUT_NOT_FOUND

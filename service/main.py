@@ -1,0 +1,272 @@
+"""The FastAPI application: ``uvicorn service.main:app``.
+
+Settings are read once when the app starts (a bad configuration stops the start-up). Errors are
+mapped at this edge: job store or queue down -> 503 with ``Retry-After``; object store down ->
+503; unknown jobs -> 404; conflicts -> 409; bodies over ``LORP_MAX_REQUEST_BYTES`` -> 413;
+anything unexpected -> a 500 with a generic message (tracebacks go to the log only).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from kombu.exceptions import OperationalError as KombuOperationalError
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from redis.exceptions import RedisError
+
+from service.config import Settings
+from service.errors import (
+    IdempotencyConflictError,
+    InvalidTransitionError,
+    JobNotFoundError,
+    ServiceError,
+    StorageError,
+    StorageNotFoundError,
+    StorageUnavailableError,
+)
+from service.jobs import JobStore
+from service.routes import health, jobs
+from service.storage import Storage
+from worker.factory import QUEUE, make_celery
+
+log = logging.getLogger("service")
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+RETRY_AFTER_SECONDS = "5"
+
+
+def _error(status_code: int, detail: str, code: str, retry: bool = False) -> JSONResponse:
+    headers = {"Retry-After": RETRY_AFTER_SECONDS} if retry else None
+    return JSONResponse({"detail": detail, "code": code}, status_code=status_code, headers=headers)
+
+
+async def _send_error(send: Send, status_code: int, detail: str, code: str) -> None:
+    import json
+
+    body = json.dumps({"detail": detail, "code": code}).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status_code,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close"),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+class BodyLimitMiddleware:
+    """Refuse request bodies over ``max_bytes`` with 413 (by Content-Length or while reading)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length")
+        if declared is not None:
+            try:
+                too_big = int(declared) > self.max_bytes
+            except ValueError:
+                await _send_error(send, 400, "malformed Content-Length", "bad_request")
+                return
+            if too_big:
+                await _send_error(
+                    send, 413, f"body larger than {self.max_bytes} bytes", "payload_too_large"
+                )
+                return
+        chunks: list[bytes] = []
+        size = 0
+        more = True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                await _send_error(
+                    send, 413, f"body larger than {self.max_bytes} bytes", "payload_too_large"
+                )
+                return
+            chunks.append(chunk)
+            more = bool(message.get("more_body", False))
+        body = b"".join(chunks)
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+class MetricsMiddleware:
+    """Count requests and time them per route template."""
+
+    def __init__(self, app: ASGIApp, registry: CollectorRegistry) -> None:
+        self.app = app
+        self.requests = Counter(
+            "lorp_http_requests", "HTTP requests", ["method", "route", "status"], registry=registry
+        )
+        self.latency = Histogram(
+            "lorp_http_request_duration_seconds",
+            "HTTP request latency",
+            ["method", "route"],
+            registry=registry,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status_code = 500
+
+        async def wrapped_send(message: Message) -> None:
+            nonlocal status_code
+            if message["type"] == "http.response.start":
+                status_code = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, wrapped_send)
+        finally:
+            route = getattr(scope.get("route"), "path", None) or "unmatched"
+            self.requests.labels(scope["method"], route, str(status_code)).inc()
+            self.latency.labels(scope["method"], route).observe(time.perf_counter() - start)
+
+
+class _QueueCollector:
+    """Queue depth (Redis list of the Celery queue), read at scrape time."""
+
+    def __init__(self, app: FastAPI) -> None:
+        self.app = app
+
+    def collect(self) -> Any:
+        g = GaugeMetricFamily("lorp_queue_length", "jobs waiting in the broker queue")
+        try:
+            store: JobStore = self.app.state.store
+            g.add_metric([], float(store.redis.llen(QUEUE)))
+        except Exception:  # no value is better than a failed scrape
+            return
+        yield g
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(JobNotFoundError)
+    async def _not_found(_: Request, exc: JobNotFoundError) -> JSONResponse:
+        return _error(404, str(exc), exc.code)
+
+    @app.exception_handler(IdempotencyConflictError)
+    async def _idem(_: Request, exc: IdempotencyConflictError) -> JSONResponse:
+        return _error(409, str(exc), exc.code)
+
+    @app.exception_handler(InvalidTransitionError)
+    async def _conflict(_: Request, exc: InvalidTransitionError) -> JSONResponse:
+        return _error(409, str(exc), exc.code)
+
+    @app.exception_handler(StorageError)
+    async def _storage(_: Request, exc: StorageError) -> JSONResponse:
+        if isinstance(exc, StorageNotFoundError):
+            return _error(404, "artifact not found", "artifact_not_found")
+        if isinstance(exc, StorageUnavailableError):
+            return _error(503, "object store unavailable", exc.code, retry=True)
+        log.error("storage error: %s", exc)
+        return _error(502, "object store error", exc.code)
+
+    @app.exception_handler(ServiceError)
+    async def _service(_: Request, exc: ServiceError) -> JSONResponse:
+        return _error(400, str(exc), exc.code)
+
+    @app.exception_handler(RedisError)
+    async def _redis(_: Request, exc: RedisError) -> JSONResponse:
+        log.warning("job store unavailable: %s", exc)
+        return _error(503, "job store unavailable", "store_unavailable", retry=True)
+
+    @app.exception_handler(KombuOperationalError)
+    async def _queue(_: Request, exc: KombuOperationalError) -> JSONResponse:
+        log.warning("queue unavailable: %s", exc)
+        return _error(503, "job queue unavailable", "queue_unavailable", retry=True)
+
+    @app.exception_handler(Exception)
+    async def _internal(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error", exc_info=exc)
+        return _error(500, "internal error", "internal")
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the API. ``settings`` default to the environment, read when the app starts."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        cfg = settings or Settings()  # type: ignore[call-arg]  # from LORP_* env
+        app.state.settings = cfg
+        app.state.store = JobStore.from_settings(cfg)
+        app.state.storage = Storage(cfg)
+        app.state.celery = make_celery(cfg)
+        try:
+            app.state.storage.ensure_bucket()
+        except StorageError as e:  # /readyz reports it; the API still serves health/auth
+            log.warning("could not ensure bucket %s: %s", cfg.s3_bucket, e)
+        try:
+            yield
+        finally:
+            app.state.store.close()
+
+    app = FastAPI(
+        title="LoRP pruning service",
+        version="0.1.0",
+        description=(
+            "Training-free depth pruning (LoRP) of LLMs as jobs: submit a model, a calibration "
+            "text and a budget; poll the job; download the pruned checkpoint and the report. "
+            "Authenticate with an `X-API-Key` header."
+        ),
+        lifespan=lifespan,
+    )
+    app.state.registry = registry = CollectorRegistry()
+    registry.register(_QueueCollector(app))
+    app.include_router(health.router)
+    app.include_router(jobs.router)
+    _install_error_handlers(app)
+    max_bytes = settings.max_request_bytes if settings else _env_max_bytes()
+    app.add_middleware(BodyLimitMiddleware, max_bytes=max_bytes)
+    app.add_middleware(MetricsMiddleware, registry=registry)
+    return app
+
+
+def _env_max_bytes() -> int:
+    """``LORP_MAX_REQUEST_BYTES`` without building (and validating) all settings at import."""
+    import os
+
+    default = Settings.model_fields["max_request_bytes"].default
+    try:
+        return int(os.environ.get("LORP_MAX_REQUEST_BYTES", default))
+    except ValueError:
+        return int(default)
+
+
+app = create_app()

@@ -1,0 +1,234 @@
+"""``/jobs``: submit, read, list, cancel jobs; read a job's report and artifacts."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, Header, Query, Response, status
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
+
+from service.deps import CeleryDep, SettingsDep, StorageDep, StoreDep, TenantDep
+from service.errors import INTERNAL, InvalidTransitionError
+from service.schemas import (
+    ArtifactPublic,
+    ArtifactsPublic,
+    ErrorResponse,
+    JobCreate,
+    JobError,
+    JobPublic,
+    JobsPublic,
+    JobState,
+    validate_job,
+)
+from service.storage import job_prefix
+from worker.factory import RUN_JOB_TASK
+
+log = logging.getLogger(__name__)
+router = APIRouter(prefix="/jobs", tags=["jobs"])
+
+_ERR = {"model": ErrorResponse}
+_COMMON: dict[int | str, dict[str, Any]] = {
+    401: {**_ERR, "description": "missing or unknown API key"},
+    503: {**_ERR, "description": "job store, queue or object store unavailable; retry later"},
+}
+_NOT_FOUND: dict[int | str, dict[str, Any]] = {
+    404: {**_ERR, "description": "no such job for this tenant"},
+}
+
+_CREATE_EXAMPLES = {
+    "s3-safetensors": {
+        "summary": "safetensors model in S3, named corpus, remove 6 blocks",
+        "value": {
+            "model": "s3://lorp-inputs/acme/models/smollm2-135m",
+            "calibration": "corpus:wikitext2-train",
+            "method": "lorp",
+            "budget": {"blocks": 6},
+        },
+    },
+    "gguf-fraction-benchmark": {
+        "summary": "GGUF under a local root, 20% of blocks, held-out text and a benchmark",
+        "value": {
+            "model": "/srv/models/SmolLM2-135M-Instruct.Q4_1.gguf",
+            "calibration": "s3://lorp-inputs/acme/texts/calib.txt",
+            "evaluation": "s3://lorp-inputs/acme/texts/heldout.txt",
+            "method": "shortgpt",
+            "budget": {"fraction": 0.2},
+            "windows": 16,
+            "seq_len": 256,
+            "benchmark": {"prefill": [[1, 512]], "decode": [[1, 32, 64]], "repetitions": 10},
+        },
+    },
+}
+
+
+def _full_validation(body: JobCreate, settings: SettingsDep, tenant: str) -> JobCreate:
+    try:
+        return validate_job(body.model_dump(), settings, tenant)
+    except ValidationError as e:
+        errors = [
+            {**err, "loc": ("body", *err["loc"])}
+            for err in e.errors(include_url=False, include_context=False)
+        ]
+        raise RequestValidationError(errors) from None
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=JobPublic,
+    summary="Submit a pruning job",
+    responses={
+        **_COMMON,
+        409: {**_ERR, "description": "Idempotency-Key reused with a different body"},
+        413: {**_ERR, "description": "request body too large"},
+    },
+)
+def create_job(
+    body: Annotated[JobCreate, Body(openapi_examples=_CREATE_EXAMPLES)],
+    tenant: TenantDep,
+    settings: SettingsDep,
+    store: StoreDep,
+    celery: CeleryDep,
+    response: Response,
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            min_length=1,
+            max_length=255,
+            pattern=r"^[\x21-\x7e]+$",
+            description="retries with the same key and body return the same job",
+        ),
+    ] = None,
+) -> JobPublic:
+    """Validate the spec, store a queued job and enqueue it. A repeat with the same
+    ``Idempotency-Key`` and body returns the first job; another body is a 409."""
+    spec = _full_validation(body, settings, tenant)
+    rec, created = store.create(tenant, spec, idempotency_key)
+    if not created:
+        response.headers["Idempotent-Replayed"] = "true"
+    if rec.state == JobState.queued and not rec.enqueued:
+        try:
+            celery.send_task(RUN_JOB_TASK, args=[rec.id])
+        except Exception:
+            if idempotency_key is None:
+                # Nobody can retry this exact job: don't leave it queued forever.
+                store.finish(
+                    rec,
+                    JobState.failed,
+                    error=JobError(code=INTERNAL, message="could not enqueue the job; resubmit"),
+                )
+            raise
+        store.mark_enqueued(rec.id)
+    return rec.to_public()
+
+
+@router.get(
+    "",
+    response_model=JobsPublic,
+    summary="List jobs (newest first)",
+    responses={**_COMMON},
+)
+def list_jobs(
+    tenant: TenantDep,
+    store: StoreDep,
+    state: Annotated[JobState | None, Query(description="only jobs in this state")] = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    cursor: Annotated[
+        str | None, Query(max_length=32, description="next_cursor of the previous page")
+    ] = None,
+) -> JobsPublic:
+    """A page of the caller's jobs; follow ``next_cursor`` for more."""
+    try:
+        records, next_cursor = store.list_jobs(tenant, state=state, limit=limit, cursor=cursor)
+    except ValueError as e:
+        raise RequestValidationError(
+            [{"type": "value_error", "loc": ("query", "cursor"), "msg": str(e), "input": cursor}]
+        ) from None
+    return JobsPublic(items=[r.to_public() for r in records], next_cursor=next_cursor)
+
+
+@router.get(
+    "/{job_id}",
+    response_model=JobPublic,
+    summary="Read a job",
+    responses={**_COMMON, **_NOT_FOUND},
+)
+def get_job(job_id: str, tenant: TenantDep, store: StoreDep) -> JobPublic:
+    """State, progress, timestamps, error and (once succeeded) the summary."""
+    return store.get(tenant, job_id).to_public()
+
+
+@router.post(
+    "/{job_id}/cancel",
+    response_model=JobPublic,
+    summary="Cancel a job",
+    responses={
+        **_COMMON,
+        **_NOT_FOUND,
+        409: {**_ERR, "description": "the job already succeeded or failed"},
+    },
+)
+def cancel_job(job_id: str, tenant: TenantDep, store: StoreDep) -> JobPublic:
+    """A queued job is cancelled at once; a running one stops at its next progress report
+    (``cancel_requested`` is true until the worker confirms). No artifacts are kept."""
+    return store.request_cancel(tenant, job_id).to_public()
+
+
+def _require_succeeded(state: JobState) -> None:
+    if state != JobState.succeeded:
+        raise InvalidTransitionError(f"job is {state.value}; results exist once it succeeded")
+
+
+@router.get(
+    "/{job_id}/report",
+    summary="The job's report.json",
+    response_model=dict[str, Any],
+    responses={
+        **_COMMON,
+        **_NOT_FOUND,
+        409: {**_ERR, "description": "the job has not succeeded"},
+        200: {
+            "description": "report.json (see lorp/schemas/report.schema.json)",
+            "content": {
+                "application/json": {
+                    "example": {"method": "lorp", "removed": [6, 17, 27], "num_layers": 30}
+                }
+            },
+        },
+    },
+)
+def get_report(job_id: str, tenant: TenantDep, store: StoreDep, storage: StorageDep) -> Any:
+    """The machine-readable report of a succeeded job."""
+    rec = store.get(tenant, job_id)
+    _require_succeeded(rec.state)
+    return json.loads(storage.get_bytes(job_prefix(rec.tenant, rec.id) + "report.json"))
+
+
+@router.get(
+    "/{job_id}/artifacts",
+    response_model=ArtifactsPublic,
+    summary="List the job's artifacts with presigned download URLs",
+    responses={**_COMMON, **_NOT_FOUND, 409: {**_ERR, "description": "the job has not succeeded"}},
+)
+def list_artifacts(
+    job_id: str, tenant: TenantDep, store: StoreDep, storage: StorageDep, settings: SettingsDep
+) -> ArtifactsPublic:
+    """Every file in the job's manifest (name, size, sha256) plus the manifest itself, each with
+    a presigned GET URL valid for ``expires_in`` seconds."""
+    rec = store.get(tenant, job_id)
+    _require_succeeded(rec.state)
+    prefix = job_prefix(rec.tenant, rec.id)
+    ttl = settings.presign_ttl_seconds
+    items = [
+        ArtifactPublic(
+            name=a["name"],
+            size=int(a["size"]),
+            sha256=a["sha256"],
+            url=storage.presign_get(prefix + a["name"], ttl),
+        )
+        for a in rec.artifacts or []
+    ]
+    return ArtifactsPublic(items=items, expires_in=ttl)

@@ -1,0 +1,495 @@
+"""Request and response schemas of the REST API (pydantic), in families: ``JobCreate`` (what a
+client sends), ``JobPublic`` / ``JobsPublic`` (what it gets back), artifacts and errors.
+
+Source URIs are checked in two layers. Syntax (scheme, bucket name, no ``..``, no control
+characters) is always checked. Checks that need the operator's configuration and the caller's
+tenant (local roots, named corpora, hub access, tenant prefix in the artifact bucket) run when the
+model is validated with ``context={"settings": Settings, "tenant": str}`` — see
+:func:`validate_job`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import re
+from datetime import datetime
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from service.config import Settings
+
+MAX_URI_LEN = 1024
+_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+_HUB_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}(/[A-Za-z0-9][A-Za-z0-9_.-]{0,95})?$")
+_CORPUS_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_GGUF_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,200}\.gguf$")
+_WEIGHT_SUFFIXES = (".safetensors", ".gguf")
+
+
+class Method(StrEnum):
+    """Layer-selection method (see ``lorp.selection.METHODS``)."""
+
+    lorp = "lorp"
+    shortgpt = "shortgpt"
+    streamline = "streamline"
+
+
+class DType(StrEnum):
+    """Compute dtype the worker loads the model in."""
+
+    float32 = "float32"
+    float16 = "float16"
+    bfloat16 = "bfloat16"
+
+
+class JobState(StrEnum):
+    """Life cycle: queued -> running -> succeeded | failed | cancelled (queued -> cancelled)."""
+
+    queued = "queued"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    cancelled = "cancelled"
+
+
+TERMINAL_STATES = frozenset({JobState.succeeded, JobState.failed, JobState.cancelled})
+
+
+# --------------------------------------------------------------------------------------------
+# Source URIs
+
+
+def _reject(msg: str) -> ValueError:
+    return ValueError(msg)
+
+
+def _check_syntax(value: str, kind: Literal["model", "text"]) -> str:
+    """Syntax-only validation of a source URI; returns the normalised value."""
+    if not value or not value.strip():
+        raise _reject("must not be empty")
+    if len(value) > MAX_URI_LEN:
+        raise _reject(f"longer than {MAX_URI_LEN} characters")
+    if any(ord(c) < 32 or ord(c) == 127 for c in value) or value != value.strip():
+        raise _reject("contains control characters or surrounding whitespace")
+    if value.startswith("s3://"):
+        bucket, _, key = value[5:].partition("/")
+        if not _BUCKET_RE.match(bucket) or ".." in bucket:
+            raise _reject(f"not a valid S3 bucket name: {bucket!r}")
+        try:
+            ipaddress.ip_address(bucket)
+        except ValueError:
+            pass
+        else:
+            raise _reject("S3 bucket names can't be IP addresses")
+        key = key.rstrip("/") if kind == "model" else key
+        if not key:
+            raise _reject("S3 URI needs a key: s3://bucket/key")
+        parts = key.split("/")
+        if any(p in ("", ".", "..") for p in parts) or "\\" in key:
+            raise _reject("S3 key must not contain empty, '.' or '..' path segments")
+        return f"s3://{bucket}/{key}"
+    if value.startswith("hf:"):
+        if kind != "model":
+            raise _reject("hub ids (hf:) are only accepted for the model")
+        repo = value[3:]
+        if not _HUB_RE.match(repo) or ".." in repo:
+            raise _reject("hub id must look like hf:org/name")
+        return value
+    if value.startswith("corpus:"):
+        if kind != "text":
+            raise _reject("named corpora (corpus:) are only accepted for calibration/evaluation")
+        if not _CORPUS_RE.match(value[7:]):
+            raise _reject("corpus name must be letters, digits, '_', '.', '-'")
+        return value
+    if value.startswith("/"):
+        if "\\" in value or any(p in (".", "..") for p in value.split("/")):
+            raise _reject("path must not contain '.' or '..' segments")
+        return os.path.normpath(value)
+    if "://" in value or re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:", value):
+        raise _reject(
+            "unsupported URI scheme; use s3://bucket/key, an absolute path under an allowed "
+            "local root" + (", hf:org/name" if kind == "model" else ", corpus:<name>")
+        )
+    raise _reject("relative paths are not accepted; use an absolute path or s3://bucket/key")
+
+
+def _check_context(value: str, kind: Literal["model", "text"], info: ValidationInfo) -> str:
+    """Operator/tenant-dependent checks; a no-op without validation context."""
+    ctx = info.context or {}
+    settings: Settings | None = ctx.get("settings")
+    tenant: str | None = ctx.get("tenant")
+    if settings is None:
+        return value
+    if value.startswith("s3://"):
+        bucket, _, key = value[5:].partition("/")
+        if bucket == settings.s3_bucket and (tenant is None or not key.startswith(f"{tenant}/")):
+            raise _reject(
+                f"objects in the service bucket must be under your tenant prefix "
+                f"s3://{bucket}/{tenant}/..."
+            )
+        return value
+    if value.startswith("hf:"):
+        if not settings.allow_hub:
+            raise _reject("hub models (hf:) are disabled by the operator")
+        return value
+    if value.startswith("corpus:"):
+        name = value[7:]
+        if name not in settings.corpora:
+            known = ", ".join(sorted(settings.corpora)) or "none configured"
+            raise _reject(f"unknown corpus {name!r} (available: {known})")
+        return value
+    # absolute local path
+    real = Path(os.path.realpath(value))
+    if not any(real.is_relative_to(root) for root in settings.local_roots):
+        raise _reject("path is not under an allowed local root (after resolving symlinks)")
+    if not real.exists():
+        raise _reject("path does not exist")
+    if kind == "text" and not real.is_file():
+        raise _reject("text source must be a file")
+    if kind == "model":
+        if real.is_file() and real.suffix != ".gguf":
+            raise _reject("a model file must be .gguf; give the directory of a safetensors model")
+        if real.is_dir() and not any(
+            p.name.endswith(_WEIGHT_SUFFIXES) for p in real.iterdir() if p.is_file()
+        ):
+            raise _reject(
+                "no .safetensors or .gguf weights in the directory (pickle weights are refused)"
+            )
+    return value
+
+
+def resolve_local(value: str, settings: Settings) -> Path:
+    """The real path of an allowed local source; ``ValueError`` when it escapes the roots.
+
+    The worker calls this again right before use so a symlink swapped after submission can't
+    redirect it outside the allowed roots.
+    """
+    real = Path(os.path.realpath(value))
+    if not any(real.is_relative_to(root) for root in settings.local_roots):
+        raise ValueError(f"{value!r} is not under an allowed local root")
+    return real
+
+
+# --------------------------------------------------------------------------------------------
+# Job creation
+
+BatchSize = Annotated[StrictInt, Field(ge=1, le=64)]
+PromptLen = Annotated[StrictInt, Field(ge=1, le=8192)]
+NewTokens = Annotated[StrictInt, Field(ge=1, le=2048)]
+
+
+class Budget(BaseModel):
+    """How much to remove: exactly one of ``blocks`` (a count) or ``fraction`` (of all blocks)."""
+
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"examples": [{"blocks": 6}, {"fraction": 0.2}]}
+    )
+
+    blocks: Annotated[StrictInt, Field(ge=1, le=1024)] | None = None
+    fraction: Annotated[StrictFloat, Field(gt=0.0, lt=1.0)] | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> Budget:
+        if (self.blocks is None) == (self.fraction is None):
+            raise ValueError("give exactly one of 'blocks' or 'fraction'")
+        return self
+
+    def value(self) -> int | float:
+        """The budget as ``lorp`` takes it (int = count, float = fraction)."""
+        return self.blocks if self.blocks is not None else float(self.fraction or 0.0)
+
+
+class BenchmarkSpec(BaseModel):
+    """Latency/memory workloads measured on the original and the pruned model."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "prefill": [[1, 512], [8, 128]],
+                    "decode": [[1, 32, 128]],
+                    "warmup": 2,
+                    "repetitions": 10,
+                }
+            ]
+        },
+    )
+
+    prefill: Annotated[list[tuple[BatchSize, PromptLen]], Field(max_length=8)] = Field(
+        default_factory=lambda: [(1, 512)]
+    )
+    decode: Annotated[list[tuple[BatchSize, PromptLen, NewTokens]], Field(max_length=8)] = Field(
+        default_factory=lambda: [(1, 32, 128)]
+    )
+    warmup: Annotated[StrictInt, Field(ge=0, le=20)] = 2
+    repetitions: Annotated[StrictInt, Field(ge=10, le=200)] = 10
+    measure_blocks: StrictBool = Field(
+        default=True, description="time every block to report the ideal speedup"
+    )
+
+    @model_validator(mode="after")
+    def _some_workload(self) -> BenchmarkSpec:
+        if not self.prefill and not self.decode:
+            raise ValueError("give at least one prefill or decode workload (or benchmark: null)")
+        if len(set(self.prefill)) != len(self.prefill) or len(set(self.decode)) != len(self.decode):
+            raise ValueError("benchmark workloads must not repeat")
+        return self
+
+
+class JobCreate(BaseModel):
+    """A pruning job: which model, which calibration text, which method and budget."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "model": "s3://lorp-inputs/acme/models/smollm2-135m",
+                    "calibration": "corpus:wikitext2-train",
+                    "evaluation": "s3://lorp-inputs/acme/texts/heldout.txt",
+                    "method": "lorp",
+                    "budget": {"blocks": 6},
+                    "windows": 32,
+                    "seq_len": 512,
+                }
+            ]
+        },
+    )
+
+    model: Annotated[
+        StrictStr,
+        Field(
+            description="s3://bucket/key (safetensors dir prefix or "
+            ".gguf), /abs/path under a local root, or hf:org/name"
+        ),
+    ]
+    gguf_file: StrictStr | None = Field(
+        default=None,
+        description="GGUF file name inside a model directory/prefix holding several files",
+    )
+    calibration: Annotated[
+        StrictStr,
+        Field(description="s3://bucket/key.txt, corpus:<name> or /abs/path under a local root"),
+    ]
+    evaluation: StrictStr | None = Field(
+        default=None, description="held-out text for perplexity (same forms as calibration)"
+    )
+    method: Method = Method.lorp
+    budget: Budget
+    num_clusters: Annotated[StrictInt, Field(ge=1, le=256)] | None = None
+    windows: Annotated[StrictInt, Field(ge=1, le=1024)] = 32
+    seq_len: Annotated[StrictInt, Field(ge=8, le=8192)] = 512
+    batch_size: Annotated[StrictInt, Field(ge=1, le=64)] = 1
+    eval_windows: Annotated[StrictInt, Field(ge=1, le=1024)] = 64
+    dtype: DType = DType.float32
+    benchmark: BenchmarkSpec | None = None
+
+    @field_validator("model")
+    @classmethod
+    def _model_uri(cls, v: str, info: ValidationInfo) -> str:
+        return _check_context(_check_syntax(v, "model"), "model", info)
+
+    @field_validator("calibration", "evaluation")
+    @classmethod
+    def _text_uri(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v is None:
+            return None
+        return _check_context(_check_syntax(v, "text"), "text", info)
+
+    @field_validator("gguf_file")
+    @classmethod
+    def _gguf_name(cls, v: str | None) -> str | None:
+        if v is not None and (not _GGUF_NAME_RE.match(v) or ".." in v):
+            raise ValueError("must be a plain file name ending in .gguf")
+        return v
+
+    @model_validator(mode="after")
+    def _consistency(self, info: ValidationInfo) -> JobCreate:
+        if self.gguf_file is not None and self.model.endswith(".gguf"):
+            raise ValueError("gguf_file is only for a model directory/prefix, not a .gguf file")
+        if (
+            self.budget.blocks is not None
+            and info.context
+            and info.context.get("settings") is not None
+            and self.model.startswith("/")
+        ):
+            depth = _local_depth(Path(os.path.realpath(self.model)))
+            if depth is not None and self.budget.blocks >= depth:
+                raise ValueError(
+                    f"budget removes {self.budget.blocks} blocks but the model has only {depth}"
+                )
+        return self
+
+    def fingerprint(self) -> str:
+        """Canonical JSON of the spec (what 'same body' means for idempotency keys)."""
+        return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+
+
+def _local_depth(model_dir: Path) -> int | None:
+    """``num_hidden_layers`` from a local model directory's config.json, when readable."""
+    cfg = model_dir / "config.json"
+    if not model_dir.is_dir() or not cfg.is_file() or cfg.stat().st_size > 1_000_000:
+        return None
+    try:
+        data = json.loads(cfg.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    depth = data.get("num_hidden_layers") if isinstance(data, dict) else None
+    return depth if isinstance(depth, int) and depth > 0 else None
+
+
+def validate_job(data: Any, settings: Settings, tenant: str) -> JobCreate:
+    """Full validation of a job spec against the operator's settings and the caller's tenant."""
+    return JobCreate.model_validate(data, context={"settings": settings, "tenant": tenant})
+
+
+# --------------------------------------------------------------------------------------------
+# Responses
+
+
+class Progress(BaseModel):
+    """Where a job is: stage name, fraction done within that stage, a human message."""
+
+    stage: str | None = Field(default=None, examples=["calibration"])
+    fraction: float = Field(default=0.0, ge=0.0, le=1.0, examples=[0.5])
+    message: str = Field(default="", examples=["window 16/32"])
+
+
+class JobError(BaseModel):
+    """Why a job failed: a stable code and a human message."""
+
+    code: str = Field(examples=["invalid_budget"])
+    message: str = Field(examples=["cannot remove 40 of 30 blocks"])
+
+
+class JobSummary(BaseModel):
+    """Headline results of a succeeded job (the full story is in the report)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    method: str | None = None
+    num_layers: int | None = Field(default=None, description="blocks before pruning")
+    kept_layers: int | None = None
+    removed_blocks: list[int] = Field(default_factory=list)
+    rls: float | None = Field(default=None, description="representation locality score")
+    num_clusters: int | None = None
+    speedups: dict[str, float | None] = Field(
+        default_factory=dict, description="workload -> original time / pruned time"
+    )
+    prefill_speedup: float | None = Field(default=None, description="median over prefill runs")
+    decode_speedup: float | None = Field(default=None, description="median over decode runs")
+    memory_reduction: float | None = Field(
+        default=None, description="fraction of weight memory saved (0.2 = 20% smaller)"
+    )
+    weights_saved_bytes: int | None = None
+    perplexity_before: float | None = None
+    perplexity_after: float | None = None
+    perplexity_ratio: float | None = None
+
+
+_JOB_EXAMPLE: dict[str, Any] = {
+    "id": "4f6c2e1a9b8d4c3e8f7a6b5c4d3e2f1a",
+    "state": "running",
+    "created_at": "2026-01-01T12:00:00Z",
+    "started_at": "2026-01-01T12:00:01Z",
+    "finished_at": None,
+    "progress": {"stage": "calibration", "fraction": 0.5, "message": "window 16/32"},
+    "error": None,
+    "summary": None,
+    "cancel_requested": False,
+    "attempts": 1,
+    "spec": JobCreate.model_config["json_schema_extra"]["examples"][0],  # type: ignore[index]
+}
+
+
+class JobPublic(BaseModel):
+    """A job as the API shows it."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [_JOB_EXAMPLE]})
+
+    id: str
+    state: JobState
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    progress: Progress = Field(default_factory=Progress)
+    error: JobError | None = None
+    summary: JobSummary | None = None
+    cancel_requested: bool = False
+    attempts: int = 0
+    spec: JobCreate
+
+
+class JobsPublic(BaseModel):
+    """One page of jobs, newest first; pass ``next_cursor`` back as ``cursor`` for the next."""
+
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"items": [_JOB_EXAMPLE], "next_cursor": "17"}]}
+    )
+
+    items: list[JobPublic]
+    next_cursor: str | None = None
+
+
+class ArtifactPublic(BaseModel):
+    """One file of a succeeded job, with a presigned download URL."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "name": "model/model.safetensors",
+                    "size": 1048576,
+                    "sha256": "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08",
+                    "url": "https://s3.example.com/lorp/acme/jobs/4f6c/model/model.safetensors?X-Amz-...",
+                }
+            ]
+        }
+    )
+
+    name: str
+    size: int
+    sha256: str
+    url: str
+
+
+class ArtifactsPublic(BaseModel):
+    """Every artifact of a job (from its manifest); URLs expire after ``expires_in`` seconds."""
+
+    items: list[ArtifactPublic]
+    expires_in: int
+
+
+class ErrorResponse(BaseModel):
+    """Body of every non-validation error response."""
+
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"detail": "job not found", "code": "not_found"}]}
+    )
+
+    detail: str
+    code: str
+
+
+class HealthResponse(BaseModel):
+    """Liveness/readiness answer; ``checks`` names each dependency and whether it answered."""
+
+    status: Literal["ok", "unavailable"]
+    checks: dict[str, bool] = Field(default_factory=dict)

@@ -1,0 +1,226 @@
+"""lorp.report: the JSON document against its schema, the files, escaping."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import numpy as np
+import pytest
+
+from lorp.bench import BenchmarkConfig, benchmark
+from lorp.errors import InvalidInputError, SimilarityMatrixError
+from lorp.report import REPORT_SCHEMA_VERSION, build_report, load_schema, write_reports
+from lorp.selection import select_layers
+from tests.tiny_models import DEPTH, build_tiny
+
+EVIL = '<script>alert("x")</script> & co'
+
+
+def _similarity(n: int = DEPTH) -> np.ndarray:
+    idx = np.arange(n)
+    s = 0.2 + 0.8 * np.exp(-np.abs(idx[:, None] - idx[None, :]) / 3.0)
+    np.fill_diagonal(s, 1.0)
+    return s
+
+
+def _validate(report: dict[str, Any]) -> None:
+    validator = jsonschema.Draft202012Validator(
+        load_schema(), format_checker=jsonschema.FormatChecker()
+    )
+    validator.validate(report)
+
+
+@pytest.fixture(scope="module")
+def bench_dict() -> dict[str, Any]:
+    model = build_tiny("llama")
+    cfg = BenchmarkConfig(
+        prefill=[(1, 8)],
+        decode=[(1, 4, 3)],
+        warmup=0,
+        repetitions=2,
+        block_repetitions=1,
+        allow_few_repetitions=True,
+    )
+    selection = select_layers(_similarity(), 2)
+    return benchmark(model, selection.removed, cfg).to_dict()
+
+
+def _report(bench: Any = None, quality: Any = None, **model: Any) -> dict[str, Any]:
+    s = _similarity()
+    selection = select_layers(s, 2)
+    return build_report(
+        model={
+            "source": "tiny-llama",
+            "num_layers": DEPTH,
+            "dtype": "float32",
+            "device": "cpu",
+            **model,
+        },
+        budget={"requested": 2, "num_remove": 2},
+        selection=selection,
+        similarity=s,
+        timings={"calibration": 1.25, "selection": 0.01},
+        benchmark=bench,
+        quality=quality,
+        extra={"note": "test"},
+    )
+
+
+QUALITY = {
+    "dataset": "held-out text",
+    "dense": {"ppl": 20.0, "nll": 3.0, "tokens": 1000},
+    "pruned": {"ppl": 30.0, "nll": 3.4, "tokens": 1000},
+    "kl": 0.4,
+    "top1_agreement": 0.7,
+}
+
+
+def test_schema_is_valid_draft_2020_12() -> None:
+    jsonschema.Draft202012Validator.check_schema(load_schema())
+
+
+def test_full_report_validates(bench_dict: dict[str, Any]) -> None:
+    report = _report(bench_dict, QUALITY)
+    _validate(report)
+    assert report["schema_version"] == REPORT_SCHEMA_VERSION
+    json.dumps(report, allow_nan=False)
+    sel = report["selection"]
+    assert sel["removed"] == bench_dict["removed"]
+    assert sel["rls"] is not None and sel["num_clusters"] is not None
+    assert len(sel["labels"]) == DEPTH
+    assert sum(len(p["layers"]) for p in sel["phases"]) == DEPTH
+    assert sorted(i for p in sel["phases"] for i in p["removed"]) == sel["removed"]
+    assert np.allclose(np.asarray(report["similarity"]["matrix"]), _similarity())
+    assert [w["name"] for w in report["speed"]] == ["prefill_b1_t8", "decode_b1_p4_n3"]
+    first = bench_dict["workloads"][0]
+    assert report["summary"]["speedups"]["prefill_b1_t8"] == pytest.approx(first["speedup"])
+    assert report["memory"]["weights_saved_bytes"] == bench_dict["weights"]["saved_bytes"]
+    assert report["summary"]["ppl_ratio"] == pytest.approx(1.5)
+    assert report["environment"]["device"] == "cpu"
+    assert report["environment"]["dtype"] == "float32"
+
+
+def test_report_without_benchmark_or_quality_validates() -> None:
+    report = _report()
+    _validate(report)
+    assert report["benchmark"] is None and report["quality"] is None
+    assert report["speed"] == [] and report["memory"] is None
+    assert report["summary"]["ppl_dense"] is None
+    assert report["environment"]["python"]
+
+
+def test_selection_as_dict_and_non_finite_numbers(bench_dict: dict[str, Any]) -> None:
+    bench = copy.deepcopy(bench_dict)
+    bench["workloads"][0]["speedup"] = float("inf")
+    s = _similarity()
+    report = build_report(
+        model={"source": "m"},
+        budget={"fraction": 0.3},
+        selection=select_layers(s, 2, method="shortgpt").to_dict(),
+        similarity=s,
+        timings={},
+        benchmark=bench,
+        quality=None,
+    )
+    _validate(report)
+    assert report["speed"][0]["speedup"] is None
+    assert report["method"] == "shortgpt"
+    assert report["selection"]["phases"] == []
+
+
+def test_schema_rejects_broken_reports() -> None:
+    report = _report()
+    broken = copy.deepcopy(report)
+    del broken["selection"]
+    with pytest.raises(jsonschema.ValidationError):
+        _validate(broken)
+    broken = copy.deepcopy(report)
+    broken["schema_version"] = "0.1"
+    with pytest.raises(jsonschema.ValidationError):
+        _validate(broken)
+    broken = copy.deepcopy(report)
+    broken["selection"]["removed"] = [-1]
+    with pytest.raises(jsonschema.ValidationError):
+        _validate(broken)
+
+
+def test_bad_inputs() -> None:
+    s = _similarity()
+    selection = select_layers(s, 2)
+    kwargs: dict[str, Any] = {
+        "model": {},
+        "budget": {},
+        "timings": {},
+        "benchmark": None,
+        "quality": None,
+    }
+    with pytest.raises(SimilarityMatrixError):
+        build_report(selection=selection, similarity=_similarity(DEPTH + 1), **kwargs)
+    with pytest.raises(SimilarityMatrixError):
+        build_report(selection=selection, similarity=np.ones((2, 3)), **kwargs)
+    bad = s.copy()
+    bad[0, 1] = np.nan
+    with pytest.raises(SimilarityMatrixError):
+        build_report(selection=selection, similarity=bad, **kwargs)
+    with pytest.raises(InvalidInputError):
+        build_report(selection={"method": "lorp"}, similarity=s, **kwargs)
+
+
+def test_write_reports(tmp_path: Path, bench_dict: dict[str, Any]) -> None:
+    report = _report(bench_dict, QUALITY)
+    paths = write_reports(report, _similarity(), tmp_path / "out")
+    names = {p.name for p in paths}
+    assert names == {
+        "report.json",
+        "similarity.npy",
+        "heatmap.png",
+        "speedup.png",
+        "report.html",
+        "report.md",
+    }
+    for p in paths:
+        assert p.exists() and p.stat().st_size > 0
+    for png in ("heatmap.png", "speedup.png"):
+        assert (tmp_path / "out" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert np.array_equal(np.load(tmp_path / "out" / "similarity.npy"), _similarity())
+    written = json.loads((tmp_path / "out" / "report.json").read_text())
+    _validate(written)
+    assert written == report
+    html_text = (tmp_path / "out" / "report.html").read_text()
+    assert html_text.count("data:image/png;base64,") == 2  # self-contained
+    removed = ", ".join(map(str, report["selection"]["removed"]))
+    assert removed in html_text
+    assert "Perplexity: 20.00 → 30.00 (+50.0%)" in html_text
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "](heatmap.png)" in md and "](speedup.png)" in md
+    assert "| weights |" in md
+
+
+def test_write_reports_without_benchmark(tmp_path: Path) -> None:
+    paths = write_reports(_report(), _similarity(), tmp_path)
+    assert {p.name for p in paths} == {
+        "report.json",
+        "similarity.npy",
+        "heatmap.png",
+        "report.html",
+        "report.md",
+    }
+    html_text = (tmp_path / "report.html").read_text()
+    assert "Speed: not measured." in html_text
+    assert "Quality: not measured" in html_text
+
+
+def test_every_string_is_escaped(tmp_path: Path, bench_dict: dict[str, Any]) -> None:
+    quality = {**QUALITY, "dataset": EVIL}
+    report = _report(bench_dict, quality, source=EVIL, name=EVIL)
+    write_reports(report, _similarity(), tmp_path)
+    for name in ("report.html", "report.md"):
+        text = (tmp_path / name).read_text()
+        assert "<script>" not in text
+        assert "&lt;script&gt;" in text
+    html_text = (tmp_path / "report.html").read_text()
+    assert "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt; &amp; co" in html_text

@@ -1,0 +1,450 @@
+"""What ``run_job`` does, as a plain class (the Celery task only wires it up).
+
+One run of a job::
+
+    record terminal?            -> nothing to do (redelivered or duplicate message)
+    run lock held elsewhere?    -> "busy": the task retries later
+    cancel requested?           -> cancelled, no artifacts
+    running (attempts += 1); delete any artifacts of an earlier, interrupted attempt
+    fetch inputs -> lorp.pipeline.run_pipeline(progress=...) -> upload every file
+    -> manifest.json LAST (the commit point) -> succeeded with a summary
+
+Errors end the job ``failed`` with a stable code: a ``lorp.errors.LorpError``'s ``.code``,
+``storage_unavailable`` when the object store stays unreachable after retries, ``input_not_found``,
+or ``internal`` (message only, no traceback). Cancelled and failed jobs leave no artifacts behind
+(best effort when the object store itself is down; without a manifest nothing is presented).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import shutil
+import statistics
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from redis.exceptions import RedisError
+
+from lorp.errors import (
+    CancelledError,
+    InvalidInputError,
+    LorpError,
+    ModelTooLargeError,
+    UnsafeWeightsError,
+)
+from service.config import Settings
+from service.errors import (
+    INTERNAL,
+    STORAGE_UNAVAILABLE,
+    StorageError,
+    StorageNotFoundError,
+    StorageUnavailableError,
+)
+from service.jobs import JobRecord, JobStore
+from service.schemas import JobCreate, JobError, JobState, resolve_local
+from service.storage import Storage, job_prefix, retry_storage, split_s3_uri
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+WEIGHT_SUFFIXES = (".safetensors", ".gguf")
+MAX_TEXT_BYTES = 2 * 1024**3
+MANIFEST = "manifest.json"
+
+Pipeline = Callable[..., Any]
+
+
+@dataclass
+class Inputs:
+    """Local paths (or a hub id) ready for ``run_pipeline``."""
+
+    model: str
+    gguf_file: str | None
+    calibration: Path
+    evaluation: Path | None
+
+
+class _Progress:
+    """The pipeline's progress callback: records progress (throttled) and raises
+    ``CancelledError`` once a client asked to cancel. Redis hiccups never stop the job."""
+
+    def __init__(self, store: JobStore, rec: JobRecord, interval: float = 0.5) -> None:
+        self.store = store
+        self.rec = rec
+        self.interval = interval
+        self._last_write = 0.0
+        self._last_check = 0.0
+        self._stage: str | None = None
+
+    def __call__(self, stage: str, fraction: float, message: str) -> None:
+        now = time.monotonic()
+        boundary = stage != self._stage or fraction >= 1.0 or fraction <= 0.0
+        self._stage = stage
+        if boundary or now - self._last_check >= self.interval:
+            self._last_check = now
+            try:
+                cancel = self.store.cancel_requested(self.rec.id)
+            except RedisError as e:
+                log.warning("job %s: cancel check failed: %s", self.rec.id, e)
+                cancel = False
+            if cancel:
+                raise CancelledError(f"cancelled by the client during {stage}")
+        if boundary or now - self._last_write >= self.interval:
+            self._last_write = now
+            try:
+                self.store.set_progress(self.rec, stage, fraction, message)
+            except RedisError as e:
+                log.warning("job %s: progress update failed: %s", self.rec.id, e)
+
+
+class _Heartbeat(threading.Thread):
+    """Keeps the run lock alive while the job runs."""
+
+    def __init__(self, store: JobStore, job_id: str, token: str, ttl_ms: int) -> None:
+        super().__init__(daemon=True, name=f"lorp-heartbeat-{job_id[:8]}")
+        self.store, self.job_id, self.token, self.ttl_ms = store, job_id, token, ttl_ms
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.wait(self.ttl_ms / 3000):
+            try:
+                if not self.store.refresh_lock(self.job_id, self.token, self.ttl_ms):
+                    log.warning("job %s: lost the run lock", self.job_id)
+            except RedisError as e:
+                log.warning("job %s: lock heartbeat failed: %s", self.job_id, e)
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file."""
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def summarize(report: dict[str, Any]) -> dict[str, Any]:
+    """The job summary (``JobSummary`` fields) from a report.json."""
+    s = report.get("summary") or {}
+    speed = report.get("speed") or []
+
+    def median_speedup(kind: str) -> float | None:
+        vals = [float(r["speedup"]) for r in speed if r.get("kind") == kind and r.get("speedup")]
+        return statistics.median(vals) if vals else None
+
+    return {
+        "method": s.get("method"),
+        "num_layers": s.get("num_layers"),
+        "kept_layers": s.get("kept_layers"),
+        "removed_blocks": list(s.get("removed") or []),
+        "rls": s.get("rls"),
+        "num_clusters": s.get("num_clusters"),
+        "speedups": dict(s.get("speedups") or {}),
+        "prefill_speedup": median_speedup("prefill"),
+        "decode_speedup": median_speedup("decode"),
+        "memory_reduction": s.get("weights_saved_fraction"),
+        "weights_saved_bytes": s.get("weights_saved_bytes"),
+        "perplexity_before": s.get("ppl_dense"),
+        "perplexity_after": s.get("ppl_pruned"),
+        "perplexity_ratio": s.get("ppl_ratio"),
+    }
+
+
+def _retry_redis(fn: Callable[[], T], *, deadline_s: float = 90.0) -> T:
+    """Keep trying a store write across a Redis restart (the client retries ~15 s itself)."""
+    end = time.monotonic() + deadline_s
+    while True:
+        try:
+            return fn()
+        except RedisError:
+            if time.monotonic() > end:
+                raise
+            time.sleep(1.0)
+
+
+class JobRunner:
+    """Runs jobs by id. One instance per worker process."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: JobStore,
+        storage: Storage,
+        *,
+        pipeline: Pipeline | None = None,
+        lock_ttl_ms: int = 15_000,
+        storage_attempts: int = 3,
+        storage_backoff_s: float = 1.0,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.storage = storage
+        self._pipeline = pipeline
+        self.lock_ttl_ms = lock_ttl_ms
+        self.storage_attempts = storage_attempts
+        self.storage_backoff_s = storage_backoff_s
+
+    # -- entry point --------------------------------------------------------------------
+
+    def run(self, job_id: str) -> str:
+        """Run (or skip) one job; returns what happened: missing, skipped, busy, succeeded,
+        failed or cancelled."""
+        rec = self.store.get_any(job_id)
+        if rec is None:
+            log.warning("job %s: no record; dropping the message", job_id)
+            return "missing"
+        if rec.state in (JobState.succeeded, JobState.failed, JobState.cancelled):
+            log.info("job %s: already %s; nothing to do", job_id, rec.state.value)
+            return "skipped"
+        token = uuid.uuid4().hex
+        if not self.store.acquire_lock(job_id, token, self.lock_ttl_ms):
+            log.info("job %s: another worker holds the run lock", job_id)
+            return "busy"
+        heartbeat = _Heartbeat(self.store, job_id, token, self.lock_ttl_ms)
+        heartbeat.start()
+        work = self.settings.work_dir / job_id
+        try:
+            return self._run_locked(job_id, work)
+        finally:
+            heartbeat.stopped.set()
+            heartbeat.join(timeout=5)
+            shutil.rmtree(work, ignore_errors=True)
+            try:
+                self.store.release_lock(job_id, token)
+            except RedisError as e:  # the lock expires on its own
+                log.warning("job %s: could not release the run lock: %s", job_id, e)
+
+    # -- the run ------------------------------------------------------------------------
+
+    def _run_locked(self, job_id: str, work: Path) -> str:
+        rec = self.store.get_any(job_id)
+        if rec is None or rec.state not in (JobState.queued, JobState.running):
+            return "skipped"
+        if rec.cancel_requested:
+            self._cleanup_artifacts(rec)
+            self._finish(rec, JobState.cancelled, message="cancelled before it started")
+            return "cancelled"
+        if not self.store.start(rec):
+            return "skipped"
+        rec = self.store.get_any(job_id) or rec
+        progress = _Progress(self.store, rec)
+        try:
+            # A redelivered job starts clean: drop whatever an interrupted attempt uploaded.
+            self._storage_call(lambda: self.storage.delete_prefix(job_prefix(rec.tenant, rec.id)))
+            shutil.rmtree(work, ignore_errors=True)
+            work.mkdir(parents=True)
+            spec = JobCreate.model_validate(rec.spec)
+            progress("downloading", 0.0, "fetching inputs")
+            inputs = self._fetch_inputs(spec, work / "inputs")
+            progress("downloading", 1.0, "inputs ready")
+            out = work / "out"
+            result = self._run_pipeline(spec, inputs, out, progress)
+            artifacts = self._upload(rec, out, progress)
+            summary = summarize(result.report)
+        except CancelledError:
+            self._cleanup_artifacts(rec)
+            self._finish(rec, JobState.cancelled, message="cancelled")
+            return "cancelled"
+        except LorpError as e:
+            return self._fail(rec, e.code, str(e))
+        except StorageNotFoundError as e:
+            return self._fail(rec, e.code, str(e))
+        except StorageUnavailableError as e:
+            return self._fail(rec, STORAGE_UNAVAILABLE, f"object store unavailable: {e}")
+        except StorageError as e:
+            return self._fail(rec, e.code, str(e))
+        except Exception as e:
+            log.exception("job %s: unexpected error", job_id)
+            return self._fail(rec, INTERNAL, f"internal error ({type(e).__name__}): {e}"[:500])
+        self._finish(rec, JobState.succeeded, summary=summary, artifacts=artifacts)
+        return "succeeded"
+
+    def _fail(self, rec: JobRecord, code: str, message: str) -> str:
+        log.info("job %s failed: %s: %s", rec.id, code, message)
+        self._cleanup_artifacts(rec)
+        self._finish(rec, JobState.failed, error=JobError(code=code, message=message[:1000]))
+        return "failed"
+
+    def _finish(self, rec: JobRecord, state: JobState, **kw: Any) -> None:
+        _retry_redis(lambda: self.store.finish(rec, state, **kw))
+
+    def _cleanup_artifacts(self, rec: JobRecord) -> None:
+        try:
+            self.storage.delete_prefix(job_prefix(rec.tenant, rec.id))
+        except StorageError as e:  # no manifest -> nothing is presented as a result anyway
+            log.warning("job %s: could not delete partial artifacts: %s", rec.id, e)
+
+    def _storage_call(self, fn: Callable[[], T]) -> T:
+        return retry_storage(fn, attempts=self.storage_attempts, base_delay=self.storage_backoff_s)
+
+    # -- inputs -------------------------------------------------------------------------
+
+    def _check_size(self, total: int, what: str) -> None:
+        limit = self.settings.max_model_bytes
+        if limit is not None and total > limit:
+            raise ModelTooLargeError(
+                f"{what} is {total} bytes; this worker accepts at most {limit} bytes"
+            )
+
+    def _fetch_inputs(self, spec: JobCreate, dest: Path) -> Inputs:
+        model, gguf_file = self._fetch_model(spec.model, spec.gguf_file, dest / "model")
+        calibration = self._fetch_text(spec.calibration, dest / "calibration.txt")
+        evaluation = (
+            self._fetch_text(spec.evaluation, dest / "evaluation.txt") if spec.evaluation else None
+        )
+        return Inputs(model, gguf_file, calibration, evaluation)
+
+    def _local(self, uri: str) -> Path:
+        try:
+            return resolve_local(uri, self.settings)
+        except ValueError as e:
+            raise InvalidInputError(str(e)) from None
+
+    def _fetch_model(self, uri: str, gguf_file: str | None, dest: Path) -> tuple[str, str | None]:
+        if uri.startswith("hf:"):
+            if not self.settings.allow_hub:
+                raise InvalidInputError("hub models are disabled by the operator")
+            return uri[3:], gguf_file
+        if uri.startswith("/"):
+            path = self._local(uri)
+            if path.is_dir():
+                total = sum(
+                    p.stat().st_size
+                    for p in path.iterdir()
+                    if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES)
+                )
+            else:
+                total = path.stat().st_size if path.exists() else 0
+            self._check_size(total, "the model")
+            return str(path), gguf_file
+        bucket, key = split_s3_uri(uri)
+        if key.endswith(".gguf"):
+            info = self._storage_call(lambda: self.storage.head(key, bucket))
+            self._check_size(info.size, "the model")
+            target = dest / Path(key).name
+            self._storage_call(lambda: self.storage.download_file(key, target, bucket))
+            return str(target), None
+        prefix = key.rstrip("/") + "/"
+        objects = self._storage_call(lambda: self.storage.list_prefix(prefix, bucket))
+        names = [o.key[len(prefix) :] for o in objects]
+        if not objects:
+            raise StorageNotFoundError(f"no objects under {uri}/")
+        if not any(n.endswith(WEIGHT_SUFFIXES) for n in names):
+            if any(n.endswith(PICKLE_SUFFIXES) for n in names):
+                raise UnsafeWeightsError(
+                    "only pickle weights (.bin/.pt) found; the service loads safetensors or GGUF"
+                )
+            raise InvalidInputError(f"no .safetensors or .gguf weights under {uri}/")
+        if gguf_file is not None and gguf_file not in names:
+            raise InvalidInputError(f"{gguf_file!r} not found under {uri}/")
+
+        def wanted(rel: str) -> bool:
+            if rel.endswith(PICKLE_SUFFIXES):
+                return False
+            return not (rel.endswith(".gguf") and gguf_file is not None and rel != gguf_file)
+
+        self._check_size(
+            sum(o.size for o, n in zip(objects, names, strict=True) if wanted(n)), "the model"
+        )
+        self._storage_call(
+            lambda: self.storage.download_prefix(prefix, dest, bucket, include=wanted)
+        )
+        return str(dest), gguf_file
+
+    def _fetch_text(self, uri: str, dest: Path) -> Path:
+        if uri.startswith("corpus:"):
+            name = uri[7:]
+            if name not in self.settings.corpora:
+                raise InvalidInputError(f"unknown corpus {name!r}")
+            return self.settings.corpora[name]
+        if uri.startswith("/"):
+            return self._local(uri)
+        bucket, key = split_s3_uri(uri)
+        info = self._storage_call(lambda: self.storage.head(key, bucket))
+        if info.size > MAX_TEXT_BYTES:
+            raise InvalidInputError(f"{uri} is larger than {MAX_TEXT_BYTES} bytes")
+        return self._storage_call(lambda: self.storage.download_file(key, dest, bucket))
+
+    # -- pipeline and upload ------------------------------------------------------------
+
+    def _run_pipeline(self, spec: JobCreate, inputs: Inputs, out: Path, progress: _Progress) -> Any:
+        from lorp.bench import BenchmarkConfig
+        from lorp.pipeline import PruneConfig, run_pipeline
+
+        pipeline = self._pipeline or run_pipeline
+        bench = None
+        if spec.benchmark is not None:
+            bench = BenchmarkConfig(
+                prefill=tuple(spec.benchmark.prefill),
+                decode=tuple(spec.benchmark.decode),
+                warmup=spec.benchmark.warmup,
+                repetitions=spec.benchmark.repetitions,
+                measure_blocks=spec.benchmark.measure_blocks,
+            )
+        config = PruneConfig(
+            method=spec.method.value,
+            num_remove=spec.budget.blocks,
+            fraction=spec.budget.fraction,
+            num_clusters=spec.num_clusters,
+            windows=spec.windows,
+            seq_len=spec.seq_len,
+            batch_size=spec.batch_size,
+            eval_windows=spec.eval_windows,
+            eval_seq_len=spec.seq_len,
+            benchmark=bench,
+        )
+        return pipeline(
+            inputs.model,
+            inputs.calibration,
+            out,
+            config,
+            evaluation=inputs.evaluation,
+            gguf_file=inputs.gguf_file,
+            dtype=spec.dtype.value,
+            device="auto",
+            allow_pickle=False,
+            trust_remote_code=self.settings.trust_remote_code,
+            allow_hub=self.settings.allow_hub,
+            progress=progress,
+        )
+
+    def _upload(self, rec: JobRecord, out: Path, progress: _Progress) -> list[dict[str, Any]]:
+        prefix = job_prefix(rec.tenant, rec.id)
+        files = sorted(p for p in out.rglob("*") if p.is_file())
+        entries: list[dict[str, Any]] = []
+        total = sum(p.stat().st_size for p in files) or 1
+        done = 0
+        self._storage_call(self.storage.ensure_bucket)
+        for path in files:
+            name = path.relative_to(out).as_posix()
+            if name == MANIFEST:
+                continue
+            progress("uploading", done / total, f"uploading {name}")
+            entries.append({"name": name, "size": path.stat().st_size, "sha256": sha256_file(path)})
+            self._storage_call(functools.partial(self.storage.upload_file, path, prefix + name))
+            done += path.stat().st_size
+        progress("uploading", 1.0, f"{len(entries)} files uploaded")
+        manifest = json.dumps(
+            {"job_id": rec.id, "files": entries}, indent=2, sort_keys=True
+        ).encode()
+        # The manifest is the commit point: written last, after every artifact is in place.
+        self._storage_call(
+            lambda: self.storage.put_bytes(prefix + MANIFEST, manifest, "application/json")
+        )
+        return [
+            *entries,
+            {
+                "name": MANIFEST,
+                "size": len(manifest),
+                "sha256": hashlib.sha256(manifest).hexdigest(),
+            },
+        ]
