@@ -14,7 +14,8 @@ def input_device(model: nn.Module) -> torch.device:
     """Where input ids must go. Models dispatched with accelerate move inputs themselves."""
     if getattr(model, "hf_device_map", None):
         return torch.device("cpu")
-    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    get_emb = getattr(model, "get_input_embeddings", None)
+    emb = get_emb() if callable(get_emb) else None
     if isinstance(emb, nn.Module):
         for p in emb.parameters():
             return p.device

@@ -53,6 +53,26 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _nonneg_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value != value or value < 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
+    return value
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
+    return value
+
+
 def _layer_list(text: str) -> list[int]:
     try:
         return sorted({int(part) for part in text.split(",") if part.strip()})
@@ -272,8 +292,13 @@ def cmd_select(args: argparse.Namespace) -> int:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
+    from .errors import QualityGateError
+    from .gate import QualityGate
     from .pipeline import PruneConfig, run_pipeline
 
+    gate = QualityGate(
+        max_ppl_ratio=args.max_ppl_ratio, max_kl=args.max_kl, min_top1_agreement=args.min_top1
+    )
     calibration = _require_file(args.calibration, "calibration file")
     evaluation = _require_file(args.eval, "evaluation file") if args.eval else None
     budget = args.remove if args.remove is not None else args.fraction
@@ -287,17 +312,27 @@ def cmd_prune(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         eval_windows=args.eval_windows,
         eval_seq_len=args.eval_seq_len,
+        holdout_windows=args.holdout_windows,
+        score_windows=args.score_windows,
+        score_seq_len=args.score_seq_len,
+        search_candidates=args.search_candidates,
+        quality_gate=gate if gate.active else None,
         benchmark=None if args.no_bench else _bench_config(args),
     )
-    out = run_pipeline(
-        _model_source(args),
-        calibration,
-        args.out,
-        config,
-        evaluation=evaluation,
-        progress=_Progress(not args.quiet),
-        **_load_options(args),
-    )
+    try:
+        out = run_pipeline(
+            _model_source(args),
+            calibration,
+            args.out,
+            config,
+            evaluation=evaluation,
+            progress=_Progress(not args.quiet),
+            **_load_options(args),
+        )
+    except QualityGateError as exc:
+        report = args.out / "report.json"
+        where = f" (no checkpoint written; see {report})" if report.is_file() else ""
+        raise QualityGateError(f"{exc}{where}") from exc
     res = out.result
     lines = [
         f"removed {len(res.removed)} of {res.num_layers_before} blocks: {res.removed} "
@@ -310,8 +345,12 @@ def cmd_prune(args: argparse.Namespace) -> int:
         q = res.quality
         lines.append(
             f"perplexity {q.dense.ppl:.2f} -> {q.pruned.ppl:.2f}, KL {q.kl:.4f}, "
-            f"top-1 agreement {q.top1_agreement:.3f}"
+            f"top-1 agreement {q.top1_agreement:.3f} on {(res.evaluation or {}).get('kind', 'n/a')}"
         )
+    for flag in res.flags:
+        lines.append(f"warning: {flag['message']}")
+    if res.gate is not None:
+        lines.append(res.gate.message)
     if res.benchmark is not None:
         for w in res.benchmark.workloads:
             lines.append(f"{w.name}: speedup {w.speedup:.2f}x")
@@ -370,6 +409,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
+    from .search import ALL_METHODS
     from .selection import METHODS
 
     parser = _Parser(prog="lorp", description="Training-free depth pruning of LLMs (LoRP).")
@@ -412,14 +452,54 @@ def build_parser() -> argparse.ArgumentParser:
     budget = p.add_mutually_exclusive_group(required=True)
     budget.add_argument("--remove", type=_positive_int, help="number of blocks to remove")
     budget.add_argument("--fraction", type=_fraction, help="fraction of blocks to remove")
-    p.add_argument("--method", default="lorp", choices=METHODS)
-    p.add_argument("--clusters", type=_positive_int, help="force the number of phases K (lorp)")
+    p.add_argument(
+        "--method",
+        default="lorp",
+        choices=ALL_METHODS,
+        help="lorp, shortgpt, streamline (from S alone); sleb, lorp-kl, auto (also run the model "
+        "on scoring windows of the calibration text; see lorp.search)",
+    )
+    p.add_argument(
+        "--clusters", type=_positive_int, help="force the number of phases K (lorp, lorp-kl)"
+    )
     p.add_argument("--windows", type=_positive_int, default=32)
     p.add_argument("--seq-len", type=_positive_int, default=512)
     p.add_argument("--batch-size", type=_positive_int, default=1)
+    p.add_argument(
+        "--score-windows",
+        type=_positive_int,
+        default=4,
+        help="scoring windows for sleb/lorp-kl/auto, taken after the calibration windows (4)",
+    )
+    p.add_argument("--score-seq-len", type=_positive_int, default=256)
+    p.add_argument(
+        "--search-candidates",
+        type=_positive_int,
+        default=3,
+        help="lorp-kl: candidates measured per removal slot (3)",
+    )
     p.add_argument("--eval", type=Path, help="held-out text for dense vs pruned quality")
     p.add_argument("--eval-windows", type=_positive_int, default=64)
     p.add_argument("--eval-seq-len", type=_positive_int, default=512)
+    p.add_argument(
+        "--holdout-windows",
+        type=_nonneg_int,
+        default=8,
+        help="without --eval: calibration-text windows held out for quality (8)",
+    )
+    p.add_argument(
+        "--max-ppl-ratio",
+        type=_nonneg_float,
+        help="quality gate: refuse (no checkpoint) if pruned/dense perplexity exceeds this",
+    )
+    p.add_argument(
+        "--max-kl", type=_nonneg_float, help="quality gate: refuse if mean KL (nats) exceeds this"
+    )
+    p.add_argument(
+        "--min-top1",
+        type=_nonneg_float,
+        help="quality gate: refuse if top-1 agreement with the dense model is below this (0..1)",
+    )
     p.add_argument("--no-bench", action="store_true", help="skip the speed/memory benchmark")
     _bench_args(p)
     p.add_argument("--out", type=Path, required=True, help="output directory")

@@ -101,6 +101,16 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return resolved
 
 
+def _describe(exc: BaseException) -> str:
+    kind = type(exc)
+    name = (
+        kind.__qualname__
+        if kind.__module__ == "builtins"
+        else f"{kind.__module__}.{kind.__qualname__}"
+    )
+    return f"{name}: {exc}"
+
+
 def _dtype_name(dtype: torch.dtype) -> str:
     return next(name for name, value in DTYPES.items() if value == dtype)
 
@@ -214,7 +224,7 @@ def load_model(
     ``source`` is a local HF directory, a ``.gguf`` file, or (only with ``allow_hub``) a hub id.
     ``device="auto"`` picks CUDA when available; ``device_map`` (e.g. ``"auto"``) is passed to
     ``from_pretrained`` for accelerate offloading instead of moving the model to ``device``.
-    ``trust_remote_code`` is forwarded only when True.
+    ``trust_remote_code`` is passed explicitly (only ``True`` enables a repo's custom code).
 
     Raises :class:`InvalidInputError` (bad dtype/device/source form, hub id without
     ``allow_hub``), :class:`UnsafeWeightsError` (pickle weights without ``allow_pickle``),
@@ -232,8 +242,9 @@ def load_model(
         common["gguf_file"] = resolved.gguf_file
     if resolved.local:
         common["local_files_only"] = True
-    if trust_remote_code is True:
-        common["trust_remote_code"] = True
+    # Always explicit: left unset, transformers asks on stdin whether to run a repo's custom
+    # code (auto_map), which blocks a headless worker; False refuses at once.
+    common["trust_remote_code"] = trust_remote_code is True
     model_kwargs: dict[str, Any] = {**common, "dtype": torch_dtype}
     if resolved.use_safetensors is not None:
         model_kwargs["use_safetensors"] = resolved.use_safetensors
@@ -248,15 +259,11 @@ def load_model(
     except MemoryError as exc:
         raise ModelTooLargeError(f"out of memory while loading {where}") from exc
     except Exception as exc:
-        raise ModelLoadError(
-            f"could not load model from {where}: {type(exc).__name__}: {exc}"
-        ) from exc
+        raise ModelLoadError(f"could not load model from {where}: {_describe(exc)}") from exc
     try:
         tokenizer = AutoTokenizer.from_pretrained(resolved.location, **common)
     except Exception as exc:
-        raise ModelLoadError(
-            f"could not load tokenizer from {where}: {type(exc).__name__}: {exc}"
-        ) from exc
+        raise ModelLoadError(f"could not load tokenizer from {where}: {_describe(exc)}") from exc
     if tokenizer is None:
         raise ModelLoadError(f"no tokenizer found in {where}")
 
@@ -382,7 +389,7 @@ def estimate_weight_bytes(
         try:
             reader = GGUFReader(path)
         except Exception as exc:
-            raise ModelLoadError(f"cannot read GGUF file {path}: {exc}") from exc
+            raise ModelLoadError(f"cannot read GGUF file {path}: {_describe(exc)}") from exc
         return sum(int(t.n_elements) for t in reader.tensors) * itemsize
     folder = path if path.is_dir() else path.parent
     safetensors, pickles, ggufs = _weight_files(folder)

@@ -2,6 +2,21 @@
 
 ``prune`` works on a model already in memory (the Python API); ``run_pipeline`` adds loading,
 saving the checkpoint and writing the reports (the CLI's ``lorp prune`` and the service worker).
+
+Token windows drawn from a calibration *text* (never overlapping, in this order):
+1. ``windows`` × ``seq_len`` calibration windows (similarity matrix S);
+2. for the model-in-the-loop methods (``sleb``, ``lorp-kl``, ``auto``; :mod:`lorp.search`)
+   ``score_windows`` × ``score_seq_len`` scoring windows that follow them;
+3. when no evaluation text is given, ``holdout_windows`` × ``seq_len`` held-out windows after
+   those, on which dense and pruned quality are measured.
+The evaluation text is only ever used for the quality measurement, never for choosing blocks.
+
+Quality guard (:mod:`lorp.gate`): every prune that could measure quality reports perplexity
+(dense and pruned), KL(dense || pruned), top-1 agreement and flags for results far worse than
+the dense model. With ``config.quality_gate`` set, a broken limit raises
+:class:`~lorp.errors.QualityGateError` right after the measurement: ``prune`` leaves the model
+unpruned, ``run_pipeline`` writes no checkpoint but still writes the reports (``report.json``
+with ``summary.status = "refused"`` and the gate result) so the refusal can be explained.
 """
 
 from __future__ import annotations
@@ -17,13 +32,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from ._blocks import num_blocks
+from ._blocks import get_blocks, num_blocks
 from .bench import BenchmarkConfig, BenchmarkResult, benchmark
-from .data import text_windows
-from .errors import InvalidInputError
+from .data import prepends_bos, text_windows
+from .errors import InvalidInputError, LorpError, QualityGateError
+from .gate import FLAG_THRESHOLDS, GateResult, QualityGate, quality_flags
 from .quality import QualityComparison, compare_pruned
-from .report import build_report, write_reports
-from .selection import METHODS, Selection, resolve_budget, select_layers
+from .report import _json_safe, build_report, write_reports
+from .search import ALL_METHODS, SEARCH_METHODS, affordable_passes, search_layers
+from .selection import Selection, resolve_budget, select_layers
 from .similarity import capture_similarity
 from .surgery import remove_blocks
 
@@ -56,11 +73,20 @@ class PruneConfig:
     eval_seq_len: int = 512
     holdout_windows: int = 8  # calibration windows held out for quality when no evaluation text
     benchmark: BenchmarkConfig | None = None
+    # model-in-the-loop methods (sleb, lorp-kl, auto): scoring windows after the calibration ones
+    score_windows: int = 4
+    score_seq_len: int = 256
+    search_candidates: int = 3  # lorp-kl: candidates measured per removal slot
+    quality_gate: QualityGate | None = None
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
+        if self.method not in ALL_METHODS:
             raise InvalidInputError(
-                f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}"
+                f"unknown method {self.method!r}; choose one of {', '.join(ALL_METHODS)}"
+            )
+        if self.num_clusters is not None and self.method not in ("lorp", "lorp-kl"):
+            raise InvalidInputError(
+                f"num_clusters only applies to methods 'lorp' and 'lorp-kl', not {self.method!r}"
             )
         if (self.num_remove is None) == (self.fraction is None):
             raise InvalidInputError("give exactly one budget: num_remove (blocks) or fraction")
@@ -72,11 +98,20 @@ class PruneConfig:
             raise InvalidInputError(
                 f"fraction must be between 0 and 1 (exclusive), got {self.fraction}"
             )
-        for name in ("windows", "seq_len", "batch_size", "eval_windows", "eval_seq_len"):
+        for name in (
+            "windows",
+            "seq_len",
+            "batch_size",
+            "eval_windows",
+            "eval_seq_len",
+            "score_windows",
+            "score_seq_len",
+            "search_candidates",
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise InvalidInputError(f"{name} must be a positive integer, got {value!r}")
-        if self.seq_len < 2 or self.eval_seq_len < 2:
+        if self.seq_len < 2 or self.eval_seq_len < 2 or self.score_seq_len < 2:
             raise InvalidInputError("sequence lengths must be at least 2 tokens")
         if (
             isinstance(self.holdout_windows, bool)
@@ -86,14 +121,22 @@ class PruneConfig:
             raise InvalidInputError(f"holdout_windows must be >= 0, got {self.holdout_windows!r}")
         if isinstance(self.benchmark, dict):
             self.benchmark = BenchmarkConfig.from_dict(self.benchmark)
+        if isinstance(self.quality_gate, dict):
+            self.quality_gate = QualityGate.from_dict(self.quality_gate)
+        elif self.quality_gate is not None and not isinstance(self.quality_gate, QualityGate):
+            raise InvalidInputError(
+                f"quality_gate must be a QualityGate or a dict, got {self.quality_gate!r}"
+            )
 
     @property
     def budget(self) -> int | float:
         return self.num_remove if self.num_remove is not None else float(self.fraction or 0.0)
 
     def to_dict(self) -> dict[str, Any]:
-        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "benchmark"}
+        nested = ("benchmark", "quality_gate")
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in nested}
         out["benchmark"] = None if self.benchmark is None else self.benchmark.to_dict()
+        out["quality_gate"] = None if self.quality_gate is None else self.quality_gate.to_dict()
         return out
 
     @classmethod
@@ -107,6 +150,15 @@ class PruneConfig:
 
 @dataclass
 class PruneResult:
+    """What a prune did and measured.
+
+    ``quality``: dense vs pruned on ``evaluation`` (which data: its ``kind``/``source``/
+    ``windows``/``seq_len``); ``flags``: :func:`lorp.gate.quality_flags` warnings; ``gate``: the
+    quality gate's result when limits were set; ``scoring``: the scoring windows of a
+    model-in-the-loop method; ``pruned``: whether the blocks were physically removed (``False``
+    in the result handed to a refusal report).
+    """
+
     selection: Selection
     similarity: np.ndarray
     model: nn.Module
@@ -117,6 +169,10 @@ class PruneResult:
     calibration: dict[str, Any] = field(default_factory=dict)
     evaluation: dict[str, Any] | None = None
     num_layers_before: int = 0
+    flags: list[dict[str, Any]] = field(default_factory=list)
+    gate: GateResult | None = None
+    scoring: dict[str, Any] | None = None
+    pruned: bool = True
 
     @property
     def removed(self) -> list[int]:
@@ -160,6 +216,25 @@ def _windows_of(
     return text_windows(tokenizer, source, seq_len, count, skip_windows=skip)
 
 
+def _windows_after(
+    tokenizer: Any, path: str | Path, seq_len: int, count: int, after_tokens: int, bos: bool
+) -> tuple[torch.Tensor | None, int]:
+    """Up to ``count`` windows of ``path`` starting at or after text token ``after_tokens``;
+    returns (windows or None when the text has none left, text tokens consumed up to their end).
+    """
+    body = seq_len - 1 if bos else seq_len
+    skip = -(-after_tokens // body)
+    try:
+        windows = text_windows(tokenizer, path, seq_len, count, skip_windows=skip)
+    except InvalidInputError:
+        return None, after_tokens
+    return windows, (skip + int(windows.shape[0])) * body
+
+
+def _where(info: dict[str, Any]) -> str:
+    return f"{info['kind']}, {info['windows']} x {info['seq_len']} tokens"
+
+
 def prune(
     model: nn.Module,
     tokenizer: Any,
@@ -167,37 +242,93 @@ def prune(
     config: PruneConfig,
     *,
     evaluation: str | Path | torch.Tensor | None = None,
+    scoring: torch.Tensor | None = None,
     progress: ProgressCallback | None = None,
     _stages: _Stages | None = None,
+    _on_refused: Callable[[PruneResult], None] | None = None,
 ) -> PruneResult:
     """Select and remove blocks of ``model`` in place; measure what it cost and gained.
 
     ``calibration``: a UTF-8 text file or token windows ``[W, T]``. ``evaluation``: a held-out text
     (or windows) for dense-vs-pruned quality; without it, ``config.holdout_windows`` windows of the
-    calibration text that follow the calibration windows are used (none when calibration is given
-    as windows). Progress stages: calibration, selection, evaluation, benchmark, pruning.
+    calibration text that follow the calibration (and scoring) windows are used (none when
+    calibration is given as windows). ``scoring``: scoring windows for the model-in-the-loop
+    methods; by default ``config.score_windows`` × ``config.score_seq_len`` windows of the
+    calibration text right after the calibration windows (when calibration is given as windows,
+    or the text has none left, the last calibration windows cut to ``score_seq_len`` are used and
+    ``result.scoring["held_out"]`` is False).
+
+    With ``config.quality_gate`` set and broken, raises :class:`QualityGateError` after the
+    measurement and before anything is removed (the model stays whole).
+    Progress stages: calibration, selection, evaluation, benchmark, pruning.
     """
     stages = _stages or _Stages(progress)
     depth = num_blocks(model)
     num_remove = resolve_budget(depth, config.budget)
+    text = None if isinstance(calibration, torch.Tensor) else calibration
+    bos = False if text is None else prepends_bos(tokenizer)
 
     with stages.stage("calibration", "capturing block-input similarity"):
         calib = _windows_of(calibration, tokenizer, config.seq_len, config.windows)
         similarity = capture_similarity(
             model, calib, batch_size=config.batch_size, progress=stages.report
         )
-    calib_info = {
+    calib_info: dict[str, Any] = {
         "windows": int(calib.shape[0]),
         "seq_len": int(calib.shape[1]),
         "tokens": int(calib.numel()),
     }
-    if isinstance(calibration, str | Path):
-        calib_info["source"] = str(calibration)
+    if text is not None:
+        calib_info["source"] = str(text)
+    body = config.seq_len - 1 if bos else config.seq_len
+    used_tokens = int(calib.shape[0]) * body  # text tokens consumed so far (text calibration)
 
+    scoring_info: dict[str, Any] | None = None
     with stages.stage("selection", f"selecting {num_remove} of {depth} blocks ({config.method})"):
-        selection = select_layers(
-            similarity, num_remove, method=config.method, num_clusters=config.num_clusters
-        )
+        if config.method in SEARCH_METHODS:
+            score_w: torch.Tensor | None = scoring
+            if score_w is not None:
+                scoring_info = {"kind": "scoring windows given by the caller", "held_out": True}
+            elif text is not None:
+                score_w, used_tokens = _windows_after(
+                    tokenizer, text, config.score_seq_len, config.score_windows, used_tokens, bos
+                )
+                if score_w is not None:
+                    scoring_info = {
+                        "kind": "calibration text after the calibration windows",
+                        "source": str(text),
+                        "held_out": True,
+                    }
+            if score_w is None:
+                score_w = calib[-config.score_windows :, : config.score_seq_len]
+                scoring_info = {
+                    "kind": "last calibration windows (no calibration text left over)",
+                    "held_out": False,
+                }
+            assert scoring_info is not None
+            scoring_info.update(windows=int(score_w.shape[0]), seq_len=int(score_w.shape[1]))
+            max_passes = None
+            if config.method == "auto":
+                max_passes = affordable_passes(
+                    model, int(calib.numel()), int(score_w.numel()), num_remove
+                )
+            selection = search_layers(
+                model,
+                similarity,
+                num_remove,
+                config.method,
+                score_w,
+                num_clusters=config.num_clusters,
+                batch_size=config.batch_size,
+                candidates_per_slot=config.search_candidates,
+                max_passes=max_passes,
+                progress=stages.report,
+            )
+            scoring_info["passes"] = selection.details.get("passes")
+        else:
+            selection = select_layers(
+                similarity, num_remove, method=config.method, num_clusters=config.num_clusters
+            )
 
     eval_windows: torch.Tensor | None = None
     eval_info: dict[str, Any] | None = None
@@ -207,18 +338,12 @@ def prune(
             "kind": "evaluation text",
             "source": None if isinstance(evaluation, torch.Tensor) else str(evaluation),
         }
-    elif config.holdout_windows > 0 and not isinstance(calibration, torch.Tensor):
-        try:
-            eval_windows = text_windows(
-                tokenizer,
-                calibration,
-                config.seq_len,
-                config.holdout_windows,
-                skip_windows=int(calib.shape[0]),
-            )
-            eval_info = {"kind": "held-out calibration windows", "source": str(calibration)}
-        except InvalidInputError:
-            eval_windows = None  # the calibration text has no windows left over
+    elif config.holdout_windows > 0 and text is not None:
+        eval_windows, _ = _windows_after(
+            tokenizer, text, config.seq_len, config.holdout_windows, used_tokens, bos
+        )
+        if eval_windows is not None:  # else the calibration text has no windows left over
+            eval_info = {"kind": "held-out calibration windows", "source": str(text)}
     quality = None
     if eval_windows is not None and eval_info is not None:
         eval_info.update(windows=int(eval_windows.shape[0]), seq_len=int(eval_windows.shape[1]))
@@ -231,6 +356,34 @@ def prune(
                 progress=stages.report,
             )
 
+    flags = quality_flags(quality)
+    gate = None
+    if config.quality_gate is not None and config.quality_gate.active:
+        gate = config.quality_gate.check(quality, "" if eval_info is None else _where(eval_info))
+
+    def result(bench: BenchmarkResult | None, pruned: bool) -> PruneResult:
+        return PruneResult(
+            selection=selection,
+            similarity=similarity,
+            model=model,
+            tokenizer=tokenizer,
+            quality=quality,
+            benchmark=bench,
+            timings=stages.timings,
+            calibration=calib_info,
+            evaluation=eval_info,
+            num_layers_before=depth,
+            flags=flags,
+            gate=gate,
+            scoring=scoring_info,
+            pruned=pruned,
+        )
+
+    if gate is not None and not gate.passed:
+        if _on_refused is not None:
+            _on_refused(result(None, pruned=False))
+        raise QualityGateError(f"{gate.message}; blocks {selection.removed} were not removed")
+
     bench = None
     if config.benchmark is not None:
         with stages.stage("benchmark", "timing original vs pruned"):
@@ -239,18 +392,7 @@ def prune(
     with stages.stage("pruning", f"removing blocks {selection.removed}"):
         remove_blocks(model, selection.removed)
 
-    return PruneResult(
-        selection=selection,
-        similarity=similarity,
-        model=model,
-        tokenizer=tokenizer,
-        quality=quality,
-        benchmark=bench,
-        timings=stages.timings,
-        calibration=calib_info,
-        evaluation=eval_info,
-        num_layers_before=depth,
-    )
+    return result(bench, pruned=True)
 
 
 def run_pipeline(
@@ -269,11 +411,25 @@ def run_pipeline(
     progress: ProgressCallback | None = None,
 ) -> PipelineResult:
     """Load ``model_source``, prune it, and write ``out_dir/model/`` (checkpoint), ``report.json``,
-    ``report.html``, ``report.md``, ``heatmap.png`` and ``similarity.npy``."""
+    ``report.html``, ``report.md``, ``heatmap.png`` and ``similarity.npy``.
+
+    When the quality gate refuses the result, no checkpoint is written: the reports are (with
+    ``summary.status = "refused"`` and ``quality.gate``) and :class:`QualityGateError` is raised.
+    """
     from .loading import load_model, save_pruned
 
     out = Path(out_dir)
     stages = _Stages(progress)
+    report_options: dict[str, Any] = {"model_source": str(model_source), "dtype": dtype}
+
+    def refused(partial: PruneResult) -> None:
+        with stages.stage("report", "writing the refusal report (no checkpoint)"):
+            try:
+                report = make_report(partial, config, **report_options)
+                write_reports(report, partial.similarity, out)
+            except (LorpError, OSError, ValueError):
+                pass  # the gate's error is what the caller must see
+
     with stages.stage("loading", f"loading {model_source}"):
         loaded = load_model(
             model_source,
@@ -284,21 +440,21 @@ def run_pipeline(
             trust_remote_code=trust_remote_code,
             allow_hub=allow_hub,
         )
+    report_options.update(gguf_file=loaded.gguf_file, device=str(loaded.device))
     result = prune(
-        loaded.model, loaded.tokenizer, calibration, config, evaluation=evaluation, _stages=stages
+        loaded.model,
+        loaded.tokenizer,
+        calibration,
+        config,
+        evaluation=evaluation,
+        _stages=stages,
+        _on_refused=refused,
     )
     with stages.stage("saving", "saving the pruned checkpoint"):
         checkpoint = out / "model"
         save_pruned(result.model, result.tokenizer, checkpoint)
     with stages.stage("report", "writing reports"):
-        report = make_report(
-            result,
-            config,
-            model_source=str(model_source),
-            gguf_file=loaded.gguf_file,
-            dtype=dtype,
-            device=str(loaded.device),
-        )
+        report = make_report(result, config, **report_options)
         files = write_reports(report, result.similarity, out)
     return PipelineResult(
         result=result, out_dir=out, checkpoint_dir=checkpoint, report=report, files=files
@@ -314,23 +470,38 @@ def make_report(
     dtype: str = "float32",
     device: str = "cpu",
 ) -> dict[str, Any]:
-    """The report.json content of a finished prune (see lorp/schemas/report.schema.json)."""
+    """The report.json content of a prune (see lorp/schemas/report.schema.json).
+
+    Beyond :func:`lorp.report.build_report`: ``quality`` carries ``flags`` and ``gate``;
+    ``summary`` carries ``status`` ("pruned" or "refused" by the quality gate), ``kl``,
+    ``top1_agreement``, ``flags`` (messages) and ``quality_gate`` (None, or the gate result);
+    ``extra.scoring`` describes the scoring windows of a model-in-the-loop method.
+    """
     model = result.model
     params = sum(p.numel() for p in model.parameters())
+    layers_after = num_blocks(model)
+    if not result.pruned:  # refused: report what the pruned model would have been
+        blocks = get_blocks(model)
+        params -= sum(p.numel() for i in result.selection.removed for p in blocks[i].parameters())
+        layers_after -= len(result.selection.removed)
+    gate = None if result.gate is None else result.gate.to_dict()
     quality = None
     if result.quality is not None and result.evaluation is not None:
         quality = {
             "dataset": result.evaluation.get("source") or result.evaluation["kind"],
             **result.evaluation,
             **result.quality.to_dict(),
+            "flags": result.flags,
+            "flag_thresholds": dict(FLAG_THRESHOLDS),
+            "gate": gate,
         }
-    return build_report(
+    report = build_report(
         model={
             "source": model_source,
             "gguf_file": gguf_file,
             "architecture": type(model).__name__,
             "num_layers": result.num_layers_before,
-            "num_layers_after": num_blocks(model),
+            "num_layers_after": layers_after,
             "parameters_after": int(params),
             "dtype": dtype,
             "device": device,
@@ -341,8 +512,19 @@ def make_report(
         timings=dict(result.timings),
         benchmark=result.benchmark,
         quality=quality,
-        extra={"calibration": result.calibration, "config": config.to_dict()},
+        extra={
+            "calibration": result.calibration,
+            "scoring": result.scoring,
+            "config": config.to_dict(),
+        },
     )
+    summary = report["summary"]
+    summary["status"] = "pruned" if result.pruned else "refused"
+    summary["kl"] = None if result.quality is None else result.quality.kl
+    summary["top1_agreement"] = None if result.quality is None else result.quality.top1_agreement
+    summary["flags"] = [f["message"] for f in result.flags]
+    summary["quality_gate"] = gate
+    return dict(_json_safe(report))
 
 
 __all__ = [

@@ -27,7 +27,14 @@ from .errors import InvalidInputError, SimilarityMatrixError
 REPORT_SCHEMA_VERSION = "1.0"
 SCHEMA_PATH = Path(__file__).parent / "schemas" / "report.schema.json"
 
-_METHOD_NAMES = {"lorp": "LoRP", "shortgpt": "ShortGPT", "streamline": "LLM-Streamline"}
+_METHOD_NAMES = {
+    "lorp": "LoRP",
+    "shortgpt": "ShortGPT",
+    "streamline": "LLM-Streamline",
+    "sleb": "SLEB (iterative, by calibration loss)",
+    "lorp-kl": "LoRP-KL",
+    "auto": "auto",
+}
 
 
 # --------------------------------------------------------------------------------------------
@@ -119,6 +126,34 @@ def _explain(sel: Mapping[str, Any]) -> str:
         return (
             f"{name}: one contiguous run of {k} blocks was removed where the input before the "
             f"run and the input after it are most alike. RLS = {rls_text} (for information)."
+        )
+    details = sel.get("details") or {}
+    scoring = details.get("scoring") or {}
+    windows = (
+        f"{scoring.get('windows', '?')} scoring windows x {scoring.get('seq_len', '?')} tokens"
+    )
+    if method == "sleb":
+        return (
+            f"{name}: starting from the full model, {k} times the block whose removal gave the "
+            f"lowest loss on {windows} of calibration text was removed "
+            f"({details.get('passes', '?')} forward passes). RLS = {rls_text} (for information)."
+        )
+    if method == "lorp-kl":
+        return (
+            f"{name}: LoRP's phases (K = {sel.get('num_clusters')}, RLS = {rls_text}) and its "
+            f"per-phase budget; within each phase the block to remove was chosen among the "
+            f"{details.get('candidates_per_slot', '?')} most redundant by the lowest KL "
+            f"divergence from the full model on {windows} of calibration text "
+            f"({details.get('passes', '?')} forward passes; plain LoRP would remove "
+            f"{details.get('lorp_removed')})."
+        )
+    if method == "auto":
+        cands = details.get("candidates") or []
+        return (
+            f"{name}: {len(cands)} candidate selections were built and each was scored by the "
+            f"KL divergence of its next-token predictions from the full model's on {windows} "
+            f"held out from the calibration windows; the lowest, {details.get('chosen')}, was "
+            f"kept ({k} of {n} blocks). RLS = {rls_text}."
         )
     return f"{name}: {k} of {n} blocks removed. RLS = {rls_text}."
 
@@ -459,52 +494,36 @@ def plot_speedup(report: Mapping[str, Any], path: Path) -> Path | None:
     x = np.arange(len(names))
     fig, ax = plt.subplots(figsize=(max(5.5, 1.9 * len(names) + 2), 4.2))
     width = 0.38
-    bars = ax.bar(
+    ax.bar(
         x - width / 2,
         measured,
         width,
         yerr=[lo, hi],
         capsize=4,
         color="#2b7bba",
-        label="measured (median; bar = IQR band)",
+        label="measured (median; whiskers: quartile band)",
     )
     ideal_vals = [v if v is not None else 0.0 for v in ideal]
-    ibars = ax.bar(x + width / 2, ideal_vals, width, color="#b0b0b0", label="ideal (block times)")
-    for bar, v in zip(bars, measured, strict=True):
-        ax.annotate(
-            f"{v:.2f}×",
-            (bar.get_x() + bar.get_width() / 2, v),
-            ha="center",
-            va="bottom",
-            fontsize=9,
-            xytext=(0, 3),
-            textcoords="offset points",
-        )
-    for bar, v in zip(ibars, ideal, strict=True):
-        if v is not None:
-            ax.annotate(
-                f"{v:.2f}×",
-                (bar.get_x() + bar.get_width() / 2, v),
-                ha="center",
-                va="bottom",
-                fontsize=9,
-                color="0.3",
-                xytext=(0, 3),
-                textcoords="offset points",
-            )
+    ax.bar(x + width / 2, ideal_vals, width, color="#b0b0b0", label="ideal (block times)")
     ax.axhline(1.0, color="black", lw=0.8)
     ax.set_xticks(x)
-    ax.set_xticklabels(names, fontsize=9)
+    ax.set_xticklabels(
+        [
+            f"{name}\n{m:.2f}× (ideal {'n/a' if i is None else f'{i:.2f}×'})"
+            for name, m, i in zip(names, measured, ideal, strict=True)
+        ],
+        fontsize=9,
+    )
     ax.set_ylabel("speedup (original time / pruned time)")
-    top_val = max([*measured, *ideal_vals, 1.0])
-    ax.set_ylim(0, top_val * 1.25)
+    top_val = max([*(m + h for m, h in zip(measured, hi, strict=True)), *ideal_vals, 1.0])
+    ax.set_ylim(0, top_val * 1.22)
     sel = report.get("selection", {})
     ax.set_title(
         f"Pruned vs original: {len(sel.get('removed') or [])} of {sel.get('num_layers')} "
         f"blocks removed ({bench.get('device', '?')}, {bench.get('dtype', '?')})",
         fontsize=11,
     )
-    ax.legend(fontsize=8, loc="upper left")
+    ax.legend(fontsize=8, loc="upper right", ncol=2, framealpha=0.9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -538,6 +557,15 @@ def _headline(report: Mapping[str, Any]) -> list[str]:
         f"Removed {len(removed)} of {n} blocks ({', '.join(map(str, removed)) or 'none'}) "
         f"with {method}; {summ['kept_layers']} blocks remain."
     ]
+    gate = summ.get("quality_gate")
+    if summ.get("status") == "refused":
+        lines[0] = (
+            f"REFUSED by the quality gate: no checkpoint was written. Selected {len(removed)} "
+            f"of {n} blocks ({', '.join(map(str, removed)) or 'none'}) with {method}."
+        )
+        lines += [f"Gate: {v}." for v in (gate or {}).get("violations", [])]
+    elif gate:
+        lines.append(f"Quality gate passed (limits {gate.get('limits')}).")
     speed = report.get("speed") or []
     if speed:
         parts = []
@@ -561,8 +589,14 @@ def _headline(report: Mapping[str, Any]) -> list[str]:
             f"Perplexity: {summ['ppl_dense']:.2f} → {summ['ppl_pruned']:.2f} "
             f"({change:+.1f}%) on {dataset}."
         )
+        if summ.get("kl") is not None and summ.get("top1_agreement") is not None:
+            lines.append(
+                f"Next-token agreement with the original: top-1 "
+                f"{100 * summ['top1_agreement']:.1f}%, mean KL {summ['kl']:.3f} nats/token."
+            )
     else:
         lines.append("Quality: not measured (no evaluation text).")
+    lines += [f"Warning: {flag}." for flag in summ.get("flags") or []]
     if sel.get("rls") is not None:
         lines.append(
             f"RLS = {sel['rls']:.3f}"
@@ -672,7 +706,34 @@ def _tables(report: Mapping[str, Any]) -> list[tuple[str, list[str], list[list[s
             if key in qual:
                 rows.append([key, "", _fmt_any(qual[key])])
         note = f"Evaluation text: {qual.get('dataset', 'n/a')}"
+        if qual.get("kind"):
+            note += f" ({qual['kind']}, {qual.get('windows')} x {qual.get('seq_len')} tokens)"
         tables.append(("Quality", ["metric", "original", "pruned"], rows, note))
+    cands = (sel.get("details") or {}).get("candidates")
+    if sel.get("method") == "auto" and isinstance(cands, list):
+        rows = [
+            [
+                str(c.get("name")) + (" (chosen)" if c.get("chosen") else ""),
+                ", ".join(map(str, c.get("removed") or [])),
+                _num(c.get("kl"), ".4f"),
+                _num(c.get("ppl"), ".2f"),
+                _num(c.get("top1_agreement"), ".3f"),
+                _num((c.get("select_s") or 0) + (c.get("score_s") or 0), ".1f"),
+            ]
+            for c in cands
+            if isinstance(c, Mapping)
+        ]
+        scoring = (sel.get("details") or {}).get("scoring") or {}
+        tables.append(
+            (
+                "Candidates (auto)",
+                ["candidate", "removed", "KL", "ppl", "top-1", "seconds"],
+                rows,
+                f"Scored on {scoring.get('windows')} x {scoring.get('seq_len')} tokens of "
+                "calibration text held out from the calibration windows (not the evaluation "
+                "text); the lowest KL(original || pruned) wins.",
+            )
+        )
     timings = report.get("timings_s") or {}
     if timings:
         rows = [[k, f"{v:.1f}"] for k, v in timings.items()]

@@ -39,8 +39,10 @@ __all__ = [
     "overall_fraction",
 ]
 
-#: pipeline stages in execution order (see lorp.pipeline); used for an overall progress figure
+#: job stages in execution order (the worker's fetch/upload around lorp.pipeline's stages);
+#: used for an overall progress figure
 STAGES: tuple[str, ...] = (
+    "downloading",
     "loading",
     "calibration",
     "selection",
@@ -49,6 +51,7 @@ STAGES: tuple[str, ...] = (
     "benchmark",
     "saving",
     "report",
+    "uploading",
 )
 TERMINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
 _RETRY_STATUS = frozenset({502, 503, 504})

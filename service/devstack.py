@@ -196,17 +196,37 @@ def _stop_all_live() -> None:
 atexit.register(_stop_all_live)
 
 
-def install_signal_handlers() -> None:
-    """Turn SIGTERM/SIGHUP into ``KeyboardInterrupt`` so ``with LocalStack(...)`` unwinds cleanly.
+def _kill_all_live() -> None:
+    with _LIVE_LOCK:
+        live = list(_LIVE)
+    for proc in live:
+        with contextlib.suppress(Exception):
+            proc.kill()
 
-    Ctrl-C (SIGINT) already raises ``KeyboardInterrupt``; children live in their own process groups,
-    so they do not see the terminal's SIGINT and are stopped by the context manager instead.
+
+def install_signal_handlers() -> None:
+    """Make Ctrl-C, SIGTERM and SIGHUP unwind ``with LocalStack(...)`` cleanly.
+
+    The first signal raises ``KeyboardInterrupt`` (the context managers then stop their processes
+    gracefully); a second one while that teardown runs is only acknowledged, so it can't cut the
+    teardown short; a third SIGKILLs every process group still running and exits at once.
+    Children live in their own process groups, so the terminal's SIGINT never reaches them.
     """
+    received = 0
 
     def handler(signum: int, frame: FrameType | None) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
+        nonlocal received
+        received += 1
+        if received == 1:
+            raise KeyboardInterrupt(f"signal {signum}")
+        if received == 2:
+            sys.stderr.write("stopping the local stack, please wait (once more to force)\n")
+            return
+        sys.stderr.write("forcing: killing every process of the local stack\n")
+        _kill_all_live()
+        os._exit(130)
 
-    for sig in (signal.SIGTERM, signal.SIGHUP):
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, handler)
 
 
@@ -812,6 +832,7 @@ class LocalStack:
         corpora: Mapping[str, Path | str] | None = None,
         settings: Mapping[str, str] | None = None,
         worker_env: Mapping[str, str] | None = None,
+        worker_app: str = "worker.celery_app",
         redis_appendfsync: str = "everysec",
     ) -> None:
         self.root = Path(root).resolve()
@@ -825,6 +846,7 @@ class LocalStack:
         self.api_keys = dict(api_keys) if api_keys else {"devkey-" + secrets.token_hex(8): "demo"}
         self.api_key = next(iter(self.api_keys))
         self.worker_env = dict(worker_env or {})
+        self.worker_app = worker_app
 
         self.redis = RedisServer(
             self.root / "redis",
@@ -885,6 +907,7 @@ class LocalStack:
             log_path=self.log_dir / f"worker-{self._worker_seq}.log",
             queues=queues if queues is not None else self.worker_queues,
             hostname=f"lorp-worker-{self._worker_seq}-{secrets.token_hex(2)}@localhost",
+            app=self.worker_app,
         )
         self.workers.append(worker)
         if start:

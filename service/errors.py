@@ -9,6 +9,7 @@ from __future__ import annotations
 STORAGE_UNAVAILABLE = "storage_unavailable"
 INPUT_NOT_FOUND = "input_not_found"
 INTERNAL = "internal"
+WORKER_LOST = "worker_lost"
 
 
 class ServiceError(Exception):

@@ -196,7 +196,7 @@ def make_redis(url: str, *, for_worker: bool = False) -> Redis:
     return Redis.from_url(
         url,
         decode_responses=True,
-        socket_timeout=1.0,
+        socket_timeout=0.8,
         socket_connect_timeout=0.5,
         retry=Retry(NoBackoff(), 1),
         retry_on_error=[RedisConnectionError, RedisTimeoutError],
@@ -438,6 +438,20 @@ class JobStore:
     def refresh_lock(self, job_id: str, token: str, ttl_ms: int) -> bool:
         """Extend our run lock; False when we no longer hold it."""
         return bool(self._refresh_lock(keys=[f"lorp:lock:{job_id}"], args=[token, ttl_ms]))
+
+    def orphaned_running(self) -> list[str]:
+        """Ids of jobs in state running that no worker holds the run lock of (their worker
+        died as a whole; the broker would redeliver only after the visibility timeout)."""
+        orphans = []
+        for key in self.redis.scan_iter(match="lorp:tenant:*:state:running", count=500):
+            for job_id in cast("list[str]", self.redis.zrange(key, 0, -1)):
+                if not self.redis.exists(f"lorp:lock:{job_id}"):
+                    orphans.append(job_id)
+        return orphans
+
+    def lock_holder(self, job_id: str) -> str | None:
+        """The token of whoever holds the run lock, if anyone."""
+        return cast("str | None", self.redis.get(f"lorp:lock:{job_id}"))
 
     def release_lock(self, job_id: str, token: str) -> None:
         """Drop our run lock."""

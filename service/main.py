@@ -9,17 +9,20 @@ anything unexpected -> a 500 with a generic message (tracebacks go to the log on
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from kombu.exceptions import OperationalError as KombuOperationalError
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from redis.exceptions import RedisError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.config import Settings
 from service.errors import (
@@ -176,7 +179,55 @@ class _QueueCollector:
         yield g
 
 
+def _safe(value: Any) -> Any:
+    """JSON-safe echo of user input: lone surrogates escaped, long values cut."""
+    if isinstance(value, str):
+        value = value.encode("utf-8", "backslashreplace").decode("utf-8")
+        return value if len(value) <= 200 else value[:200] + "..."
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # NaN/inf are not JSON: echo them as text, never a 500
+    if isinstance(value, bool | int | float) or value is None:
+        return value
+    return None  # containers are not echoed back
+
+
+_HTTP_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    406: "not_acceptable",
+    409: "conflict",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+}
+
+
 def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = _HTTP_CODES.get(exc.status_code, "http_error")
+        return JSONResponse(
+            {"detail": str(exc.detail), "code": code},
+            status_code=exc.status_code,
+            headers=dict(exc.headers or {}),
+        )
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = []
+        for err in exc.errors():
+            out = {
+                "type": str(err.get("type", "value_error")),
+                "loc": [_safe(p) for p in err.get("loc", ())],
+                "msg": _safe(str(err.get("msg", "invalid value"))),
+            }
+            if "input" in err:
+                out["input"] = _safe(err["input"])
+            errors.append(out)
+        return JSONResponse({"detail": errors}, status_code=422)
+
     @app.exception_handler(JobNotFoundError)
     async def _not_found(_: Request, exc: JobNotFoundError) -> JSONResponse:
         return _error(404, str(exc), exc.code)

@@ -473,6 +473,25 @@ class ArtifactPublic(BaseModel):
 class ArtifactsPublic(BaseModel):
     """Every artifact of a job (from its manifest); URLs expire after ``expires_in`` seconds."""
 
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "items": [
+                        {
+                            "name": "report.json",
+                            "size": 18234,
+                            "sha256": "2c26b46b68ffc68ff99b453c1d30413413422d70"
+                            "6483bfa0f98a5e886266e7ae",
+                            "url": "https://s3.example.com/lorp/acme/jobs/4f6c/report.json?X-Amz-...",
+                        }
+                    ],
+                    "expires_in": 3600,
+                }
+            ]
+        }
+    )
+
     items: list[ArtifactPublic]
     expires_in: int
 
@@ -490,6 +509,15 @@ class ErrorResponse(BaseModel):
 
 class HealthResponse(BaseModel):
     """Liveness/readiness answer; ``checks`` names each dependency and whether it answered."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"status": "ok", "checks": {"redis": True, "s3": True}},
+                {"status": "unavailable", "checks": {"redis": False, "s3": True}},
+            ]
+        }
+    )
 
     status: Literal["ok", "unavailable"]
     checks: dict[str, bool] = Field(default_factory=dict)

@@ -249,6 +249,7 @@ class Storage:
         """
         prefix = prefix.rstrip("/") + "/"
         root = Path(os.path.realpath(dest))
+        root.mkdir(parents=True, exist_ok=True)
         paths = []
         for obj in self.list_prefix(prefix, bucket):
             rel = obj.key[len(prefix) :]
@@ -256,10 +257,7 @@ class Storage:
                 continue
             if include is not None and not include(rel):
                 continue
-            target = Path(os.path.realpath(root / rel))
-            if not target.is_relative_to(root) or any(p in ("..", ".") for p in rel.split("/")):
-                raise StorageError(f"refusing object key outside the prefix: {obj.key!r}")
-            paths.append(self.download_file(obj.key, target, bucket))
+            paths.append(self.download_file(obj.key, safe_target(root, rel), bucket))
         return paths
 
     def presign_get(self, key: str, ttl: int | None = None, bucket: str | None = None) -> str:
@@ -272,6 +270,19 @@ class Storage:
                     ExpiresIn=ttl or self.presign_ttl,
                 )
             )
+
+
+def safe_target(root: Path, rel: str) -> Path:
+    """``root / rel`` for an object key relative to a prefix; :class:`StorageError` when the key
+    would land outside ``root`` (``..``, absolute keys, symlinks inside ``root``)."""
+    parts = rel.split("/")
+    if rel.startswith("/") or "\\" in rel or any(p in ("", ".", "..") for p in parts):
+        raise StorageError(f"refusing object key outside the prefix: {rel!r}")
+    real_root = Path(os.path.realpath(root))
+    target = Path(os.path.realpath(real_root / rel))
+    if not target.is_relative_to(real_root) or target == real_root:
+        raise StorageError(f"refusing object key outside the prefix: {rel!r}")
+    return target
 
 
 def job_prefix(tenant: str, job_id: str) -> str:

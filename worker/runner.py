@@ -21,7 +21,9 @@ import functools
 import hashlib
 import json
 import logging
+import os
 import shutil
+import socket
 import statistics
 import threading
 import time
@@ -44,6 +46,7 @@ from service.config import Settings
 from service.errors import (
     INTERNAL,
     STORAGE_UNAVAILABLE,
+    WORKER_LOST,
     StorageError,
     StorageNotFoundError,
     StorageUnavailableError,
@@ -59,6 +62,7 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 WEIGHT_SUFFIXES = (".safetensors", ".gguf")
 MAX_TEXT_BYTES = 2 * 1024**3
 MANIFEST = "manifest.json"
+MAX_ATTEMPTS = 3  # runs of one job before a redelivered job is failed with WORKER_LOST
 
 Pipeline = Callable[..., Any]
 
@@ -71,6 +75,7 @@ class Inputs:
     gguf_file: str | None
     calibration: Path
     evaluation: Path | None
+    local: bool = True  # False for a hub id (nothing on disk to measure)
 
 
 class _Progress:
@@ -121,6 +126,28 @@ class _Heartbeat(threading.Thread):
                     log.warning("job %s: lost the run lock", self.job_id)
             except RedisError as e:
                 log.warning("job %s: lock heartbeat failed: %s", self.job_id, e)
+
+
+def _holder_is_dead(token: str) -> bool:
+    """True when a lock token names a process on this host that no longer exists."""
+    host, _, rest = token.partition(":")
+    pid_text, _, _ = rest.partition(":")
+    if host != socket.gethostname() or not pid_text.isdigit():
+        return False
+    pid = int(pid_text)
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    try:  # a zombie is dead too
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state in ("Z", "X")
 
 
 def sha256_file(path: Path) -> str:
@@ -181,7 +208,7 @@ class JobRunner:
         storage: Storage,
         *,
         pipeline: Pipeline | None = None,
-        lock_ttl_ms: int = 15_000,
+        lock_ttl_ms: int = 10_000,
         storage_attempts: int = 3,
         storage_backoff_s: float = 1.0,
     ) -> None:
@@ -205,10 +232,17 @@ class JobRunner:
         if rec.state in (JobState.succeeded, JobState.failed, JobState.cancelled):
             log.info("job %s: already %s; nothing to do", job_id, rec.state.value)
             return "skipped"
-        token = uuid.uuid4().hex
+        token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex}"
         if not self.store.acquire_lock(job_id, token, self.lock_ttl_ms):
-            log.info("job %s: another worker holds the run lock", job_id)
-            return "busy"
+            holder = self.store.lock_holder(job_id)
+            if holder is not None and _holder_is_dead(holder):
+                # The process that held it died on this host (e.g. a SIGKILLed pool process
+                # whose message was just redelivered): don't wait for the TTL.
+                log.info("job %s: taking over the lock of dead process %s", job_id, holder)
+                self.store.release_lock(job_id, holder)
+            if not self.store.acquire_lock(job_id, token, self.lock_ttl_ms):
+                log.info("job %s: another worker holds the run lock", job_id)
+                return "busy"
         heartbeat = _Heartbeat(self.store, job_id, token, self.lock_ttl_ms)
         heartbeat.start()
         work = self.settings.work_dir / job_id
@@ -233,6 +267,15 @@ class JobRunner:
             self._cleanup_artifacts(rec)
             self._finish(rec, JobState.cancelled, message="cancelled before it started")
             return "cancelled"
+        if rec.attempts >= MAX_ATTEMPTS:
+            # Every earlier attempt died with its worker (killed, out of memory...): stop the
+            # redelivery loop instead of taking down worker after worker.
+            return self._fail(
+                rec,
+                WORKER_LOST,
+                f"the worker died {rec.attempts} times while running this job "
+                "(out of memory? try a smaller model, dtype or batch)",
+            )
         if not self.store.start(rec):
             return "skipped"
         rec = self.store.get_any(job_id) or rec
@@ -245,6 +288,7 @@ class JobRunner:
             spec = JobCreate.model_validate(rec.spec)
             progress("downloading", 0.0, "fetching inputs")
             inputs = self._fetch_inputs(spec, work / "inputs")
+            self._check_memory(inputs, spec.dtype.value)
             progress("downloading", 1.0, "inputs ready")
             out = work / "out"
             result = self._run_pipeline(spec, inputs, out, progress)
@@ -295,13 +339,26 @@ class JobRunner:
                 f"{what} is {total} bytes; this worker accepts at most {limit} bytes"
             )
 
+    def _check_memory(self, inputs: Inputs, dtype: str) -> None:
+        """Refuse, before loading, a model whose weights would exceed ``max_model_bytes`` in
+        memory as ``dtype`` (from file headers: a quantised GGUF or a float16 checkpoint is
+        bigger once loaded in float32 than its files). Corrupt headers fail here too."""
+        if self.settings.max_model_bytes is None or not inputs.local:
+            return
+        from lorp.loading import estimate_weight_bytes
+
+        need = estimate_weight_bytes(inputs.model, gguf_file=inputs.gguf_file, dtype=dtype)
+        self._check_size(need, f"the model's weights in {dtype}")
+
     def _fetch_inputs(self, spec: JobCreate, dest: Path) -> Inputs:
         model, gguf_file = self._fetch_model(spec.model, spec.gguf_file, dest / "model")
         calibration = self._fetch_text(spec.calibration, dest / "calibration.txt")
         evaluation = (
             self._fetch_text(spec.evaluation, dest / "evaluation.txt") if spec.evaluation else None
         )
-        return Inputs(model, gguf_file, calibration, evaluation)
+        return Inputs(
+            model, gguf_file, calibration, evaluation, local=not spec.model.startswith("hf:")
+        )
 
     def _local(self, uri: str) -> Path:
         try:

@@ -8,6 +8,8 @@ import functools
 import logging
 
 from celery import Task
+from celery.signals import worker_init, worker_ready
+from redis.exceptions import RedisError
 
 from service.jobs import JobStore
 from service.storage import Storage
@@ -16,7 +18,32 @@ from worker.runner import JobRunner
 
 log = logging.getLogger(__name__)
 
-BUSY_RETRY_SECONDS = 10
+BUSY_RETRY_SECONDS = 5
+
+
+@worker_init.connect
+def _preload(**_: object) -> None:
+    """Import the heavy modules (torch, transformers, lorp) once in the main process, so pool
+    processes forked later - including replacements of a killed one - start warm."""
+    import lorp.loading
+    import lorp.pipeline  # noqa: F401
+
+
+@worker_ready.connect
+def _requeue_orphans(**_: object) -> None:
+    """Re-send jobs left running by a worker that died whole (main process included): their
+    unacked messages would only come back after the visibility timeout. Duplicates are harmless
+    (the run lock and the terminal-state check make the task idempotent)."""
+    try:
+        store = JobStore.from_settings(settings, for_worker=True)
+        orphans = store.orphaned_running()
+        store.close()
+    except RedisError as e:
+        log.warning("could not look for orphaned jobs: %s", e)
+        return
+    for job_id in orphans:
+        log.warning("job %s: running without a live worker; re-enqueueing", job_id)
+        app.send_task(RUN_JOB_TASK, args=[job_id])
 
 
 @functools.cache

@@ -82,6 +82,7 @@ def _full_validation(body: JobCreate, settings: SettingsDep, tenant: str) -> Job
     summary="Submit a pruning job",
     responses={
         **_COMMON,
+        400: {**_ERR, "description": "body that can't be parsed (e.g. not UTF-8)"},
         409: {**_ERR, "description": "Idempotency-Key reused with a different body"},
         413: {**_ERR, "description": "request body too large"},
     },

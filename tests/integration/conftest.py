@@ -24,6 +24,9 @@ KEY_B = "key-beta-0123456789"
 TENANT_A = "alpha"
 TENANT_B = "beta"
 TERMINAL = {"succeeded", "failed", "cancelled"}
+# The worker refuses models whose weights need more than this in memory (the tiny test model
+# needs ~0.26 MB in float32; tests/integration/test_reliability.py builds bigger ones).
+MAX_MODEL_BYTES = 2_000_000
 
 
 def _text(name: str, fallback_seed: str, size: int) -> str:
@@ -54,6 +57,12 @@ class Service:
 
     def s3(self) -> Any:
         return self.stack.s3_client()
+
+    def redis(self) -> Any:
+        """A Redis client on the stack's job store (for test-only keys and inspection)."""
+        from redis import Redis
+
+        return Redis.from_url(self.stack.redis.url, decode_responses=True, socket_timeout=5)
 
     def artifact_keys(self, tenant: str, job_id: str) -> list[str]:
         resp = self.s3().list_objects_v2(Bucket=ARTIFACT_BUCKET, Prefix=f"{tenant}/jobs/{job_id}/")
@@ -109,7 +118,14 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
         api_keys={KEY_A: TENANT_A, KEY_B: TENANT_B},
         local_roots=[local_root],
         corpora={"handbook": corpus},
-        settings={"LORP_PRESIGN_TTL_SECONDS": "600"},
+        settings={
+            "LORP_PRESIGN_TTL_SECONDS": "600",
+            "LORP_MAX_MODEL_BYTES": str(MAX_MODEL_BYTES),
+        },
+        # one thread: the tiny model gains nothing from more, and a shared CPU punishes them
+        worker_env={"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"},
+        # the real worker plus a test-only hold point (inert unless a test sets its Redis key)
+        worker_app="tests.integration.hold_worker",
     )
     with stack:
         s3 = stack.s3_client()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+import signal
 import subprocess
 import sys
 import textwrap
@@ -398,3 +399,60 @@ def test_celery_worker_runs_tasks_and_dies_with_kill(tmp_path: Path) -> None:
             worker.stop()
             r.close()
             client.close()
+
+
+def _children_of(parent: int) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            status = (entry / "status").read_text()
+        except OSError:
+            continue
+        ppid = re.search(r"^PPid:\s*(\d+)", status, re.M)
+        if ppid and int(ppid.group(1)) == parent and not _is_zombie(int(entry.name)):
+            pids.append(int(entry.name))
+    return pids
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def test_ctrl_c_twice_still_stops_everything(tmp_path: Path) -> None:
+    """``python -m service.devstack`` (what the demo uses) under Ctrl-C, pressed twice."""
+    root = tmp_path / "sigstack"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "service.devstack", str(root), "--no-api", "--workers", "0"],
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        assert proc.stdout is not None
+        lines = []
+        deadline = time.monotonic() + 120
+        for line in proc.stdout:
+            lines.append(line)
+            if "Ctrl-C to stop" in line:
+                break
+            assert time.monotonic() < deadline, "".join(lines)
+        children = _children_of(proc.pid)
+        assert len(children) == 2, children  # redis-server and weed
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGINT)  # impatient second Ctrl-C during teardown
+        output, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 130, "".join(lines) + output
+        assert "please wait" in output
+        assert [pid for pid in children if not _is_zombie(pid)] == []
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()

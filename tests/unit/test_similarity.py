@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -12,12 +14,14 @@ from lorp.similarity import capture_similarity
 from tests.tiny_models import build_tiny, tiny_input_ids
 
 
-def reference_similarity(model: nn.Module, blocks: nn.ModuleList, windows: torch.Tensor) -> np.ndarray:
+def reference_similarity(
+    model: nn.Module, blocks: nn.ModuleList, windows: torch.Tensor
+) -> np.ndarray:
     """Keep every block input of a window alive (what the reference does) and average."""
     inputs: dict[int, torch.Tensor] = {}
 
-    def grab(i: int):  # noqa: ANN202
-        def hook(_m, args, kwargs):  # noqa: ANN001, ANN202
+    def grab(i: int):
+        def hook(_m, args, kwargs):
             inputs[i] = args[0] if args else kwargs["hidden_states"]
 
         return hook
@@ -66,7 +70,9 @@ def test_progress_hooks_removed_and_head_skipped() -> None:
     calls: list[tuple[str, float, str]] = []
     head_calls = []
     model.lm_head.register_forward_hook(lambda *_: head_calls.append(1))
-    capture_similarity(model, tiny_input_ids(batch=3, length=8), progress=lambda *a: calls.append(a))
+    capture_similarity(
+        model, tiny_input_ids(batch=3, length=8), progress=lambda *a: calls.append(a)
+    )
     assert [c[1] for c in calls] == pytest.approx([1 / 3, 2 / 3, 1.0])
     assert all(c[0] == "calibration" for c in calls)
     assert head_calls == []  # the forward stops at the last block's input
@@ -94,3 +100,47 @@ def test_errors() -> None:
         capture_similarity(model, torch.zeros(2, 8))
     with pytest.raises(UnsupportedModelError, match="Linear"):
         capture_similarity(nn.Linear(2, 2), tiny_input_ids())
+
+
+def test_disk_offloaded_model_gives_the_same_matrix(tmp_path: Path) -> None:
+    """Blocks offloaded to disk with a device_map (weights on meta, loaded per forward)."""
+    from transformers import AutoModelForCausalLM
+
+    windows = tiny_input_ids(batch=2, length=12)
+    model = build_tiny("llama")
+    plain = capture_similarity(model, windows)
+    model.save_pretrained(tmp_path / "m")
+    device_map = {
+        "model.embed_tokens": "cpu",
+        "model.norm": "cpu",
+        "model.rotary_emb": "cpu",
+        "lm_head": "cpu",
+    }
+    device_map.update({f"model.layers.{i}": ("disk" if i in (2, 3) else "cpu") for i in range(6)})
+    offloaded = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "m",
+        device_map=device_map,
+        offload_folder=tmp_path / "offload",
+        dtype=torch.float32,
+    )
+    assert offloaded.model.layers[2].self_attn.q_proj.weight.device.type == "meta"
+    np.testing.assert_allclose(capture_similarity(offloaded, windows), plain, atol=1e-6)
+
+
+def test_model_split_over_a_device_map() -> None:
+    """A model dispatched with an accelerate device map (here all 'cpu', the only device in CI)."""
+    from accelerate import dispatch_model
+
+    windows = tiny_input_ids(batch=2, length=12)
+    plain = capture_similarity(build_tiny("llama"), windows)
+    model = build_tiny("llama")
+    device_map = {
+        "model.embed_tokens": "cpu",
+        "model.norm": "cpu",
+        "model.rotary_emb": "cpu",
+        "lm_head": "cpu",
+    }
+    device_map.update({f"model.layers.{i}": "cpu" for i in range(6)})
+    model = dispatch_model(model, device_map=device_map)
+    model.hf_device_map = device_map
+    np.testing.assert_allclose(capture_similarity(model, windows), plain, atol=1e-6)

@@ -1,0 +1,667 @@
+"""Model-in-the-loop selection: methods that run the model on a few scoring windows.
+
+The S-only methods (:mod:`lorp.selection`) decide from the similarity matrix alone. The methods
+here also measure candidate removals on *scoring windows*: a few short token windows of the
+calibration text that follow the calibration windows (never the evaluation text; the pipeline
+draws them, see :func:`lorp.pipeline.prune`). A candidate removal set R is measured by one
+forward pass of the model with the blocks in R skipped (:func:`lorp.surgery.pruned_view`) over
+the scoring windows, compared with the dense model's next-token log-probabilities, which are
+computed once and cached (memory: windows × (tokens − 1) × vocabulary float32, e.g. 200 MB for
+4 × 256 tokens and SmolLM2's 49,152 tokens). Scores are cached per removal set, so a set is
+never measured twice. One such forward is a *pass*; every method records how many it ran.
+
+``sleb``
+    SLEB-style iterative removal. Start from the dense model; at each of k steps try removing
+    every remaining interior block b (1..N−2, like every method here the first and last blocks
+    are protected) on top of the blocks already removed, and remove the b with the lowest mean
+    NLL on the scoring windows (ties: the shallower block). Needs no similarity matrix.
+    Cost: Σ_{s=0}^{k−1} (N−2−s) passes (SmolLM2, N=30, k=9: 216 passes) — far more than LoRP.
+``lorp-kl``
+    LoRP's structure with a measured objective. Phases (RLS policy K or a forced K, spectral
+    clustering) and the two-stage allocation are LoRP's, so every phase loses exactly as many
+    blocks as in LoRP ("quotas") and the slots are filled in LoRP's removal order. For each slot
+    of phase c the candidates are the first ``candidates_per_slot`` (default 3) not yet removed
+    members of c's LoRP candidate list (redundancy order); each candidate is measured by mean
+    KL(dense || pruned) on the scoring windows with the blocks chosen so far plus the candidate
+    removed, and the lowest KL wins (ties: LoRP's order). A slot with one candidate left is
+    filled without measuring. Cost: 1 dense pass + at most k × candidates_per_slot passes.
+``auto``
+    Compute candidate selections from S with every S-based method — LoRP with the policy K,
+    LoRP with K forced to each other value in 2..4, ShortGPT, LLM-Streamline — plus ``lorp-kl``
+    when affordable (below), dedupe them, measure each distinct removal set by mean
+    KL(dense || pruned) on the scoring windows and keep the lowest (ties: the order above). All
+    candidates with their KL, NLL/perplexity, top-1 agreement and times are recorded in
+    ``Selection.details["candidates"]``. Affordable: with ``max_passes`` given (the pipeline
+    passes :func:`affordable_passes`, sized so that auto's scoring costs about 3/4 of the
+    similarity capture, i.e. auto's capture + selection stays near 2× LoRP's), lorp-kl joins
+    when its planned passes fit in what the S-based candidates leave; its per-slot candidate
+    count is lowered (down to 2) to fit, else it is left out and the reason recorded. Caveat:
+    lorp-kl chose its blocks on the same scoring windows auto compares on, so its score is an
+    in-sample one; the report's quality measurement (evaluation text or other held-out windows)
+    is not affected.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from numpy.typing import ArrayLike
+from torch import nn
+
+from ._blocks import get_blocks
+from ._forward import batches, check_windows, input_device
+from .errors import InvalidInputError
+from .quality import _log_probs, _nll_sum
+from .selection import (
+    METHODS,
+    Selection,
+    policy_num_clusters,
+    representation_locality_score,
+    resolve_budget,
+    select_layers,
+    validate_similarity,
+)
+
+__all__ = [
+    "ALL_METHODS",
+    "SEARCH_METHODS",
+    "WindowScore",
+    "WindowScorer",
+    "affordable_passes",
+    "auto_select",
+    "lorp_kl_select",
+    "search_layers",
+    "sleb_select",
+]
+
+ProgressCallback = Callable[[str, float, str], None]
+
+#: Methods that run the model on scoring windows.
+SEARCH_METHODS: tuple[str, ...] = ("sleb", "lorp-kl", "auto")
+#: Every method name the pipeline accepts.
+ALL_METHODS: tuple[str, ...] = METHODS + SEARCH_METHODS
+
+#: The range of forced K that ``auto`` tries besides the policy K.
+AUTO_CLUSTER_RANGE = (2, 4)
+
+
+@dataclass(frozen=True)
+class WindowScore:
+    """A removal set measured on the scoring windows.
+
+    ``nll``: mean next-token NLL (nats); ``kl``: mean KL(dense || pruned) per prediction and
+    ``top1_agreement`` with the dense model (``None`` when the scorer keeps no dense reference);
+    ``seconds``: time of the pass that measured it.
+    """
+
+    removed: tuple[int, ...]
+    nll: float
+    kl: float | None
+    top1_agreement: float | None
+    tokens: int
+    seconds: float
+
+    @property
+    def ppl(self) -> float:
+        return math.exp(self.nll) if self.nll < 700 else math.inf
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "removed": list(self.removed),
+            "nll": self.nll,
+            "ppl": self.ppl,
+            "kl": self.kl,
+            "top1_agreement": self.top1_agreement,
+            "tokens": self.tokens,
+            "seconds": self.seconds,
+        }
+
+
+class WindowScorer:
+    """Measures removal sets on fixed scoring windows ``[W, T]``, with caches.
+
+    ``reference=True`` keeps the dense model's log-probabilities (one extra pass, computed on
+    first need) so KL and top-1 agreement can be measured; ``False`` measures NLL only.
+    ``progress`` receives ``(stage, fraction, message)`` after every pass; ``planned`` (settable)
+    is the number of passes the caller expects, for the fraction.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        windows: torch.Tensor,
+        *,
+        batch_size: int = 1,
+        reference: bool = True,
+        progress: ProgressCallback | None = None,
+        stage: str = "selection",
+    ) -> None:
+        self.model = model
+        self.windows = check_windows(windows)
+        if self.windows.shape[1] < 2:
+            raise InvalidInputError("scoring windows need at least 2 tokens")
+        self.batch_size = batch_size
+        self.reference = reference
+        self.progress = progress
+        self.stage = stage
+        self.num_layers = len(get_blocks(model))
+        self.passes = 0
+        self.seconds = 0.0
+        self.planned: int | None = None
+        self._dense: list[torch.Tensor] | None = None
+        self._cache: dict[tuple[int, ...], WindowScore] = {}
+
+    @property
+    def tokens(self) -> int:
+        """Predictions per pass."""
+        return int(self.windows.shape[0] * (self.windows.shape[1] - 1))
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "windows": int(self.windows.shape[0]),
+            "seq_len": int(self.windows.shape[1]),
+            "tokens": self.tokens,
+            "passes": self.passes,
+            "seconds": self.seconds,
+        }
+
+    def cached(self, removed: Sequence[int]) -> bool:
+        return self._key(removed) in self._cache
+
+    def _key(self, removed: Sequence[int]) -> tuple[int, ...]:
+        key = tuple(sorted({int(i) for i in removed}))
+        for i in key:
+            if not 0 <= i < self.num_layers:
+                raise InvalidInputError(f"block {i} does not exist (0..{self.num_layers - 1})")
+        return key
+
+    @torch.no_grad()
+    def _dense_logps(self) -> list[torch.Tensor]:
+        if self._dense is None:
+            self.score(())
+        assert self._dense is not None
+        return self._dense
+
+    @torch.no_grad()
+    def score(self, removed: Sequence[int]) -> WindowScore:
+        """Measure the model with ``removed`` blocks skipped (cached per set)."""
+        from .surgery import pruned_view
+
+        key = self._key(removed)
+        hit = self._cache.get(key)
+        if hit is not None:
+            return hit
+        dense = self._dense_logps() if self.reference and key else None
+        device = input_device(self.model)
+        start = time.perf_counter()
+        nll = kl = 0.0
+        agree = tokens = 0
+        keep: list[torch.Tensor] = []
+        with pruned_view(self.model, key) if key else contextlib.nullcontext():
+            for i, batch in enumerate(batches(self.windows, self.batch_size)):
+                logp = _log_probs(self.model, batch, device)
+                nll += _nll_sum(logp, batch)
+                tokens += batch.shape[0] * (batch.shape[1] - 1)
+                if not key and self.reference:
+                    keep.append(logp)
+                elif dense is not None:
+                    ref = dense[i].to(logp.device)
+                    kl += float((ref.exp() * (ref - logp)).sum())
+                    agree += int((ref.argmax(-1) == logp.argmax(-1)).sum())
+        seconds = time.perf_counter() - start
+        if not key and self.reference:
+            self._dense = keep
+            result = WindowScore(key, nll / tokens, 0.0, 1.0, tokens, seconds)
+        elif dense is not None:
+            result = WindowScore(key, nll / tokens, kl / tokens, agree / tokens, tokens, seconds)
+        else:
+            result = WindowScore(key, nll / tokens, None, None, tokens, seconds)
+        self._cache[key] = result
+        self.passes += 1
+        self.seconds += seconds
+        if self.progress is not None:
+            frac = min(1.0, self.passes / self.planned) if self.planned else 0.0
+            self.progress(
+                self.stage,
+                frac,
+                f"scoring pass {self.passes}"
+                + (f"/{self.planned}" if self.planned else "")
+                + f": removed {list(key)}",
+            )
+        return result
+
+
+# --------------------------------------------------------------------------------------------
+# Cost model
+# --------------------------------------------------------------------------------------------
+
+
+def affordable_passes(
+    model: nn.Module,
+    calibration_tokens: int,
+    scoring_tokens: int,
+    num_remove: int,
+    *,
+    share: float = 0.75,
+) -> int:
+    """How many scoring passes cost about ``share`` of the similarity capture (estimate).
+
+    Cost per token is taken proportional to the parameters a token goes through (attention's
+    quadratic term ignored): the capture runs N−1 blocks (it stops at the last block's input)
+    and no LM head; a scoring pass runs the N−k kept blocks and the LM head. The default share
+    of 0.75 leaves room for what the estimate ignores (a pass's softmax/KL over the vocabulary),
+    so auto's capture + selection stays within about 2× the capture alone. Deterministic (no
+    timing), so the same inputs always give the same selection.
+    """
+    blocks = get_blocks(model)
+    n = len(blocks)
+    per_block = sum(p.numel() for p in blocks.parameters()) / max(n, 1)
+    getter = getattr(model, "get_output_embeddings", None)
+    head = getter() if callable(getter) else None
+    weight = getattr(head, "weight", None)
+    head_params = int(weight.numel()) if isinstance(weight, torch.Tensor) else 0
+    capture = share * calibration_tokens * (n - 1) * per_block
+    per_pass = scoring_tokens * ((n - num_remove) * per_block + head_params)
+    if per_pass <= 0:
+        return 0
+    return max(0, math.floor(capture / per_pass))
+
+
+# --------------------------------------------------------------------------------------------
+# SLEB
+# --------------------------------------------------------------------------------------------
+
+
+def _rls(matrix: np.ndarray | None) -> float:
+    return math.nan if matrix is None else representation_locality_score(matrix)
+
+
+def sleb_select(
+    scorer: WindowScorer, num_remove: int | float, *, similarity: ArrayLike | None = None
+) -> Selection:
+    """SLEB-style greedy removal by scoring-window NLL (module docstring). ``similarity`` is
+    optional (only for the RLS in the result)."""
+    n = scorer.num_layers
+    matrix = None if similarity is None else validate_similarity(similarity)
+    if matrix is not None and matrix.shape[0] != n:
+        raise InvalidInputError(
+            f"similarity is {matrix.shape[0]}x{matrix.shape[0]}, model has {n} blocks"
+        )
+    k = resolve_budget(n, num_remove)
+    start = time.perf_counter()
+    passes0 = scorer.passes
+    scorer.planned = passes0 + sum(n - 2 - s for s in range(k))
+    removed: list[int] = []
+    steps: list[dict[str, Any]] = []
+    first_scores: list[float | None] = [None] * n
+    for step in range(k):
+        pool = [b for b in range(1, n - 1) if b not in removed]
+        nll = {b: scorer.score([*removed, b]).nll for b in pool}
+        best = min(pool, key=lambda b: nll[b])  # pool ascending: ties go to the shallower block
+        if step == 0:
+            for b, v in nll.items():
+                first_scores[b] = v
+        removed.append(best)
+        steps.append(
+            {
+                "removed": best,
+                "nll": nll[best],
+                "nll_by_block": {str(b): v for b, v in nll.items()},
+                "elapsed_s": time.perf_counter() - start,
+            }
+        )
+    return Selection(
+        method="sleb",
+        num_layers=n,
+        removed=sorted(removed),
+        rls=_rls(matrix),
+        details={
+            "objective": "nll",
+            "scores": first_scores,
+            "removal_order": list(removed),
+            "steps": steps,
+            "passes": scorer.passes - passes0,
+            "search_s": time.perf_counter() - start,
+            "scoring": scorer.info(),
+        },
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# LoRP-KL
+# --------------------------------------------------------------------------------------------
+
+
+def _lorp_slots(base: Selection) -> tuple[list[int], list[int], list[list[int]]]:
+    """(phase of every slot in LoRP's removal order, stage of every slot, candidate lists)."""
+    assert base.labels is not None
+    order = list(base.details["removal_order"])
+    stages = list(base.details["stages"])
+    candidates = [list(c) for c in base.details["candidates"]]
+    return [base.labels[layer] for layer in order], stages, candidates
+
+
+def _planned_lorp_kl_passes(base: Selection, per_slot: int) -> int:
+    """Exact number of passes lorp-kl will run (pool sizes do not depend on the choices)."""
+    phases, _, candidates = _lorp_slots(base)
+    used: dict[int, int] = {}
+    total = 0
+    for c in phases:
+        pool = len(candidates[c]) - used.get(c, 0)
+        if pool >= 2:
+            total += min(per_slot, pool)
+        used[c] = used.get(c, 0) + 1
+    return total
+
+
+def _check_per_slot(candidates_per_slot: int) -> int:
+    if isinstance(candidates_per_slot, bool) or not isinstance(candidates_per_slot, int):
+        raise InvalidInputError(
+            f"candidates_per_slot must be an integer, got {candidates_per_slot!r}"
+        )
+    if candidates_per_slot < 1:
+        raise InvalidInputError(
+            f"candidates_per_slot must be at least 1, got {candidates_per_slot}"
+        )
+    return candidates_per_slot
+
+
+def lorp_kl_select(
+    similarity: ArrayLike,
+    num_remove: int | float,
+    scorer: WindowScorer,
+    *,
+    num_clusters: int | None = None,
+    candidates_per_slot: int = 3,
+) -> Selection:
+    """LoRP's phases and quotas, each slot filled by measured KL (module docstring)."""
+    per_slot = _check_per_slot(candidates_per_slot)
+    if not scorer.reference:
+        raise InvalidInputError("lorp-kl needs a scorer with a dense reference (reference=True)")
+    matrix = validate_similarity(similarity)
+    n = matrix.shape[0]
+    if n != scorer.num_layers:
+        raise InvalidInputError(f"similarity is {n}x{n}, model has {scorer.num_layers} blocks")
+    start = time.perf_counter()
+    base = select_layers(matrix, num_remove, method="lorp", num_clusters=num_clusters)
+    phases, stages, candidates = _lorp_slots(base)
+    passes0 = scorer.passes
+    planned = _planned_lorp_kl_passes(base, per_slot)
+    scorer.planned = passes0 + planned + (0 if scorer.cached(()) else 1)
+    removed: list[int] = []
+    slots: list[dict[str, Any]] = []
+    for c, stage in zip(phases, stages, strict=True):
+        pool = [m for m in candidates[c] if m not in removed][:per_slot]
+        kls: dict[int, float] = {}
+        if len(pool) >= 2:
+            for m in pool:
+                kl = scorer.score([*removed, m]).kl
+                assert kl is not None
+                kls[m] = kl
+            choice = min(pool, key=lambda m: kls[m])  # pool in LoRP order: ties keep it
+        else:
+            choice = pool[0]
+        removed.append(choice)
+        slots.append(
+            {
+                "phase": c,
+                "stage": stage,
+                "candidates": pool,
+                "kl": {str(m): v for m, v in kls.items()},
+                "chosen": choice,
+                "lorp_choice": pool[0],
+            }
+        )
+    final = scorer.score(removed)
+    quotas = {str(c): phases.count(c) for c in sorted(set(phases))}
+    details = {
+        "objective": "kl",
+        "num_clusters_source": base.details.get("num_clusters_source"),
+        "scores": base.details.get("scores"),
+        "removal_order": list(removed),
+        "stages": stages,
+        "candidates": candidates,
+        "quotas": quotas,
+        "slots": slots,
+        "candidates_per_slot": per_slot,
+        "lorp_removed": list(base.removed),
+        "kl": final.kl,
+        "nll": final.nll,
+        "top1_agreement": final.top1_agreement,
+        "passes": scorer.passes - passes0,
+        "search_s": time.perf_counter() - start,
+        "scoring": scorer.info(),
+    }
+    return Selection(
+        method="lorp-kl",
+        num_layers=n,
+        removed=sorted(removed),
+        rls=base.rls,
+        num_clusters=base.num_clusters,
+        labels=base.labels,
+        details=details,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# auto
+# --------------------------------------------------------------------------------------------
+
+
+def _candidate_specs(n: int, rls: float) -> list[tuple[str, str, int | None]]:
+    """(name, method, forced K or None) of every S-based candidate, in tie-break order."""
+    policy = policy_num_clusters(rls)
+    lo, hi = AUTO_CLUSTER_RANGE
+    specs: list[tuple[str, str, int | None]] = [(f"lorp (K={policy}, policy)", "lorp", None)]
+    specs += [(f"lorp (K={k})", "lorp", k) for k in range(lo, min(hi, n) + 1) if k != policy]
+    specs += [("shortgpt", "shortgpt", None), ("streamline", "streamline", None)]
+    return specs
+
+
+def auto_select(
+    similarity: ArrayLike,
+    num_remove: int | float,
+    scorer: WindowScorer,
+    *,
+    candidates_per_slot: int = 3,
+    max_passes: int | None = None,
+    include_lorp_kl: bool | None = None,
+) -> Selection:
+    """Best of the S-based selections (and lorp-kl when affordable) by scoring-window KL.
+
+    ``max_passes``: scoring passes allowed (``None``: no limit). ``include_lorp_kl``: ``None``
+    decides by ``max_passes``; ``True``/``False`` force it.
+    """
+    per_slot = _check_per_slot(candidates_per_slot)
+    if not scorer.reference:
+        raise InvalidInputError("auto needs a scorer with a dense reference (reference=True)")
+    matrix = validate_similarity(similarity)
+    n = matrix.shape[0]
+    if n != scorer.num_layers:
+        raise InvalidInputError(f"similarity is {n}x{n}, model has {scorer.num_layers} blocks")
+    k = resolve_budget(n, num_remove)
+    start = time.perf_counter()
+    passes0 = scorer.passes
+    rls = representation_locality_score(matrix)
+
+    built: list[tuple[str, Selection, float]] = []
+    for name, method, forced in _candidate_specs(n, rls):
+        t = time.perf_counter()
+        sel = select_layers(matrix, k, method=method, num_clusters=forced)
+        built.append((name, sel, time.perf_counter() - t))
+    distinct = {tuple(sel.removed) for _, sel, _ in built}
+    base_passes = len(distinct) + (0 if scorer.cached(()) else 1)
+
+    # Is lorp-kl affordable? Its base selection is the policy-K LoRP candidate.
+    lorp_base = built[0][1]
+    kl_plan: dict[str, Any] = {"included": False}
+    kl_per_slot: int | None = None
+    if include_lorp_kl is False:
+        kl_plan["reason"] = "excluded by the caller"
+    else:
+        left = None if max_passes is None else max_passes - base_passes
+        unlimited = include_lorp_kl is True or left is None
+        lowest = per_slot if unlimited else min(2, per_slot)
+        for m in range(per_slot, lowest - 1, -1):
+            need = _planned_lorp_kl_passes(lorp_base, m)
+            if unlimited or (left is not None and need <= left):
+                kl_per_slot = m
+                kl_plan = {"included": True, "candidates_per_slot": m, "planned_passes": need}
+                break
+        if kl_per_slot is None:
+            kl_plan["reason"] = (
+                f"not affordable: {_planned_lorp_kl_passes(lorp_base, lowest)} passes needed "
+                f"with {lowest} candidates per slot, {max(left or 0, 0)} left of {max_passes} "
+                "after the S-based candidates"
+            )
+    scorer.planned = passes0 + base_passes + int(kl_plan.get("planned_passes", 0))
+
+    records: list[dict[str, Any]] = []
+    selections: list[Selection] = []
+    first_name: dict[tuple[int, ...], str] = {}
+    scorer.score(())  # the dense reference first
+    for name, sel, select_s in built:
+        key = tuple(sel.removed)
+        was_cached = scorer.cached(key)
+        res = scorer.score(key)
+        records.append(
+            {
+                "name": name,
+                "method": sel.method,
+                "num_clusters": sel.num_clusters,
+                "removed": list(sel.removed),
+                "kl": res.kl,
+                "nll": res.nll,
+                "ppl": res.ppl,
+                "top1_agreement": res.top1_agreement,
+                "select_s": select_s,
+                "score_s": 0.0 if was_cached else res.seconds,
+                "same_as": first_name.get(key),
+            }
+        )
+        first_name.setdefault(key, name)
+        selections.append(sel)
+    if kl_per_slot is not None:
+        t = time.perf_counter()
+        p0 = scorer.passes
+        sel = lorp_kl_select(matrix, k, scorer, candidates_per_slot=kl_per_slot)
+        search_s = time.perf_counter() - t
+        key = tuple(sel.removed)
+        res = scorer.score(key)
+        records.append(
+            {
+                "name": f"lorp-kl (K={sel.num_clusters}, {kl_per_slot} per slot)",
+                "method": "lorp-kl",
+                "num_clusters": sel.num_clusters,
+                "removed": list(sel.removed),
+                "kl": res.kl,
+                "nll": res.nll,
+                "ppl": res.ppl,
+                "top1_agreement": res.top1_agreement,
+                "select_s": search_s,
+                "score_s": 0.0,  # included in select_s (its search measured it)
+                "passes": scorer.passes - p0,
+                "same_as": first_name.get(key),
+            }
+        )
+        first_name.setdefault(key, records[-1]["name"])
+        selections.append(sel)
+
+    best = min(range(len(records)), key=lambda i: records[i]["kl"])  # ties: first in order
+    for i, rec in enumerate(records):
+        rec["chosen"] = i == best
+    chosen = selections[best]
+    details = {
+        "objective": "kl",
+        "chosen": records[best]["name"],
+        "chosen_method": chosen.method,
+        "candidates": records,
+        "lorp_kl": kl_plan,
+        "max_passes": max_passes,
+        "passes": scorer.passes - passes0,
+        "search_s": time.perf_counter() - start,
+        "scoring": scorer.info(),
+        "scores": chosen.details.get("scores"),
+        "chosen_details": chosen.details,
+    }
+    return Selection(
+        method="auto",
+        num_layers=n,
+        removed=list(chosen.removed),
+        rls=rls,
+        num_clusters=chosen.num_clusters,
+        labels=chosen.labels,
+        details=details,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Entry point
+# --------------------------------------------------------------------------------------------
+
+
+def search_layers(
+    model: nn.Module,
+    similarity: ArrayLike,
+    num_remove: int | float,
+    method: str,
+    windows: torch.Tensor,
+    *,
+    num_clusters: int | None = None,
+    batch_size: int = 1,
+    candidates_per_slot: int = 3,
+    max_passes: int | None = None,
+    progress: ProgressCallback | None = None,
+) -> Selection:
+    """Choose blocks with a model-in-the-loop ``method`` (one of :data:`SEARCH_METHODS`).
+
+    ``windows``: scoring windows ``[W, T]`` (held out from the calibration windows, never the
+    evaluation text). ``num_clusters`` forces K for ``lorp-kl`` only. ``max_passes`` limits
+    ``auto`` (see :func:`affordable_passes`). Progress goes to stage ``"selection"``.
+    """
+    if method not in SEARCH_METHODS:
+        raise InvalidInputError(
+            f"unknown search method {method!r}; valid: {', '.join(SEARCH_METHODS)}"
+        )
+    if num_clusters is not None and method != "lorp-kl":
+        raise InvalidInputError(
+            f"num_clusters only applies to methods 'lorp' and 'lorp-kl', not {method!r}"
+        )
+    matrix = validate_similarity(similarity)
+    n = len(get_blocks(model))
+    if matrix.shape[0] != n:
+        raise InvalidInputError(
+            f"similarity is {matrix.shape[0]}x{matrix.shape[0]}, model has {n} blocks"
+        )
+    scorer = WindowScorer(
+        model, windows, batch_size=batch_size, reference=method != "sleb", progress=progress
+    )
+    was_training = model.training
+    model.eval()
+    try:
+        if method == "sleb":
+            return sleb_select(scorer, num_remove, similarity=matrix)
+        if method == "lorp-kl":
+            return lorp_kl_select(
+                matrix,
+                num_remove,
+                scorer,
+                num_clusters=num_clusters,
+                candidates_per_slot=candidates_per_slot,
+            )
+        return auto_select(
+            matrix,
+            num_remove,
+            scorer,
+            candidates_per_slot=candidates_per_slot,
+            max_passes=max_passes,
+        )
+    finally:
+        model.train(was_training)

@@ -1,0 +1,78 @@
+"""Celery app for integration tests: the real worker plus a test-only hold point.
+
+``celery -A tests.integration.hold_worker worker ...`` runs exactly ``worker.celery_app`` with one
+addition: when the Redis key :data:`HOLD_KEY` holds ``"<stage>"`` or ``"<stage>#<n>"``, a job
+stops at the n-th (default first) progress report of that stage, records
+``lorp:test:held:<job id> = <stage>`` and waits there until the client cancels it or the key is
+deleted. Tests use it to cancel a job in a stage that would otherwise pass too quickly to catch
+(downloading, loading, saving ...), without sleeping. With the key unset the worker behaves as in
+production (one extra Redis GET per progress report).
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections import Counter
+
+from redis import Redis
+from redis.exceptions import RedisError
+
+from lorp.errors import CancelledError
+from tests.integration.holdpoint import HELD_PREFIX, HOLD_KEY
+from worker import tasks as _tasks  # noqa: F401  (registers the task and worker signals)
+from worker.celery_app import app, settings
+from worker.runner import _Progress
+
+__all__ = ["HELD_PREFIX", "HOLD_KEY", "app", "settings"]
+
+MAX_HOLD_SECONDS = 120.0
+
+_original_call = _Progress.__call__
+
+
+@functools.cache
+def _probe() -> Redis:
+    """A fail-fast client (no retries): while Redis is down the hold point is simply off, so
+    the job runs exactly as in production."""
+    return Redis.from_url(
+        settings.redis_url, decode_responses=True, socket_timeout=0.5, socket_connect_timeout=0.5
+    )
+
+
+def _hold_value() -> str | None:
+    try:
+        value = _probe().get(HOLD_KEY)
+    except RedisError:
+        return None
+    return str(value) if value else None
+
+
+def _held_call(self: _Progress, stage: str, fraction: float, message: str) -> None:
+    _original_call(self, stage, fraction, message)  # records progress; may raise CancelledError
+    want = _hold_value()
+    if not want:
+        return
+    want_stage, _, nth = want.partition("#")
+    if stage != want_stage:
+        return
+    counts: Counter[str] = self.__dict__.setdefault("_hold_counts", Counter())
+    counts[stage] += 1
+    if counts[stage] != int(nth or 1):
+        return
+    job_id = self.rec.id
+    self.store.set_progress(self.rec, stage, fraction, message)  # visible even when throttled
+    self.store.redis.set(HELD_PREFIX + job_id, stage, ex=600)
+    deadline = time.monotonic() + MAX_HOLD_SECONDS
+    while time.monotonic() < deadline:
+        try:
+            if self.store.cancel_requested(job_id):
+                raise CancelledError(f"cancelled by the client during {stage}")
+            if not self.store.redis.get(HOLD_KEY):
+                return
+        except RedisError:  # Redis restarting while held: stay held
+            pass
+        time.sleep(0.05)
+
+
+_Progress.__call__ = _held_call  # type: ignore[method-assign]

@@ -1,0 +1,239 @@
+"""docker-compose.yml, the Dockerfiles and the example config, checked against the settings class
+(Docker itself can't run here)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from service.config import Settings
+
+ROOT = Path(__file__).resolve().parents[2]
+COMPOSE = ROOT / "docker-compose.yml"
+EXAMPLE_ENV = ROOT / "deploy" / "config.example.env"
+LORP_SERVICES = ("api", "worker-cpu", "worker-gpu")
+SETTINGS_NAMES = {f"LORP_{name.upper()}" for name in Settings.model_fields}
+REQUIRED_NAMES = {
+    f"LORP_{name.upper()}" for name, field in Settings.model_fields.items() if field.is_required()
+}
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}")
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    data = yaml.safe_load(COMPOSE.read_text())
+    assert isinstance(data, dict)
+    return data
+
+
+def services(compose: dict[str, Any]) -> dict[str, Any]:
+    return compose["services"]
+
+
+def parse_env_file(path: Path) -> dict[str, str]:
+    """KEY=VALUE lines (single-quoted values verbatim), comments and blanks skipped."""
+    out = {}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        key, sep, value = line.partition("=")
+        assert sep, f"not KEY=VALUE: {line!r}"
+        if len(value) >= 2 and value[0] == value[-1] == "'":
+            value = value[1:-1]
+        out[key.strip()] = value
+    return out
+
+
+def interpolate(value: str, env: dict[str, str]) -> str:
+    """Compose-style ${VAR}, ${VAR:-default} and ${VAR:?error} against ``env``."""
+
+    def sub(m: re.Match[str]) -> str:
+        name, op, arg = m.group(1), m.group(2), m.group(3)
+        if env.get(name):
+            return env[name]
+        if op in (":-", "-"):
+            return arg
+        if op in (":?", "?"):
+            raise KeyError(f"{name} is required: {arg}")
+        return ""
+
+    return _VAR.sub(sub, value)
+
+
+def test_expected_services(compose: dict[str, Any]) -> None:
+    assert set(services(compose)) >= {
+        "redis",
+        "minio",
+        "createbuckets",
+        "api",
+        "worker-cpu",
+        "worker-gpu",
+    }
+
+
+def test_redis_persists_with_aof(compose: dict[str, Any]) -> None:
+    redis = services(compose)["redis"]
+    cmd = redis["command"]
+    args = cmd if isinstance(cmd, list) else shlex.split(cmd)
+    assert args[0] == "redis-server"
+    assert args[args.index("--appendonly") + 1] == "yes"
+    assert any(v.endswith(":/data") for v in redis["volumes"])
+    assert "redis-data" in compose["volumes"]
+
+
+def test_ports(compose: dict[str, Any]) -> None:
+    svc = services(compose)
+
+    def container_ports(name: str) -> set[int]:
+        return {int(str(p).split("#")[0].strip().rsplit(":", 1)[-1]) for p in svc[name]["ports"]}
+
+    assert 8000 in container_ports("api")
+    assert 9000 in container_ports("minio")
+    assert "ports" not in svc["redis"], "redis should not be published outside the network"
+    api_cmd = svc["api"]["command"]
+    assert api_cmd[:2] == ["uvicorn", "service.main:app"]
+    assert api_cmd[api_cmd.index("--port") + 1] == "8000"
+
+
+@pytest.mark.parametrize("name", LORP_SERVICES)
+def test_env_names_are_settings_fields(compose: dict[str, Any], name: str) -> None:
+    env = services(compose)[name]["environment"]
+    lorp_names = {k for k in env if k.startswith("LORP_")}
+    unknown = lorp_names - SETTINGS_NAMES
+    assert not unknown, f"{name}: not Settings fields: {sorted(unknown)}"
+    missing = REQUIRED_NAMES - lorp_names
+    assert not missing, f"{name}: required settings missing: {sorted(missing)}"
+
+
+def test_api_and_workers_share_one_configuration(compose: dict[str, Any]) -> None:
+    def lorp_env(name: str) -> dict[str, str]:
+        env = services(compose)[name]["environment"]
+        return {k: v for k, v in env.items() if k.startswith("LORP_")}
+
+    assert lorp_env("api") == lorp_env("worker-cpu") == lorp_env("worker-gpu")
+
+
+def test_compose_env_with_example_config_is_valid(
+    compose: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The api's environment, interpolated with deploy/config.example.env, builds Settings."""
+    example = parse_env_file(EXAMPLE_ENV)
+    env = {
+        k: interpolate(str(v), example) for k, v in services(compose)["api"]["environment"].items()
+    }
+    env["LORP_LOCAL_ROOTS"] = f'["{tmp_path}"]'  # /models only exists inside the containers
+    for key in list(os.environ):
+        if key.startswith("LORP_"):
+            monkeypatch.delenv(key)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    settings = Settings()  # type: ignore[call-arg]
+    assert settings.s3_endpoint_url == "http://minio:9000"
+    assert settings.redis_url.startswith("redis://redis:6379")
+    assert settings.api_keys == {
+        "change-me-key-for-acme-0001": "acme",
+        "change-me-key-for-beta-0002": "beta",
+    }
+    assert settings.visibility_timeout >= 3600
+
+
+def test_secrets_are_required_not_defaulted(compose: dict[str, Any]) -> None:
+    env = services(compose)["api"]["environment"]
+    for name in ("LORP_S3_ACCESS_KEY_ID", "LORP_S3_SECRET_ACCESS_KEY", "LORP_API_KEYS"):
+        with pytest.raises(KeyError, match="required"):
+            interpolate(env[name], {})
+
+
+def test_example_env_names_are_settings_fields() -> None:
+    names = set(re.findall(r"^#?\s*(LORP_[A-Z0-9_]+)=", EXAMPLE_ENV.read_text(), re.M))
+    assert names, "no LORP_ settings in the example"
+    assert names <= SETTINGS_NAMES, sorted(names - SETTINGS_NAMES)
+    assert set(parse_env_file(EXAMPLE_ENV)) >= REQUIRED_NAMES
+
+
+def test_minio_credentials_match_the_service(compose: dict[str, Any]) -> None:
+    svc = services(compose)
+    api_env = svc["api"]["environment"]
+    minio_env = svc["minio"]["environment"]
+    assert minio_env["MINIO_ROOT_USER"].startswith("${LORP_S3_ACCESS_KEY_ID")
+    assert minio_env["MINIO_ROOT_PASSWORD"].startswith("${LORP_S3_SECRET_ACCESS_KEY")
+    assert api_env["LORP_S3_ACCESS_KEY_ID"].startswith("${LORP_S3_ACCESS_KEY_ID")
+    buckets = svc["createbuckets"]
+    assert buckets["image"].startswith("minio/mc")
+    assert buckets["environment"]["ARTIFACT_BUCKET"].startswith("${LORP_S3_BUCKET")
+    assert "mc mb" in " ".join(buckets["entrypoint"])
+    for name in LORP_SERVICES:
+        deps = svc[name]["depends_on"]
+        assert deps["createbuckets"]["condition"] == "service_completed_successfully"
+        assert deps["redis"]["condition"] == "service_healthy"
+
+
+def test_workers_run_one_prefork_job_on_the_task_queue(compose: dict[str, Any]) -> None:
+    from worker.factory import QUEUE
+
+    for name in ("worker-cpu", "worker-gpu"):
+        cmd = services(compose)[name]["command"]
+        assert cmd[:4] == ["celery", "-A", "worker.celery_app", "worker"]
+        assert cmd[cmd.index("--pool") + 1] == "prefork"
+        assert cmd[cmd.index("--concurrency") + 1] == "1"
+        assert QUEUE in cmd[cmd.index("-Q") + 1].split(",")
+
+
+def test_gpu_worker_profile_reserves_an_nvidia_device(compose: dict[str, Any]) -> None:
+    svc = services(compose)
+    gpu = svc["worker-gpu"]
+    assert gpu["profiles"] == ["gpu"]
+    devices = gpu["deploy"]["resources"]["reservations"]["devices"]
+    assert any(d["driver"] == "nvidia" and "gpu" in d["capabilities"] for d in devices)
+    for name in ("api", "worker-cpu", "redis", "minio"):
+        assert "profiles" not in svc[name], f"{name} must start without a profile"
+
+
+def test_long_running_services_have_healthchecks(compose: dict[str, Any]) -> None:
+    for name in ("redis", "minio", "api", "worker-cpu", "worker-gpu"):
+        test = services(compose)[name]["healthcheck"]["test"]
+        assert test and test[0] in ("CMD", "CMD-SHELL")
+
+
+def _dockerfiles(compose: dict[str, Any]) -> dict[str, Path]:
+    out = {}
+    for name, svc in services(compose).items():
+        build = svc.get("build")
+        if build:
+            out[name] = ROOT / build.get("context", ".") / build["dockerfile"]
+    return out
+
+
+def test_referenced_dockerfiles_exist_and_pin_torch(compose: dict[str, Any]) -> None:
+    dockerfiles = _dockerfiles(compose)
+    assert set(dockerfiles) == set(LORP_SERVICES)
+    all_files = set(dockerfiles.values()) | set((ROOT / "deploy").glob("Dockerfile*"))
+    for path in all_files:
+        assert path.is_file(), f"missing {path}"
+        text = path.read_text()
+        installs = [line for line in text.splitlines() if "pip install" in line]
+        torch_installs = [line for line in installs if re.search(r"\btorch\b", line)]
+        assert torch_installs, f"{path.name}: torch must be installed explicitly (pinned) first"
+        for line in torch_installs:
+            assert '"torch==2.13.0"' in line or "torch==2.13.0" in line.split(), line
+        first_project = next(i for i, line in enumerate(installs) if ".[service]" in line)
+        assert installs.index(torch_installs[0]) < first_project, f"{path.name}: torch first"
+    cpu = (ROOT / "deploy" / "Dockerfile.worker").read_text()
+    assert "download.pytorch.org/whl/cpu" in cpu
+
+
+def test_dockerfiles_copy_only_existing_paths(compose: dict[str, Any]) -> None:
+    for path in _dockerfiles(compose).values():
+        for line in path.read_text().splitlines():
+            if line.startswith("COPY "):
+                for src in line.split()[1:-1]:
+                    if src == "README.md" and not (ROOT / src).exists():
+                        pytest.fail("README.md (pyproject's readme) is missing at the repo root")
+                    assert (ROOT / src).exists(), f"{path.name}: COPY source {src} missing"

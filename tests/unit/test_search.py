@@ -1,0 +1,261 @@
+"""Model-in-the-loop selection (lorp.search): sleb, lorp-kl, auto, and their pipeline wiring."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedModel
+
+from lorp.cli import main
+from lorp.errors import InvalidInputError
+from lorp.pipeline import PruneConfig, prune, run_pipeline
+from lorp.quality import compare_pruned, perplexity
+from lorp.search import (
+    ALL_METHODS,
+    SEARCH_METHODS,
+    WindowScorer,
+    affordable_passes,
+    auto_select,
+    lorp_kl_select,
+    search_layers,
+    sleb_select,
+)
+from lorp.selection import METHODS, select_layers
+from lorp.similarity import capture_similarity
+from lorp.surgery import pruned_view
+from tests.tiny_models import _COMMON, build_tiny, tiny_input_ids, tiny_tokenizer
+
+TEXT = "".join(f"Line {i}: the quick brown fox jumps over the lazy dog.\n" for i in range(400))
+
+
+def build_deep(depth: int = 10, seed: int = 0) -> PreTrainedModel:
+    """A tiny random Llama with more blocks than the shared tiny models (richer phases)."""
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(
+        LlamaConfig(**{**_COMMON, "num_hidden_layers": depth}), dtype=torch.float32
+    )
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def deep() -> tuple[PreTrainedModel, torch.Tensor, torch.Tensor]:
+    model = build_deep()
+    s = capture_similarity(model, tiny_input_ids(batch=4, length=32, seed=3))
+    windows = tiny_input_ids(batch=2, length=24, seed=5)
+    return model, torch.as_tensor(s), windows
+
+
+def test_method_names() -> None:
+    assert set(METHODS) < set(ALL_METHODS)
+    assert set(SEARCH_METHODS) == {"sleb", "lorp-kl", "auto"}
+    assert set(ALL_METHODS) == set(METHODS) | set(SEARCH_METHODS)
+    with pytest.raises(InvalidInputError):
+        select_layers([[1, 0.5, 0.2], [0.5, 1, 0.5], [0.2, 0.5, 1]], 1, method="auto")
+
+
+def test_scorer_matches_compare_pruned_and_caches() -> None:
+    model = build_tiny("llama")
+    windows = tiny_input_ids(batch=3, length=16, seed=7)
+    scorer = WindowScorer(model, windows, batch_size=2)
+    got = scorer.score([3, 1])
+    ref = compare_pruned(model, [1, 3], windows, batch_size=1)
+    assert got.removed == (1, 3)
+    assert got.kl == pytest.approx(ref.kl, rel=1e-4)
+    assert got.top1_agreement == pytest.approx(ref.top1_agreement)
+    assert got.nll == pytest.approx(ref.pruned.nll, rel=1e-5)
+    assert got.tokens == ref.tokens == 3 * 15
+    assert scorer.passes == 2  # dense reference + this set
+    assert scorer.score([1, 3]) is got and scorer.passes == 2  # cached
+    dense = scorer.score([])
+    assert dense.kl == 0.0 and dense.nll == pytest.approx(ref.dense.nll, rel=1e-5)
+    nll_only = WindowScorer(model, windows, reference=False).score([2])
+    assert nll_only.kl is None and nll_only.top1_agreement is None
+    with pytest.raises(InvalidInputError):
+        scorer.score([6])
+    assert len(model.model.layers) == 6
+
+
+def test_sleb_removes_k_distinct_interior_blocks_greedily(deep: tuple) -> None:
+    model, s, windows = deep
+    n = len(model.model.layers)
+    scorer = WindowScorer(model, windows, reference=False)
+    sel = sleb_select(scorer, 4, similarity=s)
+    assert sel.method == "sleb" and len(sel.removed) == 4 == len(set(sel.removed))
+    assert all(1 <= b <= n - 2 for b in sel.removed)
+    assert sel.details["passes"] == sum(n - 2 - i for i in range(4))
+    # step 1 really is the block whose removal alone gives the lowest NLL
+    single = {}
+    for b in range(1, n - 1):
+        with pruned_view(model, [b]):
+            single[b] = perplexity(model, windows).nll
+    first = sel.details["removal_order"][0]
+    assert first == min(single, key=lambda b: single[b])
+    assert sel.details["scores"][first] == pytest.approx(single[first], rel=1e-5)
+    # every later step is the best given the earlier removals
+    for i, step in enumerate(sel.details["steps"]):
+        assert step["removed"] == sel.details["removal_order"][i]
+        assert step["nll"] == min(step["nll_by_block"].values())
+    assert len(model.model.layers) == n
+
+
+@pytest.mark.parametrize(("k", "num_clusters"), [(3, None), (5, 3)])
+def test_lorp_kl_respects_lorp_phase_quotas(deep: tuple, k: int, num_clusters: int | None) -> None:
+    model, s, windows = deep
+    lorp = select_layers(s, k, method="lorp", num_clusters=num_clusters)
+    scorer = WindowScorer(model, windows)
+    sel = lorp_kl_select(s, k, scorer, num_clusters=num_clusters, candidates_per_slot=3)
+    assert sel.method == "lorp-kl" and sel.labels == lorp.labels
+    assert sel.num_clusters == lorp.num_clusters
+    assert len(sel.removed) == k and 0 not in sel.removed and 9 not in sel.removed
+    quota = Counter(lorp.labels[b] for b in lorp.removed)
+    assert Counter(sel.labels[b] for b in sel.removed) == quota
+    assert sel.details["lorp_removed"] == lorp.removed
+    for slot in sel.details["slots"]:
+        assert all(sel.labels[c] == slot["phase"] for c in slot["candidates"])
+        assert len(slot["candidates"]) <= 3
+        if slot["kl"]:  # measured: the chosen block has the lowest KL of its candidates
+            assert slot["kl"][str(slot["chosen"])] == min(slot["kl"].values())
+    # the final KL is what compare_pruned measures for the chosen set
+    assert sel.details["kl"] == pytest.approx(compare_pruned(model, sel.removed, windows).kl, 1e-4)
+    # with one candidate per slot nothing is measured and the result is LoRP's
+    one = lorp_kl_select(
+        s, k, WindowScorer(model, windows), num_clusters=num_clusters, candidates_per_slot=1
+    )
+    assert one.removed == lorp.removed
+
+
+def test_auto_picks_the_lowest_kl_candidate_and_records_all(deep: tuple) -> None:
+    model, s, windows = deep
+    k = 3
+    sel = auto_select(s, k, WindowScorer(model, windows))
+    cands = sel.details["candidates"]
+    names = [c["name"] for c in cands]
+    policy_k = select_layers(s, k).num_clusters
+    assert names[0] == f"lorp (K={policy_k}, policy)"
+    expected_forced = {f"lorp (K={kk})" for kk in (2, 3, 4) if kk != policy_k}
+    assert expected_forced <= set(names)
+    assert "shortgpt" in names and "streamline" in names
+    assert any(c["method"] == "lorp-kl" for c in cands)  # no pass limit: lorp-kl included
+    for c in cands:  # every score is the real KL of that removal set, measured independently
+        assert c["kl"] == pytest.approx(compare_pruned(model, c["removed"], windows).kl, rel=1e-4)
+        assert c["select_s"] >= 0 and c["score_s"] >= 0
+    best = min(cands, key=lambda c: c["kl"])
+    assert [c["chosen"] for c in cands].count(True) == 1
+    assert next(c for c in cands if c["chosen"])["kl"] == best["kl"]
+    assert sel.removed == best["removed"] and sel.method == "auto"
+    assert sel.details["chosen"] == next(c["name"] for c in cands if c["chosen"])
+    # identical selections are scored once and point at the first one
+    seen: dict[tuple[int, ...], str] = {}
+    for c in cands:
+        key = tuple(c["removed"])
+        assert c["same_as"] == seen.get(key)
+        seen.setdefault(key, c["name"])
+    json.dumps(sel.to_dict())  # JSON-safe
+
+
+def test_auto_leaves_out_lorp_kl_when_not_affordable(deep: tuple) -> None:
+    model, s, windows = deep
+    sel = auto_select(s, 4, WindowScorer(model, windows), max_passes=3)
+    assert all(c["method"] != "lorp-kl" for c in sel.details["candidates"])
+    assert sel.details["lorp_kl"]["included"] is False
+    assert "not affordable" in sel.details["lorp_kl"]["reason"]
+    forced = auto_select(s, 4, WindowScorer(model, windows), include_lorp_kl=False)
+    assert all(c["method"] != "lorp-kl" for c in forced.details["candidates"])
+
+
+def test_affordable_passes_scales_with_calibration(deep: tuple) -> None:
+    model, _, _ = deep
+    small = affordable_passes(model, 4 * 32, 2 * 24, 3)
+    big = affordable_passes(model, 64 * 32, 2 * 24, 3)
+    assert 0 <= small < big
+    assert affordable_passes(model, 1, 10**6, 3) == 0
+
+
+def test_search_layers_validation(deep: tuple) -> None:
+    model, s, windows = deep
+    with pytest.raises(InvalidInputError, match="unknown search method"):
+        search_layers(model, s, 2, "lorp", windows)
+    with pytest.raises(InvalidInputError, match="num_clusters"):
+        search_layers(model, s, 2, "auto", windows, num_clusters=3)
+    with pytest.raises(InvalidInputError, match="candidates_per_slot"):
+        search_layers(model, s, 2, "lorp-kl", windows, candidates_per_slot=0)
+    with pytest.raises(InvalidInputError):
+        search_layers(model, s[:5, :5], 2, "auto", windows)
+    with pytest.raises(InvalidInputError):
+        PruneConfig(method="magic", num_remove=2)
+    with pytest.raises(InvalidInputError, match="num_clusters"):
+        PruneConfig(method="sleb", num_remove=2, num_clusters=3)
+
+
+def test_prune_auto_uses_held_out_scoring_windows(tmp_path: Path) -> None:
+    text = tmp_path / "calib.txt"
+    text.write_text(TEXT)
+    tok = tiny_tokenizer()
+    model = build_tiny("llama")
+    config = PruneConfig(
+        method="auto",
+        num_remove=2,
+        windows=4,
+        seq_len=32,
+        score_windows=2,
+        score_seq_len=16,
+        holdout_windows=3,
+    )
+    seen: list[str] = []
+    res = prune(model, tok, text, config, progress=lambda st, f, m: seen.append(st))
+    assert res.selection.method == "auto" and len(res.removed) == 2
+    assert res.scoring is not None and res.scoring["held_out"] is True
+    assert res.scoring["windows"] == 2 and res.scoring["seq_len"] == 16
+    # scoring windows: the text right after the 4 x 32 calibration tokens; quality: after those
+    ids = tok(TEXT, add_special_tokens=False).input_ids
+    score_w = torch.tensor(ids[128 : 128 + 32]).view(2, 16)
+    fresh = build_tiny("llama")
+    cands = res.selection.details["candidates"]
+    chosen = next(c for c in cands if c["chosen"])
+    assert chosen["kl"] == pytest.approx(compare_pruned(fresh, chosen["removed"], score_w).kl, 1e-4)
+    assert res.evaluation is not None and res.evaluation["kind"] == "held-out calibration windows"
+    holdout = torch.tensor(ids[160 : 160 + 96]).view(3, 32)
+    assert res.quality is not None
+    assert res.quality.kl == pytest.approx(compare_pruned(fresh, res.removed, holdout).kl, 1e-4)
+    assert "selection" in seen and len(model.model.layers) == 4
+
+
+def test_run_pipeline_and_cli_with_auto(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    d = tmp_path / "tiny"
+    build_tiny("llama").save_pretrained(d)
+    tiny_tokenizer().save_pretrained(d)
+    text = tmp_path / "calib.txt"
+    text.write_text(TEXT)
+    code = main(
+        [
+            "prune", "--model", str(d), "--calibration", str(text), "--remove", "2",
+            "--method", "auto", "--windows", "4", "--seq-len", "32", "--score-windows", "2",
+            "--score-seq-len", "16", "--holdout-windows", "2", "--no-bench",
+            "--out", str(tmp_path / "out"), "--quiet", "--json",
+        ]
+    )  # fmt: skip
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["method"] == "auto" and report["summary"]["status"] == "pruned"
+    cands = report["selection"]["details"]["candidates"]
+    assert len(cands) >= 4 and sum(c["chosen"] for c in cands) == 1
+    assert report["selection"]["removed"] == json.loads(out)["removed"]
+    assert report["extra"]["scoring"]["held_out"] is True
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "Candidates (auto)" in md and "(chosen)" in md
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "model")
+    assert reloaded.config.num_hidden_layers == 4
+
+    res = run_pipeline(
+        d,
+        text,
+        tmp_path / "out2",
+        PruneConfig(method="lorp-kl", num_remove=2, windows=4, seq_len=32, score_seq_len=16),
+    )
+    assert res.report["method"] == "lorp-kl"
+    assert res.report["selection"]["details"]["quotas"]

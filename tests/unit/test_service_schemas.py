@@ -1,0 +1,379 @@
+"""Service settings and request schemas, without any process: URI rules, budgets, bounds,
+fail-fast configuration, the job summary built from a report."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+from pydantic_settings import SettingsError
+
+from service.config import Settings
+from service.schemas import JobCreate, JobSummary, resolve_local, validate_job
+from worker.runner import summarize
+
+TENANT = "acme"
+
+
+@pytest.fixture
+def roots(tmp_path: Path) -> dict[str, Path]:
+    root = tmp_path / "root"
+    model = root / "model"
+    model.mkdir(parents=True)
+    (model / "model.safetensors").write_bytes(b"\0" * 8)
+    (model / "config.json").write_text(json.dumps({"num_hidden_layers": 6}))
+    (root / "m.gguf").write_bytes(b"GGUF")
+    (root / "notes.bin").write_bytes(b"\x80\x04")
+    pickled = root / "pickled"
+    pickled.mkdir()
+    (pickled / "pytorch_model.bin").write_bytes(b"\x80\x04")
+    (root / "calib.txt").write_text("hello world " * 100)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.txt").write_text("secret")
+    (root / "escape.txt").symlink_to(outside / "secret.txt")
+    (root / "escape-dir").symlink_to(outside)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("corpus " * 100)
+    return {"root": root, "outside": outside, "corpus": corpus}
+
+
+@pytest.fixture
+def settings(roots: dict[str, Path], tmp_path: Path) -> Settings:
+    return Settings(
+        s3_access_key_id="ak",
+        s3_secret_access_key="sk",
+        s3_bucket="lorp-artifacts",
+        api_keys={"k" * 16: TENANT},
+        local_roots=[roots["root"]],
+        corpora={"wiki": roots["corpus"]},
+        work_dir=tmp_path / "work",
+    )
+
+
+def body(**overrides: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "model": "s3://inputs/acme/models/tiny",
+        "calibration": "corpus:wiki",
+        "budget": {"blocks": 2},
+    }
+    out.update(overrides)
+    return out
+
+
+def errors_of(data: dict[str, Any], settings: Settings) -> list[dict[str, Any]]:
+    with pytest.raises(ValidationError) as info:
+        validate_job(data, settings, TENANT)
+    return info.value.errors()
+
+
+def field_of(errors: list[dict[str, Any]]) -> set[str]:
+    return {str(e["loc"][0]) if e["loc"] else "" for e in errors}
+
+
+# -- accepted forms ------------------------------------------------------------------------
+
+
+def test_defaults_and_normalisation(settings: Settings, roots: dict[str, Path]) -> None:
+    job = validate_job(body(model="s3://inputs/acme/models/tiny/"), settings, TENANT)
+    assert job.model == "s3://inputs/acme/models/tiny"  # trailing slash of a prefix dropped
+    assert (job.method, job.windows, job.seq_len, job.batch_size) == ("lorp", 32, 512, 1)
+    assert job.budget.value() == 2 and job.benchmark is None
+    local = validate_job(
+        body(model=str(roots["root"] / "model"), calibration=str(roots["root"] / "calib.txt")),
+        settings,
+        TENANT,
+    )
+    assert local.model == str(roots["root"] / "model")
+    gguf = validate_job(body(model=str(roots["root"] / "m.gguf")), settings, TENANT)
+    assert gguf.model.endswith("m.gguf")
+    frac = validate_job(body(budget={"fraction": 0.25}), settings, TENANT)
+    assert frac.budget.value() == 0.25
+
+
+def test_fingerprint_is_canonical(settings: Settings) -> None:
+    a = validate_job(body(windows=8, method="lorp"), settings, TENANT)
+    b = validate_job({"method": "lorp", **body(), "windows": 8}, settings, TENANT)
+    c = validate_job(body(windows=9), settings, TENANT)
+    assert a.fingerprint() == b.fingerprint() != c.fingerprint()
+
+
+def test_hub_only_when_enabled(settings: Settings) -> None:
+    assert field_of(errors_of(body(model="hf:org/name"), settings)) == {"model"}
+    hub = settings.model_copy(update={"allow_hub": True})
+    assert validate_job(body(model="hf:org/name"), hub, TENANT).model == "hf:org/name"
+    assert field_of(errors_of(body(model="hf:../../x"), hub)) == {"model"}
+
+
+def test_service_bucket_needs_own_tenant_prefix(settings: Settings) -> None:
+    ok = body(model="s3://lorp-artifacts/acme/jobs/abc/model")
+    assert validate_job(ok, settings, TENANT).model.startswith("s3://lorp-artifacts/acme/")
+    for uri in ("s3://lorp-artifacts/other/jobs/abc/model", "s3://lorp-artifacts/acmex/m"):
+        assert field_of(errors_of(body(model=uri), settings)) == {"model"}
+
+
+# -- refused forms -------------------------------------------------------------------------
+
+BAD_MODELS = [
+    "file:///etc/passwd",
+    "http://169.254.169.254/latest/meta-data/",
+    "https://example.com/model.gguf",
+    "ftp://x/y",
+    "s3://169.254.169.254/latest",
+    "s3://Bad_Bucket/key",
+    "s3://bucket",
+    "s3://bucket/a/../b",
+    "s3://bucket/a//b",
+    "models/tiny",
+    "./model",
+    "~/model",
+    "C:\\models\\x",
+    "",
+    " s3://bucket/key",
+    "s3://bucket/k\x00ey",
+    "corpus:wiki",
+    "gopher://x",
+    "s3://" + "a" * 1100,
+]
+
+
+@pytest.mark.parametrize("uri", BAD_MODELS)
+def test_bad_model_uris(settings: Settings, uri: str) -> None:
+    errors = errors_of(body(model=uri), settings)
+    assert field_of(errors) == {"model"}
+    assert errors[0]["msg"]
+
+
+@pytest.mark.parametrize(
+    "uri", ["hf:org/name", "file:///etc/hostname", "http://127.0.0.1:8080/", "corpus:unknown"]
+)
+def test_bad_text_uris(settings: Settings, uri: str) -> None:
+    assert field_of(errors_of(body(calibration=uri), settings)) == {"calibration"}
+    assert field_of(errors_of(body(evaluation=uri), settings)) == {"evaluation"}
+
+
+def test_local_paths_must_stay_under_roots(settings: Settings, roots: dict[str, Path]) -> None:
+    root, outside = roots["root"], roots["outside"]
+    cases = {
+        "calibration": [
+            str(outside / "secret.txt"),  # outside every root
+            str(root / "escape.txt"),  # symlink pointing outside
+            str(root / "escape-dir" / "secret.txt"),  # through a symlinked directory
+            f"{root}/../outside/secret.txt",  # '..' segments
+            str(root / "missing.txt"),  # does not exist
+            str(root / "model"),  # a directory, not a text
+        ],
+        "model": [
+            str(root / "notes.bin"),  # a file that is not .gguf
+            str(root / "pickled"),  # only pickle weights
+            "/etc",
+        ],
+    }
+    for field, uris in cases.items():
+        for uri in uris:
+            assert field_of(errors_of(body(**{field: uri}), settings)) == {field}, uri
+    with pytest.raises(ValueError):
+        resolve_local(str(root / "escape.txt"), settings)
+    assert resolve_local(str(root / "calib.txt"), settings) == root / "calib.txt"
+
+
+def test_symlink_escape_after_submission_is_caught_by_resolve(
+    settings: Settings, roots: dict[str, Path]
+) -> None:
+    link = roots["root"] / "later.txt"
+    link.write_text("fine")
+    job = validate_job(body(calibration=str(link)), settings, TENANT)
+    link.unlink()
+    link.symlink_to(roots["outside"] / "secret.txt")
+    with pytest.raises(ValueError):
+        resolve_local(job.calibration, settings)
+
+
+@pytest.mark.parametrize(
+    ("budget", "loc"),
+    [
+        ({"blocks": 1, "fraction": 0.1}, ("budget",)),
+        ({}, ("budget",)),
+        ({"blocks": 0}, ("budget", "blocks")),
+        ({"blocks": -3}, ("budget", "blocks")),
+        ({"blocks": 10**6}, ("budget", "blocks")),
+        ({"blocks": 2.5}, ("budget", "blocks")),
+        ({"blocks": "2"}, ("budget", "blocks")),
+        ({"blocks": True}, ("budget", "blocks")),
+        ({"fraction": 0.0}, ("budget", "fraction")),
+        ({"fraction": 1.0}, ("budget", "fraction")),
+        ({"fraction": -0.2}, ("budget", "fraction")),
+        ({"fraction": "0.2"}, ("budget", "fraction")),
+        ({"percent": 20}, ("budget", "percent")),
+    ],
+)
+def test_bad_budgets(settings: Settings, budget: dict[str, Any], loc: tuple[str, ...]) -> None:
+    errors = errors_of(body(budget=budget), settings)
+    assert any(tuple(e["loc"][: len(loc)]) == loc for e in errors), errors
+
+
+def test_budget_against_local_depth(settings: Settings, roots: dict[str, Path]) -> None:
+    model = str(roots["root"] / "model")
+    assert validate_job(body(model=model, budget={"blocks": 5}), settings, TENANT)
+    errors = errors_of(body(model=model, budget={"blocks": 6}), settings)
+    assert "only 6" in errors[0]["msg"]
+
+
+@pytest.mark.parametrize(
+    ("override", "field"),
+    [
+        ({"method": "random"}, "method"),
+        ({"windows": 0}, "windows"),
+        ({"windows": 100_000}, "windows"),
+        ({"seq_len": 4}, "seq_len"),
+        ({"seq_len": "512"}, "seq_len"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"eval_windows": -1}, "eval_windows"),
+        ({"num_clusters": 0}, "num_clusters"),
+        ({"dtype": "int8"}, "dtype"),
+        ({"gguf_file": "../evil.gguf"}, "gguf_file"),
+        ({"gguf_file": "model.bin"}, "gguf_file"),
+        ({"trust_remote_code": True}, "trust_remote_code"),
+        ({"benchmark": {"repetitions": 3}}, "benchmark"),
+        ({"benchmark": {"prefill": [[1, 8], [1, 8]]}}, "benchmark"),
+        ({"benchmark": {"prefill": [], "decode": []}}, "benchmark"),
+        ({"benchmark": {"prefill": [[0, 8]]}}, "benchmark"),
+        ({"benchmark": {"decode": [[1, 8]]}}, "benchmark"),
+        ({"benchmark": {"prefill": [[1, 8]] * 9}}, "benchmark"),
+    ],
+)
+def test_bad_fields(settings: Settings, override: dict[str, Any], field: str) -> None:
+    assert field in field_of(errors_of(body(**override), settings))
+
+
+def test_gguf_file_only_with_directory(settings: Settings) -> None:
+    ok = validate_job(body(gguf_file="m.Q4.gguf"), settings, TENANT)
+    assert ok.gguf_file == "m.Q4.gguf"
+    errors = errors_of(body(model="s3://inputs/acme/m.gguf", gguf_file="m.gguf"), settings)
+    assert "gguf_file" in errors[0]["msg"]
+
+
+def test_syntax_checks_run_without_settings() -> None:
+    # FastAPI validates the body without context first: syntax errors still surface there.
+    with pytest.raises(ValidationError):
+        JobCreate.model_validate(body(model="file:///etc/passwd"))
+    # Context-dependent rules wait for the full validation.
+    assert JobCreate.model_validate(body(model="hf:org/name")).model == "hf:org/name"
+
+
+# -- settings --------------------------------------------------------------------------------
+
+
+def _env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, **extra: str) -> None:
+    for key in list(os.environ):
+        if key.startswith("LORP_"):
+            monkeypatch.delenv(key)
+    base = {
+        "LORP_S3_ACCESS_KEY_ID": "ak",
+        "LORP_S3_SECRET_ACCESS_KEY": "sk",
+        "LORP_S3_BUCKET": "lorp-artifacts",
+        "LORP_API_KEYS": json.dumps({"k" * 16: "acme"}),
+        "LORP_LOCAL_ROOTS": json.dumps([str(tmp_path)]),
+    }
+    base.update(extra)
+    for key, value in base.items():
+        monkeypatch.setenv(key, value)
+
+
+def test_settings_from_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    _env(monkeypatch, tmp_path, LORP_REDIS_URL="redis://h:1/2", LORP_ALLOW_HUB="true")
+    s = Settings()  # type: ignore[call-arg]
+    assert s.broker_url == "redis://h:1/2"  # broker defaults to the job store
+    assert s.allow_hub is True and s.trust_remote_code is False
+    assert s.presign_ttl_seconds == 3600 and s.visibility_timeout == 21600
+    assert s.local_roots == [Path(os.path.realpath(tmp_path))]
+    assert "k" * 16 not in repr(s) and "sk" not in repr(s.s3_secret_access_key)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"LORP_API_KEYS": "{not json"},
+        {"LORP_API_KEYS": "{}"},
+        {"LORP_API_KEYS": json.dumps({"short": "acme"})},
+        {"LORP_API_KEYS": json.dumps({"k" * 16: "bad/tenant"})},
+        {"LORP_S3_ACCESS_KEY_ID": ""},
+        {"LORP_S3_SECRET_ACCESS_KEY": "  "},
+        {"LORP_LOCAL_ROOTS": json.dumps(["/does/not/exist"])},
+        {"LORP_LOCAL_ROOTS": json.dumps(["relative/dir"])},
+        {"LORP_CORPORA": json.dumps({"wiki": "/does/not/exist.txt"})},
+        {"LORP_CORPORA": "[1, 2]"},
+        {"LORP_REDIS_URL": "http://localhost:6379"},
+        {"LORP_S3_ENDPOINT_URL": "localhost:8333"},
+        {"LORP_S3_BUCKET": "Bad_Bucket"},
+        {"LORP_PRESIGN_TTL_SECONDS": "0"},
+        {"LORP_VISIBILITY_TIMEOUT": "10"},
+        {"LORP_ALLOW_HUB": "maybe"},
+    ],
+)
+def test_bad_settings_fail_fast(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, extra: dict[str, str]
+) -> None:
+    _env(monkeypatch, tmp_path, **extra)
+    with pytest.raises((ValidationError, SettingsError)):
+        Settings()  # type: ignore[call-arg]
+
+
+def test_missing_credentials_fail_fast(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    _env(monkeypatch, tmp_path)
+    monkeypatch.delenv("LORP_S3_SECRET_ACCESS_KEY")
+    with pytest.raises(ValidationError, match="s3_secret_access_key"):
+        Settings()  # type: ignore[call-arg]
+
+
+# -- summary -----------------------------------------------------------------------------------
+
+
+def test_summary_from_report() -> None:
+    report = {
+        "summary": {
+            "method": "lorp",
+            "num_layers": 30,
+            "removed": [6, 17, 27],
+            "kept_layers": 27,
+            "rls": 1.5,
+            "num_clusters": 3,
+            "speedups": {"prefill_b1_t512": 1.1, "decode_b1_p32_n128": 1.12},
+            "weights_saved_bytes": 1000,
+            "weights_saved_fraction": 0.08,
+            "ppl_dense": 20.0,
+            "ppl_pruned": 25.0,
+            "ppl_ratio": 1.25,
+        },
+        "speed": [
+            {"kind": "prefill", "speedup": 1.1},
+            {"kind": "prefill", "speedup": 1.3},
+            {"kind": "decode", "speedup": 1.12},
+            {"kind": "decode", "speedup": None},
+        ],
+    }
+    summary = JobSummary.model_validate(summarize(report))
+    assert summary.removed_blocks == [6, 17, 27] and summary.kept_layers == 27
+    assert summary.prefill_speedup == pytest.approx(1.2)
+    assert summary.decode_speedup == pytest.approx(1.12)
+    assert summary.memory_reduction == 0.08
+    assert (summary.perplexity_before, summary.perplexity_after) == (20.0, 25.0)
+    empty = JobSummary.model_validate(summarize({"summary": {}, "speed": []}))
+    assert empty.removed_blocks == [] and empty.prefill_speedup is None
+
+
+def test_download_targets_stay_in_the_directory(tmp_path: Path) -> None:
+    from service.errors import StorageError
+    from service.storage import safe_target
+
+    root = tmp_path / "dl"
+    root.mkdir()
+    assert safe_target(root, "model/config.json") == root / "model" / "config.json"
+    (root / "link").symlink_to(tmp_path)
+    for rel in ("../evil", "a/../../evil", "/etc/passwd", "a//b", "./x", "link/evil", "a\\..\\b"):
+        with pytest.raises(StorageError):
+            safe_target(root, rel)
