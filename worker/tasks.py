@@ -28,6 +28,12 @@ def _preload(**_: object) -> None:
     import lorp.loading
     import lorp.pipeline  # noqa: F401
 
+    # transformers imports lazily: the auto classes and the Llama family (SmolLM2 and most
+    # small models) cost ~9 s on first use, which a replacement pool process would pay again
+    # inside its first job (measured by benchmarks/reliability).
+    import transformers.models.llama.modeling_llama  # noqa: F401
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
+
 
 @worker_ready.connect
 def _requeue_orphans(**_: object) -> None:

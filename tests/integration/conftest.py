@@ -16,7 +16,7 @@ import pytest
 from service.devstack import LocalStack
 from tests.tiny_models import build_tiny, tiny_tokenizer
 
-SHARED_DATA = Path("/work/shared/data")
+SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 INPUT_BUCKET = "lorp-inputs"
 ARTIFACT_BUCKET = "lorp-artifacts"
 KEY_A = "key-alpha-0123456789"

@@ -1,0 +1,647 @@
+"""Reliability scenarios of the service, measured (issue 6).
+
+Starts its own local stack (redis-server with AOF, SeaweedFS, uvicorn, one prefork Celery worker)
+and runs, against real processes:
+
+* worker pool process SIGKILLed mid-calibration: redelivery, exactly-once result, recovery time
+* Redis restarted mid-job: 503 + Retry-After latency while down, no job lost or run twice
+* object store down during upload: ``storage_unavailable``, no manifest, resubmission succeeds
+* cancel in every stage (queued ... uploading): cancel latency, artifacts left, worker free after
+* load: N submissions from C concurrent clients, each sent twice with its Idempotency-Key
+  (a retry after a lost answer) plus real retries on errors: accepted exactly once, none lost,
+  p50/p99 latency of submit and status
+* the hostile-request table of the integration tests: how many 4xx / 5xx
+
+Writes ``benchmarks/results/reliability.json`` and prints a Markdown table.
+
+The worker runs ``tests.integration.hold_worker``: the production worker plus a test-only hold
+point (a Redis key parks a job at a chosen progress report), used to hit a stage exactly instead
+of sleeping. Usage::
+
+    .venv/bin/python benchmarks/reliability/run.py [--submissions 200] [--clients 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import traceback
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+from benchmarks._common import machine, table, write_result  # noqa: E402
+from service.devstack import LocalStack  # noqa: E402
+from tests.integration.conftest import (  # noqa: E402
+    ARTIFACT_BUCKET,
+    INPUT_BUCKET,
+    KEY_A,
+    KEY_B,
+    MAX_MODEL_BYTES,
+    TENANT_A,
+    TENANT_B,
+    Service,
+    _text,
+)
+from tests.integration.holdpoint import (  # noqa: E402
+    CANCEL_POINTS,
+    HELD_PREFIX,
+    HOLD_KEY,
+    SMALL_BENCH,
+)
+from tests.tiny_models import build_tiny, tiny_tokenizer  # noqa: E402
+
+KEY_LOAD = "key-load-0123456789"
+TENANT_LOAD = "load"
+RECOVERY_GOAL_S = 30.0
+P99_GOAL_MS = 100.0
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+
+
+def _until(what: str, probe: Callable[[], Any], timeout: float = 120.0, step: float = 0.05) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = probe()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(step)
+
+
+def _pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def _ms(value: float | None) -> float | None:
+    return None if value is None else round(value * 1000, 1)
+
+
+def _children(pid: int) -> list[int]:
+    kids: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        kids += [int(k) for k in (task / "children").read_text().split()]
+    return kids
+
+
+class Bench:
+    """The running stack, clients and the uploaded inputs."""
+
+    def __init__(self, stack: LocalStack, svc: Service) -> None:
+        self.stack = stack
+        self.svc = svc
+        self.redis = svc.redis()
+        self.client = svc.client(KEY_A)
+
+    def hold(self, point: str) -> None:
+        self.redis.set(HOLD_KEY, point, ex=600)
+
+    def release(self) -> None:
+        self.redis.delete(HOLD_KEY)
+
+    def wait_held(self, job_id: str, stage: str) -> None:
+        _until(f"{job_id} held in {stage}", lambda: self.redis.get(HELD_PREFIX + job_id) == stage)
+
+    def submit(self, **overrides: Any) -> str:
+        resp = self.client.post("/jobs", json=self.svc.job_body(**overrides))
+        resp.raise_for_status()
+        return str(resp.json()["id"])
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        return dict(self.client.get(f"/jobs/{job_id}").raise_for_status().json())
+
+    def wait(self, job_id: str, until: Callable[[dict[str, Any]], bool] | None = None,
+             timeout: float = 180.0) -> dict[str, Any]:  # fmt: skip
+        if until is None:
+            return self.svc.wait(self.client, job_id, timeout=timeout)
+        return self.svc.wait(self.client, job_id, until=until, timeout=timeout)
+
+    def keys(self, job_id: str, tenant: str = TENANT_A) -> list[str]:
+        return self.svc.artifact_keys(tenant, job_id)
+
+
+# --------------------------------------------------------------------------------------------
+# scenarios: each returns {"outcome": "pass"|"fail", "figures": {...}, "notes": str}
+
+
+def worker_sigkill(b: Bench) -> dict[str, Any]:
+    b.hold("calibration")
+    job_id = b.submit(benchmark=SMALL_BENCH)
+    b.wait_held(job_id, "calibration")
+    worker = b.stack.workers[0]
+    assert worker.pid is not None
+    pool = _children(worker.pid)
+    for pid in pool:
+        os.kill(pid, signal.SIGKILL)
+    killed = time.monotonic()
+    b.release()
+    b.wait(job_id, until=lambda j: j["attempts"] >= 2, timeout=120)
+    redelivered = time.monotonic() - killed
+    job = b.wait(job_id)
+    done = time.monotonic() - killed
+    prefix = f"{TENANT_A}/jobs/{job_id}/"
+    keys = {k[len(prefix) :] for k in b.keys(job_id)}
+    manifest_ok = False
+    if "manifest.json" in keys:
+        body = b.svc.s3().get_object(Bucket=ARTIFACT_BUCKET, Key=prefix + "manifest.json")["Body"]
+        names = {f["name"] for f in json.loads(body.read())["files"]}
+        manifest_ok = keys == names | {"manifest.json"}
+    ok = job["state"] == "succeeded" and job["attempts"] == 2 and manifest_ok
+    ok = ok and redelivered <= RECOVERY_GOAL_S
+    return {
+        "outcome": "pass" if ok else "fail",
+        "figures": {
+            "pool_processes_killed": len(pool),
+            "time_to_redelivery_s": round(redelivered, 2),
+            "time_to_success_s": round(done, 2),
+            "final_state": job["state"],
+            "attempts": job["attempts"],
+            "objects_match_manifest": manifest_ok,
+            "worker_alive_after": worker.alive(),
+        },
+        "notes": f"goal: redelivered within {RECOVERY_GOAL_S:.0f} s; one manifest, no strays",
+    }
+
+
+def redis_restart(b: Bench) -> dict[str, Any]:
+    b.hold("calibration")
+    running = b.submit()
+    b.wait_held(running, "calibration")
+    queued = b.submit(budget={"blocks": 1})
+    answers: list[dict[str, Any]] = []
+    redis = b.stack.redis
+    down = time.monotonic()
+    redis.stop()
+    try:
+        for method, path in (
+            ("GET", f"/jobs/{running}"),
+            ("GET", "/jobs"),
+            ("POST", "/jobs"),
+            ("POST", f"/jobs/{queued}/cancel"),
+            ("GET", "/readyz"),
+        ):
+            kwargs: dict[str, Any] = {"json": b.svc.job_body()} if path == "/jobs" else {}
+            start = time.monotonic()
+            resp = b.client.request(method, path, **kwargs)
+            answers.append(
+                {
+                    "request": f"{method} {path.replace(running, '{id}').replace(queued, '{id}')}",
+                    "status": resp.status_code,
+                    "retry_after": resp.headers.get("Retry-After"),
+                    "latency_ms": _ms(time.monotonic() - start),
+                }
+            )
+    finally:
+        redis.start()
+    downtime = time.monotonic() - down
+    _until("API ready", lambda: b.client.get("/readyz").status_code == 200, timeout=60)
+    ready_after = time.monotonic() - down
+    b.release()
+    jobs = [b.wait(running), b.wait(queued)]
+    ok = all(a["status"] == 503 and a["retry_after"] for a in answers)
+    ok = ok and all(a["latency_ms"] is not None and a["latency_ms"] < 2000 for a in answers)
+    ok = ok and all(j["state"] == "succeeded" and j["attempts"] == 1 for j in jobs)
+    return {
+        "outcome": "pass" if ok else "fail",
+        "figures": {
+            "answers_while_down": answers,
+            "max_503_latency_ms": max(a["latency_ms"] for a in answers),
+            "redis_downtime_s": round(downtime, 2),
+            "api_ready_after_s": round(ready_after, 2),
+            "jobs": [{"state": j["state"], "attempts": j["attempts"]} for j in jobs],
+        },
+        "notes": "graceful restart (SIGTERM, AOF everysec); a running and a queued job",
+    }
+
+
+def store_down(b: Bench) -> dict[str, Any]:
+    b.hold("saving")
+    body = {"benchmark": SMALL_BENCH}
+    job_id = b.submit(**body)
+    b.wait_held(job_id, "saving")
+    s3 = b.stack.s3
+    s3.stop()
+    try:
+        released = time.monotonic()
+        b.release()
+        job = b.wait(job_id, timeout=300)
+        to_fail = time.monotonic() - released
+        ready = b.client.get("/readyz")
+    finally:
+        s3.start()
+    keys = b.keys(job_id)
+    again = b.submit(**body)
+    second = b.wait(again)
+    code = (job.get("error") or {}).get("code")
+    ok = job["state"] == "failed" and code == "storage_unavailable"
+    ok = ok and f"{TENANT_A}/jobs/{job_id}/manifest.json" not in keys
+    ok = ok and second["state"] == "succeeded" and ready.status_code == 503
+    return {
+        "outcome": "pass" if ok else "fail",
+        "figures": {
+            "state": job["state"],
+            "error_code": code,
+            "time_to_failed_s": round(to_fail, 2),
+            "readyz_while_down": ready.status_code,
+            "objects_left_after": len(keys),
+            "manifest_written": f"{TENANT_A}/jobs/{job_id}/manifest.json" in keys,
+            "resubmission": second["state"],
+        },
+        "notes": "store stopped after the checkpoint was saved, before the upload",
+    }
+
+
+def cancel_per_stage(b: Bench) -> dict[str, Any]:
+    rows = []
+    # queued: behind a parked job
+    b.hold("calibration")
+    first = b.submit()
+    b.wait_held(first, "calibration")
+    second = b.submit(budget={"blocks": 1})
+    start = time.monotonic()
+    state = b.client.post(f"/jobs/{second}/cancel").json()["state"]
+    rows.append(
+        {
+            "stage": "queued",
+            "state": state,
+            "cancel_latency_ms": _ms(time.monotonic() - start),
+            "objects_left": len(b.keys(second)),
+        }
+    )
+    b.client.post(f"/jobs/{first}/cancel")
+    b.wait(first)
+    b.release()
+    for point in CANCEL_POINTS:
+        stage = point.partition("#")[0]
+        b.hold(point)
+        job_id = b.submit(benchmark=SMALL_BENCH)
+        b.wait_held(job_id, stage)
+        partial = len(b.keys(job_id))
+        start = time.monotonic()
+        b.client.post(f"/jobs/{job_id}/cancel").raise_for_status()
+        job = b.wait(job_id, timeout=60)
+        rows.append(
+            {
+                "stage": stage,
+                "state": job["state"],
+                "cancel_latency_ms": _ms(time.monotonic() - start),
+                "objects_before_cancel": partial,
+                "objects_left": len(b.keys(job_id)),
+                "work_dir_left": (b.stack.root / "work" / job_id).exists(),
+            }
+        )
+        b.release()
+    nxt = b.wait(b.submit(budget={"blocks": 1}))
+    ok = all(r["state"] == "cancelled" and r["objects_left"] == 0 for r in rows)
+    ok = ok and not any(r.get("work_dir_left") for r in rows) and nxt["state"] == "succeeded"
+    return {
+        "outcome": "pass" if ok else "fail",
+        "figures": {
+            "stages": rows,
+            "max_cancel_latency_ms": max(r["cancel_latency_ms"] for r in rows),
+            "next_job_after_cancels": nxt["state"],
+        },
+        "notes": "cancel_latency = POST cancel until the job reads 'cancelled'",
+    }
+
+
+def load(b: Bench, submissions: int, clients: int) -> dict[str, Any]:
+    # Park the worker on one job so the queue holds the load (the API, Redis and the broker
+    # are what is measured), then cancel everything the load created.
+    b.hold("downloading")
+    submit_lat: list[float] = []
+    replay_lat: list[float] = []
+    status_lat: list[float] = []
+    lock = threading.Lock()
+    outcomes: dict[str, list[str]] = {}
+    errors: dict[str, int] = {}
+    retries = 0
+    per_client = submissions // clients
+    body = b.svc.job_body(budget={"blocks": 1})
+
+    def run_client(n: int) -> None:
+        nonlocal retries
+        with httpx.Client(base_url=b.svc.url, headers={"X-API-Key": KEY_LOAD}, timeout=10) as c:
+            mine: list[str] = []
+            for i in range(per_client):
+                key = f"load-{n}-{i}-{uuid.uuid4().hex[:8]}"
+                ids: list[str] = []
+                # send, then send again as a client would after losing the answer
+                for attempt in range(2):
+                    for _ in range(5):  # real retries on errors, same key
+                        start = time.perf_counter()
+                        try:
+                            resp = c.post("/jobs", json=body, headers={"Idempotency-Key": key})
+                        except httpx.HTTPError as e:
+                            with lock:
+                                errors[type(e).__name__] = errors.get(type(e).__name__, 0) + 1
+                                retries += 1
+                            continue
+                        took = time.perf_counter() - start
+                        with lock:
+                            (submit_lat if attempt == 0 else replay_lat).append(took)
+                        if resp.status_code == 202:
+                            ids.append(resp.json()["id"])
+                            break
+                        with lock:
+                            errors[str(resp.status_code)] = errors.get(str(resp.status_code), 0) + 1
+                            retries += 1
+                        time.sleep(0.05)
+                with lock:
+                    outcomes[key] = ids
+                if ids:
+                    mine.append(ids[0])
+            for job_id in mine:
+                start = time.perf_counter()
+                ok = c.get(f"/jobs/{job_id}").status_code == 200
+                with lock:
+                    status_lat.append(time.perf_counter() - start)
+                    if not ok:
+                        errors["status"] = errors.get("status", 0) + 1
+
+    load_before = os.getloadavg()
+    started = time.monotonic()
+    threads = [threading.Thread(target=run_client, args=(n,)) for n in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.monotonic() - started
+
+    # Exactly once: every key got one id (twice the same), ids distinct, all listed.
+    distinct = {ids[0] for ids in outcomes.values() if ids}
+    replays_consistent = all(len(ids) == 2 and ids[0] == ids[1] for ids in outcomes.values())
+    listed: set[str] = set()
+    with httpx.Client(base_url=b.svc.url, headers={"X-API-Key": KEY_LOAD}, timeout=10) as c:
+        cursor = None
+        while True:
+            params: dict[str, Any] = {"limit": 100, **({"cursor": cursor} if cursor else {})}
+            page = c.get("/jobs", params=params).json()
+            listed |= {j["id"] for j in page["items"]}
+            cursor = page["next_cursor"]
+            if not cursor:
+                break
+        for job_id in listed:
+            c.post(f"/jobs/{job_id}/cancel")
+    b.release()
+    expected = per_client * clients
+    ok = len(distinct) == expected and replays_consistent and listed == distinct
+    p99_submit = _pct(submit_lat, 99)
+    p99_status = _pct(status_lat, 99)
+    return {
+        "outcome": "pass" if ok else "fail",
+        "figures": {
+            "submissions": expected,
+            "clients": clients,
+            "accepted_distinct_jobs": len(distinct),
+            "jobs_stored_for_tenant": len(listed),
+            "lost": len(distinct - listed),
+            "duplicates": len(listed) - len(distinct) if listed >= distinct else None,
+            "replays_returned_same_job": replays_consistent,
+            "error_retries": retries,
+            "errors": errors,
+            "submit_p50_ms": _ms(_pct(submit_lat, 50)),
+            "submit_p99_ms": _ms(p99_submit),
+            "replay_p50_ms": _ms(_pct(replay_lat, 50)),
+            "replay_p99_ms": _ms(_pct(replay_lat, 99)),
+            "status_p50_ms": _ms(_pct(status_lat, 50)),
+            "status_p99_ms": _ms(p99_status),
+            "submit_mean_ms": _ms(statistics.fmean(submit_lat)) if submit_lat else None,
+            "wall_s": round(wall, 2),
+            "requests_per_s": round(
+                (len(submit_lat) + len(replay_lat) + len(status_lat)) / wall, 1
+            ),
+            "loadavg_before": [round(x, 2) for x in load_before],
+            "p99_goal_met": bool(
+                p99_submit is not None
+                and p99_status is not None
+                and max(p99_submit, p99_status) * 1000 < P99_GOAL_MS
+            ),
+        },
+        "notes": (
+            f"each submission sent twice with its Idempotency-Key; goal p99 < {P99_GOAL_MS:.0f} "
+            "ms (clients run in the same process as the load generator, on the same 2 cores)"
+        ),
+    }
+
+
+def bad_input(b: Bench) -> dict[str, Any]:
+    from tests.integration.test_service_api import BAD_REQUESTS
+
+    escape = b.svc.local_root / "escape"
+    if not escape.exists():
+        escape.symlink_to("/etc/hostname")
+    pickle_dir = b.svc.local_root / "pickle-model"
+    pickle_dir.mkdir(exist_ok=True)
+    (pickle_dir / "pytorch_model.bin").write_bytes(b"\x80\x04not really")
+    (pickle_dir / "config.json").write_text("{}")
+    counts: dict[str, int] = {}
+    unexpected = []
+    for bad in BAD_REQUESTS:
+        headers: dict[str, Any] = {"Content-Type": "application/json", **bad.headers}
+        if bad.raw is not None:
+            content: Any = bad.raw() if callable(bad.raw) else bad.raw
+        else:
+            assert bad.body is not None
+            content = json.dumps(bad.body(b.svc)).encode()
+        request = b.client.build_request("POST", "/jobs", content=content, headers=headers)
+        if bad.drop_key:
+            del request.headers["X-API-Key"]
+        status = b.client.send(request).status_code
+        bucket = f"{status // 100}xx"
+        counts[bucket] = counts.get(bucket, 0) + 1
+        if status not in bad.status:
+            unexpected.append({"name": bad.name, "status": status, "expected": bad.status})
+    ok = counts.get("5xx", 0) == 0 and counts.get("2xx", 0) == 0 and not unexpected
+    return {
+        "outcome": "pass" if ok else "fail",
+        "figures": {"requests": len(BAD_REQUESTS), "by_class": counts, "unexpected": unexpected},
+        "notes": "the table of tests/integration/test_service_api.py",
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# stack and report
+
+
+def _setup(root: Path) -> tuple[LocalStack, Path, Path]:
+    local_root = root / "local-root"
+    local_root.mkdir(parents=True)
+    corpus = local_root / "corpus.txt"
+    corpus.write_text(_text("calibration/debian-handbook.en.txt", "calibration text. ", 20_000))
+    model_dir = local_root / "tiny-llama"
+    build_tiny("llama").save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    stack = LocalStack(
+        root / "stack",
+        bucket=ARTIFACT_BUCKET,
+        extra_buckets=[INPUT_BUCKET],
+        api_keys={KEY_A: TENANT_A, KEY_B: TENANT_B, KEY_LOAD: TENANT_LOAD},
+        local_roots=[local_root],
+        corpora={"handbook": corpus},
+        settings={"LORP_MAX_MODEL_BYTES": str(MAX_MODEL_BYTES)},
+        worker_env={"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"},
+        worker_app="tests.integration.hold_worker",
+    )
+    return stack, local_root, model_dir
+
+
+def _upload_inputs(stack: LocalStack, local_root: Path, model_dir: Path) -> Service:
+    s3 = stack.s3_client()
+    for path in sorted(model_dir.iterdir()):
+        s3.upload_file(str(path), INPUT_BUCKET, f"{TENANT_A}/models/tiny-llama/{path.name}")
+    for name, src, seed, size in (
+        ("calibration", "calibration/debian-handbook.en.txt", "calibration text. ", 20_000),
+        ("evaluation", "eval/debian-reference.en.txt", "evaluation text. ", 10_000),
+    ):
+        s3.put_object(
+            Bucket=INPUT_BUCKET,
+            Key=f"{TENANT_A}/texts/{name}.txt",
+            Body=_text(src, seed, size).encode(),
+        )
+    return Service(
+        stack=stack,
+        local_root=local_root,
+        model_uri=f"s3://{INPUT_BUCKET}/{TENANT_A}/models/tiny-llama",
+        model_local=model_dir,
+        calibration_uri=f"s3://{INPUT_BUCKET}/{TENANT_A}/texts/calibration.txt",
+        evaluation_uri=f"s3://{INPUT_BUCKET}/{TENANT_A}/texts/evaluation.txt",
+    )
+
+
+def _headline(name: str, figures: dict[str, Any]) -> str:
+    f = figures
+    if name == "worker_sigkill_mid_calibration":
+        return (
+            f"redelivered {f['time_to_redelivery_s']} s after SIGKILL, succeeded at "
+            f"{f['time_to_success_s']} s, attempts {f['attempts']}, "
+            f"objects = manifest: {f['objects_match_manifest']}"
+        )
+    if name == "redis_restart_mid_job":
+        codes = sorted({a["status"] for a in f["answers_while_down"]})
+        return (
+            f"while down: {codes} in <= {f['max_503_latency_ms']} ms with Retry-After; "
+            f"ready {f['api_ready_after_s']} s after stop; jobs "
+            + ", ".join(f"{j['state']}/{j['attempts']} run" for j in f["jobs"])
+        )
+    if name == "object_store_down_during_upload":
+        return (
+            f"{f['state']} ({f['error_code']}) {f['time_to_failed_s']} s after the upload began; "
+            f"manifest written: {f['manifest_written']}; resubmission {f['resubmission']}"
+        )
+    if name == "cancel_in_every_stage":
+        stages = f["stages"]
+        ok = sum(r["state"] == "cancelled" for r in stages)
+        return (
+            f"{ok}/{len(stages)} stages cancelled, objects left "
+            f"{sum(r['objects_left'] for r in stages)}, max latency {f['max_cancel_latency_ms']} "
+            f"ms, next job {f['next_job_after_cancels']}"
+        )
+    if name == "load_idempotent_submissions":
+        return (
+            f"{f['accepted_distinct_jobs']}/{f['submissions']} accepted once, lost {f['lost']}, "
+            f"submit p50/p99 {f['submit_p50_ms']}/{f['submit_p99_ms']} ms, status p50/p99 "
+            f"{f['status_p50_ms']}/{f['status_p99_ms']} ms, {f['error_retries']} error retries"
+        )
+    if name == "hostile_requests":
+        return f"{f['requests']} requests: {f['by_class']}, unexpected {len(f['unexpected'])}"
+    return json.dumps(f)[:200]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--submissions", type=int, default=200)
+    parser.add_argument("--clients", type=int, default=20)
+    parser.add_argument("--keep", action="store_true", help="keep the stack directory")
+    parser.add_argument("--only", nargs="*", help="run only these scenarios (by name)")
+    parser.add_argument("--out", default="reliability", help="result name under results/")
+    args = parser.parse_args(argv)
+
+    root = Path(tempfile.mkdtemp(prefix="lorp-reliability-"))
+    scenarios: list[tuple[str, Callable[[Bench], dict[str, Any]]]] = [
+        ("worker_sigkill_mid_calibration", worker_sigkill),
+        ("redis_restart_mid_job", redis_restart),
+        ("object_store_down_during_upload", store_down),
+        ("cancel_in_every_stage", cancel_per_stage),
+        (
+            "load_idempotent_submissions",
+            lambda b: load(b, args.submissions, args.clients),
+        ),
+        ("hostile_requests", bad_input),
+    ]
+    if args.only:
+        scenarios = [(n, f) for n, f in scenarios if n in args.only]
+    results: list[dict[str, Any]] = []
+    load_start = os.getloadavg()
+    started = time.monotonic()
+    try:
+        stack, local_root, model_dir = _setup(root)
+        with stack:
+            bench = Bench(stack, _upload_inputs(stack, local_root, model_dir))
+            for name, fn in scenarios:
+                t0 = time.monotonic()
+                print(f"-- {name}", flush=True)
+                try:
+                    res = fn(bench)
+                except Exception as e:
+                    traceback.print_exc()
+                    res = {"outcome": "error", "figures": {}, "notes": f"{type(e).__name__}: {e}"}
+                finally:
+                    bench.release()
+                res = {"scenario": name, **res, "seconds": round(time.monotonic() - t0, 1)}
+                results.append(res)
+                print(f"   {res['outcome']}: {json.dumps(res['figures'])[:300]}", flush=True)
+    finally:
+        if args.keep:
+            print(f"stack directory kept: {root}")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+    data = {
+        "machine": {
+            **machine(),
+            "cpus": os.cpu_count(),
+            "loadavg_start": [round(x, 2) for x in load_start],
+            "loadavg_end": [round(x, 2) for x in os.getloadavg()],
+            "note": "2 cores shared with other jobs; worker OMP_NUM_THREADS=1",
+        },
+        "total_seconds": round(time.monotonic() - started, 1),
+        "results": results,
+    }
+    path = write_result(args.out, data)
+    rows = [
+        [
+            r["scenario"],
+            r["outcome"],
+            _headline(r["scenario"], r["figures"]) if r["figures"] else r["notes"],
+        ]
+        for r in results
+    ]
+    print()
+    print(table(["scenario", "outcome", "figures"], rows))
+    print(f"\nwritten: {path}")
+    return 0 if all(r["outcome"] == "pass" for r in results) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
