@@ -813,8 +813,9 @@ class LocalStack:
     """Redis + SeaweedFS S3 + (optionally) the API and Celery workers, wired by LORP_* settings.
 
     ``env`` holds the exact settings the API and workers receive; extra settings (local roots,
-    corpora, work dir ...) can be passed with ``settings``. Use as a context manager: on any error
-    during start, everything already started is stopped again.
+    corpora, work dir ...) can be passed with ``settings``; ``worker_app`` is the Celery app
+    module the workers run (tests use one that adds a hold point). Use as a context manager: on
+    any error during start, everything already started is stopped again.
     """
 
     def __init__(

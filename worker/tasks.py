@@ -25,14 +25,14 @@ BUSY_RETRY_SECONDS = 5
 def _preload(**_: object) -> None:
     """Import the heavy modules (torch, transformers, lorp) once in the main process, so pool
     processes forked later - including replacements of a killed one - start warm."""
-    import lorp.loading
-    import lorp.pipeline  # noqa: F401
-
     # transformers imports lazily: the auto classes and the Llama family (SmolLM2 and most
     # small models) cost ~9 s on first use, which a replacement pool process would pay again
     # inside its first job (measured by benchmarks/reliability).
     import transformers.models.llama.modeling_llama  # noqa: F401
     from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
+
+    import lorp.loading
+    import lorp.pipeline  # noqa: F401
 
 
 @worker_ready.connect

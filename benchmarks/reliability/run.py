@@ -380,6 +380,20 @@ def load(b: Bench, submissions: int, clients: int) -> dict[str, Any]:
                     if not ok:
                         errors["status"] = errors.get("status", 0) + 1
 
+    # Service time without queueing: one client, one request at a time.
+    solo_submit: list[float] = []
+    solo_status: list[float] = []
+    solo: set[str] = set()
+    with httpx.Client(base_url=b.svc.url, headers={"X-API-Key": KEY_LOAD}, timeout=10) as c:
+        for _ in range(30):
+            start = time.perf_counter()
+            job_id = c.post("/jobs", json=body).raise_for_status().json()["id"]
+            solo.add(job_id)
+            solo_submit.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            c.get(f"/jobs/{job_id}").raise_for_status()
+            solo_status.append(time.perf_counter() - start)
+
     load_before = os.getloadavg()
     started = time.monotonic()
     threads = [threading.Thread(target=run_client, args=(n,)) for n in range(clients)]
@@ -406,6 +420,7 @@ def load(b: Bench, submissions: int, clients: int) -> dict[str, Any]:
             c.post(f"/jobs/{job_id}/cancel")
     b.release()
     expected = per_client * clients
+    listed -= solo  # the single-client baseline's jobs
     ok = len(distinct) == expected and replays_consistent and listed == distinct
     p99_submit = _pct(submit_lat, 99)
     p99_status = _pct(status_lat, 99)
@@ -427,6 +442,10 @@ def load(b: Bench, submissions: int, clients: int) -> dict[str, Any]:
             "replay_p99_ms": _ms(_pct(replay_lat, 99)),
             "status_p50_ms": _ms(_pct(status_lat, 50)),
             "status_p99_ms": _ms(p99_status),
+            "single_client_submit_p50_ms": _ms(_pct(solo_submit, 50)),
+            "single_client_submit_p99_ms": _ms(_pct(solo_submit, 99)),
+            "single_client_status_p50_ms": _ms(_pct(solo_status, 50)),
+            "single_client_status_p99_ms": _ms(_pct(solo_status, 99)),
             "submit_mean_ms": _ms(statistics.fmean(submit_lat)) if submit_lat else None,
             "wall_s": round(wall, 2),
             "requests_per_s": round(
@@ -562,7 +581,9 @@ def _headline(name: str, figures: dict[str, Any]) -> str:
         return (
             f"{f['accepted_distinct_jobs']}/{f['submissions']} accepted once, lost {f['lost']}, "
             f"submit p50/p99 {f['submit_p50_ms']}/{f['submit_p99_ms']} ms, status p50/p99 "
-            f"{f['status_p50_ms']}/{f['status_p99_ms']} ms, {f['error_retries']} error retries"
+            f"{f['status_p50_ms']}/{f['status_p99_ms']} ms ({f['requests_per_s']} req/s; one "
+            f"client alone: submit {f['single_client_submit_p50_ms']}/"
+            f"{f['single_client_submit_p99_ms']} ms), {f['error_retries']} error retries"
         )
     if name == "hostile_requests":
         return f"{f['requests']} requests: {f['by_class']}, unexpected {len(f['unexpected'])}"
