@@ -4,7 +4,9 @@ The public API is small:
 
 - :func:`prune` / :func:`run_pipeline` and :class:`PruneConfig`: the whole job on a model in memory
   or from a checkpoint to an output directory;
-- :func:`capture_similarity` and :func:`select_layers`: the method's two halves;
+- :func:`capture_similarity` and :func:`select_layers`: the method's two halves (S-only methods
+  ``lorp``, ``shortgpt``, ``streamline``); :func:`search_layers` for the model-in-the-loop methods
+  ``sleb``, ``lorp-kl`` and ``auto``;
 - :func:`remove_blocks` / :func:`pruned_view`: physical block removal (permanent or temporary);
 - :func:`load_model`, :func:`save_pruned`, :func:`text_windows`, :func:`perplexity`,
   :func:`compare_pruned`, :func:`benchmark`.
@@ -26,21 +28,28 @@ from .errors import (
     UnsafeWeightsError,
     UnsupportedModelError,
 )
-from .loading import LoadedModel, bundled_model_path, load_model, save_pruned
+from .gate import GateResult, QualityGate
+from .loading import LoadedModel, bundled_model_path, estimate_weight_bytes, load_model, save_pruned
 from .pipeline import PipelineResult, PruneConfig, PruneResult, prune, run_pipeline
 from .quality import PerplexityResult, QualityComparison, compare_pruned, perplexity
-from .selection import METHODS, Selection, select_layers
+from .report import REPORT_SCHEMA_VERSION, build_report, write_reports
+from .search import ALL_METHODS, SEARCH_METHODS, search_layers
+from .selection import METHODS, Selection, resolve_budget, select_layers
 from .similarity import capture_similarity
 from .surgery import pruned_view, remove_blocks
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ALL_METHODS",
     "METHODS",
+    "REPORT_SCHEMA_VERSION",
+    "SEARCH_METHODS",
     "BenchmarkConfig",
     "BenchmarkResult",
     "BudgetError",
     "CancelledError",
+    "GateResult",
     "InvalidInputError",
     "LoadedModel",
     "LorpError",
@@ -51,6 +60,7 @@ __all__ = [
     "PruneConfig",
     "PruneResult",
     "QualityComparison",
+    "QualityGate",
     "QualityGateError",
     "Selection",
     "SimilarityMatrixError",
@@ -58,16 +68,21 @@ __all__ = [
     "UnsupportedModelError",
     "__version__",
     "benchmark",
+    "build_report",
     "bundled_model_path",
     "capture_similarity",
     "compare_pruned",
+    "estimate_weight_bytes",
     "load_model",
     "perplexity",
     "prune",
     "pruned_view",
     "remove_blocks",
+    "resolve_budget",
     "run_pipeline",
     "save_pruned",
+    "search_layers",
     "select_layers",
     "text_windows",
+    "write_reports",
 ]
