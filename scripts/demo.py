@@ -24,6 +24,7 @@ from typing import Any
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
+from lorp.search import ALL_METHODS  # noqa: E402
 from service.client import ClientError, Job, LorpClient  # noqa: E402
 from service.client_cli import ProgressBar, format_summary  # noqa: E402
 from service.devstack import LocalStack, StackError, install_signal_handlers  # noqa: E402
@@ -249,7 +250,13 @@ def _elapsed(job: Job) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--blocks", type=int, default=6, help="blocks to remove (default 6)")
-    parser.add_argument("--method", default="lorp", choices=["lorp", "shortgpt", "streamline"])
+    parser.add_argument(
+        "--method",
+        default="auto",
+        choices=ALL_METHODS,
+        help="selection method (default auto: the best of the S-based candidates on held-out "
+        "calibration windows; plain lorp removes blocks SmolLM2 needs at 6 of 30)",
+    )
     parser.add_argument("--windows", type=int, default=16, help="calibration windows")
     parser.add_argument("--seq-len", type=int, default=256, help="calibration window length")
     parser.add_argument("--eval-windows", type=int, default=16, help="perplexity windows")

@@ -51,6 +51,11 @@ class UsageError(Exception):
 # argument parsing
 
 
+#: ``--method`` choices. The same as ``lorp.search.ALL_METHODS`` (a unit test keeps them equal);
+#: spelled out so the client stays a thin HTTP tool that never imports torch.
+METHODS: tuple[str, ...] = ("lorp", "shortgpt", "streamline", "sleb", "lorp-kl", "auto")
+
+
 def _pair(text: str) -> list[int]:
     return _ints(text, 2, "BATCHxPROMPT_LEN, e.g. 1x512")
 
@@ -106,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gguf-file", help="GGUF file name inside a model directory/prefix")
     p.add_argument("--calibration", help="s3://bucket/key.txt, corpus:<name> or /abs/path")
     p.add_argument("--evaluation", help="held-out text for perplexity (same forms)")
-    p.add_argument("--method", choices=["lorp", "shortgpt", "streamline"])
+    p.add_argument("--method", choices=list(METHODS), help="auto: score candidates, keep best")
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--blocks", type=int, help="number of blocks to remove")
     budget.add_argument("--fraction", type=float, help="fraction of blocks to remove (0..1)")
@@ -115,6 +120,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, help="calibration window length (tokens)")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--eval-windows", type=int)
+    p.add_argument(
+        "--max-ppl-ratio",
+        type=float,
+        help="quality gate: fail the job if pruned/dense perplexity exceeds this (>= 1)",
+    )
+    p.add_argument(
+        "--max-kl", type=float, help="quality gate: highest allowed mean KL(dense || pruned)"
+    )
+    p.add_argument(
+        "--min-top1",
+        type=float,
+        help="quality gate: lowest allowed top-1 next-token agreement (0..1)",
+    )
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"])
     p.add_argument(
         "--prefill", type=_pair, action="append", metavar="BxL", help="prefill workload (repeat)"
@@ -195,6 +213,15 @@ def build_spec(args: argparse.Namespace) -> dict[str, Any]:
         value = getattr(args, flag)
         if value is not None:
             spec[flag] = value
+    gate_flags = {
+        "max_ppl_ratio": args.max_ppl_ratio,
+        "max_kl": args.max_kl,
+        "min_top1_agreement": args.min_top1,
+    }
+    if any(v is not None for v in gate_flags.values()):
+        gate = dict(spec.get("quality_gate") or {})
+        gate.update({k: v for k, v in gate_flags.items() if v is not None})
+        spec["quality_gate"] = gate
     if args.blocks is not None:
         spec["budget"] = {"blocks": args.blocks}
     elif args.fraction is not None:
@@ -337,6 +364,24 @@ def format_summary(summary: dict[str, Any]) -> list[str]:
             f"{_fmt_float(summary.get('perplexity_after'), '.2f')}"
             f"  (x{_fmt_float(summary.get('perplexity_ratio'), '.3f')})"
         )
+    if summary.get("kl") is not None or summary.get("top1_agreement") is not None:
+        top1 = summary.get("top1_agreement")
+        pct = 100 * top1 if isinstance(top1, int | float) else None
+        lines.append(
+            f"quality   KL {_fmt_float(summary.get('kl'), '.4f')} nats/token  "
+            f"top-1 agreement {_fmt_float(pct, '.1f', '%')}"
+        )
+    gate = summary.get("quality_gate")
+    if isinstance(gate, dict):
+        verdict = "passed" if gate.get("passed") else "FAILED"
+        limits = ", ".join(f"{k} {v:g}" for k, v in (gate.get("limits") or {}).items())
+        lines.append(f"gate      {verdict} ({limits or 'no limits'})")
+        for violation in gate.get("violations") or []:
+            lines.append(f"          {violation}")
+    if summary.get("status") == "refused":
+        lines.append("status    refused by the quality gate: no checkpoint was published")
+    for flag in summary.get("flags") or []:
+        lines.append(f"flag      {flag}")
     return lines
 
 

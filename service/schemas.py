@@ -32,6 +32,7 @@ from pydantic import (
     model_validator,
 )
 
+from lorp.search import ALL_METHODS
 from service.config import Settings
 
 MAX_URI_LEN = 1024
@@ -42,12 +43,13 @@ _GGUF_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,200}\.gguf$")
 _WEIGHT_SUFFIXES = (".safetensors", ".gguf")
 
 
-class Method(StrEnum):
-    """Layer-selection method (see ``lorp.selection.METHODS``)."""
-
-    lorp = "lorp"
-    shortgpt = "shortgpt"
-    streamline = "streamline"
+#: Layer-selection methods the worker's lorp accepts: the S-only ones (``lorp``, ``shortgpt``,
+#: ``streamline``) and the model-in-the-loop ones (``sleb``, ``lorp-kl``, ``auto``); see
+#: ``lorp.search``. Taken from the library so the API never drifts from it.
+Method = StrEnum("Method", [(m, m) for m in ALL_METHODS])  # type: ignore[misc]
+Method.__doc__ = "Layer-selection method (see ``lorp.search.ALL_METHODS``)."
+#: Methods that take ``num_clusters`` (the library's rule, ``lorp.pipeline.PruneConfig``).
+CLUSTER_METHODS = ("lorp", "lorp-kl")
 
 
 class DType(StrEnum):
@@ -253,6 +255,39 @@ class BenchmarkSpec(BaseModel):
         return self
 
 
+class QualityGateSpec(BaseModel):
+    """Limits the pruned model must meet on the held-out quality measurement (dense vs pruned on
+    the same tokens: the evaluation text, or calibration windows held out after the calibration
+    and scoring windows). A broken limit ends the job ``failed`` with code ``quality_gate`` and
+    no checkpoint is published. At least one limit."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [{"max_ppl_ratio": 1.5, "min_top1_agreement": 0.8}, {"max_kl": 0.5}]
+        },
+    )
+
+    max_ppl_ratio: Annotated[StrictFloat, Field(ge=1.0, allow_inf_nan=False)] | None = Field(
+        default=None, description="highest allowed perplexity ratio pruned/dense (>= 1)"
+    )
+    max_kl: Annotated[StrictFloat, Field(ge=0.0, allow_inf_nan=False)] | None = Field(
+        default=None, description="highest allowed mean KL(dense || pruned), nats per token"
+    )
+    min_top1_agreement: (
+        Annotated[StrictFloat, Field(ge=0.0, le=1.0, allow_inf_nan=False)] | None
+    ) = Field(default=None, description="lowest allowed top-1 next-token agreement (0..1)")
+
+    @model_validator(mode="after")
+    def _some_limit(self) -> QualityGateSpec:
+        if self.max_ppl_ratio is None and self.max_kl is None and self.min_top1_agreement is None:
+            raise ValueError(
+                "give at least one of max_ppl_ratio, max_kl, min_top1_agreement "
+                "(or quality_gate: null)"
+            )
+        return self
+
+
 class JobCreate(BaseModel):
     """A pruning job: which model, which calibration text, which method and budget."""
 
@@ -268,7 +303,14 @@ class JobCreate(BaseModel):
                     "budget": {"blocks": 6},
                     "windows": 32,
                     "seq_len": 512,
-                }
+                },
+                {
+                    "model": "s3://lorp-inputs/acme/models/smollm2-135m",
+                    "calibration": "corpus:wikitext2-train",
+                    "method": "auto",
+                    "budget": {"blocks": 6},
+                    "quality_gate": {"max_ppl_ratio": 1.5, "min_top1_agreement": 0.8},
+                },
             ]
         },
     )
@@ -291,13 +333,35 @@ class JobCreate(BaseModel):
     evaluation: StrictStr | None = Field(
         default=None, description="held-out text for perplexity (same forms as calibration)"
     )
-    method: Method = Method.lorp
+    method: Method = Field(
+        default=Method("lorp"),
+        description="lorp, shortgpt, streamline (from S only); sleb, lorp-kl (measure candidate "
+        "removals with the model); auto (score every S-based candidate, keep the best)",
+    )
     budget: Budget
-    num_clusters: Annotated[StrictInt, Field(ge=1, le=256)] | None = None
+    num_clusters: Annotated[StrictInt, Field(ge=1, le=256)] | None = Field(
+        default=None, description="force the number of phases K (methods lorp and lorp-kl only)"
+    )
     windows: Annotated[StrictInt, Field(ge=1, le=1024)] = 32
     seq_len: Annotated[StrictInt, Field(ge=8, le=8192)] = 512
     batch_size: Annotated[StrictInt, Field(ge=1, le=64)] = 1
     eval_windows: Annotated[StrictInt, Field(ge=1, le=1024)] = 64
+    holdout_windows: Annotated[StrictInt, Field(ge=0, le=1024)] = Field(
+        default=8,
+        description="calibration windows held out for the quality measurement when no "
+        "evaluation text is given (0: none; quality is then not measured)",
+    )
+    score_windows: Annotated[StrictInt, Field(ge=1, le=256)] = Field(
+        default=4,
+        description="scoring windows of the model-in-the-loop methods (sleb, lorp-kl, auto)",
+    )
+    score_seq_len: Annotated[StrictInt, Field(ge=8, le=8192)] = Field(
+        default=256, description="scoring window length in tokens"
+    )
+    search_candidates: Annotated[StrictInt, Field(ge=1, le=16)] = Field(
+        default=3, description="lorp-kl: candidates measured per removal slot"
+    )
+    quality_gate: QualityGateSpec | None = None
     dtype: DType = DType.float32
     benchmark: BenchmarkSpec | None = None
 
@@ -324,6 +388,11 @@ class JobCreate(BaseModel):
     def _consistency(self, info: ValidationInfo) -> JobCreate:
         if self.gguf_file is not None and self.model.endswith(".gguf"):
             raise ValueError("gguf_file is only for a model directory/prefix, not a .gguf file")
+        if self.num_clusters is not None and self.method.value not in CLUSTER_METHODS:
+            raise ValueError(
+                f"num_clusters only applies to methods {' and '.join(CLUSTER_METHODS)}, "
+                f"not {self.method.value!r}"
+            )
         if (
             self.budget.blocks is not None
             and info.context
@@ -380,7 +449,8 @@ class JobError(BaseModel):
 
 
 class JobSummary(BaseModel):
-    """Headline results of a succeeded job (the full story is in the report)."""
+    """Headline results of a job (the full story is in the report): of a succeeded job, and of
+    one the quality gate refused (``status`` "refused", state ``failed``, no artifacts)."""
 
     model_config = ConfigDict(extra="allow")
 
@@ -402,6 +472,21 @@ class JobSummary(BaseModel):
     perplexity_before: float | None = None
     perplexity_after: float | None = None
     perplexity_ratio: float | None = None
+    status: Literal["pruned", "refused"] | None = Field(
+        default=None, description='"refused": the quality gate stopped the job (no checkpoint)'
+    )
+    kl: float | None = Field(
+        default=None, description="mean KL(dense || pruned) per token on the held-out tokens"
+    )
+    top1_agreement: float | None = Field(
+        default=None, description="fraction of held-out tokens where both models' top-1 agree"
+    )
+    flags: list[str] = Field(
+        default_factory=list, description="warnings: results far worse than the dense model"
+    )
+    quality_gate: dict[str, Any] | None = Field(
+        default=None, description="the gate's limits, measured values, violations and verdict"
+    )
 
 
 _JOB_EXAMPLE: dict[str, Any] = {

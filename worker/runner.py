@@ -13,6 +13,15 @@ Errors end the job ``failed`` with a stable code: a ``lorp.errors.LorpError``'s 
 ``storage_unavailable`` when the object store stays unreachable after retries, ``input_not_found``,
 or ``internal`` (message only, no traceback). Cancelled and failed jobs leave no artifacts behind
 (best effort when the object store itself is down; without a manifest nothing is presented).
+
+Quality gate: when the job's limits are broken, ``run_pipeline`` raises ``QualityGateError``
+after the measurement, writes no checkpoint, and leaves a refusal report in the work dir. The
+job ends ``failed`` with code ``quality_gate`` and the measured numbers in the message; its
+*summary* is built from the refusal report (``status`` "refused", perplexities, KL, top-1
+agreement, flags, the gate's limits and violations) so ``GET /jobs/{id}`` explains the refusal.
+Nothing is uploaded for it — neither the (unwritten) checkpoint nor the refusal report: a failed
+job keeps the "no objects, no manifest" rule of every failed job, the summary carries what the
+user needs, and a rerun without the gate (or with looser limits) produces the full report.
 """
 
 from __future__ import annotations
@@ -40,6 +49,7 @@ from lorp.errors import (
     InvalidInputError,
     LorpError,
     ModelTooLargeError,
+    QualityGateError,
     UnsafeWeightsError,
 )
 from service.config import Settings
@@ -183,7 +193,22 @@ def summarize(report: dict[str, Any]) -> dict[str, Any]:
         "perplexity_before": s.get("ppl_dense"),
         "perplexity_after": s.get("ppl_pruned"),
         "perplexity_ratio": s.get("ppl_ratio"),
+        "status": s.get("status"),
+        "kl": s.get("kl"),
+        "top1_agreement": s.get("top1_agreement"),
+        "flags": [str(f) for f in s.get("flags") or []],
+        "quality_gate": s.get("quality_gate") or (report.get("quality") or {}).get("gate"),
     }
+
+
+def _refusal_summary(out: Path) -> dict[str, Any] | None:
+    """The summary of a job the quality gate refused, from the refusal report the pipeline
+    wrote (None when it could not write one)."""
+    try:
+        report = json.loads((out / "report.json").read_text(encoding="utf-8"))
+        return summarize(report) if isinstance(report, dict) else None
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return None
 
 
 def _retry_redis(fn: Callable[[], T], *, deadline_s: float = 90.0) -> T:
@@ -298,6 +323,8 @@ class JobRunner:
             self._cleanup_artifacts(rec)
             self._finish(rec, JobState.cancelled, message="cancelled")
             return "cancelled"
+        except QualityGateError as e:
+            return self._fail(rec, e.code, str(e), summary=_refusal_summary(work / "out"))
         except LorpError as e:
             return self._fail(rec, e.code, str(e))
         except StorageNotFoundError as e:
@@ -312,10 +339,17 @@ class JobRunner:
         self._finish(rec, JobState.succeeded, summary=summary, artifacts=artifacts)
         return "succeeded"
 
-    def _fail(self, rec: JobRecord, code: str, message: str) -> str:
+    def _fail(
+        self, rec: JobRecord, code: str, message: str, summary: dict[str, Any] | None = None
+    ) -> str:
         log.info("job %s failed: %s: %s", rec.id, code, message)
         self._cleanup_artifacts(rec)
-        self._finish(rec, JobState.failed, error=JobError(code=code, message=message[:1000]))
+        self._finish(
+            rec,
+            JobState.failed,
+            error=JobError(code=code, message=message[:1000]),
+            summary=summary,
+        )
         return "failed"
 
     def _finish(self, rec: JobRecord, state: JobState, **kw: Any) -> None:
@@ -435,6 +469,7 @@ class JobRunner:
 
     def _run_pipeline(self, spec: JobCreate, inputs: Inputs, out: Path, progress: _Progress) -> Any:
         from lorp.bench import BenchmarkConfig
+        from lorp.gate import QualityGate
         from lorp.pipeline import PruneConfig, run_pipeline
 
         pipeline = self._pipeline or run_pipeline
@@ -448,7 +483,7 @@ class JobRunner:
                 measure_blocks=spec.benchmark.measure_blocks,
             )
         config = PruneConfig(
-            method=spec.method.value,
+            method=str(spec.method.value),
             num_remove=spec.budget.blocks,
             fraction=spec.budget.fraction,
             num_clusters=spec.num_clusters,
@@ -457,6 +492,17 @@ class JobRunner:
             batch_size=spec.batch_size,
             eval_windows=spec.eval_windows,
             eval_seq_len=spec.seq_len,
+            holdout_windows=spec.holdout_windows,
+            score_windows=spec.score_windows,
+            score_seq_len=spec.score_seq_len,
+            search_candidates=spec.search_candidates,
+            quality_gate=None
+            if spec.quality_gate is None
+            else QualityGate(
+                max_ppl_ratio=spec.quality_gate.max_ppl_ratio,
+                max_kl=spec.quality_gate.max_kl,
+                min_top1_agreement=spec.quality_gate.min_top1_agreement,
+            ),
             benchmark=bench,
         )
         return pipeline(

@@ -61,6 +61,16 @@ _CREATE_EXAMPLES = {
             "benchmark": {"prefill": [[1, 512]], "decode": [[1, 32, 64]], "repetitions": 10},
         },
     },
+    "auto-quality-gate": {
+        "summary": "method auto picks the best candidate; refuse the job if quality drops too much",
+        "value": {
+            "model": "s3://lorp-inputs/acme/models/smollm2-135m",
+            "calibration": "corpus:wikitext2-train",
+            "method": "auto",
+            "budget": {"blocks": 6},
+            "quality_gate": {"max_ppl_ratio": 1.5, "min_top1_agreement": 0.8},
+        },
+    },
 }
 
 

@@ -31,6 +31,7 @@ from service.client_cli import (
     EXIT_FAILED,
     EXIT_OK,
     EXIT_USAGE,
+    METHODS,
     ProgressBar,
     UsageError,
     build_parser,
@@ -479,3 +480,70 @@ def test_format_job_shows_summary() -> None:
     assert "prefill x1.21" in text
     assert "memory    -8.7%" in text
     assert "ppl       20.50 -> 31.25" in text
+
+
+def test_method_choices_are_the_library_methods() -> None:
+    from lorp.search import ALL_METHODS
+
+    assert METHODS == ALL_METHODS
+    for method in ALL_METHODS:
+        assert build_spec(parse("submit", *_MIN, "--method", method))["method"] == method
+    with pytest.raises(SystemExit):
+        parse("submit", *_MIN, "--method", "random")
+
+
+_MIN = ("--model", "s3://inputs/acme/m", "--calibration", "corpus:wiki", "--blocks", "2")
+
+
+def test_quality_gate_flags_build_the_gate(tmp_path: Path) -> None:
+    assert "quality_gate" not in build_spec(parse("submit", *_MIN))
+    spec = build_spec(parse("submit", *_MIN, "--max-ppl-ratio", "1.5", "--min-top1", "0.9"))
+    assert spec["quality_gate"] == {"max_ppl_ratio": 1.5, "min_top1_agreement": 0.9}
+    # flags add to (and override) a gate from --spec
+    spec_file = tmp_path / "spec.json"
+    spec_file.write_text(json.dumps({"quality_gate": {"max_kl": 0.5, "max_ppl_ratio": 3.0}}))
+    spec = build_spec(parse("submit", *_MIN, "--spec", str(spec_file), "--max-ppl-ratio", "2"))
+    assert spec["quality_gate"] == {"max_kl": 0.5, "max_ppl_ratio": 2.0}
+    # the result is a valid job spec
+    from service.schemas import JobCreate
+
+    job = JobCreate.model_validate(build_spec(parse("submit", *_MIN, "--max-kl", "0.25")))
+    assert job.quality_gate is not None and job.quality_gate.max_kl == 0.25
+
+
+def test_format_job_shows_quality_flags_and_refusal() -> None:
+    job = _job(
+        "failed",
+        error={"code": "quality_gate", "message": "quality gate failed: top-1 agreement 0.6100"},
+        summary={
+            "method": "auto",
+            "num_layers": 6,
+            "removed_blocks": [2],
+            "perplexity_before": 100.0,
+            "perplexity_after": 180.0,
+            "perplexity_ratio": 1.8,
+            "status": "refused",
+            "kl": 0.91234,
+            "top1_agreement": 0.61,
+            "flags": ["mean KL 1.2 nats per token (flagged above 1)"],
+            "quality_gate": {
+                "passed": False,
+                "limits": {"min_top1_agreement": 0.999},
+                "measured": {"top1_agreement": 0.61},
+                "violations": ["top-1 agreement 0.6100 < min 0.999"],
+            },
+        },
+    )
+    text = format_job(job)
+    assert "error     quality_gate: quality gate failed" in text
+    assert "KL 0.9123 nats/token" in text
+    assert "top-1 agreement 61.0%" in text
+    assert "gate      FAILED (min_top1_agreement 0.999)" in text
+    assert "top-1 agreement 0.6100 < min 0.999" in text
+    assert "refused by the quality gate" in text
+    assert "flag      mean KL 1.2 nats per token" in text
+    passed = format_job(
+        _job("succeeded", summary={"kl": 0.01, "top1_agreement": 0.95, "flags": []})
+    )
+    assert "KL 0.0100" in passed and "top-1 agreement 95.0%" in passed
+    assert "flag " not in passed and "refused" not in passed

@@ -12,8 +12,12 @@ import pytest
 from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
+from lorp.errors import InvalidInputError
+from lorp.gate import QualityGate
+from lorp.pipeline import PruneConfig
+from lorp.search import ALL_METHODS
 from service.config import Settings
-from service.schemas import JobCreate, JobSummary, resolve_local, validate_job
+from service.schemas import JobCreate, JobSummary, Method, resolve_local, validate_job
 from worker.runner import summarize
 
 TENANT = "acme"
@@ -377,3 +381,159 @@ def test_download_targets_stay_in_the_directory(tmp_path: Path) -> None:
     for rel in ("../evil", "a/../../evil", "/etc/passwd", "a//b", "./x", "link/evil", "a\\..\\b"):
         with pytest.raises(StorageError):
             safe_target(root, rel)
+
+
+# -- methods, num_clusters rule and quality gate (issue 8) ------------------------------------
+
+
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_every_library_method_is_accepted(settings: Settings, method: str) -> None:
+    job = validate_job(body(method=method), settings, TENANT)
+    assert job.method.value == method
+    # round trip through the stored spec (what the worker reads back)
+    assert JobCreate.model_validate(json.loads(job.fingerprint())).method.value == method
+    config = PruneConfig(method=job.method.value, num_remove=2)
+    assert config.method == method
+
+
+def test_method_enum_is_the_library_tuple() -> None:
+    assert tuple(m.value for m in Method) == ALL_METHODS
+    schema = JobCreate.model_json_schema()
+    assert tuple(schema["$defs"]["Method"]["enum"]) == ALL_METHODS
+
+
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_num_clusters_only_with_lorp_methods(settings: Settings, method: str) -> None:
+    """The service applies the library's rule (PruneConfig) at submission, not in the worker."""
+    data = body(method=method, num_clusters=2)
+    try:
+        PruneConfig(method=method, num_remove=2, num_clusters=2)
+    except InvalidInputError:
+        library_accepts = False
+    else:
+        library_accepts = True
+    assert library_accepts == (method in ("lorp", "lorp-kl"))
+    if library_accepts:
+        assert validate_job(data, settings, TENANT).num_clusters == 2
+    else:
+        errors = errors_of(data, settings)
+        assert "num_clusters only applies" in errors[0]["msg"]
+        assert method in errors[0]["msg"]
+    # without num_clusters every method is fine
+    assert validate_job(body(method=method), settings, TENANT).num_clusters is None
+
+
+def test_quality_gate_accepted_and_passed_to_the_library(settings: Settings) -> None:
+    job = validate_job(
+        body(method="auto", quality_gate={"max_ppl_ratio": 1.5, "min_top1_agreement": 0.8}),
+        settings,
+        TENANT,
+    )
+    assert job.quality_gate is not None
+    assert job.quality_gate.model_dump() == {
+        "max_ppl_ratio": 1.5,
+        "max_kl": None,
+        "min_top1_agreement": 0.8,
+    }
+    gate = QualityGate.from_dict(job.quality_gate.model_dump())
+    assert gate.limits() == {"max_ppl_ratio": 1.5, "min_top1_agreement": 0.8}
+    # integers are numbers too; the boundaries are allowed
+    edge = validate_job(
+        body(quality_gate={"max_ppl_ratio": 1, "max_kl": 0, "min_top1_agreement": 1}),
+        settings,
+        TENANT,
+    )
+    assert edge.quality_gate is not None and edge.quality_gate.max_ppl_ratio == 1.0
+    assert validate_job(body(quality_gate=None), settings, TENANT).quality_gate is None
+
+
+@pytest.mark.parametrize(
+    ("gate", "needle"),
+    [
+        ({}, "at least one"),
+        ({"max_ppl_ratio": None}, "at least one"),
+        ({"max_ppl_ratio": 0.99}, "greater than or equal to 1"),
+        ({"max_kl": -0.1}, "greater than or equal to 0"),
+        ({"min_top1_agreement": 1.01}, "less than or equal to 1"),
+        ({"min_top1_agreement": -0.5}, "greater than or equal to 0"),
+        ({"max_kl": float("nan")}, "finite"),
+        ({"max_ppl_ratio": float("inf")}, "finite"),
+        ({"max_kl": "0.5"}, "valid number"),
+        ({"max_kl": True}, "valid number"),
+        ({"min_top1": 0.9}, "Extra inputs"),
+        ({"max_kl": 0.5, "action": "warn"}, "Extra inputs"),
+    ],
+)
+def test_bad_quality_gates(settings: Settings, gate: dict[str, Any], needle: str) -> None:
+    errors = errors_of(body(quality_gate=gate), settings)
+    assert field_of(errors) == {"quality_gate"}
+    assert any(needle.lower() in e["msg"].lower() for e in errors), errors
+
+
+@pytest.mark.parametrize(
+    ("override", "field"),
+    [
+        ({"holdout_windows": -1}, "holdout_windows"),
+        ({"holdout_windows": 5000}, "holdout_windows"),
+        ({"score_windows": 0}, "score_windows"),
+        ({"score_windows": 1000}, "score_windows"),
+        ({"score_seq_len": 1}, "score_seq_len"),
+        ({"score_seq_len": 100_000}, "score_seq_len"),
+        ({"search_candidates": 0}, "search_candidates"),
+        ({"search_candidates": 100}, "search_candidates"),
+        ({"search_candidates": 2.0}, "search_candidates"),
+    ],
+)
+def test_bad_search_and_holdout_fields(
+    settings: Settings, override: dict[str, Any], field: str
+) -> None:
+    assert field in field_of(errors_of(body(**override), settings))
+
+
+def test_search_and_holdout_defaults_match_the_library(settings: Settings) -> None:
+    job = validate_job(body(holdout_windows=0), settings, TENANT)
+    assert job.holdout_windows == 0
+    defaults = validate_job(body(), settings, TENANT)
+    lib = PruneConfig(num_remove=2)
+    for name in ("holdout_windows", "score_windows", "score_seq_len", "search_candidates"):
+        assert getattr(defaults, name) == getattr(lib, name), name
+
+
+def test_openapi_examples_validate() -> None:
+    examples = JobCreate.model_config["json_schema_extra"]["examples"]  # type: ignore[index]
+    assert any(e.get("method") == "auto" and e.get("quality_gate") for e in examples)
+    for example in examples:
+        JobCreate.model_validate(example)
+
+
+def test_summary_carries_quality_and_refusal() -> None:
+    gate = {
+        "passed": False,
+        "limits": {"min_top1_agreement": 0.999},
+        "measured": {"top1_agreement": 0.61, "kl": 0.9},
+        "violations": ["top-1 agreement 0.6100 < min 0.999"],
+    }
+    report = {
+        "summary": {
+            "method": "auto",
+            "num_layers": 6,
+            "removed": [2],
+            "ppl_dense": 100.0,
+            "ppl_pruned": 180.0,
+            "ppl_ratio": 1.8,
+            "status": "refused",
+            "kl": 0.9,
+            "top1_agreement": 0.61,
+            "flags": ["mean KL(dense || pruned) 1.2 nats per token (flagged above 1)"],
+            "quality_gate": gate,
+        },
+        "quality": {"gate": gate},
+    }
+    summary = JobSummary.model_validate(summarize(report))
+    assert summary.status == "refused"
+    assert (summary.kl, summary.top1_agreement) == (0.9, 0.61)
+    assert summary.flags == report["summary"]["flags"]
+    assert summary.quality_gate == gate
+    # an older report without these keys: gate from report["quality"], the rest empty
+    legacy = JobSummary.model_validate(summarize({"summary": {}, "quality": {"gate": gate}}))
+    assert legacy.quality_gate == gate and legacy.flags == [] and legacy.kl is None
