@@ -468,10 +468,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--score-windows",
         type=_positive_int,
-        default=4,
-        help="scoring windows for sleb/lorp-kl/auto, taken after the calibration windows (4)",
+        default=None,
+        help="scoring windows for sleb/lorp-kl/auto, taken after the calibration windows "
+        "(default: 8 for auto, 4 otherwise)",
     )
-    p.add_argument("--score-seq-len", type=_positive_int, default=256)
+    p.add_argument(
+        "--score-seq-len",
+        type=_positive_int,
+        default=None,
+        help="scoring window length (default: 512 for auto, 256 otherwise)",
+    )
     p.add_argument(
         "--search-candidates",
         type=_positive_int,

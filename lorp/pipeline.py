@@ -46,6 +46,16 @@ from .surgery import remove_blocks
 
 ProgressCallback = Callable[[str, float, str], None]
 
+# Scoring windows (count, tokens) per model-in-the-loop method when the config leaves them unset.
+# auto compares a handful of whole candidate sets whose losses can be close (SmolLM2, 3 of 30
+# blocks: ShortGPT vs LLM-Streamline differ by 0.3% in NLL), so it measures more tokens; lorp-kl
+# and sleb run many more passes and use fewer tokens per pass.
+SCORING_DEFAULTS: dict[str, tuple[int, int]] = {
+    "auto": (8, 512),
+    "lorp-kl": (4, 256),
+    "sleb": (4, 256),
+}
+
 STAGES = (
     "loading",
     "calibration",
@@ -73,9 +83,10 @@ class PruneConfig:
     eval_seq_len: int = 512
     holdout_windows: int = 8  # calibration windows held out for quality when no evaluation text
     benchmark: BenchmarkConfig | None = None
-    # model-in-the-loop methods (sleb, lorp-kl, auto): scoring windows after the calibration ones
-    score_windows: int = 4
-    score_seq_len: int = 256
+    # model-in-the-loop methods (sleb, lorp-kl, auto): scoring windows after the calibration ones;
+    # None takes the method's default (SCORING_DEFAULTS)
+    score_windows: int | None = None
+    score_seq_len: int | None = None
     search_candidates: int = 3  # lorp-kl: candidates measured per removal slot
     quality_gate: QualityGate | None = None
 
@@ -109,9 +120,11 @@ class PruneConfig:
             "search_candidates",
         ):
             value = getattr(self, name)
+            if value is None and name in ("score_windows", "score_seq_len"):
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise InvalidInputError(f"{name} must be a positive integer, got {value!r}")
-        if self.seq_len < 2 or self.eval_seq_len < 2 or self.score_seq_len < 2:
+        if self.seq_len < 2 or self.eval_seq_len < 2 or self.scoring_shape[1] < 2:
             raise InvalidInputError("sequence lengths must be at least 2 tokens")
         if (
             isinstance(self.holdout_windows, bool)
@@ -127,6 +140,12 @@ class PruneConfig:
             raise InvalidInputError(
                 f"quality_gate must be a QualityGate or a dict, got {self.quality_gate!r}"
             )
+
+    @property
+    def scoring_shape(self) -> tuple[int, int]:
+        """(windows, tokens) of the scoring windows: the given ones, else the method's default."""
+        windows, seq_len = SCORING_DEFAULTS.get(self.method, SCORING_DEFAULTS["lorp-kl"])
+        return (self.score_windows or windows, self.score_seq_len or seq_len)
 
     @property
     def budget(self) -> int | float:
@@ -286,12 +305,13 @@ def prune(
     scoring_info: dict[str, Any] | None = None
     with stages.stage("selection", f"selecting {num_remove} of {depth} blocks ({config.method})"):
         if config.method in SEARCH_METHODS:
+            score_count, score_len = config.scoring_shape
             score_w: torch.Tensor | None = scoring
             if score_w is not None:
                 scoring_info = {"kind": "scoring windows given by the caller", "held_out": True}
             elif text is not None:
                 score_w, used_tokens = _windows_after(
-                    tokenizer, text, config.score_seq_len, config.score_windows, used_tokens, bos
+                    tokenizer, text, score_len, score_count, used_tokens, bos
                 )
                 if score_w is not None:
                     scoring_info = {
@@ -300,7 +320,7 @@ def prune(
                         "held_out": True,
                     }
             if score_w is None:
-                score_w = calib[-config.score_windows :, : config.score_seq_len]
+                score_w = calib[-score_count:, :score_len]
                 scoring_info = {
                     "kind": "last calibration windows (no calibration text left over)",
                     "held_out": False,

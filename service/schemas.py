@@ -351,12 +351,15 @@ class JobCreate(BaseModel):
         description="calibration windows held out for the quality measurement when no "
         "evaluation text is given (0: none; quality is then not measured)",
     )
-    score_windows: Annotated[StrictInt, Field(ge=1, le=256)] = Field(
-        default=4,
-        description="scoring windows of the model-in-the-loop methods (sleb, lorp-kl, auto)",
+    score_windows: Annotated[StrictInt, Field(ge=1, le=256)] | None = Field(
+        default=None,
+        description="scoring windows of the model-in-the-loop methods (sleb, lorp-kl, auto); "
+        "null: the method's default (8 for auto, 4 otherwise)",
     )
-    score_seq_len: Annotated[StrictInt, Field(ge=8, le=8192)] = Field(
-        default=256, description="scoring window length in tokens"
+    score_seq_len: Annotated[StrictInt, Field(ge=8, le=8192)] | None = Field(
+        default=None,
+        description="scoring window length in tokens; null: the method's default "
+        "(512 for auto, 256 otherwise)",
     )
     search_candidates: Annotated[StrictInt, Field(ge=1, le=16)] = Field(
         default=3, description="lorp-kl: candidates measured per removal slot"

@@ -98,8 +98,9 @@ def test_auto_method_succeeds_and_reports_its_candidates(
     chosen = [c for c in candidates if c.get("chosen")]
     assert len(chosen) == 1
     assert sorted(chosen[0]["removed"]) == sorted(summary["removed_blocks"])
-    # the chosen candidate has the lowest measured KL on the scoring windows
-    assert chosen[0]["kl"] == min(c["kl"] for c in candidates)
+    # the chosen candidate has the lowest measured loss on the scoring windows
+    assert details["objective"] == "nll"
+    assert chosen[0]["nll"] == min(c["nll"] for c in candidates)
 
     keys = service.artifact_keys(TENANT_A, job["id"])
     assert any(k.endswith("/model/model.safetensors") for k in keys), keys

@@ -131,7 +131,8 @@ def test_lorp_kl_respects_lorp_phase_quotas(deep: tuple, k: int, num_clusters: i
 def test_auto_picks_the_lowest_kl_candidate_and_records_all(deep: tuple) -> None:
     model, s, windows = deep
     k = 3
-    sel = auto_select(s, k, WindowScorer(model, windows))
+    sel = auto_select(s, k, WindowScorer(model, windows), objective="kl")
+    assert sel.details["objective"] == "kl"
     cands = sel.details["candidates"]
     names = [c["name"] for c in cands]
     policy_k = select_layers(s, k).num_clusters
@@ -216,7 +217,12 @@ def test_prune_auto_uses_held_out_scoring_windows(tmp_path: Path) -> None:
     fresh = build_tiny("llama")
     cands = res.selection.details["candidates"]
     chosen = next(c for c in cands if c["chosen"])
-    assert chosen["kl"] == pytest.approx(compare_pruned(fresh, chosen["removed"], score_w).kl, 1e-4)
+    # auto ranks by loss on the scoring windows (no dense pass: no KL recorded per candidate)
+    assert res.selection.details["objective"] == "nll"
+    assert chosen["kl"] is None
+    measured = compare_pruned(fresh, chosen["removed"], score_w).pruned.nll
+    assert chosen["nll"] == pytest.approx(measured, 1e-4)
+    assert chosen["nll"] == min(c["nll"] for c in cands)
     assert res.evaluation is not None and res.evaluation["kind"] == "held-out calibration windows"
     holdout = torch.tensor(ids[160 : 160 + 96]).view(3, 32)
     assert res.quality is not None
@@ -259,3 +265,22 @@ def test_run_pipeline_and_cli_with_auto(tmp_path: Path, capsys: pytest.CaptureFi
     )
     assert res.report["method"] == "lorp-kl"
     assert res.report["selection"]["details"]["quotas"]
+
+
+def test_auto_default_objective_is_loss_without_a_dense_pass(deep: tuple) -> None:
+    model, s, windows = deep
+    scorer = WindowScorer(model, windows, reference=False)
+    sel = auto_select(s, 3, scorer)
+    cands = sel.details["candidates"]
+    distinct = {tuple(c["removed"]) for c in cands}
+    assert scorer.passes == len(distinct)  # one pass per distinct set, none for a dense reference
+    for c in cands:
+        assert c["nll"] == pytest.approx(
+            compare_pruned(model, c["removed"], windows).pruned.nll, rel=1e-4
+        )
+    chosen = next(c for c in cands if c["chosen"])
+    assert chosen["nll"] == min(c["nll"] for c in cands) and sel.removed == chosen["removed"]
+    assert not any(c["method"] == "lorp-kl" for c in cands)
+    assert "dense reference" in sel.details["lorp_kl"]["reason"]
+    with pytest.raises(InvalidInputError, match="reference"):
+        auto_select(s, 3, WindowScorer(model, windows, reference=False), objective="kl")
