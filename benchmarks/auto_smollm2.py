@@ -6,7 +6,10 @@ Protocol (the same windows as ``lorp prune`` would draw):
 - scoring windows: 4 x 256 tokens of the same text right after the calibration windows (held
   out from calibration, never the evaluation text); auto, lorp-kl and SLEB choose with them, and
   every method's selection is scored on them (KL(dense || pruned), NLL, top-1) for the table;
-- auto's pass budget: lorp.search.affordable_passes (as in the pipeline);
+- auto chooses as the pipeline does: by held-out loss (NLL) on its own scoring windows, 8 x 512
+  tokens right after the calibration windows (lorp.pipeline.SCORING_DEFAULTS), no dense pass;
+  its pass budget (for lorp-kl, which needs a dense reference and so never joins here):
+  lorp.search.affordable_passes;
 - WikiText-2 test perplexity, first 64 non-overlapping windows x 512, of every distinct
   selection, blocks skipped with lorp.pruned_view;
 - selection time = capture + the method's own selection/search (SLEB needs no S: its time is
@@ -30,6 +33,7 @@ from _common import CALIBRATION, WIKITEXT, machine, table, write_result
 
 from lorp import bundled_model_path, capture_similarity, load_model, perplexity, pruned_view
 from lorp.data import text_windows
+from lorp.pipeline import SCORING_DEFAULTS
 from lorp.search import WindowScorer, affordable_passes, auto_select, lorp_kl_select, sleb_select
 from lorp.selection import select_layers
 
@@ -42,6 +46,8 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--score-windows", type=int, default=4)
     ap.add_argument("--score-seq-len", type=int, default=256)
+    ap.add_argument("--auto-score-windows", type=int, default=SCORING_DEFAULTS["auto"][0])
+    ap.add_argument("--auto-score-seq-len", type=int, default=SCORING_DEFAULTS["auto"][1])
     ap.add_argument("--eval-windows", type=int, default=64)
     ap.add_argument("--eval-batch", type=int, default=4, help="WikiText-2 windows per forward")
     ap.add_argument("--budgets", default="3,6,9")
@@ -57,6 +63,13 @@ def main() -> None:
     skip = -(-calib.shape[0] * args.seq_len // args.score_seq_len)
     scoring = text_windows(
         tok, CALIBRATION, args.score_seq_len, args.score_windows, skip_windows=skip
+    )
+    auto_scoring = text_windows(
+        tok,
+        CALIBRATION,
+        args.auto_score_seq_len,
+        args.auto_score_windows,
+        skip_windows=-(-calib.shape[0] * args.seq_len // args.auto_score_seq_len),
     )
     t = time.perf_counter()
     s = capture_similarity(model, calib)
@@ -161,8 +174,8 @@ def main() -> None:
                 },
             }
         )
-        auto_scorer = WindowScorer(model, scoring)
-        budget = affordable_passes(model, int(calib.numel()), int(scoring.numel()), k)
+        auto_scorer = WindowScorer(model, auto_scoring, reference=False)
+        budget = affordable_passes(model, int(calib.numel()), int(auto_scoring.numel()), k)
         t = time.perf_counter()
         auto = auto_select(s, k, auto_scorer, max_passes=budget)
         entries.append(
@@ -173,6 +186,8 @@ def main() -> None:
                 "search_s": time.perf_counter() - t,
                 "passes": auto_scorer.passes,
                 "chosen": auto.details["chosen"],
+                "objective": auto.details["objective"],
+                "scoring_windows": [int(auto_scoring.shape[0]), int(auto_scoring.shape[1])],
                 "max_passes": budget,
                 "lorp_kl": auto.details["lorp_kl"],
                 "candidates": auto.details["candidates"],

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,15 +22,6 @@ from lorp.loading import (
 )
 from lorp.surgery import REMOVED_LAYERS_ATTR, remove_blocks
 from tests.tiny_models import DEPTH, build_tiny, tiny_input_ids, tiny_tokenizer
-
-
-@pytest.fixture(autouse=True)
-def _deterministic_single_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _logits(model: Any, ids: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,16 +27,6 @@ from tests.tiny_models import (
 REMOVED = [1, 3]  # two interior blocks
 KEEP = [i for i in range(DEPTH) if i not in REMOVED]
 NEW_TOKENS = 8
-
-
-@pytest.fixture(autouse=True)
-def _deterministic_single_thread() -> Iterator[None]:
-    # Tiny models are slower with several threads on a busy machine; restore the setting after.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _logits(model: Any, ids: torch.Tensor) -> torch.Tensor:
