@@ -162,3 +162,7 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
         eos_token="</s>",
         unk_token="<unk>",
     )
+
+
+# A small repetitive English text for calibration / evaluation in tests (~22 k characters).
+TINY_TEXT = "".join(f"Line {i}: the quick brown fox jumps over the lazy dog.\n" for i in range(400))

@@ -13,29 +13,14 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from lorp.cli import main
-from tests.tiny_models import build_tiny, tiny_tokenizer
+from tests.tiny_models import TINY_TEXT, tiny_tokenizer
 
-TEXT = "".join(f"Line {i}: the quick brown fox jumps over the lazy dog.\n" for i in range(400))
+TEXT = TINY_TEXT
 
 
 def hand_matrix(n: int = 8) -> np.ndarray:
     idx = np.arange(n)
     return 0.9 ** np.abs(idx[:, None] - idx[None, :])
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("tiny-llama")
-    build_tiny("llama").save_pretrained(d)
-    tiny_tokenizer().save_pretrained(d)
-    return d
-
-
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    p = tmp_path_factory.mktemp("text") / "calib.txt"
-    p.write_text(TEXT)
-    return p
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:

@@ -15,9 +15,9 @@ from lorp.gate import FLAG_THRESHOLDS, QualityGate, quality_flags
 from lorp.pipeline import PruneConfig, prune, run_pipeline
 from lorp.quality import PerplexityResult, QualityComparison
 from lorp.report import load_schema
-from tests.tiny_models import build_tiny, tiny_input_ids, tiny_tokenizer
+from tests.tiny_models import TINY_TEXT, build_tiny, tiny_input_ids, tiny_tokenizer
 
-TEXT = "".join(f"Line {i}: the quick brown fox jumps over the lazy dog.\n" for i in range(400))
+TEXT = TINY_TEXT
 SMALL = {"windows": 4, "seq_len": 32, "holdout_windows": 2}
 
 
@@ -31,21 +31,6 @@ def comparison(dense: float, pruned: float, kl: float, top1: float) -> QualityCo
         top1_agreement=top1,
         tokens=100,
     )
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("tiny-llama")
-    build_tiny("llama").save_pretrained(d)
-    tiny_tokenizer().save_pretrained(d)
-    return d
-
-
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    p = tmp_path_factory.mktemp("text") / "calib.txt"
-    p.write_text(TEXT)
-    return p
 
 
 def test_gate_validation_and_round_trip() -> None:

@@ -27,9 +27,9 @@ from lorp.search import (
 from lorp.selection import METHODS, select_layers
 from lorp.similarity import capture_similarity
 from lorp.surgery import pruned_view
-from tests.tiny_models import _COMMON, build_tiny, tiny_input_ids, tiny_tokenizer
+from tests.tiny_models import _COMMON, TINY_TEXT, build_tiny, tiny_input_ids, tiny_tokenizer
 
-TEXT = "".join(f"Line {i}: the quick brown fox jumps over the lazy dog.\n" for i in range(400))
+TEXT = TINY_TEXT
 
 
 def build_deep(depth: int = 10, seed: int = 0) -> PreTrainedModel:
