@@ -31,10 +31,17 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import CALIBRATION, WIKITEXT, machine, table, write_result
 
-from lorp import bundled_model_path, capture_similarity, load_model, perplexity, pruned_view
+from lorp import bundled_model_path, capture_similarity, load_model
 from lorp.data import text_windows
 from lorp.pipeline import SCORING_DEFAULTS
-from lorp.search import WindowScorer, affordable_passes, auto_select, lorp_kl_select, sleb_select
+from lorp.search import (
+    WindowScorer,
+    affordable_passes,
+    auto_select,
+    lorp_kl_select,
+    lorp_loss_select,
+    sleb_select,
+)
 from lorp.selection import select_layers
 
 NAME = "auto_smollm2"
@@ -71,21 +78,26 @@ def main() -> None:
         args.auto_score_windows,
         skip_windows=-(-calib.shape[0] * args.seq_len // args.auto_score_seq_len),
     )
+    loss_windows, loss_len = SCORING_DEFAULTS["lorp-loss"]
+    loss_scoring = text_windows(
+        tok,
+        CALIBRATION,
+        loss_len,
+        loss_windows,
+        skip_windows=-(-calib.shape[0] * args.seq_len // loss_len),
+    )
     t = time.perf_counter()
     s = capture_similarity(model, calib)
     capture_s = time.perf_counter() - t
     evalw = text_windows(tok, WIKITEXT, 512, args.eval_windows)
-    dense = perplexity(model, evalw, batch_size=args.eval_batch)
+    # untimed: WikiText-2 loss of every selection, each pass resuming from the dense block input
+    # at its first removed block (lorp.search.WindowScorer's prefix cache; same numbers)
+    wiki_scorer = WindowScorer(model, evalw, batch_size=args.eval_batch, reference=False)
+    dense = wiki_scorer.score(())
     print(f"dense WikiText-2 ppl {dense.ppl:.2f}; capture {capture_s:.1f}s", flush=True)
 
-    wiki: dict[tuple[int, ...], float] = {}
-
     def wikitext(removed: list[int]) -> float:
-        key = tuple(removed)
-        if key not in wiki:
-            with pruned_view(model, removed):
-                wiki[key] = perplexity(model, evalw, batch_size=args.eval_batch).ppl
-        return wiki[key]
+        return wiki_scorer.score(removed).ppl
 
     judge = WindowScorer(model, scoring)  # untimed: scores every selection for the table
     results: list[dict[str, Any]] = []
@@ -122,6 +134,7 @@ def main() -> None:
         return write_result(NAME, data)
 
     def finish(entries: list[dict[str, Any]], k: int) -> None:
+        wiki_scorer.prefetch([e["removed"] for e in entries])
         for e in entries:
             score = judge.score(e["removed"])
             e["scoring"] = {
@@ -174,6 +187,20 @@ def main() -> None:
                 },
             }
         )
+        loss_scorer = WindowScorer(model, loss_scoring, reference=False)
+        t = time.perf_counter()
+        sel = lorp_loss_select(s, k, loss_scorer)
+        entries.append(
+            {
+                "method": "lorp-loss",
+                "removed": sel.removed,
+                "num_clusters": sel.num_clusters,
+                "search_s": time.perf_counter() - t,
+                "passes": loss_scorer.passes,
+                "scoring_windows": [int(loss_scoring.shape[0]), int(loss_scoring.shape[1])],
+                "details": {"steps": sel.details["steps"], "quotas": sel.details["quotas"]},
+            }
+        )
         auto_scorer = WindowScorer(model, auto_scoring, reference=False)
         budget = affordable_passes(model, int(calib.numel()), int(auto_scoring.numel()), k)
         t = time.perf_counter()
@@ -214,7 +241,7 @@ def main() -> None:
             }
             finish([entry], k)
 
-    order = ("lorp", "shortgpt", "streamline", "sleb", "lorp-kl", "auto")
+    order = ("lorp", "shortgpt", "streamline", "sleb", "lorp-kl", "lorp-loss", "auto")
     rows: list[list[str]] = []
     for e in sorted(results, key=lambda e: (e["num_remove"], order.index(e["method"]))):
         rows.append(

@@ -6,7 +6,7 @@ The public API is small:
   or from a checkpoint to an output directory;
 - :func:`capture_similarity` and :func:`select_layers`: the method's two halves (S-only methods
   ``lorp``, ``shortgpt``, ``streamline``); :func:`search_layers` for the model-in-the-loop methods
-  ``sleb``, ``lorp-kl`` and ``auto``;
+  ``sleb``, ``lorp-kl``, ``lorp-loss`` and ``auto``;
 - :func:`remove_blocks` / :func:`pruned_view`: physical block removal (permanent or temporary);
 - :func:`load_model`, :func:`save_pruned`, :func:`text_windows`, :func:`perplexity`,
   :func:`compare_pruned`, :func:`benchmark`.

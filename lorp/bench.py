@@ -544,15 +544,17 @@ class _Runner:
         self.timer = _Timer(device)
         params = inspect.signature(model.forward).parameters
         self.logits_to_keep = "logits_to_keep" in params
+        # transformers >= 5.24 names the KV cache ``cache`` (``past_key_values`` is deprecated)
+        self.cache_name = "cache" if "cache" in params else "past_key_values"
 
     def _forward(self, ids: torch.Tensor, cache: Any) -> tuple[torch.Tensor, Any]:
         kwargs: dict[str, Any] = {"input_ids": ids, "use_cache": True}
         if cache is not None:
-            kwargs["past_key_values"] = cache
+            kwargs[self.cache_name] = cache
         if self.logits_to_keep:
             kwargs["logits_to_keep"] = 1
         out = self.model(**kwargs)
-        return out.logits[:, -1, :], out.past_key_values
+        return out.logits[:, -1, :], getattr(out, self.cache_name)
 
     def prefill(self, ids: torch.Tensor) -> tuple[float, Any]:
         """Time to first token: prompt forward with a fresh cache + greedy choice."""

@@ -456,11 +456,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--method",
         default="lorp",
         choices=ALL_METHODS,
-        help="lorp, shortgpt, streamline (from S alone); sleb, lorp-kl, auto (also run the model "
+        help="lorp, shortgpt, streamline (from S alone); sleb, lorp-kl, lorp-loss, auto (also "
+        "run the model "
         "on scoring windows of the calibration text; see lorp.search)",
     )
     p.add_argument(
-        "--clusters", type=_positive_int, help="force the number of phases K (lorp, lorp-kl)"
+        "--clusters",
+        type=_positive_int,
+        help="force the number of phases K (lorp, lorp-kl, lorp-loss)",
     )
     p.add_argument("--windows", type=_positive_int, default=32)
     p.add_argument("--seq-len", type=_positive_int, default=512)
@@ -469,7 +472,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--score-windows",
         type=_positive_int,
         default=None,
-        help="scoring windows for sleb/lorp-kl/auto, taken after the calibration windows "
+        help="scoring windows for sleb/lorp-kl/lorp-loss/auto, after the calibration windows "
         "(default: 8 for auto, 4 otherwise)",
     )
     p.add_argument(
@@ -482,7 +485,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--search-candidates",
         type=_positive_int,
         default=3,
-        help="lorp-kl: candidates measured per removal slot (3)",
+        help="lorp-kl: candidates per removal slot; lorp-loss: per phase and step (3)",
     )
     p.add_argument("--eval", type=Path, help="held-out text for dense vs pruned quality")
     p.add_argument("--eval-windows", type=_positive_int, default=64)

@@ -5,7 +5,8 @@ saving the checkpoint and writing the reports (the CLI's ``lorp prune`` and the 
 
 Token windows drawn from a calibration *text* (never overlapping, in this order):
 1. ``windows`` × ``seq_len`` calibration windows (similarity matrix S);
-2. for the model-in-the-loop methods (``sleb``, ``lorp-kl``, ``auto``; :mod:`lorp.search`)
+2. for the model-in-the-loop methods (``sleb``, ``lorp-kl``, ``lorp-loss``, ``auto``;
+   :mod:`lorp.search`)
    ``score_windows`` × ``score_seq_len`` scoring windows that follow them;
 3. when no evaluation text is given, ``holdout_windows`` × ``seq_len`` held-out windows after
    those, on which dense and pruned quality are measured.
@@ -39,7 +40,13 @@ from .errors import InvalidInputError, LorpError, QualityGateError
 from .gate import FLAG_THRESHOLDS, GateResult, QualityGate, quality_flags
 from .quality import QualityComparison, compare_pruned
 from .report import _json_safe, build_report, write_reports
-from .search import ALL_METHODS, SEARCH_METHODS, affordable_passes, search_layers
+from .search import (
+    ALL_METHODS,
+    CLUSTER_METHODS,
+    SEARCH_METHODS,
+    pass_budget,
+    search_layers,
+)
 from .selection import Selection, resolve_budget, select_layers
 from .similarity import capture_similarity
 from .surgery import remove_blocks
@@ -53,6 +60,7 @@ ProgressCallback = Callable[[str, float, str], None]
 SCORING_DEFAULTS: dict[str, tuple[int, int]] = {
     "auto": (8, 512),
     "lorp-kl": (4, 256),
+    "lorp-loss": (8, 512),
     "sleb": (4, 256),
 }
 
@@ -83,11 +91,12 @@ class PruneConfig:
     eval_seq_len: int = 512
     holdout_windows: int = 8  # calibration windows held out for quality when no evaluation text
     benchmark: BenchmarkConfig | None = None
-    # model-in-the-loop methods (sleb, lorp-kl, auto): scoring windows after the calibration ones;
+    # model-in-the-loop methods (sleb, lorp-kl, lorp-loss, auto): scoring windows after the
+    # calibration ones;
     # None takes the method's default (SCORING_DEFAULTS)
     score_windows: int | None = None
     score_seq_len: int | None = None
-    search_candidates: int = 3  # lorp-kl: candidates measured per removal slot
+    search_candidates: int = 3  # lorp-kl: per removal slot; lorp-loss: per phase and step
     quality_gate: QualityGate | None = None
 
     def __post_init__(self) -> None:
@@ -95,9 +104,10 @@ class PruneConfig:
             raise InvalidInputError(
                 f"unknown method {self.method!r}; choose one of {', '.join(ALL_METHODS)}"
             )
-        if self.num_clusters is not None and self.method not in ("lorp", "lorp-kl"):
+        if self.num_clusters is not None and self.method not in CLUSTER_METHODS:
             raise InvalidInputError(
-                f"num_clusters only applies to methods 'lorp' and 'lorp-kl', not {self.method!r}"
+                f"num_clusters only applies to methods {', '.join(CLUSTER_METHODS)}, "
+                f"not {self.method!r}"
             )
         if (self.num_remove is None) == (self.fraction is None):
             raise InvalidInputError("give exactly one budget: num_remove (blocks) or fraction")
@@ -327,11 +337,13 @@ def prune(
                 }
             assert scoring_info is not None
             scoring_info.update(windows=int(score_w.shape[0]), seq_len=int(score_w.shape[1]))
-            max_passes = None
-            if config.method == "auto":
-                max_passes = affordable_passes(
-                    model, int(calib.numel()), int(score_w.numel()), num_remove
-                )
+            max_passes = pass_budget(
+                config.method,
+                model,
+                int(calib.numel()),
+                (int(score_w.shape[0]), int(score_w.shape[1])),
+                num_remove,
+            )
             selection = search_layers(
                 model,
                 similarity,

@@ -33,6 +33,7 @@ _METHOD_NAMES = {
     "streamline": "LLM-Streamline",
     "sleb": "SLEB (iterative, by calibration loss)",
     "lorp-kl": "LoRP-KL",
+    "lorp-loss": "LoRP-loss (LoRP phases, greedy by calibration loss)",
     "auto": "auto",
 }
 
@@ -147,13 +148,26 @@ def _explain(sel: Mapping[str, Any]) -> str:
             f"({details.get('passes', '?')} forward passes; plain LoRP would remove "
             f"{details.get('lorp_removed')})."
         )
+    if method == "lorp-loss":
+        return (
+            f"{name}: LoRP's phases (K = {sel.get('num_clusters')}, RLS = {rls_text}); {k} times, "
+            f"the {details.get('candidates_per_phase', '?')} most redundant remaining blocks of "
+            f"every phase were each tried on top of the blocks already removed and the one with "
+            f"the lowest loss on {windows} of calibration text was removed "
+            f"({details.get('passes', '?')} forward passes; plain LoRP would remove "
+            f"{details.get('lorp_removed')})."
+        )
     if method == "auto":
         cands = details.get("candidates") or []
+        objective = (
+            "KL divergence of its next-token predictions from the full model's"
+            if details.get("objective") == "kl"
+            else "next-token loss"
+        )
         return (
-            f"{name}: {len(cands)} candidate selections were built and each was scored by the "
-            f"KL divergence of its next-token predictions from the full model's on {windows} "
-            f"held out from the calibration windows; the lowest, {details.get('chosen')}, was "
-            f"kept ({k} of {n} blocks). RLS = {rls_text}."
+            f"{name}: {len(cands)} candidate selections were built and each was scored by its "
+            f"{objective} on {windows} held out from the calibration windows; the lowest, "
+            f"{details.get('chosen')}, was kept ({k} of {n} blocks). RLS = {rls_text}."
         )
     return f"{name}: {k} of {n} blocks removed. RLS = {rls_text}."
 

@@ -9,6 +9,10 @@ the scoring windows, compared with the dense model's next-token log-probabilitie
 computed once and cached (memory: windows × (tokens − 1) × vocabulary float32, e.g. 200 MB for
 4 × 256 tokens and SmolLM2's 49,152 tokens). Scores are cached per removal set, so a set is
 never measured twice. One such forward is a *pass*; every method records how many it ran.
+A pass need not start at the embeddings: nothing changes before the first removed block, so
+the dense hidden states entering the blocks where the candidates start are stored once
+(:meth:`WindowScorer.prefetch`) and each pass resumes from there (same numbers, fewer blocks
+run: for SLEB on SmolLM2 about half of them).
 
 ``sleb``
     SLEB-style iterative removal. Start from the dense model; at each of k steps try removing
@@ -50,7 +54,8 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,15 +77,20 @@ from .selection import (
     select_layers,
     validate_similarity,
 )
+from .surgery import pruned_view
 
 __all__ = [
     "ALL_METHODS",
+    "CLUSTER_METHODS",
     "SEARCH_METHODS",
     "WindowScore",
     "WindowScorer",
     "affordable_passes",
     "auto_select",
+    "local_search_passes",
     "lorp_kl_select",
+    "lorp_loss_select",
+    "pass_budget",
     "search_layers",
     "sleb_select",
 ]
@@ -88,9 +98,14 @@ __all__ = [
 ProgressCallback = Callable[[str, float, str], None]
 
 #: Methods that run the model on scoring windows.
-SEARCH_METHODS: tuple[str, ...] = ("sleb", "lorp-kl", "auto")
+SEARCH_METHODS: tuple[str, ...] = ("sleb", "lorp-kl", "lorp-loss", "auto")
 #: Every method name the pipeline accepts.
 ALL_METHODS: tuple[str, ...] = METHODS + SEARCH_METHODS
+#: Methods built on LoRP's phases, which accept a forced number of phases K.
+CLUSTER_METHODS: tuple[str, ...] = ("lorp", "lorp-kl", "lorp-loss")
+
+#: Default memory for :class:`WindowScorer`'s dense prefix cache.
+DEFAULT_PREFIX_BYTES = 1 << 30
 
 #: The range of forced K that ``auto`` tries besides the policy K.
 AUTO_CLUSTER_RANGE = (2, 4)
@@ -111,6 +126,7 @@ class WindowScore:
     top1_agreement: float | None
     tokens: int
     seconds: float
+    start_block: int = 0  # the pass started at this block's stored dense input (0: embeddings)
 
     @property
     def ppl(self) -> float:
@@ -125,16 +141,34 @@ class WindowScore:
             "top1_agreement": self.top1_agreement,
             "tokens": self.tokens,
             "seconds": self.seconds,
+            "start_block": self.start_block,
         }
+
+
+class _StopForward(Exception):
+    """Raised in a pre-hook once the deepest block input a prefix pass needs has been stored."""
 
 
 class WindowScorer:
     """Measures removal sets on fixed scoring windows ``[W, T]``, with caches.
 
-    ``reference=True`` keeps the dense model's log-probabilities (one extra pass, computed on
-    first need) so KL and top-1 agreement can be measured; ``False`` measures NLL only.
-    ``progress`` receives ``(stage, fraction, message)`` after every pass; ``planned`` (settable)
-    is the number of passes the caller expects, for the fraction.
+    ``reference=True`` keeps the dense model's next-token predictions (one extra pass, run on
+    first need) so top-1 agreement, and with ``keep_distribution=True`` also KL, can be
+    measured; ``keep_distribution=False`` keeps only the dense arg-max token per position (a
+    few bytes per token instead of the whole vocabulary: use it for long evaluations or big
+    vocabularies). ``reference=False`` measures NLL only.
+
+    Dense prefix cache: a removal set R changes nothing before its first removed block f, so
+    the hidden states entering block f are the dense model's. :meth:`prefetch` stores the dense
+    block inputs at the first removed blocks of the sets about to be scored (one partial dense
+    pass, or none extra when the dense reference pass is still to run), and :meth:`score` then
+    starts each pass at the deepest stored block input at or before f instead of at the
+    embeddings. Results are the same as a whole pass (same operations on the same values).
+    Memory: windows × tokens × hidden size × 4 bytes per stored block, at most
+    ``prefix_bytes`` in all (``0`` turns the cache off).
+
+    ``progress`` receives ``(stage, fraction, message)`` after every pass; ``planned``
+    (settable) is the number of passes the caller expects, for the fraction.
     """
 
     def __init__(
@@ -144,6 +178,8 @@ class WindowScorer:
         *,
         batch_size: int = 1,
         reference: bool = True,
+        keep_distribution: bool = True,
+        prefix_bytes: int = DEFAULT_PREFIX_BYTES,
         progress: ProgressCallback | None = None,
         stage: str = "selection",
     ) -> None:
@@ -151,15 +187,21 @@ class WindowScorer:
         self.windows = check_windows(windows)
         if self.windows.shape[1] < 2:
             raise InvalidInputError("scoring windows need at least 2 tokens")
+        if isinstance(prefix_bytes, bool) or not isinstance(prefix_bytes, int) or prefix_bytes < 0:
+            raise InvalidInputError(f"prefix_bytes must be an integer >= 0, got {prefix_bytes!r}")
         self.batch_size = batch_size
         self.reference = reference
+        self.keep_distribution = keep_distribution
+        self.prefix_bytes = prefix_bytes
         self.progress = progress
         self.stage = stage
         self.num_layers = len(get_blocks(model))
         self.passes = 0
+        self.prefix_passes = 0
         self.seconds = 0.0
         self.planned: int | None = None
-        self._dense: list[torch.Tensor] | None = None
+        self._dense: list[torch.Tensor] | None = None  # per batch: log-probs, or arg-max ids
+        self._prefix: dict[int, list[torch.Tensor]] = {}  # block -> per-batch dense inputs
         self._cache: dict[tuple[int, ...], WindowScore] = {}
 
     @property
@@ -173,6 +215,8 @@ class WindowScorer:
             "seq_len": int(self.windows.shape[1]),
             "tokens": self.tokens,
             "passes": self.passes,
+            "prefix_passes": self.prefix_passes,
+            "prefix_blocks": sorted(self._prefix),
             "seconds": self.seconds,
         }
 
@@ -186,50 +230,169 @@ class WindowScorer:
                 raise InvalidInputError(f"block {i} does not exist (0..{self.num_layers - 1})")
         return key
 
-    @torch.no_grad()
-    def _dense_logps(self) -> list[torch.Tensor]:
-        if self._dense is None:
-            self.score(())
-        assert self._dense is not None
-        return self._dense
+    # ---------------------------------------------------------------------------------------
+    # dense prefix cache
+    # ---------------------------------------------------------------------------------------
+
+    def _bytes_per_block(self) -> int:
+        get_emb = getattr(self.model, "get_input_embeddings", None)
+        emb = get_emb() if callable(get_emb) else None
+        dim = getattr(emb, "embedding_dim", None)
+        if not isinstance(dim, int):
+            dim = int(getattr(getattr(self.model, "config", None), "hidden_size", 0) or 0)
+        if dim <= 0:
+            return 0
+        element = next(self.model.parameters()).element_size()
+        return int(self.windows.numel()) * dim * element
+
+    def _plan_prefix(self, starts: set[int]) -> list[int]:
+        """Which of ``starts`` (block indices > 0, not yet stored) to store within the budget:
+        all when they fit, else evenly spaced ones from the shallowest."""
+        todo = sorted(s for s in starts if s > 0 and s not in self._prefix)
+        per_block = self._bytes_per_block()
+        if not todo or per_block <= 0:
+            return []
+        room = self.prefix_bytes // per_block - len(self._prefix)
+        if room <= 0:
+            return []
+        if len(todo) > room:
+            step = len(todo) / room
+            todo = sorted({todo[int(i * step)] for i in range(room)})
+        return todo
+
+    def _start_for(self, key: tuple[int, ...]) -> int:
+        """Deepest stored block input at or before the first removed block (0: none, or no
+        block is kept after it)."""
+        if len(key) == self.num_layers - key[0]:  # every block from the first removed one on
+            return 0
+        return max((s for s in self._prefix if s <= key[0]), default=0)
+
+    def prefetch(self, removal_sets: Iterable[Sequence[int]]) -> None:
+        """Store the dense block inputs that the given (not yet scored) sets can start from.
+
+        Runs the dense reference pass when it is still due (storing the block inputs on the
+        way, at no extra cost), else one partial dense pass that stops at the deepest block
+        needed — only when it saves work: the blocks it runs must be fewer than the blocks the
+        sets' passes skip.
+        """
+        keys = [k for k in (self._key(s) for s in removal_sets) if k and k not in self._cache]
+        if not keys:
+            return
+        todo = self._plan_prefix({k[0] for k in keys if len(k) < self.num_layers - k[0]})
+        if not todo:
+            return
+        if self.reference and self._dense is None:
+            self._dense_pass(todo)
+            return
+        stored = set(self._prefix) | set(todo)
+        skipped = sum(max((s for s in stored if s <= k[0]), default=0) for k in keys)
+        before = sum(self._start_for(k) for k in keys)
+        if skipped - before <= max(todo):
+            return
+        self._prefix_pass(todo)
+
+    def _store_hooks(self, starts: Sequence[int], stop: bool) -> list[Any]:
+        blocks = get_blocks(self.model)
+        last = max(starts) if starts else -1
+        for s in starts:
+            self._prefix[s] = []
+
+        def make(index: int) -> Callable[..., None]:
+            def pre_hook(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+                hidden = args[0] if args else kwargs.get("hidden_states")
+                if not isinstance(hidden, torch.Tensor):
+                    raise InvalidInputError(f"block {index} did not receive hidden states")
+                self._prefix[index].append(hidden.detach().clone())
+                if stop and index == last:
+                    raise _StopForward
+
+            return pre_hook
+
+        return [blocks[s].register_forward_pre_hook(make(s), with_kwargs=True) for s in starts]
 
     @torch.no_grad()
-    def score(self, removed: Sequence[int]) -> WindowScore:
-        """Measure the model with ``removed`` blocks skipped (cached per set)."""
-        from .surgery import pruned_view
-
-        key = self._key(removed)
-        hit = self._cache.get(key)
-        if hit is not None:
-            return hit
-        dense = self._dense_logps() if self.reference and key else None
+    def _prefix_pass(self, starts: Sequence[int]) -> None:
+        """Partial dense pass storing the inputs of ``starts`` (stops after the deepest)."""
         device = input_device(self.model)
         start = time.perf_counter()
-        nll = kl = 0.0
-        agree = tokens = 0
+        handles = self._store_hooks(starts, stop=True)
+        try:
+            for batch in batches(self.windows, self.batch_size):
+                with contextlib.suppress(_StopForward):
+                    self.model(input_ids=batch.to(device), use_cache=False)
+        except BaseException:
+            for s in starts:
+                self._prefix.pop(s, None)
+            raise
+        finally:
+            for h in handles:
+                h.remove()
+        self.prefix_passes += 1
+        self.seconds += time.perf_counter() - start
+
+    @torch.no_grad()
+    def _dense_pass(self, starts: Sequence[int] = ()) -> None:
+        """The dense model over every window: its score, its reference predictions (when
+        kept) and the block inputs at ``starts``."""
+        device = input_device(self.model)
+        start = time.perf_counter()
+        nll = 0.0
         keep: list[torch.Tensor] = []
-        with pruned_view(self.model, key) if key else contextlib.nullcontext():
-            for i, batch in enumerate(batches(self.windows, self.batch_size)):
+        handles = self._store_hooks(starts, stop=False)
+        try:
+            for batch in batches(self.windows, self.batch_size):
                 logp = _log_probs(self.model, batch, device)
                 nll += _nll_sum(logp, batch)
-                tokens += batch.shape[0] * (batch.shape[1] - 1)
-                if not key and self.reference:
-                    keep.append(logp)
-                elif dense is not None:
-                    ref = dense[i].to(logp.device)
-                    kl += float((ref.exp() * (ref - logp)).sum())
-                    agree += int((ref.argmax(-1) == logp.argmax(-1)).sum())
+                if self.reference:
+                    keep.append(logp if self.keep_distribution else logp.argmax(-1))
+        except BaseException:
+            for s in starts:
+                self._prefix.pop(s, None)
+            raise
+        finally:
+            for h in handles:
+                h.remove()
         seconds = time.perf_counter() - start
-        if not key and self.reference:
+        if self.reference:
             self._dense = keep
-            result = WindowScore(key, nll / tokens, 0.0, 1.0, tokens, seconds)
-        elif dense is not None:
-            result = WindowScore(key, nll / tokens, kl / tokens, agree / tokens, tokens, seconds)
-        else:
-            result = WindowScore(key, nll / tokens, None, None, tokens, seconds)
+        kl = 0.0 if self.reference and self.keep_distribution else None
+        top1 = 1.0 if self.reference else None
+        self._record((), WindowScore((), nll / self.tokens, kl, top1, self.tokens, seconds))
+
+    @contextlib.contextmanager
+    def _resumed(self, key: tuple[int, ...], start: int) -> Iterator[list[int]]:
+        """The model with ``key`` removed and every block before ``start`` skipped, the first
+        kept block fed the stored dense input of block ``start`` for the batch whose index is
+        the yielded list's only item (set it before each forward)."""
+        blocks = get_blocks(self.model)
+        first = next(i for i in range(start, self.num_layers) if i not in key)
+        states = self._prefix[start]
+        current = [0]
+
+        def inject(
+            _m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+        ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+            hidden = states[current[0]]
+            if args:
+                return (hidden, *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": hidden}
+
+        skipped = sorted(set(range(start)) | set(key))
+        handle = blocks[first].register_forward_pre_hook(inject, with_kwargs=True)
+        try:
+            with pruned_view(self.model, skipped):
+                yield current
+        finally:
+            handle.remove()
+
+    # ---------------------------------------------------------------------------------------
+    # scoring
+    # ---------------------------------------------------------------------------------------
+
+    def _record(self, key: tuple[int, ...], result: WindowScore) -> WindowScore:
         self._cache[key] = result
         self.passes += 1
-        self.seconds += seconds
+        self.seconds += result.seconds
         if self.progress is not None:
             frac = min(1.0, self.passes / self.planned) if self.planned else 0.0
             self.progress(
@@ -240,6 +403,51 @@ class WindowScorer:
                 + f": removed {list(key)}",
             )
         return result
+
+    @torch.no_grad()
+    def score(self, removed: Sequence[int]) -> WindowScore:
+        """Measure the model with ``removed`` blocks skipped (cached per set)."""
+        key = self._key(removed)
+        hit = self._cache.get(key)
+        if hit is not None:
+            return hit
+        if not key or (self.reference and self._dense is None):
+            self._dense_pass()
+            if not key:
+                return self._cache[()]
+        dense = self._dense if self.reference else None
+        device = input_device(self.model)
+        start_block = self._start_for(key)
+        start = time.perf_counter()
+        nll = kl = 0.0
+        agree = 0
+        with self._resumed(key, start_block) if start_block else _plain(self.model, key) as cur:
+            for i, batch in enumerate(batches(self.windows, self.batch_size)):
+                cur[0] = i
+                logp = _log_probs(self.model, batch, device)
+                nll += _nll_sum(logp, batch)
+                if dense is not None:
+                    ref = dense[i].to(logp.device)
+                    if self.keep_distribution:
+                        kl += float((ref.exp() * (ref - logp)).sum())
+                        agree += int((ref.argmax(-1) == logp.argmax(-1)).sum())
+                    else:
+                        agree += int((ref == logp.argmax(-1)).sum())
+        seconds = time.perf_counter() - start
+        n = self.tokens
+        if dense is None:
+            result = WindowScore(key, nll / n, None, None, n, seconds, start_block)
+        else:
+            kl_mean = kl / n if self.keep_distribution else None
+            result = WindowScore(key, nll / n, kl_mean, agree / n, n, seconds, start_block)
+        return self._record(key, result)
+
+
+@contextlib.contextmanager
+def _plain(model: nn.Module, key: tuple[int, ...]) -> Iterator[list[int]]:
+    """The model with ``key`` removed, whole pass (the yielded batch index is unused)."""
+    with pruned_view(model, key):
+        yield [0]
 
 
 # --------------------------------------------------------------------------------------------
@@ -278,6 +486,35 @@ def affordable_passes(
     return max(0, math.floor(capture / per_pass))
 
 
+def local_search_passes(
+    model: nn.Module, calibration_tokens: int, scoring_shape: tuple[int, int], num_remove: int
+) -> int:
+    """``lorp-loss``'s local-search pass budget: passes on its search windows (half the scoring
+    windows, half as long) costing about one similarity capture (:func:`affordable_passes`
+    with share 1.0), so that capture + starting points + search stay within about 3× LoRP's
+    selection time."""
+    windows, seq_len = scoring_shape
+    search_tokens = max(1, windows // 2) * max(2, seq_len // 2)
+    return affordable_passes(model, calibration_tokens, search_tokens, num_remove, share=1.0)
+
+
+def pass_budget(
+    method: str,
+    model: nn.Module,
+    calibration_tokens: int,
+    scoring_shape: tuple[int, int],
+    num_remove: int,
+) -> int | None:
+    """The ``max_passes`` the pipeline gives ``method``: :func:`affordable_passes` for ``auto``,
+    :func:`local_search_passes` for ``lorp-loss``, ``None`` (no limit) for the others."""
+    if method == "auto":
+        tokens = scoring_shape[0] * scoring_shape[1]
+        return affordable_passes(model, calibration_tokens, tokens, num_remove)
+    if method == "lorp-loss":
+        return local_search_passes(model, calibration_tokens, scoring_shape, num_remove)
+    return None
+
+
 # --------------------------------------------------------------------------------------------
 # SLEB
 # --------------------------------------------------------------------------------------------
@@ -307,6 +544,7 @@ def sleb_select(
     first_scores: list[float | None] = [None] * n
     for step in range(k):
         pool = [b for b in range(1, n - 1) if b not in removed]
+        scorer.prefetch([[*removed, b] for b in pool])
         nll = {b: scorer.score([*removed, b]).nll for b in pool}
         best = min(pool, key=lambda b: nll[b])  # pool ascending: ties go to the shallower block
         if step == 0:
@@ -405,6 +643,7 @@ def lorp_kl_select(
         pool = [m for m in candidates[c] if m not in removed][:per_slot]
         kls: dict[int, float] = {}
         if len(pool) >= 2:
+            scorer.prefetch([[*removed, m] for m in pool])
             for m in pool:
                 kl = scorer.score([*removed, m]).kl
                 assert kl is not None
@@ -450,6 +689,187 @@ def lorp_kl_select(
         rls=base.rls,
         num_clusters=base.num_clusters,
         labels=base.labels,
+        details=details,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# LoRP-loss
+# --------------------------------------------------------------------------------------------
+
+
+def _runs(blocks: Sequence[int]) -> list[list[int]]:
+    """Maximal runs of consecutive block indices, in order."""
+    runs: list[list[int]] = []
+    for b in sorted(blocks):
+        if runs and b == runs[-1][-1] + 1:
+            runs[-1].append(b)
+        else:
+            runs.append([b])
+    return runs
+
+
+def _swap_moves(
+    removed: Sequence[int], labels: Sequence[int], matrix: np.ndarray, per_phase: int
+) -> list[tuple[int, ...]]:
+    """Neighbouring removal sets of ``removed``, most promising first (see lorp_loss_select).
+
+    A move takes one block out of the set and puts another in: out, an end of a run of removed
+    blocks (the interior of a run stays); in, the block just past either end of a run (the run
+    slides) or one of the ``per_phase`` kept blocks of each phase with the highest local
+    redundancy S[c, c+1] (a removal moves to another place or phase). Blocks 0 and N−1 never
+    enter. Ordered by the S-based gain S[in, in+1] − S[out, out+1], largest first.
+    """
+    n = matrix.shape[0]
+    current = set(removed)
+
+    def local(b: int) -> float:
+        return float(matrix[b, b + 1])
+
+    def free(b: int) -> bool:
+        return 0 < b < n - 1 and b not in current
+
+    ends: set[int] = set()
+    incoming: set[int] = set()
+    for run in _runs(removed):
+        ends.update((run[0], run[-1]))
+        incoming.update(b for b in (run[0] - 1, run[-1] + 1) if free(b))
+    for phase in sorted(set(labels)):
+        kept = [b for b in range(n) if labels[b] == phase and free(b)]
+        incoming.update(sorted(kept, key=lambda b: -local(b))[:per_phase])
+    scored: dict[tuple[int, ...], float] = {}
+    for out in sorted(ends):
+        for inc in sorted(incoming):
+            move = tuple(sorted((current - {out}) | {inc}))
+            gain = local(inc) - local(out)
+            scored[move] = max(gain, scored.get(move, -math.inf))
+    return sorted(scored, key=lambda m: -scored[m])  # stable: equal gains keep index order
+
+
+def lorp_loss_select(
+    similarity: ArrayLike,
+    num_remove: int | float,
+    scorer: WindowScorer,
+    *,
+    num_clusters: int | None = None,
+    candidates_per_phase: int = 2,
+    max_passes: int | None = None,
+    search_windows: torch.Tensor | None = None,
+) -> Selection:
+    """LoRP's phases with the measured loss as the objective (module docstring).
+
+    ``scorer``: the scoring windows that decide (NLL). ``search_windows``: the cheaper windows the
+    local search moves on (default: the first half of the scoring windows, each cut to half its
+    length). ``max_passes``: local-search passes allowed on them (``None``: until no move helps).
+    """
+    per_phase = _check_per_slot(candidates_per_phase)
+    matrix = validate_similarity(similarity)
+    n = matrix.shape[0]
+    if n != scorer.num_layers:
+        raise InvalidInputError(f"similarity is {n}x{n}, model has {scorer.num_layers} blocks")
+    if max_passes is not None and max_passes < 0:
+        raise InvalidInputError(f"max_passes must be >= 0, got {max_passes}")
+    k = resolve_budget(n, num_remove)
+    start = time.perf_counter()
+    passes0 = scorer.passes
+    rls = representation_locality_score(matrix)
+    lorp = select_layers(matrix, k, method="lorp", num_clusters=num_clusters)
+    assert lorp.labels is not None
+    labels = lorp.labels
+
+    # 1. Starting points: every S-based selection, ranked by loss on the scoring windows.
+    built: list[tuple[str, Selection]] = [(f"lorp (K={lorp.num_clusters})", lorp)]
+    for name, method, forced in _candidate_specs(n, rls):
+        if method == "lorp" and (forced or policy_num_clusters(rls)) == lorp.num_clusters:
+            continue
+        built.append((name, select_layers(matrix, k, method=method, num_clusters=forced)))
+    scorer.prefetch([sel.removed for _, sel in built])
+    start_nll = [scorer.score(sel.removed).nll for _, sel in built]
+    best_start = min(range(len(built)), key=lambda i: start_nll[i])  # ties: first
+    origin: tuple[int, ...] = tuple(built[best_start][1].removed)
+    starts = [
+        {"name": name, "removed": list(sel.removed), "nll": nll}
+        for (name, sel), nll in zip(built, start_nll, strict=True)
+    ]
+
+    # 2. Local search from the best start, on the cheaper windows: best-improvement swaps.
+    if search_windows is None:
+        w, t = scorer.windows.shape
+        search_windows = scorer.windows[: max(1, w // 2), : max(2, t // 2)]
+    fast = WindowScorer(
+        scorer.model,
+        search_windows,
+        batch_size=scorer.batch_size,
+        reference=False,
+        prefix_bytes=scorer.prefix_bytes,
+        progress=scorer.progress,
+        stage=scorer.stage,
+    )
+    current = origin
+    current_nll = fast.score(current).nll
+    rounds: list[dict[str, Any]] = []
+    while max_passes is None or fast.passes < max_passes:
+        moves = [m for m in _swap_moves(current, labels, matrix, per_phase) if not fast.cached(m)]
+        if max_passes is not None:
+            moves = moves[: max_passes - fast.passes]
+        if not moves:
+            break
+        fast.prefetch(moves)
+        tried = {m: fast.score(m).nll for m in moves}
+        best = min(moves, key=lambda m: tried[m])  # moves in S-gain order: ties keep it
+        rounds.append(
+            {
+                "from": list(current),
+                "nll": current_nll,
+                "moves": len(moves),
+                "best": list(best),
+                "best_nll": tried[best],
+                "accepted": tried[best] < current_nll,
+            }
+        )
+        if tried[best] >= current_nll:
+            break
+        current, current_nll = best, tried[best]
+
+    # 3. Keep the local-search result only if the scoring windows agree it is better.
+    chosen = origin
+    if current != origin and scorer.score(current).nll < scorer.score(origin).nll:
+        chosen = current
+    quotas = Counter(labels[b] for b in chosen)
+    phases = sorted(set(labels))
+    details = {
+        "objective": "nll",
+        "num_clusters_source": lorp.details.get("num_clusters_source"),
+        "scores": lorp.details.get("scores"),
+        "starts": starts,
+        "start": starts[best_start]["name"],
+        "search": {
+            "windows": int(search_windows.shape[0]),
+            "seq_len": int(search_windows.shape[1]),
+            "passes": fast.passes,
+            "prefix_passes": fast.prefix_passes,
+            "seconds": fast.seconds,
+            "max_passes": max_passes,
+            "candidates_per_phase": per_phase,
+            "rounds": rounds,
+            "result": list(current),
+        },
+        "improved": chosen != origin,
+        "nll": scorer.score(chosen).nll,
+        "quotas": {str(c): quotas.get(c, 0) for c in phases},
+        "lorp_removed": list(lorp.removed),
+        "lorp_quotas": {str(c): sum(1 for b in lorp.removed if labels[b] == c) for c in phases},
+        "passes": scorer.passes - passes0 + fast.passes,
+        "search_s": time.perf_counter() - start,
+        "scoring": scorer.info(),
+    }
+    return Selection(
+        method="lorp-loss",
+        num_layers=n,
+        removed=sorted(chosen),
+        rls=rls,
+        num_clusters=lorp.num_clusters,
+        labels=labels,
         details=details,
     )
 
@@ -537,6 +957,7 @@ def auto_select(
     records: list[dict[str, Any]] = []
     selections: list[Selection] = []
     first_name: dict[tuple[int, ...], str] = {}
+    scorer.prefetch([sel.removed for _, sel, _ in built])
     if scorer.reference:
         scorer.score(())  # the dense reference first
     for name, sel, select_s in built:
@@ -635,16 +1056,18 @@ def search_layers(
     """Choose blocks with a model-in-the-loop ``method`` (one of :data:`SEARCH_METHODS`).
 
     ``windows``: scoring windows ``[W, T]`` (held out from the calibration windows, never the
-    evaluation text). ``num_clusters`` forces K for ``lorp-kl`` only. ``max_passes`` limits
+    evaluation text). ``num_clusters`` forces K for ``lorp-kl`` and ``lorp-loss`` only.
+    ``candidates_per_slot``: candidates per removal slot (``lorp-kl``) or per phase and step
+    (``lorp-loss``). ``max_passes`` limits
     ``auto`` (see :func:`affordable_passes`). Progress goes to stage ``"selection"``.
     """
     if method not in SEARCH_METHODS:
         raise InvalidInputError(
             f"unknown search method {method!r}; valid: {', '.join(SEARCH_METHODS)}"
         )
-    if num_clusters is not None and method != "lorp-kl":
+    if num_clusters is not None and method not in CLUSTER_METHODS:
         raise InvalidInputError(
-            f"num_clusters only applies to methods 'lorp' and 'lorp-kl', not {method!r}"
+            f"num_clusters only applies to methods {', '.join(CLUSTER_METHODS)}, not {method!r}"
         )
     matrix = validate_similarity(similarity)
     n = len(get_blocks(model))
@@ -661,6 +1084,14 @@ def search_layers(
     try:
         if method == "sleb":
             return sleb_select(scorer, num_remove, similarity=matrix)
+        if method == "lorp-loss":
+            return lorp_loss_select(
+                matrix,
+                num_remove,
+                scorer,
+                num_clusters=num_clusters,
+                max_passes=max_passes,
+            )
         if method == "lorp-kl":
             return lorp_kl_select(
                 matrix,

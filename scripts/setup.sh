@@ -69,10 +69,10 @@ else
 fi
 
 # --- the project (editable) with its extras ----------------------------------------------------
-want="$(sha256sum pyproject.toml | cut -d' ' -f1)"
+want="$(cat pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1)"
 have="$(cat "$STAMP" 2>/dev/null || true)"
 if [[ "$want" == "$have" ]] && "$VPY" -c "import lorp, service, fastapi, celery, boto3, pytest, yaml" 2>/dev/null; then
-    log "project already installed (pyproject.toml unchanged)"
+    log "project already installed (pyproject.toml and constraints.txt unchanged)"
 elif [[ -z "$have" ]] && "$VPY" - "$ROOT" <<'PY' 2>/dev/null
 # Already installed (editable) from this checkout with every extra importable: just stamp it.
 import importlib.metadata as md
@@ -91,8 +91,11 @@ then
     log "project already installed editable from $ROOT"
     echo "$want" > "$STAMP"
 else
-    log "installing the project: pip install -e .[service,dev]"
-    "$VPY" -m pip install -e ".[service,dev]"
+    # constraints.txt: the versions the suite was last run with, so a new release of a
+    # dependency (e.g. a transformers deprecation, which the suite turns into an error) can't
+    # break a fresh setup; pyproject.toml keeps the supported ranges.
+    log "installing the project: pip install -c constraints.txt -e .[service,dev]"
+    "$VPY" -m pip install -c constraints.txt -e ".[service,dev]"
     echo "$want" > "$STAMP"
 fi
 

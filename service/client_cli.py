@@ -53,7 +53,15 @@ class UsageError(Exception):
 
 #: ``--method`` choices. The same as ``lorp.search.ALL_METHODS`` (a unit test keeps them equal);
 #: spelled out so the client stays a thin HTTP tool that never imports torch.
-METHODS: tuple[str, ...] = ("lorp", "shortgpt", "streamline", "sleb", "lorp-kl", "auto")
+METHODS: tuple[str, ...] = (
+    "lorp",
+    "shortgpt",
+    "streamline",
+    "sleb",
+    "lorp-kl",
+    "lorp-loss",
+    "auto",
+)
 
 
 def _pair(text: str) -> list[int]:

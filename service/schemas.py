@@ -33,6 +33,7 @@ from pydantic import (
 )
 
 from lorp.search import ALL_METHODS
+from lorp.search import CLUSTER_METHODS as LORP_CLUSTER_METHODS
 from service.config import Settings
 
 MAX_URI_LEN = 1024
@@ -44,12 +45,13 @@ _WEIGHT_SUFFIXES = (".safetensors", ".gguf")
 
 
 #: Layer-selection methods the worker's lorp accepts: the S-only ones (``lorp``, ``shortgpt``,
-#: ``streamline``) and the model-in-the-loop ones (``sleb``, ``lorp-kl``, ``auto``); see
+#: ``streamline``) and the model-in-the-loop ones (``sleb``, ``lorp-kl``, ``lorp-loss``,
+#: ``auto``); see
 #: ``lorp.search``. Taken from the library so the API never drifts from it.
 Method = StrEnum("Method", [(m, m) for m in ALL_METHODS])  # type: ignore[misc]
 Method.__doc__ = "Layer-selection method (see ``lorp.search.ALL_METHODS``)."
 #: Methods that take ``num_clusters`` (the library's rule, ``lorp.pipeline.PruneConfig``).
-CLUSTER_METHODS = ("lorp", "lorp-kl")
+CLUSTER_METHODS = LORP_CLUSTER_METHODS
 
 
 class DType(StrEnum):
@@ -335,12 +337,14 @@ class JobCreate(BaseModel):
     )
     method: Method = Field(
         default=Method("lorp"),
-        description="lorp, shortgpt, streamline (from S only); sleb, lorp-kl (measure candidate "
-        "removals with the model); auto (score every S-based candidate, keep the best)",
+        description="lorp, shortgpt, streamline (from S only); sleb, lorp-kl, lorp-loss "
+        "(measure candidate removals with the model); auto (score every S-based candidate, "
+        "keep the best)",
     )
     budget: Budget
     num_clusters: Annotated[StrictInt, Field(ge=1, le=256)] | None = Field(
-        default=None, description="force the number of phases K (methods lorp and lorp-kl only)"
+        default=None,
+        description="force the number of phases K (methods lorp, lorp-kl and lorp-loss only)",
     )
     windows: Annotated[StrictInt, Field(ge=1, le=1024)] = 32
     seq_len: Annotated[StrictInt, Field(ge=8, le=8192)] = 512
@@ -353,7 +357,8 @@ class JobCreate(BaseModel):
     )
     score_windows: Annotated[StrictInt, Field(ge=1, le=256)] | None = Field(
         default=None,
-        description="scoring windows of the model-in-the-loop methods (sleb, lorp-kl, auto); "
+        description="scoring windows of the model-in-the-loop methods (sleb, lorp-kl, "
+        "lorp-loss, auto); "
         "null: the method's default (8 for auto, 4 otherwise)",
     )
     score_seq_len: Annotated[StrictInt, Field(ge=8, le=8192)] | None = Field(
@@ -362,7 +367,8 @@ class JobCreate(BaseModel):
         "(512 for auto, 256 otherwise)",
     )
     search_candidates: Annotated[StrictInt, Field(ge=1, le=16)] = Field(
-        default=3, description="lorp-kl: candidates measured per removal slot"
+        default=3,
+        description="lorp-kl: candidates measured per removal slot; lorp-loss: per phase and step",
     )
     quality_gate: QualityGateSpec | None = None
     dtype: DType = DType.float32

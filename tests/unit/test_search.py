@@ -6,10 +6,12 @@ import json
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedModel
 
+from lorp._blocks import get_blocks
 from lorp.cli import main
 from lorp.errors import InvalidInputError
 from lorp.pipeline import PruneConfig, prune, run_pipeline
@@ -18,16 +20,25 @@ from lorp.search import (
     ALL_METHODS,
     SEARCH_METHODS,
     WindowScorer,
+    _swap_moves,
     affordable_passes,
     auto_select,
     lorp_kl_select,
+    lorp_loss_select,
     search_layers,
     sleb_select,
 )
 from lorp.selection import METHODS, select_layers
 from lorp.similarity import capture_similarity
 from lorp.surgery import pruned_view
-from tests.tiny_models import _COMMON, TINY_TEXT, build_tiny, tiny_input_ids, tiny_tokenizer
+from tests.tiny_models import (
+    _COMMON,
+    FAMILIES,
+    TINY_TEXT,
+    build_tiny,
+    tiny_input_ids,
+    tiny_tokenizer,
+)
 
 TEXT = TINY_TEXT
 
@@ -51,7 +62,7 @@ def deep() -> tuple[PreTrainedModel, torch.Tensor, torch.Tensor]:
 
 def test_method_names() -> None:
     assert set(METHODS) < set(ALL_METHODS)
-    assert set(SEARCH_METHODS) == {"sleb", "lorp-kl", "auto"}
+    assert set(SEARCH_METHODS) == {"sleb", "lorp-kl", "lorp-loss", "auto"}
     assert set(ALL_METHODS) == set(METHODS) | set(SEARCH_METHODS)
     with pytest.raises(InvalidInputError):
         select_layers([[1, 0.5, 0.2], [0.5, 1, 0.5], [0.2, 0.5, 1]], 1, method="auto")
@@ -77,6 +88,48 @@ def test_scorer_matches_compare_pruned_and_caches() -> None:
     with pytest.raises(InvalidInputError):
         scorer.score([6])
     assert len(model.model.layers) == 6
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prefix_cache_gives_the_same_scores_as_whole_passes(family: str) -> None:
+    model = build_tiny(family)
+    windows = tiny_input_ids(batch=3, length=20, seed=1)
+    sets = [(1,), (2, 4), (3,), (4, 5), (1, 3)]  # (4, 5): nothing kept after block 4
+    whole = WindowScorer(model, windows, batch_size=2, prefix_bytes=0)
+    cached = WindowScorer(model, windows, batch_size=2)
+    cached.prefetch(sets)  # dense reference pass, storing block inputs 1..3 on the way
+    assert cached.passes == 1 and cached.prefix_passes == 0
+    assert cached.info()["prefix_blocks"] == [1, 2, 3]
+    nll_only = WindowScorer(model, windows, batch_size=2, reference=False)
+    nll_only.prefetch(sets)  # a partial dense pass up to block 3's input
+    assert nll_only.prefix_passes == 1 and nll_only.passes == 0
+    argmax = WindowScorer(model, windows, batch_size=2, keep_distribution=False)
+    for removed in sets:
+        a, b, c, d = (s.score(removed) for s in (whole, cached, nll_only, argmax))
+        assert a.start_block == 0
+        assert b.start_block == (0 if removed == (4, 5) else removed[0])
+        assert b.nll == pytest.approx(a.nll, abs=1e-5)
+        assert c.nll == pytest.approx(a.nll, abs=1e-5)
+        assert b.kl == pytest.approx(a.kl, abs=1e-5)
+        assert b.top1_agreement == a.top1_agreement == d.top1_agreement
+        assert d.kl is None and d.nll == pytest.approx(a.nll, abs=1e-5)
+    assert len(get_blocks(model)) == 6
+
+
+def test_prefix_cache_respects_its_memory_budget_and_skips_useless_passes() -> None:
+    model = build_tiny("llama")
+    windows = tiny_input_ids(batch=2, length=16, seed=2)
+    per_block = windows.numel() * model.config.hidden_size * 4
+    scorer = WindowScorer(model, windows, reference=False, prefix_bytes=2 * per_block)
+    scorer.prefetch([(1,), (2,), (3,), (4,)])
+    assert len(scorer.info()["prefix_blocks"]) == 2  # evenly spaced within the budget
+    assert scorer.info()["prefix_blocks"] == [1, 3]
+    assert [scorer.score([b]).start_block for b in (1, 2, 3, 4)] == [1, 1, 3, 3]
+    one = WindowScorer(model, windows, reference=False)
+    one.prefetch([(3,)])  # a partial pass to block 3 saves nothing for one pass from block 3
+    assert one.prefix_passes == 0 and one.info()["prefix_blocks"] == []
+    with pytest.raises(InvalidInputError):
+        WindowScorer(model, windows, prefix_bytes=-1)
 
 
 def test_sleb_removes_k_distinct_interior_blocks_greedily(deep: tuple) -> None:
@@ -126,6 +179,74 @@ def test_lorp_kl_respects_lorp_phase_quotas(deep: tuple, k: int, num_clusters: i
         s, k, WindowScorer(model, windows), num_clusters=num_clusters, candidates_per_slot=1
     )
     assert one.removed == lorp.removed
+
+
+@pytest.mark.parametrize(("k", "num_clusters", "max_passes"), [(3, None, None), (5, 3, 4)])
+def test_lorp_loss_starts_from_the_best_s_selection_and_only_keeps_real_gains(
+    deep: tuple, k: int, num_clusters: int | None, max_passes: int | None
+) -> None:
+    model, s, windows = deep
+    lorp = select_layers(s, k, method="lorp", num_clusters=num_clusters)
+    scorer = WindowScorer(model, windows, reference=False)
+    sel = lorp_loss_select(s, k, scorer, num_clusters=num_clusters, max_passes=max_passes)
+    d = sel.details
+    assert sel.method == "lorp-loss" and sel.labels == lorp.labels
+    assert sel.num_clusters == lorp.num_clusters and d["lorp_removed"] == lorp.removed
+    assert len(sel.removed) == k and 0 not in sel.removed and 9 not in sel.removed
+
+    def loss(removed: list[int], w: torch.Tensor) -> float:
+        with pruned_view(model, removed):
+            return perplexity(model, w).nll
+
+    # starting points: LoRP (this K), the other K, ShortGPT, Streamline, each really measured
+    names = [st["name"] for st in d["starts"]]
+    assert names[0] == f"lorp (K={lorp.num_clusters})" and "streamline" in names
+    assert {"shortgpt", "streamline"} <= set(names)
+    for st in d["starts"]:
+        assert st["nll"] == pytest.approx(loss(st["removed"], windows), rel=1e-5)
+    best = min(d["starts"], key=lambda st: st["nll"])
+    assert d["start"] == best["name"]
+    # the local search moves on half the windows, half as long, and only downhill
+    search = d["search"]
+    assert (search["windows"], search["seq_len"]) == (1, 12)
+    if max_passes is not None:
+        assert search["passes"] <= max_passes
+    for r in search["rounds"]:
+        assert r["accepted"] == (r["best_nll"] < r["nll"])
+        assert len(r["best"]) == k
+    for before, after in zip(search["rounds"], search["rounds"][1:], strict=False):
+        assert after["nll"] < before["nll"] and after["from"] == before["best"]
+    # the result is kept only if the (larger) scoring windows agree
+    if d["improved"]:
+        assert loss(sel.removed, windows) < best["nll"]
+        assert sel.removed == search["result"]
+    else:
+        assert sel.removed == best["removed"]
+    assert d["nll"] == pytest.approx(loss(sel.removed, windows), rel=1e-5)
+    assert len(model.model.layers) == 10
+    via_entry = search_layers(
+        model, s, k, "lorp-loss", windows, num_clusters=num_clusters, max_passes=max_passes
+    )
+    assert via_entry.removed == sel.removed
+
+
+def test_swap_moves_trade_one_block_at_run_ends() -> None:
+    n = 12
+    s = np.eye(n) + 0.0
+    for i in range(n - 1):
+        s[i, i + 1] = s[i + 1, i] = 0.5 + 0.01 * i  # deeper blocks look more redundant
+    labels = [0] * 6 + [1] * 6
+    current = (3, 4, 5, 9)
+    moves = _swap_moves(current, labels, s, 1)
+    assert moves and len(set(moves)) == len(moves)
+    for m in moves:
+        assert len(m) == 4 and 0 not in m and n - 1 not in m
+        out = set(current) - set(m)
+        assert len(out) == 1 and out <= {3, 5, 9}  # a run's end leaves, never 4 (its interior)
+    assert (2, 3, 4, 9) in moves and (4, 5, 6, 9) in moves  # the run 3-5 slides
+    assert (3, 4, 5, 8) in moves and (3, 4, 5, 10) in moves  # the single run 9 slides
+    gains = [max(s[b, b + 1] for b in set(m) - set(current)) for m in moves]
+    assert gains[0] == max(gains)  # most S-redundant incoming block first
 
 
 def test_auto_picks_the_lowest_kl_candidate_and_records_all(deep: tuple) -> None:

@@ -412,7 +412,7 @@ def test_num_clusters_only_with_lorp_methods(settings: Settings, method: str) ->
         library_accepts = False
     else:
         library_accepts = True
-    assert library_accepts == (method in ("lorp", "lorp-kl"))
+    assert library_accepts == (method in ("lorp", "lorp-kl", "lorp-loss"))
     if library_accepts:
         assert validate_job(data, settings, TENANT).num_clusters == 2
     else:
