@@ -473,19 +473,19 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_int,
         default=None,
         help="scoring windows for sleb/lorp-kl/lorp-loss/auto, after the calibration windows "
-        "(default: 8 for auto, 4 otherwise)",
+        "(default: 8 for auto and lorp-loss, 4 otherwise)",
     )
     p.add_argument(
         "--score-seq-len",
         type=_positive_int,
         default=None,
-        help="scoring window length (default: 512 for auto, 256 otherwise)",
+        help="scoring window length (default: 512 for auto and lorp-loss, 256 otherwise)",
     )
     p.add_argument(
         "--search-candidates",
         type=_positive_int,
         default=3,
-        help="lorp-kl: candidates per removal slot; lorp-loss: per phase and step (3)",
+        help="lorp-kl: candidates measured per removal slot (3)",
     )
     p.add_argument("--eval", type=Path, help="held-out text for dense vs pruned quality")
     p.add_argument("--eval-windows", type=_positive_int, default=64)

@@ -96,7 +96,7 @@ class PruneConfig:
     # None takes the method's default (SCORING_DEFAULTS)
     score_windows: int | None = None
     score_seq_len: int | None = None
-    search_candidates: int = 3  # lorp-kl: per removal slot; lorp-loss: per phase and step
+    search_candidates: int = 3  # lorp-kl: candidates measured per removal slot
     quality_gate: QualityGate | None = None
 
     def __post_init__(self) -> None:

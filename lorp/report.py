@@ -149,13 +149,19 @@ def _explain(sel: Mapping[str, Any]) -> str:
             f"{details.get('lorp_removed')})."
         )
     if method == "lorp-loss":
+        search = details.get("search") or {}
+        outcome = (
+            f"a local search of {search.get('passes', '?')} swaps found a better set, confirmed "
+            "on the scoring windows"
+            if details.get("improved")
+            else f"no swap tried by the local search ({search.get('passes', '?')} passes) did "
+            "better, so it was kept"
+        )
         return (
-            f"{name}: LoRP's phases (K = {sel.get('num_clusters')}, RLS = {rls_text}); {k} times, "
-            f"the {details.get('candidates_per_phase', '?')} most redundant remaining blocks of "
-            f"every phase were each tried on top of the blocks already removed and the one with "
-            f"the lowest loss on {windows} of calibration text was removed "
-            f"({details.get('passes', '?')} forward passes; plain LoRP would remove "
-            f"{details.get('lorp_removed')})."
+            f"{name}: LoRP's phases (K = {sel.get('num_clusters')}, RLS = {rls_text}). The "
+            f"S-based selections were measured by their loss on {windows} of calibration text; "
+            f"the best, {details.get('start')}, was the start, and {outcome} ({k} of {n} "
+            f"blocks; plain LoRP would remove {details.get('lorp_removed')})."
         )
     if method == "auto":
         cands = details.get("candidates") or []

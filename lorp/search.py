@@ -29,6 +29,22 @@ run: for SLEB on SmolLM2 about half of them).
     KL(dense || pruned) on the scoring windows with the blocks chosen so far plus the candidate
     removed, and the lowest KL wins (ties: LoRP's order). A slot with one candidate left is
     filled without measuring. Cost: 1 dense pass + at most k × candidates_per_slot passes.
+``lorp-loss``
+    LoRP's phase structure with the measured loss as the objective (the companion study's point:
+    the objective matters more than the search). (1) Starting points: LoRP at its policy K (or
+    the forced K) and the other S-based selections (LoRP at K = 2..4, ShortGPT, LLM-Streamline),
+    each measured by mean NLL on the scoring windows (default 8 x 512 tokens); the lowest is
+    the start. (2) Best-improvement local search from the start on cheaper *search windows*
+    (the first half of the scoring windows, each cut to half its length): a move swaps one
+    block — an end of a run of removed blocks leaves, and either the block just past a run's
+    end (the run slides) or one of the ``candidates_per_phase`` (default 2) kept blocks with
+    the highest local redundancy S[b, b+1] in each LoRP phase comes in; every move of a round
+    is measured, the best is taken if it lowers the loss, and the search stops when no move
+    helps or ``max_passes`` is spent (:func:`local_search_passes`: about one capture's worth).
+    (3) The search result replaces the start only if the full scoring windows agree that its
+    loss is lower, so the method never returns a set that measured worse than the best
+    S-based selection. Cost: the S-based candidates (about auto's) + at most ``max_passes``
+    cheap passes + 2; about 2-3x LoRP's selection time.
 ``auto``
     Compute candidate selections from S with every S-based method — LoRP with the policy K,
     LoRP with K forced to each other value in 2..4, ShortGPT, LLM-Streamline — plus ``lorp-kl``
@@ -1057,9 +1073,9 @@ def search_layers(
 
     ``windows``: scoring windows ``[W, T]`` (held out from the calibration windows, never the
     evaluation text). ``num_clusters`` forces K for ``lorp-kl`` and ``lorp-loss`` only.
-    ``candidates_per_slot``: candidates per removal slot (``lorp-kl``) or per phase and step
-    (``lorp-loss``). ``max_passes`` limits
-    ``auto`` (see :func:`affordable_passes`). Progress goes to stage ``"selection"``.
+    ``candidates_per_slot``: candidates per removal slot (``lorp-kl``). ``max_passes`` limits
+    ``auto`` and ``lorp-loss``'s local search (see :func:`pass_budget`). Progress goes to
+    stage ``"selection"``.
     """
     if method not in SEARCH_METHODS:
         raise InvalidInputError(

@@ -359,16 +359,16 @@ class JobCreate(BaseModel):
         default=None,
         description="scoring windows of the model-in-the-loop methods (sleb, lorp-kl, "
         "lorp-loss, auto); "
-        "null: the method's default (8 for auto, 4 otherwise)",
+        "null: the method's default (8 for auto and lorp-loss, 4 otherwise)",
     )
     score_seq_len: Annotated[StrictInt, Field(ge=8, le=8192)] | None = Field(
         default=None,
         description="scoring window length in tokens; null: the method's default "
-        "(512 for auto, 256 otherwise)",
+        "(512 for auto and lorp-loss, 256 otherwise)",
     )
     search_candidates: Annotated[StrictInt, Field(ge=1, le=16)] = Field(
         default=3,
-        description="lorp-kl: candidates measured per removal slot; lorp-loss: per phase and step",
+        description="lorp-kl: candidates measured per removal slot",
     )
     quality_gate: QualityGateSpec | None = None
     dtype: DType = DType.float32

@@ -387,6 +387,19 @@ def test_run_pipeline_and_cli_with_auto(tmp_path: Path, capsys: pytest.CaptureFi
     assert res.report["method"] == "lorp-kl"
     assert res.report["selection"]["details"]["quotas"]
 
+    res = run_pipeline(
+        d,
+        text,
+        tmp_path / "out3",
+        PruneConfig(method="lorp-loss", num_remove=2, windows=4, seq_len=32, score_seq_len=16),
+    )
+    details = res.report["selection"]["details"]
+    assert res.report["method"] == "lorp-loss" and details["start"]
+    budget = details["search"]["max_passes"]
+    assert isinstance(budget, int) and details["search"]["passes"] <= budget
+    explanation = res.report["selection"]["explanation"]
+    assert "LoRP's phases" in explanation and details["start"] in explanation
+
 
 def test_auto_default_objective_is_loss_without_a_dense_pass(deep: tuple) -> None:
     model, s, windows = deep
