@@ -40,6 +40,7 @@ from lorp.search import (
     auto_select,
     lorp_kl_select,
     lorp_loss_select,
+    pass_budget,
     sleb_select,
 )
 from lorp.selection import select_layers
@@ -189,16 +190,24 @@ def main() -> None:
         )
         loss_scorer = WindowScorer(model, loss_scoring, reference=False)
         t = time.perf_counter()
-        sel = lorp_loss_select(s, k, loss_scorer)
+        loss_budget = pass_budget(
+            "lorp-loss", model, int(calib.numel()), (loss_windows, loss_len), k
+        )
+        sel = lorp_loss_select(s, k, loss_scorer, max_passes=loss_budget)
         entries.append(
             {
                 "method": "lorp-loss",
                 "removed": sel.removed,
                 "num_clusters": sel.num_clusters,
                 "search_s": time.perf_counter() - t,
-                "passes": loss_scorer.passes,
+                "passes": sel.details["passes"],
                 "scoring_windows": [int(loss_scoring.shape[0]), int(loss_scoring.shape[1])],
-                "details": {"steps": sel.details["steps"], "quotas": sel.details["quotas"]},
+                "max_passes": loss_budget,
+                "details": {
+                    "start": sel.details["start"],
+                    "improved": sel.details["improved"],
+                    "search": sel.details["search"],
+                },
             }
         )
         auto_scorer = WindowScorer(model, auto_scoring, reference=False)

@@ -307,7 +307,10 @@ class WindowScorer:
             return
         self._prefix_pass(todo)
 
-    def _store_hooks(self, starts: Sequence[int], stop: bool) -> list[Any]:
+    @contextlib.contextmanager
+    def _storing(self, starts: Sequence[int], stop: bool) -> Iterator[None]:
+        """Store the dense inputs of blocks ``starts`` during the forwards run in the body
+        (``stop``: end each forward after the deepest); nothing is kept if the body fails."""
         blocks = get_blocks(self.model)
         last = max(starts) if starts else -1
         for s in starts:
@@ -324,18 +327,9 @@ class WindowScorer:
 
             return pre_hook
 
-        return [blocks[s].register_forward_pre_hook(make(s), with_kwargs=True) for s in starts]
-
-    @torch.no_grad()
-    def _prefix_pass(self, starts: Sequence[int]) -> None:
-        """Partial dense pass storing the inputs of ``starts`` (stops after the deepest)."""
-        device = input_device(self.model)
-        start = time.perf_counter()
-        handles = self._store_hooks(starts, stop=True)
+        handles = [blocks[s].register_forward_pre_hook(make(s), with_kwargs=True) for s in starts]
         try:
-            for batch in batches(self.windows, self.batch_size):
-                with contextlib.suppress(_StopForward):
-                    self.model(input_ids=batch.to(device), use_cache=False)
+            yield
         except BaseException:
             for s in starts:
                 self._prefix.pop(s, None)
@@ -343,6 +337,16 @@ class WindowScorer:
         finally:
             for h in handles:
                 h.remove()
+
+    @torch.no_grad()
+    def _prefix_pass(self, starts: Sequence[int]) -> None:
+        """Partial dense pass storing the inputs of ``starts`` (stops after the deepest)."""
+        device = input_device(self.model)
+        start = time.perf_counter()
+        with self._storing(starts, stop=True):
+            for batch in batches(self.windows, self.batch_size):
+                with contextlib.suppress(_StopForward):
+                    self.model(input_ids=batch.to(device), use_cache=False)
         self.prefix_passes += 1
         self.seconds += time.perf_counter() - start
 
@@ -354,20 +358,12 @@ class WindowScorer:
         start = time.perf_counter()
         nll = 0.0
         keep: list[torch.Tensor] = []
-        handles = self._store_hooks(starts, stop=False)
-        try:
+        with self._storing(starts, stop=False):
             for batch in batches(self.windows, self.batch_size):
                 logp = _log_probs(self.model, batch, device)
                 nll += _nll_sum(logp, batch)
                 if self.reference:
                     keep.append(logp if self.keep_distribution else logp.argmax(-1))
-        except BaseException:
-            for s in starts:
-                self._prefix.pop(s, None)
-            raise
-        finally:
-            for h in handles:
-                h.remove()
         seconds = time.perf_counter() - start
         if self.reference:
             self._dense = keep
