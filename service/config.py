@@ -46,6 +46,7 @@ class Settings(BaseSettings):
     visibility_timeout: Annotated[int, Field(ge=60)] = 21600
     max_request_bytes: Annotated[int, Field(ge=1024, le=16 * 1024 * 1024)] = 64 * 1024
     idempotency_ttl_seconds: Annotated[int, Field(ge=60)] = 24 * 3600
+    api_workers: Annotated[int, Field(ge=1, le=64)] = 1  # API processes (``service.serve``)
 
     @field_validator("redis_url", "broker_url")
     @classmethod

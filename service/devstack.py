@@ -700,7 +700,8 @@ def _python_env(env: Mapping[str, str]) -> dict[str, str]:
 
 
 class ApiServer(ManagedProcess):
-    """``uvicorn service.main:app`` on a free loopback port; ready when /healthz answers 200."""
+    """``python -m service.serve`` (``LORP_API_WORKERS`` uvicorn processes of
+    ``service.main:app``) on a free loopback port; ready when /healthz answers 200."""
 
     name = "api"
 
@@ -716,7 +717,7 @@ class ApiServer(ManagedProcess):
     ) -> None:
         self.port = port or free_port()
         argv = [
-            sys.executable, "-m", "uvicorn", app,
+            sys.executable, "-m", "service.serve", app,
             "--host", LOOPBACK,
             "--port", str(self.port),
             "--log-level", "info",
@@ -813,7 +814,8 @@ class LocalStack:
     """Redis + SeaweedFS S3 + (optionally) the API and Celery workers, wired by LORP_* settings.
 
     ``env`` holds the exact settings the API and workers receive; extra settings (local roots,
-    corpora, work dir ...) can be passed with ``settings``; ``worker_app`` is the Celery app
+    corpora, work dir ...) can be passed with ``settings``; ``api_workers`` is the number of API
+    processes (``LORP_API_WORKERS``, one per core here); ``worker_app`` is the Celery app
     module the workers run (tests use one that adds a hold point). Use as a context manager: on
     any error during start, everything already started is stopped again.
     """
@@ -824,6 +826,7 @@ class LocalStack:
         *,
         log_dir: Path | None = None,
         api: bool = True,
+        api_workers: int = 2,
         workers: int = 1,
         worker_queues: Sequence[str] | None = None,
         bucket: str = "lorp-artifacts",
@@ -875,6 +878,7 @@ class LocalStack:
                 {k: str(Path(v).resolve()) for k, v in (corpora or {}).items()}
             ),
             "LORP_WORK_DIR": str(work_dir),
+            "LORP_API_WORKERS": str(api_workers),
         }
         self.env.update(settings or {})
         self.api: ApiServer | None = None

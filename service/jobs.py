@@ -50,6 +50,7 @@ MAX_PAGE = 100
 _CREATE_LUA = """
 -- KEYS: job, tenant seq, tenant jobs zset, queued zset, idempotency key (optional)
 -- ARGV: job id, use idem (0/1), idem value, idem ttl, then field/value pairs
+-- returns {1, seq} for a new job, {0, idem value} for an existing key
 if ARGV[2] == '1' then
   local existing = redis.call('GET', KEYS[5])
   if existing then return {0, existing} end
@@ -61,7 +62,7 @@ redis.call('ZADD', KEYS[4], seq, ARGV[1])
 if ARGV[2] == '1' then
   redis.call('SET', KEYS[5], ARGV[3], 'EX', tonumber(ARGV[4]))
 end
-return {1, ARGV[1]}
+return {1, seq}
 """
 
 _TRANSITION_LUA = """
@@ -280,8 +281,8 @@ class JobStore:
             ],
             args=args,
         )
-        if int(created) == 1:
-            return self.get(tenant, job_id), True
+        if int(created) == 1:  # the hash holds exactly these fields plus seq: no read back
+            return JobRecord.from_hash({**fields, "seq": str(value)}), True
         existing = json.loads(value)
         if existing["fingerprint"] != fingerprint:
             raise IdempotencyConflictError(

@@ -4,24 +4,32 @@ Settings are read once when the app starts (a bad configuration stops the start-
 mapped at this edge: job store or queue down -> 503 with ``Retry-After``; object store down ->
 503; unknown jobs -> 404; conflicts -> 409; bodies over ``LORP_MAX_REQUEST_BYTES`` -> 413;
 anything unexpected -> a 500 with a generic message (tracebacks go to the log only).
+
+Run it with ``python -m service.serve`` (``LORP_API_WORKERS`` processes). With more than one,
+``PROMETHEUS_MULTIPROC_DIR`` is set and ``/metrics`` sums the request metrics of all processes.
 """
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
+import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
-from contextlib import asynccontextmanager
+from contextlib import ExitStack, asynccontextmanager
 from typing import Any
 
+from celery import Celery
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from kombu.exceptions import OperationalError as KombuOperationalError
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector
 from redis.exceptions import RedisError
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.config import Settings
@@ -127,9 +135,10 @@ class BodyLimitMiddleware:
 
 
 class MetricsMiddleware:
-    """Count requests and time them per route template."""
+    """Count requests and time them per route template (``registry`` None: multiprocess mode,
+    the values go to ``PROMETHEUS_MULTIPROC_DIR`` and :class:`MultiProcessCollector` reads them)."""
 
-    def __init__(self, app: ASGIApp, registry: CollectorRegistry) -> None:
+    def __init__(self, app: ASGIApp, registry: CollectorRegistry | None) -> None:
         self.app = app
         self.requests = Counter(
             "lorp_http_requests", "HTTP requests", ["method", "route", "status"], registry=registry
@@ -283,6 +292,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             app.state.storage.ensure_bucket()
         except StorageError as e:  # /readyz reports it; the API still serves health/auth
             log.warning("could not ensure bucket %s: %s", cfg.s3_bucket, e)
+        await _warm_up(app)
+        # The imports (torch, via lorp) leave ~230k objects that live as long as the process;
+        # frozen, full collections no longer scan them (one took 0.18 s, stalling every request).
+        gc.freeze()
         try:
             yield
         finally:
@@ -300,19 +313,50 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.registry = registry = CollectorRegistry()
     registry.register(_QueueCollector(app))
+    multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+    if multiprocess:
+        MultiProcessCollector(registry)
     app.include_router(health.router)
     app.include_router(jobs.router)
     _install_error_handlers(app)
     max_bytes = settings.max_request_bytes if settings else _env_max_bytes()
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_bytes)
-    app.add_middleware(MetricsMiddleware, registry=registry)
+    app.add_middleware(MetricsMiddleware, registry=None if multiprocess else registry)
     return app
+
+
+async def _warm_up(app: FastAPI) -> None:
+    """Do at start what a fresh process otherwise does in its first requests, where every
+    request of a burst arriving meanwhile waits for it (0.1-0.3 s measured): FastAPI builds its
+    per-route state at the first route lookup, AnyIO starts its thread pool, and the first
+    concurrent submissions open job store and broker connections and run Celery's one-time
+    publish set-up."""
+    app.url_path_for("get_job", job_id="0")
+    await run_in_threadpool(_connect, app)
+
+
+def _connect(app: FastAPI) -> None:
+    """Open as many job store and broker connections as the broker pool holds, look up Celery's
+    result backend, build its task sender and declare the queue. Best effort: a dependency that
+    is down is reported by /readyz and answered with 503 per request."""
+    store: JobStore = app.state.store
+    celery: Celery = app.state.celery
+    pool = store.redis.connection_pool
+    try:
+        celery.backend  # noqa: B018  # an entry-point scan on first use
+        celery.amqp.send_task_message  # noqa: B018  # built (imports celery.events) on first use
+        with ExitStack() as stack:
+            for _ in range(celery.conf.broker_pool_limit):
+                producer = stack.enter_context(celery.producer_or_acquire())
+                producer.maybe_declare(celery.amqp.queues[QUEUE])
+                connection = pool.get_connection()
+                stack.callback(pool.release, connection)
+    except Exception as e:
+        log.warning("could not reach the job store or broker at start: %s", e)
 
 
 def _env_max_bytes() -> int:
     """``LORP_MAX_REQUEST_BYTES`` without building (and validating) all settings at import."""
-    import os
-
     default = Settings.model_fields["max_request_bytes"].default
     try:
         return int(os.environ.get("LORP_MAX_REQUEST_BYTES", default))

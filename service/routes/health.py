@@ -15,8 +15,8 @@ router = APIRouter(tags=["health"])
 
 
 @router.get("/healthz", response_model=HealthResponse, summary="Process is up")
-def healthz() -> HealthResponse:
-    """Always ok while the process serves requests."""
+async def healthz() -> HealthResponse:
+    """Always ok while the process serves requests (no I/O: answered on the event loop)."""
     return HealthResponse(status="ok")
 
 

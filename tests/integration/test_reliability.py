@@ -1,12 +1,15 @@
 """Reliability and security scenarios on the real stack (issue 6): Redis restarted mid-job,
 cancel in every stage, models too large or corrupt, no remote code, tenant isolation with
-expiring links. Stage-specific timing uses the hold point of ``tests.integration.hold_worker``
-(the worker parks a job at a chosen progress report until it is cancelled or released)."""
+expiring links, API worker processes (metrics summed over them, a killed one replaced).
+Stage-specific timing uses the hold point of ``tests.integration.hold_worker`` (the worker parks
+a job at a chosen progress report until it is cancelled or released)."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -364,3 +367,47 @@ def test_tenant_isolation_and_link_expiry(
         time.sleep(3.5)  # S3 presigned expiry is wall-clock time; nothing to poll
         expired = httpx.get(report["url"], timeout=10)
         assert expired.status_code == 403, expired.status_code
+
+
+# --------------------------------------------------------------------------------------------
+# API worker processes (service.serve)
+
+
+def _api_workers(service: Service) -> list[int]:
+    """Pids of the stack's API worker processes (children of the launcher)."""
+    api = service.stack.api
+    assert api is not None and api.pid is not None
+    kids = []
+    for task in Path(f"/proc/{api.pid}/task").iterdir():
+        kids += [int(k) for k in (task / "children").read_text().split()]
+    return [k for k in kids if b"spawn_main" in Path(f"/proc/{k}/cmdline").read_bytes()]
+
+
+def _healthz_count(metrics: str) -> float:
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in metrics.splitlines()
+        if line.startswith("lorp_http_requests_total{") and 'route="/healthz"' in line
+    )
+
+
+def test_metrics_sum_all_api_workers(service: Service) -> None:
+    assert len(_api_workers(service)) == int(service.stack.env["LORP_API_WORKERS"]) == 2
+    before = _healthz_count(httpx.get(f"{service.url}/metrics", timeout=30).text)
+    for _ in range(40):  # a new connection each: the kernel spreads them over the workers
+        assert httpx.get(f"{service.url}/healthz", timeout=30).status_code == 200
+    for _ in range(5):  # whichever worker answers the scrape counts every request
+        after = _healthz_count(httpx.get(f"{service.url}/metrics", timeout=30).text)
+        assert after >= before + 40
+
+
+def test_killed_api_worker_is_replaced(service: Service) -> None:
+    victim = _api_workers(service)[0]
+    os.kill(victim, signal.SIGKILL)
+    _until(
+        "a new API worker",
+        lambda: len(pids := _api_workers(service)) == 2 and victim not in pids,
+    )
+    # connections queued on the dead worker's socket wait for its successor
+    for _ in range(20):
+        assert httpx.get(f"{service.url}/healthz", timeout=60).status_code == 200

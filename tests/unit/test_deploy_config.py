@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -98,8 +99,15 @@ def test_ports(compose: dict[str, Any]) -> None:
     assert 9000 in container_ports("minio")
     assert "ports" not in svc["redis"], "redis should not be published outside the network"
     api_cmd = svc["api"]["command"]
-    assert api_cmd[:2] == ["uvicorn", "service.main:app"]
+    assert api_cmd[:3] == ["python", "-m", "service.serve"]
     assert api_cmd[api_cmd.index("--port") + 1] == "8000"
+
+
+def test_api_image_runs_the_compose_command(compose: dict[str, Any]) -> None:
+    """The Dockerfile's CMD and the compose command start the API the same way."""
+    dockerfile = (ROOT / "deploy" / "Dockerfile.api").read_text()
+    cmd = next(line for line in dockerfile.splitlines() if line.startswith("CMD "))
+    assert json.loads(cmd[4:]) == services(compose)["api"]["command"]
 
 
 @pytest.mark.parametrize("name", LORP_SERVICES)
