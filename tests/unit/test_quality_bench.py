@@ -1,0 +1,167 @@
+"""The issue #7 quality benchmark harness (benchmarks/quality) end to end on a tiny random model."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from benchmarks.quality import report, run
+from benchmarks.quality.models import MODELS, ModelSpec
+from lorp.data import text_windows
+from lorp.loading import load_model
+from lorp.quality import perplexity
+from lorp.search import ALL_METHODS
+from lorp.surgery import pruned_view
+
+OTHER_TEXT = "".join(f"Entry {i}: pack my box with five dozen liquor jugs!\n" for i in range(300))
+
+
+def _spec(tiny_dir: Path) -> ModelSpec:
+    return ModelSpec(
+        key="tiny",
+        name="tiny random Llama",
+        depth=6,
+        packages=(),
+        pip_args=(),
+        locate=lambda _cache: tiny_dir,
+    )
+
+
+def _never_loaded(_cache: Path) -> Path:
+    raise AssertionError("the model must not be loaded when every result is stored")
+
+
+def _argv(out: Path, text_file: Path, heldout: Path, *extra: str) -> list[str]:
+    return [
+        "--models=tiny",
+        "--fractions=0.2,0.4",
+        "--calib-windows=4",
+        "--seq-len=32",
+        "--score-windows=2",
+        "--score-seq-len=16",
+        "--eval-windows=3",
+        "--eval-seq-len=24",
+        f"--calibration={text_file}",
+        f"--wikitext={text_file}",
+        f"--heldout={heldout}",
+        f"--out-dir={out}",
+        f"--cache-dir={out.parent / 'cache'}",
+        *extra,
+    ]
+
+
+def test_budgets_follow_the_issue() -> None:
+    fractions = (0.1, 0.2, 0.3)
+    assert [run.budgets_for(MODELS[k].depth, fractions) for k in MODELS] == [
+        [3, 6, 9],
+        [2, 4, 5],
+        [2, 5, 7],
+    ]
+    assert run.budgets_for(6, (0.01, 0.9)) == [1, 4]  # clamped to 1..N-2
+
+
+def test_end_to_end_resume_and_report(tmp_path: Path, tiny_dir: Path, text_file: Path) -> None:
+    heldout = tmp_path / "heldout.txt"
+    heldout.write_text(OTHER_TEXT)
+    out = tmp_path / "out"
+    argv = _argv(out, text_file, heldout)
+
+    assert run.main(argv, registry={"tiny": _spec(tiny_dir)}) == 0
+
+    data = json.loads((out / "tiny.json").read_text())
+    expected = [m for m in report.METHOD_ORDER if m in ALL_METHODS]
+    assert list(data["selections"]) == expected
+    if "lorp-loss" in ALL_METHODS:
+        assert "lorp-loss" not in data["skipped"]
+    else:
+        assert "lorp-loss" in data["skipped"]
+    assert data["errors"] == {}
+    assert data["budgets"] == {"1": pytest.approx(1 / 6), "2": pytest.approx(2 / 6)}
+    assert data["calibration"]["windows"] == 4 and data["calibration"]["seq_len"] == 32
+    assert {m: s["windows"] for m, s in data["scoring"].items()} == {
+        m: 2 for m in expected if m not in ("lorp", "shortgpt", "streamline")
+    }
+    assert data["evaluation"]["wikitext2"]["windows"] == 3
+    assert data["evaluation"]["heldout"]["predictions"] == 3 * 23
+    assert len(data["similarity"]) == 6
+
+    # every (method, budget) selected and evaluated; time = capture + own (not SLEB)
+    rows = {(r["method"], r["num_remove"]): r for r in data["results"]}
+    assert set(rows) == {(m, k) for m in expected for k in (1, 2)}
+    for (method, k), row in rows.items():
+        assert len(row["removed"]) == k and all(1 <= b <= 4 for b in row["removed"])
+        for text in ("wikitext2", "heldout"):
+            assert row[f"{text}_ppl"] > 1.0
+            assert 0.0 <= row[f"{text}_top1"] <= 1.0
+        entry = data["selections"][method][str(k)]
+        if method == "sleb":
+            assert entry["time_s"] == entry["own_s"]
+        else:
+            assert entry["time_s"] == pytest.approx(data["capture_s"] + entry["own_s"])
+    assert rows[("lorp", 2)]["time_vs_lorp"] == pytest.approx(1.0)
+
+    # SLEB: one run at k=2, k=1 is its first step
+    sleb = data["selections"]["sleb"]
+    order = sleb["2"]["selection"]["details"]["removal_order"]
+    assert sleb["1"]["removed"] == [order[0]] and sleb["1"]["from_run_k"] == 2
+    assert sleb["1"]["time_s"] <= sleb["2"]["time_s"]
+    assert "first k removals" in sleb["1"]["note"]
+
+    # identical removal sets evaluated once; the dense model agrees with itself
+    distinct = {",".join(map(str, r["removed"])) for r in data["results"]}
+    assert set(data["evaluations"]) == distinct | {""}
+    for text in ("wikitext2", "heldout"):
+        assert data["evaluations"][""][text]["top1_agreement"] == 1.0
+
+    # the stored perplexity is the pruned model's perplexity on those windows
+    loaded = load_model(tiny_dir, device="cpu")
+    removed = rows[("lorp", 2)]["removed"]
+    windows = text_windows(loaded.tokenizer, heldout, 24, 3)
+    with pruned_view(loaded.model, removed):
+        ref = perplexity(loaded.model, windows)
+    assert rows[("lorp", 2)]["heldout_ppl"] == pytest.approx(ref.ppl, rel=1e-4)
+    assert data["evaluations"][""]["heldout"]["ppl"] == pytest.approx(
+        perplexity(loaded.model, windows).ppl, rel=1e-4
+    )
+
+    # tables and plots
+    md = (out / "tiny.md").read_text()
+    assert "k=1 WT2 ppl" in md and "k=2 time s" in md
+    for method in expected:
+        assert f"| {method} " in md
+    assert len(re.findall(r"\*\*\d+\.\d+\*\*", md)) >= 4  # best ppl per budget and text
+    summary = (out / "summary.md").read_text()
+    assert "lorp-loss" in summary and "| tiny " in summary
+    for name in ("quality.png", "selection_time.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    log = json.loads((out / "run_log.json").read_text())
+    assert len(log) == 1 and log[0]["wall_s"] > 0 and set(log[0]["per_model_s"]) == {"tiny"}
+
+    # a re-run finds everything done and does not even load the model
+    stored = (out / "tiny.json").read_text()
+    never = ModelSpec("tiny", "tiny random Llama", 6, (), (), _never_loaded)
+    assert run.main(argv, registry={"tiny": never}) == 0
+    again = json.loads((out / "tiny.json").read_text())
+    assert again["selections"] == data["selections"] and len(again["runs"]) == 1
+    assert json.loads(stored)["evaluations"] == again["evaluations"]
+
+    # report-only regenerates the outputs from the JSON, with a model still in progress beside
+    # it (selected, nothing evaluated: shown as pending, no plotting warning -> pytest error)
+    partial = {**data, "model": {**data["model"], "key": "partial"}, "evaluations": {}}
+    (out / "partial.json").write_text(json.dumps(partial))
+    for name in ("tiny.md", "summary.md", "quality.png", "selection_time.png"):
+        (out / name).unlink()
+    assert run.main([*argv, "--report-only"], registry={"tiny": never}) == 0
+    assert (out / "tiny.md").read_text() == md
+    assert (out / "quality.png").stat().st_size > 10_000
+    pending = (out / "partial.md").read_text()
+    assert "| lorp       | –           | –" in pending and not re.search(r"\*\*\d", pending)
+    assert "| partial " in (out / "summary.md").read_text()
+
+    # a different protocol is refused instead of mixed with the stored numbers
+    changed = _argv(out, text_file, heldout, "--eval-windows=2")
+    with pytest.raises(SystemExit, match="different protocol"):
+        run.main(changed, registry={"tiny": never})
