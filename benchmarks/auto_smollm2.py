@@ -60,6 +60,12 @@ def main() -> None:
     ap.add_argument("--eval-batch", type=int, default=4, help="WikiText-2 windows per forward")
     ap.add_argument("--budgets", default="3,6,9")
     ap.add_argument("--no-sleb", action="store_true", help="skip the (expensive) SLEB baseline")
+    ap.add_argument("--out", default=NAME, help="result name under benchmarks/results/")
+    ap.add_argument(
+        "--no-search-baselines",
+        action="store_true",
+        help="skip lorp-kl and lorp-loss (time auto against LoRP only)",
+    )
     args = ap.parse_args()
     budgets = sorted(int(b) for b in args.budgets.split(","))
 
@@ -132,7 +138,7 @@ def main() -> None:
             "total_time_s": time.perf_counter() - t0,
             "machine": machine(),
         }
-        return write_result(NAME, data)
+        return write_result(args.out, data)
 
     def finish(entries: list[dict[str, Any]], k: int) -> None:
         wiki_scorer.prefetch([e["removed"] for e in entries])
@@ -157,25 +163,12 @@ def main() -> None:
             results.append(e)
         save()
 
-    for k in budgets:
-        entries: list[dict[str, Any]] = []
-        for method in ("lorp", "shortgpt", "streamline"):
-            t = time.perf_counter()
-            sel = select_layers(s, k, method=method)
-            entries.append(
-                {
-                    "method": method,
-                    "removed": sel.removed,
-                    "num_clusters": sel.num_clusters,
-                    "search_s": time.perf_counter() - t,
-                    "passes": 0,
-                }
-            )
-        lorp_time[k] = capture_s + entries[0]["search_s"]
+    def search_baselines(k: int) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
         kl_scorer = WindowScorer(model, scoring)
         t = time.perf_counter()
         sel = lorp_kl_select(s, k, kl_scorer)
-        entries.append(
+        out.append(
             {
                 "method": "lorp-kl",
                 "removed": sel.removed,
@@ -194,7 +187,7 @@ def main() -> None:
             "lorp-loss", model, int(calib.numel()), (loss_windows, loss_len), k
         )
         sel = lorp_loss_select(s, k, loss_scorer, max_passes=loss_budget)
-        entries.append(
+        out.append(
             {
                 "method": "lorp-loss",
                 "removed": sel.removed,
@@ -210,6 +203,25 @@ def main() -> None:
                 },
             }
         )
+        return out
+
+    for k in budgets:
+        entries: list[dict[str, Any]] = []
+        for method in ("lorp", "shortgpt", "streamline"):
+            t = time.perf_counter()
+            sel = select_layers(s, k, method=method)
+            entries.append(
+                {
+                    "method": method,
+                    "removed": sel.removed,
+                    "num_clusters": sel.num_clusters,
+                    "search_s": time.perf_counter() - t,
+                    "passes": 0,
+                }
+            )
+        lorp_time[k] = capture_s + entries[0]["search_s"]
+        if not args.no_search_baselines:
+            entries += search_baselines(k)
         auto_scorer = WindowScorer(model, auto_scoring, reference=False)
         budget = affordable_passes(model, int(calib.numel()), int(auto_scoring.numel()), k)
         t = time.perf_counter()
