@@ -170,10 +170,18 @@ def _explain(sel: Mapping[str, Any]) -> str:
             if details.get("objective") == "kl"
             else "next-token loss"
         )
+        race = details.get("race") or {}
+        dropped = sum(1 for c in cands if isinstance(c, Mapping) and c.get("eliminated"))
+        raced = (
+            f" ({dropped} dropped after the first {race.get('first_windows')} windows for being "
+            f"more than {race.get('margin')} nats behind the best there)"
+            if dropped
+            else ""
+        )
         return (
             f"{name}: {len(cands)} candidate selections were built and each was scored by its "
-            f"{objective} on {windows} held out from the calibration windows; the lowest, "
-            f"{details.get('chosen')}, was kept ({k} of {n} blocks). RLS = {rls_text}."
+            f"{objective} on {windows} held out from the calibration windows{raced}; the "
+            f"lowest, {details.get('chosen')}, was kept ({k} of {n} blocks). RLS = {rls_text}."
         )
     return f"{name}: {k} of {n} blocks removed. RLS = {rls_text}."
 
@@ -738,20 +746,26 @@ def _tables(report: Mapping[str, Any]) -> list[tuple[str, list[str], list[list[s
                 _num(c.get("kl"), ".4f"),
                 _num(c.get("ppl"), ".2f"),
                 _num(c.get("top1_agreement"), ".3f"),
+                _fmt_any(c.get("windows")) + (" (dropped)" if c.get("eliminated") else ""),
                 _num((c.get("select_s") or 0) + (c.get("score_s") or 0), ".1f"),
             ]
             for c in cands
             if isinstance(c, Mapping)
         ]
-        scoring = (sel.get("details") or {}).get("scoring") or {}
+        details = sel.get("details") or {}
+        scoring = details.get("scoring") or {}
+        objective = "KL(original || pruned)" if details.get("objective") == "kl" else "loss (ppl)"
+        race = details.get("race") or {}
         tables.append(
             (
                 "Candidates (auto)",
-                ["candidate", "removed", "KL", "ppl", "top-1", "seconds"],
+                ["candidate", "removed", "KL", "ppl", "top-1", "windows", "seconds"],
                 rows,
-                f"Scored on {scoring.get('windows')} x {scoring.get('seq_len')} tokens of "
+                f"Scored on up to {scoring.get('windows')} x {scoring.get('seq_len')} tokens of "
                 "calibration text held out from the calibration windows (not the evaluation "
-                "text); the lowest KL(original || pruned) wins.",
+                f"text); candidates more than {race.get('margin')} nats behind the best on the "
+                f"first {race.get('first_windows')} windows were dropped there, the lowest "
+                f"{objective} of the others wins.",
             )
         )
     timings = report.get("timings_s") or {}

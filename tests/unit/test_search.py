@@ -25,6 +25,7 @@ from lorp.search import (
     auto_select,
     lorp_kl_select,
     lorp_loss_select,
+    race,
     search_layers,
     sleb_select,
 )
@@ -132,6 +133,77 @@ def test_prefix_cache_respects_its_memory_budget_and_skips_useless_passes() -> N
         WindowScorer(model, windows, prefix_bytes=-1)
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma3", "gpt2"])
+def test_leading_windows_then_the_rest_equal_a_whole_pass(family: str) -> None:
+    model = build_tiny(family)
+    windows = tiny_input_ids(batch=5, length=16, seed=4)
+    whole = WindowScorer(model, windows, batch_size=2, prefix_bytes=0)
+    parts = WindowScorer(model, windows, batch_size=2)
+    sets = [(1,), (2, 3), (4,)]
+    parts.prefetch(sets, windows=2)  # dense reference pass: block inputs of every window
+    first = {s: parts.score(s, windows=2) for s in sets}
+    nll_only = WindowScorer(model, windows, batch_size=2, reference=False)
+    nll_only.prefetch(sets, windows=3)  # partial dense pass over batches 0-1 (windows 0-3)
+    assert nll_only.prefix_passes == 1
+    for s in sets:
+        assert first[s].tokens == 2 * 15
+        ref = compare_pruned(model, s, windows[:2])
+        assert first[s].nll == pytest.approx(ref.pruned.nll, abs=1e-5)
+        assert first[s].kl == pytest.approx(ref.kl, abs=1e-5)
+        assert nll_only.score(s, windows=3).tokens == 4 * 15  # whole batches
+    done = parts.batches_run
+    nll_only.prefetch(sets)  # extends the stored inputs to the last batch
+    for s in sets:
+        a, b, c = whole.score(s), parts.score(s), nll_only.score(s)
+        assert b.nll == pytest.approx(a.nll, abs=1e-5) and c.nll == pytest.approx(a.nll, abs=1e-5)
+        assert b.kl == pytest.approx(a.kl, abs=1e-5)
+        assert b.top1_agreement == a.top1_agreement and b.tokens == a.tokens == 5 * 15
+        assert parts.score(s) is b and parts.cached(s)
+    assert parts.batches_run == done + 2 * len(sets)  # only the batches not run before
+    assert parts.passes == 1 + len(sets)  # distinct sets (and the dense reference)
+    assert parts.info()["pass_equivalents"] == pytest.approx(parts.batches_run / 3, abs=1e-3)
+    with pytest.raises(InvalidInputError):
+        parts.score((1,), windows=0)
+
+
+def test_race_drops_only_sets_far_behind_and_finishes_the_rest(deep: tuple) -> None:
+    model, s, _ = deep
+    windows = tiny_input_ids(batch=8, length=16, seed=9)
+    sets = [tuple(select_layers(s, 4, method=m).removed) for m in ("lorp", "shortgpt")]
+    sets = list(dict.fromkeys([*sets, (1, 2, 3, 4), (5, 6, 7, 8), (2, 4, 6, 8)]))
+
+    def loss(removed: tuple[int, ...], w: torch.Tensor) -> float:
+        with pruned_view(model, removed):
+            return perplexity(model, w).nll
+
+    first = {k: loss(k, windows[:2]) for k in sets}
+    full = {k: loss(k, windows) for k in sets}
+    lead = min(first.values())
+    for margin in (0.0, 0.01, float("inf")):
+        scorer = WindowScorer(model, windows, reference=False)
+        res = race(scorer, sets, margin=margin)
+        assert res.first_windows == 2
+        assert res.alive == [k for k in sets if first[k] - lead <= margin]
+        for k in sets:
+            alive = k in res.alive and len(res.alive) > 1
+            expect = full[k] if alive else first[k]
+            assert res.scores[k].nll == pytest.approx(expect, abs=1e-5)
+            assert res.scores[k].tokens == (8 if alive else 2) * 15
+        assert res.best("nll") == min(res.alive, key=lambda k: res.scores[k].nll)
+        if margin == float("inf"):
+            assert res.best("nll") == min(sets, key=lambda k: full[k])
+            assert scorer.info()["pass_equivalents"] == pytest.approx(len(sets))
+        else:
+            finished = len(res.alive) if len(res.alive) > 1 else 0
+            assert scorer.batches_run == 2 * len(sets) + 6 * finished
+    one = race(WindowScorer(model, windows[:1], reference=False), sets)
+    assert one.first_windows == 0 and one.alive == sets  # one window: nothing to race on
+    with pytest.raises(InvalidInputError):
+        race(WindowScorer(model, windows, reference=False), sets, objective="kl")
+    with pytest.raises(InvalidInputError):
+        race(WindowScorer(model, windows), sets, margin=-1.0)
+
+
 def test_sleb_removes_k_distinct_interior_blocks_greedily(deep: tuple) -> None:
     model, s, windows = deep
     n = len(model.model.layers)
@@ -202,9 +274,11 @@ def test_lorp_loss_starts_from_the_best_s_selection_and_only_keeps_real_gains(
     names = [st["name"] for st in d["starts"]]
     assert names[0] == f"lorp (K={lorp.num_clusters})" and "streamline" in names
     assert {"shortgpt", "streamline"} <= set(names)
+    # ... raced (lorp.search.race): each score is on the windows it reports
     for st in d["starts"]:
-        assert st["nll"] == pytest.approx(loss(st["removed"], windows), rel=1e-5)
-    best = min(d["starts"], key=lambda st: st["nll"])
+        w = windows[: st["windows"]]
+        assert st["nll"] == pytest.approx(loss(st["removed"], w), rel=1e-5)
+    best = min((st for st in d["starts"] if not st["eliminated"]), key=lambda st: st["nll"])
     assert d["start"] == best["name"]
     # the local search moves on half the windows, half as long, and only downhill
     search = d["search"]
@@ -218,11 +292,11 @@ def test_lorp_loss_starts_from_the_best_s_selection_and_only_keeps_real_gains(
         assert after["nll"] < before["nll"] and after["from"] == before["best"]
     # the result is kept only if the (larger) scoring windows agree
     if d["improved"]:
-        assert loss(sel.removed, windows) < best["nll"]
+        assert loss(sel.removed, windows) < loss(best["removed"], windows)
         assert sel.removed == search["result"]
     else:
         assert sel.removed == best["removed"]
-    assert d["nll"] == pytest.approx(loss(sel.removed, windows), rel=1e-5)
+    assert d["nll"] == pytest.approx(loss(sel.removed, windows[: d["nll_windows"]]), rel=1e-5)
     assert len(model.model.layers) == 10
     via_entry = search_layers(
         model, s, k, "lorp-loss", windows, num_clusters=num_clusters, max_passes=max_passes
@@ -262,10 +336,12 @@ def test_auto_picks_the_lowest_kl_candidate_and_records_all(deep: tuple) -> None
     assert expected_forced <= set(names)
     assert "shortgpt" in names and "streamline" in names
     assert any(c["method"] == "lorp-kl" for c in cands)  # no pass limit: lorp-kl included
-    for c in cands:  # every score is the real KL of that removal set, measured independently
-        assert c["kl"] == pytest.approx(compare_pruned(model, c["removed"], windows).kl, rel=1e-4)
+    for c in cands:  # every score is the real KL of that set on its windows, measured anew
+        measured = compare_pruned(model, c["removed"], windows[: c["windows"]]).kl
+        assert c["kl"] == pytest.approx(measured, rel=1e-4)
         assert c["select_s"] >= 0 and c["score_s"] >= 0
-    best = min(cands, key=lambda c: c["kl"])
+        assert c["windows"] == (1 if c["eliminated"] else 2)
+    best = min((c for c in cands if not c["eliminated"]), key=lambda c: c["kl"])
     assert [c["chosen"] for c in cands].count(True) == 1
     assert next(c for c in cands if c["chosen"])["kl"] == best["kl"]
     assert sel.removed == best["removed"] and sel.method == "auto"
@@ -341,9 +417,9 @@ def test_prune_auto_uses_held_out_scoring_windows(tmp_path: Path) -> None:
     # auto ranks by loss on the scoring windows (no dense pass: no KL recorded per candidate)
     assert res.selection.details["objective"] == "nll"
     assert chosen["kl"] is None
-    measured = compare_pruned(fresh, chosen["removed"], score_w).pruned.nll
+    measured = compare_pruned(fresh, chosen["removed"], score_w[: chosen["windows"]]).pruned.nll
     assert chosen["nll"] == pytest.approx(measured, 1e-4)
-    assert chosen["nll"] == min(c["nll"] for c in cands)
+    assert chosen["nll"] == min(c["nll"] for c in cands if not c["eliminated"])
     assert res.evaluation is not None and res.evaluation["kind"] == "held-out calibration windows"
     holdout = torch.tensor(ids[160 : 160 + 96]).view(3, 32)
     assert res.quality is not None
@@ -409,11 +485,16 @@ def test_auto_default_objective_is_loss_without_a_dense_pass(deep: tuple) -> Non
     distinct = {tuple(c["removed"]) for c in cands}
     assert scorer.passes == len(distinct)  # one pass per distinct set, none for a dense reference
     for c in cands:
-        assert c["nll"] == pytest.approx(
-            compare_pruned(model, c["removed"], windows).pruned.nll, rel=1e-4
-        )
+        measured = compare_pruned(model, c["removed"], windows[: c["windows"]]).pruned.nll
+        assert c["nll"] == pytest.approx(measured, rel=1e-4)
     chosen = next(c for c in cands if c["chosen"])
-    assert chosen["nll"] == min(c["nll"] for c in cands) and sel.removed == chosen["removed"]
+    alive = [c for c in cands if not c["eliminated"]]
+    assert chosen["nll"] == min(c["nll"] for c in alive) and sel.removed == chosen["removed"]
+    # raced: the dropped ones were more than the margin behind on the first window
+    assert sel.details["race"] == {"first_windows": 1, "margin": 0.25}
+    first = [compare_pruned(model, c["removed"], windows[:1]).pruned.nll for c in cands]
+    for c, nll in zip(cands, first, strict=True):
+        assert c["eliminated"] == (nll - min(first) > 0.25)
     assert not any(c["method"] == "lorp-kl" for c in cands)
     assert "dense reference" in sel.details["lorp_kl"]["reason"]
     with pytest.raises(InvalidInputError, match="reference"):
