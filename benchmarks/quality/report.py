@@ -185,6 +185,14 @@ def _protocol_lines(data: dict[str, Any]) -> list[str]:
             + ("" if capture is None else f"; similarity capture {_seconds(capture)}s")
             + "."
         )
+        again = [r["capture_s"] for r in data.get("capture_retimed", [])]
+        if again:
+            out.append(
+                "- Capture re-timed in later runs (S reused from this file): "
+                + ", ".join(f"{_seconds(t)}s" for t in again)
+                + "; a selection made in such a run is timed as that run's capture + its own "
+                "selection, and compared with that capture + LoRP's own selection time."
+            )
     scoring = data.get("scoring", {})
     if scoring:
         shapes = ", ".join(

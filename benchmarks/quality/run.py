@@ -374,7 +374,7 @@ def _select(
                         "selection": _compact(sel),
                     }
             elif method == "sleb":
-                _sleb(store, model, similarity, max(budgets), windows_for(method))
+                _sleb(store, model, similarity, max(budgets), windows_for(method), fresh)
             elif method in SEARCH_METHODS:
                 windows = windows_for(method)
                 for k in budgets:
@@ -420,7 +420,12 @@ def _select(
 
 
 def _sleb(
-    store: Store, model: nn.Module, similarity: np.ndarray, k_max: int, windows: torch.Tensor
+    store: Store,
+    model: nn.Module,
+    similarity: np.ndarray,
+    k_max: int,
+    windows: torch.Tensor,
+    capture_s: float | None,
 ) -> None:
     """SLEB once at ``k_max``; every budget up to it from the same removal order."""
     _log(f"sleb k={k_max}: searching (smaller budgets are its first steps)")
@@ -445,6 +450,8 @@ def _sleb(
             "passes": sum(n - 2 - s for s in range(kk)),
             "note": SLEB_NOTE,
             **({"selection": _compact(sel)} if kk == k_max else {"from_run_k": k_max}),
+            # this run's capture, when S came from an earlier one: LoRP's time to compare with
+            **({} if capture_s is None else {"capture_s": capture_s}),
         }
     _log(f"sleb: order {order} in {own:.1f}s")
 

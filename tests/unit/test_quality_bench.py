@@ -161,6 +161,23 @@ def test_end_to_end_resume_and_report(tmp_path: Path, tiny_dir: Path, text_file:
     assert "| lorp       | –           | –" in pending and not re.search(r"\*\*\d", pending)
     assert "| partial " in (out / "summary.md").read_text()
 
+    # a search method computed in a later process is timed against that process's capture
+    redo = json.loads((out / "tiny.json").read_text())
+    redo["selections"].pop("auto")
+    (out / "tiny.json").write_text(json.dumps(redo))
+    assert run.main([*argv, "--methods=auto"], registry={"tiny": _spec(tiny_dir)}) == 0
+    redone = json.loads((out / "tiny.json").read_text())
+    (retimed,) = redone["capture_retimed"]
+    assert retimed["capture_s"] > 0 and retimed["max_abs_diff_vs_stored_s"] < 1e-5
+    assert redone["capture_s"] == data["capture_s"]  # the stored S and its time stay
+    rows = {(r["method"], r["num_remove"]): r for r in report.results(redone)}
+    for k, entry in redone["selections"]["auto"].items():
+        assert entry["capture_s"] == retimed["capture_s"]
+        assert entry["time_s"] == pytest.approx(entry["capture_s"] + entry["own_s"])
+        lorp_time = entry["capture_s"] + redone["selections"]["lorp"][k]["own_s"]
+        assert rows[("auto", int(k))]["time_vs_lorp"] == pytest.approx(entry["time_s"] / lorp_time)
+    assert "Capture re-timed in later runs" in (out / "tiny.md").read_text()
+
     # a different protocol is refused instead of mixed with the stored numbers
     changed = _argv(out, text_file, heldout, "--eval-windows=2")
     with pytest.raises(SystemExit, match="different protocol"):
