@@ -8,11 +8,11 @@ from __future__ import annotations
 import hmac
 from typing import Annotated
 
-from celery import Celery
 from fastapi import Depends, Header, HTTPException, Request, status
 
 from service.config import Settings
 from service.jobs import JobStore
+from service.queue import JobQueue
 from service.storage import Storage
 
 
@@ -31,15 +31,15 @@ async def get_storage(request: Request) -> Storage:
     return request.app.state.storage
 
 
-async def get_celery(request: Request) -> Celery:
-    """The Celery app used to send tasks."""
-    return request.app.state.celery
+async def get_queue(request: Request) -> JobQueue:
+    """Where new jobs' run messages go."""
+    return request.app.state.queue
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 StoreDep = Annotated[JobStore, Depends(get_store)]
 StorageDep = Annotated[Storage, Depends(get_storage)]
-CeleryDep = Annotated[Celery, Depends(get_celery)]
+QueueDep = Annotated[JobQueue, Depends(get_queue)]
 
 
 async def get_tenant(

@@ -36,6 +36,12 @@ class InvalidTransitionError(ServiceError):
     code = "invalid_state"
 
 
+class QueueUnavailableError(ServiceError):
+    """The broker could not be reached to queue a job."""
+
+    code = "queue_unavailable"
+
+
 class StorageError(ServiceError):
     """The object store refused an operation."""
 

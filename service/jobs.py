@@ -10,8 +10,10 @@ Key layout (all keys start with ``lorp:``)::
     lorp:lock:{id}                     STR   run lock of the worker running the job (TTL, heartbeat)
 
 Creation and every state transition run as Lua scripts, so a record, its indexes and its
-idempotency key change together or not at all. Reads through the API always name the tenant; a
-job of another tenant is reported exactly like a missing one.
+idempotency key change together or not at all; when the Celery broker is this Redis, creation
+pushes the job's run message onto the broker's list in the same script (``service.queue``).
+Reads through the API always name the tenant; a job of another tenant is reported exactly like a
+missing one.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import hashlib
 import json
 import re
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, cast
@@ -48,21 +50,36 @@ _ID_RE = re.compile(r"^[0-9a-f]{32}$")
 MAX_PAGE = 100
 
 _CREATE_LUA = """
--- KEYS: job, tenant seq, tenant jobs zset, queued zset, idempotency key (optional)
--- ARGV: job id, use idem (0/1), idem value, idem ttl, then field/value pairs
--- returns {1, seq} for a new job, {0, idem value} for an existing key
+-- KEYS: job, tenant seq, tenant jobs zset, queued zset, idempotency key (optional), queue list
+-- ARGV: job id, use idem (0/1), idem value, idem ttl, message ('' = none), then field/value pairs
+-- returns {1, seq} for a new job (its message pushed onto the queue list in the same step),
+-- {0, idem value, the job's fields} for an existing key
 if ARGV[2] == '1' then
   local existing = redis.call('GET', KEYS[5])
-  if existing then return {0, existing} end
+  if existing then
+    -- the job key is not in KEYS: it is only known here (a single Redis, not a cluster)
+    local job = 'lorp:job:' .. cjson.decode(existing)['job_id']
+    return {0, existing, redis.call('HGETALL', job)}
+  end
 end
 local seq = redis.call('INCR', KEYS[2])
-redis.call('HSET', KEYS[1], 'seq', seq, unpack(ARGV, 5))
+redis.call('HSET', KEYS[1], 'seq', seq, unpack(ARGV, 6))
 redis.call('ZADD', KEYS[3], seq, ARGV[1])
 redis.call('ZADD', KEYS[4], seq, ARGV[1])
 if ARGV[2] == '1' then
   redis.call('SET', KEYS[5], ARGV[3], 'EX', tonumber(ARGV[4]))
 end
+if ARGV[5] ~= '' then redis.call('LPUSH', KEYS[6], ARGV[5]) end
 return {1, seq}
+"""
+
+_ENQUEUE_LUA = """
+-- KEYS: job, queue list; ARGV: message. Pushes it once, while the job is queued.
+if redis.call('HGET', KEYS[1], 'state') ~= 'queued' then return 0 end
+if redis.call('HGET', KEYS[1], 'enqueued') == '1' then return 0 end
+redis.call('LPUSH', KEYS[2], ARGV[1])
+redis.call('HSET', KEYS[1], 'enqueued', '1')
+return 1
 """
 
 _TRANSITION_LUA = """
@@ -212,6 +229,7 @@ class JobStore:
         self.redis = redis
         self.idempotency_ttl = idempotency_ttl
         self._create = redis.register_script(_CREATE_LUA)
+        self._enqueue = redis.register_script(_ENQUEUE_LUA)
         self._transition = redis.register_script(_TRANSITION_LUA)
         self._refresh_lock = redis.register_script(_REFRESH_LOCK_LUA)
         self._release_lock = redis.register_script(_RELEASE_LOCK_LUA)
@@ -235,13 +253,20 @@ class JobStore:
     # -- API side -------------------------------------------------------------------------
 
     def create(
-        self, tenant: str, spec: JobCreate, idempotency_key: str | None = None
+        self,
+        tenant: str,
+        spec: JobCreate,
+        idempotency_key: str | None = None,
+        *,
+        message: Callable[[str], tuple[str, str]] | None = None,
     ) -> tuple[JobRecord, bool]:
         """Store a new queued job; returns ``(record, created)``.
 
         With an idempotency key, a repeat of the same key and the same spec returns the existing
         job (``created=False``); the same key with another spec raises
-        :class:`IdempotencyConflictError`.
+        :class:`IdempotencyConflictError`. With ``message``, ``message(job_id)`` is a broker
+        list in this Redis and the run message of the new job: the same script pushes it there
+        and marks the job enqueued, so a job is stored and queued together or not at all.
         """
         fingerprint = hashlib.sha256(spec.fingerprint().encode()).hexdigest()
         job_id = uuid.uuid4().hex
@@ -250,6 +275,7 @@ class JobStore:
         if idempotency_key is not None:
             digest = hashlib.sha256(idempotency_key.encode()).hexdigest()
             idem_key = f"lorp:idem:{tenant}:{digest}"
+        queue, payload = message(job_id) if message else ("lorp:queue:none", "")
         fields = {
             "id": job_id,
             "tenant": tenant,
@@ -261,34 +287,39 @@ class JobStore:
             "progress": json.dumps({"stage": None, "fraction": 0.0, "message": "queued"}),
             "cancel_requested": "0",
             "attempts": "0",
-            "enqueued": "0",
+            "enqueued": "1" if payload else "0",
         }
         args: list[Any] = [
             job_id,
             "1" if idem_key else "0",
             json.dumps({"job_id": job_id, "fingerprint": fingerprint}),
             self.idempotency_ttl,
+            payload,
         ]
         for k, v in fields.items():
             args += [k, v]
-        created, value = self._create(
+        created, value, *existing_job = self._create(
             keys=[
                 _job_key(job_id),
                 _tenant_key(tenant, "seq"),
                 _tenant_key(tenant, "jobs"),
                 _tenant_key(tenant, f"state:{JobState.queued.value}"),
                 idem_key or "lorp:idem:none",
+                queue,
             ],
             args=args,
         )
         if int(created) == 1:  # the hash holds exactly these fields plus seq: no read back
             return JobRecord.from_hash({**fields, "seq": str(value)}), True
-        existing = json.loads(value)
-        if existing["fingerprint"] != fingerprint:
+        if json.loads(value)["fingerprint"] != fingerprint:
             raise IdempotencyConflictError(
                 "Idempotency-Key was already used with a different request body"
             )
-        return self.get(tenant, existing["job_id"]), False
+        flat = existing_job[0]
+        rec = JobRecord.from_hash(dict(zip(flat[::2], flat[1::2], strict=True))) if flat else None
+        if rec is None or rec.tenant != tenant:
+            raise JobNotFoundError("job not found")
+        return rec, False
 
     def get(self, tenant: str, job_id: str) -> JobRecord:
         """The tenant's job; :class:`JobNotFoundError` when missing or another tenant's."""
@@ -333,6 +364,11 @@ class JobStore:
     def mark_enqueued(self, job_id: str) -> None:
         """Note that the run task was sent to the broker."""
         self.redis.hset(_job_key(job_id), "enqueued", "1")
+
+    def enqueue(self, job_id: str, queue: str, message: str) -> bool:
+        """Push a queued job's run message onto ``queue`` (a list in this Redis) and mark it
+        enqueued, unless it already is or left the queued state; True when pushed."""
+        return bool(self._enqueue(keys=[_job_key(job_id), queue], args=[message]))
 
     def request_cancel(self, tenant: str, job_id: str) -> JobRecord:
         """Cancel a queued job at once; flag a running one (the worker stops at its next progress

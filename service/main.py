@@ -20,11 +20,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import ExitStack, asynccontextmanager
 from typing import Any
 
-from celery import Celery
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from kombu.exceptions import OperationalError as KombuOperationalError
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
@@ -37,15 +35,16 @@ from service.errors import (
     IdempotencyConflictError,
     InvalidTransitionError,
     JobNotFoundError,
+    QueueUnavailableError,
     ServiceError,
     StorageError,
     StorageNotFoundError,
     StorageUnavailableError,
 )
 from service.jobs import JobStore
+from service.queue import JobQueue
 from service.routes import health, jobs
 from service.storage import Storage
-from worker.factory import QUEUE, make_celery
 
 log = logging.getLogger("service")
 
@@ -56,6 +55,7 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 RETRY_AFTER_SECONDS = "5"
+WARM_CONNECTIONS = 10  # job store (and broker) connections opened at start
 
 
 def _error(status_code: int, detail: str, code: str, retry: bool = False) -> JSONResponse:
@@ -181,8 +181,8 @@ class _QueueCollector:
     def collect(self) -> Any:
         g = GaugeMetricFamily("lorp_queue_length", "jobs waiting in the broker queue")
         try:
-            store: JobStore = self.app.state.store
-            g.add_metric([], float(store.redis.llen(QUEUE)))
+            queue: JobQueue = self.app.state.queue
+            g.add_metric([], float(queue.length()))
         except Exception:  # no value is better than a failed scrape
             return
         yield g
@@ -267,8 +267,8 @@ def _install_error_handlers(app: FastAPI) -> None:
         log.warning("job store unavailable: %s", exc)
         return _error(503, "job store unavailable", "store_unavailable", retry=True)
 
-    @app.exception_handler(KombuOperationalError)
-    async def _queue(_: Request, exc: KombuOperationalError) -> JSONResponse:
+    @app.exception_handler(QueueUnavailableError)
+    async def _queue(_: Request, exc: QueueUnavailableError) -> JSONResponse:
         log.warning("queue unavailable: %s", exc)
         return _error(503, "job queue unavailable", "queue_unavailable", retry=True)
 
@@ -287,7 +287,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.settings = cfg
         app.state.store = JobStore.from_settings(cfg)
         app.state.storage = Storage(cfg)
-        app.state.celery = make_celery(cfg)
+        app.state.queue = JobQueue(cfg, app.state.store)
         try:
             app.state.storage.ensure_bucket()
         except StorageError as e:  # /readyz reports it; the API still serves health/auth
@@ -299,6 +299,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
+            app.state.queue.close()
             app.state.store.close()
 
     app = FastAPI(
@@ -329,28 +330,26 @@ async def _warm_up(app: FastAPI) -> None:
     """Do at start what a fresh process otherwise does in its first requests, where every
     request of a burst arriving meanwhile waits for it (0.1-0.3 s measured): FastAPI builds its
     per-route state at the first route lookup, AnyIO starts its thread pool, and the first
-    concurrent submissions open job store and broker connections and run Celery's one-time
-    publish set-up."""
+    concurrent submissions open job store (and broker) connections and run Celery's one-time
+    set-up of its task messages."""
     app.url_path_for("get_job", job_id="0")
     await run_in_threadpool(_connect, app)
 
 
 def _connect(app: FastAPI) -> None:
-    """Open as many job store and broker connections as the broker pool holds, look up Celery's
-    result backend, build its task sender and declare the queue. Best effort: a dependency that
-    is down is reported by /readyz and answered with 503 per request."""
+    """Open :data:`WARM_CONNECTIONS` job store (and separate broker) connections and build one
+    task message. Best effort: a dependency that is down is reported by /readyz and answered
+    with 503 per request."""
     store: JobStore = app.state.store
-    celery: Celery = app.state.celery
-    pool = store.redis.connection_pool
+    queue: JobQueue = app.state.queue
+    pools = [r.connection_pool for r in (store.redis, queue.broker) if r is not None]
     try:
-        celery.backend  # noqa: B018  # an entry-point scan on first use
-        celery.amqp.send_task_message  # noqa: B018  # built (imports celery.events) on first use
+        queue.message("0" * 32)
         with ExitStack() as stack:
-            for _ in range(celery.conf.broker_pool_limit):
-                producer = stack.enter_context(celery.producer_or_acquire())
-                producer.maybe_declare(celery.amqp.queues[QUEUE])
-                connection = pool.get_connection()
-                stack.callback(pool.release, connection)
+            for pool in pools:
+                for _ in range(WARM_CONNECTIONS):
+                    connection = pool.get_connection()
+                    stack.callback(pool.release, connection)
     except Exception as e:
         log.warning("could not reach the job store or broker at start: %s", e)
 

@@ -42,6 +42,7 @@ _HUB_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}(/[A-Za-z0-9][A-Za-z0-9_.
 _CORPUS_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _GGUF_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,200}\.gguf$")
 _WEIGHT_SUFFIXES = (".safetensors", ".gguf")
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 
 
 #: Layer-selection methods the worker's lorp accepts: the S-only ones (``lorp``, ``shortgpt``,
@@ -89,18 +90,19 @@ def _check_syntax(value: str, kind: Literal["model", "text"]) -> str:
         raise _reject("must not be empty")
     if len(value) > MAX_URI_LEN:
         raise _reject(f"longer than {MAX_URI_LEN} characters")
-    if any(ord(c) < 32 or ord(c) == 127 for c in value) or value != value.strip():
+    if _CONTROL_RE.search(value) or value != value.strip():
         raise _reject("contains control characters or surrounding whitespace")
     if value.startswith("s3://"):
         bucket, _, key = value[5:].partition("/")
         if not _BUCKET_RE.match(bucket) or ".." in bucket:
             raise _reject(f"not a valid S3 bucket name: {bucket!r}")
-        try:
-            ipaddress.ip_address(bucket)
-        except ValueError:
-            pass
-        else:
-            raise _reject("S3 bucket names can't be IP addresses")
+        if bucket.replace(".", "").isdigit():  # the only names that can be (IPv4) addresses
+            try:
+                ipaddress.ip_address(bucket)
+            except ValueError:
+                pass
+            else:
+                raise _reject("S3 bucket names can't be IP addresses")
         key = key.rstrip("/") if kind == "model" else key
         if not key:
             raise _reject("S3 URI needs a key: s3://bucket/key")

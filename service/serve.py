@@ -17,6 +17,10 @@ not used, for three reasons measured on this service:
   set to a fresh private directory (removed at exit) so ``/metrics`` sums all workers, whichever
   of them answers the scrape (see ``service.main``).
 
+Each worker parses HTTP with httptools on a uvloop event loop (uvicorn's ``http="httptools"``,
+``loop="uvloop"``; both are dependencies of the ``service`` extra): about 0.1 ms less CPU per
+request here than h11 on asyncio, which is what the API's latency under load is made of.
+
 A worker that dies is started again on its socket (connections queued there wait for it);
 SIGTERM or SIGINT stops all workers gracefully.
 """
@@ -141,6 +145,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.app,
         host=args.host,
         port=args.port,
+        http="httptools",
+        loop="uvloop",
         proxy_headers=args.proxy_headers,
         log_level=args.log_level,
     )

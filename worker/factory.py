@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import base64
+
 from celery import Celery
+from kombu import serialization
+from kombu.entity import maybe_delivery_mode
+from kombu.utils.json import dumps
+from kombu.utils.uuid import uuid
 
 from service.config import Settings
 
@@ -40,3 +46,40 @@ def make_celery(settings: Settings) -> Celery:
         enable_utc=True,
     )
     return app
+
+
+def run_job_message(app: Celery, job_id: str) -> str:
+    """The message that ``app.send_task(RUN_JOB_TASK, args=[job_id])`` pushes (LPUSH) onto the
+    Redis list :data:`QUEUE`: Celery's task message (protocol 2, from ``app.amqp``) in kombu's
+    Redis transport envelope, with new task id and delivery tag.
+
+    Built without Celery's publish machinery (a producer from the pool, a retry wrapper, a new
+    Redis client per message: 0.45 ms of CPU per job here), so the API can push it in the same
+    Redis script that stores the job. ``tests/integration/test_job_queue.py`` checks that it
+    equals what ``send_task`` pushes, but for the ids.
+    """
+    task_id = uuid()
+    headers, properties, body, _ = app.amqp.create_task_message(
+        task_id, RUN_JOB_TASK, [job_id], {}, reply_to=app.thread_oid, ignore_result=None
+    )
+    content_type, content_encoding, data = serialization.dumps(
+        body, serializer=app.conf.task_serializer
+    )
+    return str(
+        dumps(
+            {
+                "body": base64.b64encode(data.encode(content_encoding)).decode("ascii"),
+                "content-encoding": content_encoding,
+                "content-type": content_type,
+                "headers": headers,
+                "properties": {
+                    **properties,
+                    "delivery_mode": maybe_delivery_mode(app.conf.task_default_delivery_mode),
+                    "delivery_info": {"exchange": "", "routing_key": QUEUE},
+                    "priority": 0,
+                    "body_encoding": "base64",
+                    "delivery_tag": uuid(),
+                },
+            }
+        )
+    )

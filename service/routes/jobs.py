@@ -8,9 +8,9 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Header, Query, Response, status
 from fastapi.exceptions import RequestValidationError
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
-from service.deps import CeleryDep, SettingsDep, StorageDep, StoreDep, TenantDep
+from service.deps import QueueDep, SettingsDep, StorageDep, StoreDep, TenantDep
 from service.errors import INTERNAL, InvalidTransitionError
 from service.schemas import (
     ArtifactPublic,
@@ -24,7 +24,6 @@ from service.schemas import (
     validate_job,
 )
 from service.storage import job_prefix
-from worker.factory import RUN_JOB_TASK
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/jobs", tags=["jobs"])
@@ -74,6 +73,20 @@ _CREATE_EXAMPLES = {
 }
 
 
+def _json(
+    model: BaseModel, status_code: int = 200, headers: dict[str, str] | None = None
+) -> Response:
+    """``model`` as the JSON response. The route's ``response_model`` still documents it, but a
+    returned ``Response`` skips FastAPI validating the model again, which for a sync route is a
+    second hop to the thread pool per request."""
+    return Response(
+        model.model_dump_json(),
+        status_code=status_code,
+        headers=headers,
+        media_type="application/json",
+    )
+
+
 def _full_validation(body: JobCreate, settings: SettingsDep, tenant: str) -> JobCreate:
     try:
         return validate_job(body.model_dump(), settings, tenant)
@@ -102,8 +115,7 @@ def create_job(
     tenant: TenantDep,
     settings: SettingsDep,
     store: StoreDep,
-    celery: CeleryDep,
-    response: Response,
+    queue: QueueDep,
     idempotency_key: Annotated[
         str | None,
         Header(
@@ -113,16 +125,14 @@ def create_job(
             description="retries with the same key and body return the same job",
         ),
     ] = None,
-) -> JobPublic:
+) -> Response:
     """Validate the spec, store a queued job and enqueue it. A repeat with the same
     ``Idempotency-Key`` and body returns the first job; another body is a 409."""
     spec = _full_validation(body, settings, tenant)
-    rec, created = store.create(tenant, spec, idempotency_key)
-    if not created:
-        response.headers["Idempotent-Replayed"] = "true"
+    rec, created = store.create(tenant, spec, idempotency_key, message=queue.with_create)
     if rec.state == JobState.queued and not rec.enqueued:
         try:
-            celery.send_task(RUN_JOB_TASK, args=[rec.id])
+            queue.send(rec.id)
         except Exception:
             if idempotency_key is None:
                 # Nobody can retry this exact job: don't leave it queued forever.
@@ -132,8 +142,8 @@ def create_job(
                     error=JobError(code=INTERNAL, message="could not enqueue the job; resubmit"),
                 )
             raise
-        store.mark_enqueued(rec.id)
-    return rec.to_public()
+    headers = None if created else {"Idempotent-Replayed": "true"}
+    return _json(rec.to_public(), status.HTTP_202_ACCEPTED, headers)
 
 
 @router.get(
@@ -167,9 +177,9 @@ def list_jobs(
     summary="Read a job",
     responses={**_COMMON, **_NOT_FOUND},
 )
-def get_job(job_id: str, tenant: TenantDep, store: StoreDep) -> JobPublic:
+def get_job(job_id: str, tenant: TenantDep, store: StoreDep) -> Response:
     """State, progress, timestamps, error and (once succeeded) the summary."""
-    return store.get(tenant, job_id).to_public()
+    return _json(store.get(tenant, job_id).to_public())
 
 
 @router.post(
