@@ -47,7 +47,10 @@ run: for SLEB on SmolLM2 about half of them).
     ``max_passes`` cheap passes + 2; about 2-3x LoRP's selection time. (Racing the moves too,
     to afford more rounds in the same time, lowered the search-window loss further but raised
     WikiText-2 perplexity on SmolLM2 at 3 blocks, 44.02 -> 46.67: more search on a few
-    calibration windows over-fits them, so the moves are measured in full.)
+    calibration windows over-fits them, so the moves are measured in full. Scoring only every
+    4th prediction on Gemma-3-270M, whose 262k-token output head dominates a pass, was tried
+    too: 3.0-3.2x LoRP's time instead of 4.2-4.7x, but worse sets at 2 and 5 blocks, e.g.
+    WikiText-2 587.5 instead of 273.0 at 5; so every prediction is scored.)
 ``auto``
     Compute candidate selections from S with every S-based method — LoRP with the policy K,
     LoRP with K forced to each other value in 2..4, ShortGPT, LLM-Streamline — plus ``lorp-kl``

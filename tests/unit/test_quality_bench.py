@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
 import pytest
 
-from benchmarks.quality import report, run
+from benchmarks.quality import headroom, report, run
 from benchmarks.quality.models import MODELS, ModelSpec
 from lorp.data import text_windows
 from lorp.loading import load_model
@@ -182,3 +183,50 @@ def test_end_to_end_resume_and_report(tmp_path: Path, tiny_dir: Path, text_file:
     changed = _argv(out, text_file, heldout, "--eval-windows=2")
     with pytest.raises(SystemExit, match="different protocol"):
         run.main(changed, registry={"tiny": never})
+
+
+def test_headroom_measures_every_single_swap_neighbour(
+    tmp_path: Path, tiny_dir: Path, text_file: Path
+) -> None:
+    assert headroom.neighbours((2, 3), 6) == [(1, 2), (1, 3), (2, 4), (3, 4)]
+    many = headroom.neighbours((3, 4, 5), 10)
+    assert len(many) == 3 * 5  # each of 3 out, each of the 5 free interior blocks in
+    assert all(len(set(m) & {3, 4, 5}) == 2 and 0 not in m and 9 not in m for m in many)
+
+    spec = _spec(tiny_dir)
+    texts = {"wikitext2": text_file, "heldout": text_file}
+    shape = {"windows": 2, "seq_len": 24}
+    bench: dict = {"evaluation": {n: shape for n in texts}, "evaluations": {}}
+    case = headroom.run_case(
+        spec, (2, 3), 2, 2, tmp_path, bench=bench, calibration=text_file, texts=texts,
+        seq_len=16, skip_windows=1,
+    )  # fmt: skip
+    loaded = load_model(tiny_dir)
+    calib = text_windows(loaded.tokenizer, text_file, 16, 2, skip_windows=1)
+    evaluation = text_windows(loaded.tokenizer, text_file, 24, 2)
+
+    def nll(removed: list[int], windows: object) -> float:
+        with pruned_view(loaded.model, removed):
+            return perplexity(loaded.model, windows).nll
+
+    assert case["neighbours"] == 4 and len(case["calib_nll"]) == 5
+    for key, value in case["calib_nll"].items():
+        assert value == pytest.approx(nll([int(b) for b in key.split(",")], calib), rel=1e-5)
+    evaluated = case["evaluated"]
+    assert evaluated[0]["removed"] == [2, 3] and len(evaluated) == 3
+    assert evaluated[1]["calib_nll"] <= evaluated[2]["calib_nll"]  # the lowest neighbours
+    others = [v for key, v in case["calib_nll"].items() if key != "2,3"]
+    assert evaluated[1]["calib_nll"] == min(others)
+    for e in evaluated:
+        assert e["heldout_ppl"] == pytest.approx(math.exp(nll(e["removed"], evaluation)), 1e-5)
+    lower = [v for v in others if v < case["centre_nll"]]
+    assert len(case["neighbours_lower_nll"]) == len(lower)
+    assert "beats centre" in headroom.render([case])
+
+    # the centre is checked against the benchmark's own numbers
+    bench["evaluations"]["2,3"] = {"heldout": {"ppl": evaluated[0]["heldout_ppl"] * 1.01}}
+    with pytest.raises(SystemExit, match="benchmark"):
+        headroom.run_case(
+            spec, (2, 3), 2, 1, tmp_path, bench=bench, calibration=text_file, texts=texts,
+            seq_len=16, skip_windows=1,
+        )  # fmt: skip
