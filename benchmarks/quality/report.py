@@ -218,6 +218,7 @@ def _protocol_lines(data: dict[str, Any]) -> list[str]:
             f"{last['wall_s']:.0f}s, load average {last['loadavg_start'][0]:.2f} -> "
             f"{last['loadavg_end'][0]:.2f} on {last['cpu_count']} CPUs, torch threads "
             f"{last['machine']['threads']}, torch {last['machine']['torch']}."
+            + (f" {last['note']}" if last.get("note") else "")
         )
     return out
 
@@ -293,7 +294,8 @@ def summary_markdown(datas: Sequence[dict[str, Any]], run_log: list[dict[str, An
         per_model = ", ".join(f"{k} {v:.0f}s" for k, v in last["per_model_s"].items())
         lines += [
             f"Last run ({last['date']}): models {', '.join(last['models'])}, methods "
-            f"{', '.join(last['methods'])}; total wall time {last['wall_s']:.0f}s ({per_model}).",
+            f"{', '.join(last['methods'])}; total wall time {last['wall_s']:.0f}s ({per_model})."
+            + (f" {last['note']}" if last.get("note") else ""),
             "",
         ]
     return "\n".join(lines)

@@ -152,6 +152,7 @@ def test_end_to_end_resume_and_report(tmp_path: Path, tiny_dir: Path, text_file:
     # report-only regenerates the outputs from the JSON, with a model still in progress beside
     # it (selected, nothing evaluated: shown as pending, no plotting warning -> pytest error)
     partial = {**data, "model": {**data["model"], "key": "partial"}, "evaluations": {}}
+    partial["runs"] = [{**data["runs"][-1], "note": "A hand-written note on that run."}]
     (out / "partial.json").write_text(json.dumps(partial))
     for name in ("tiny.md", "summary.md", "quality.png", "selection_time.png"):
         (out / name).unlink()
@@ -161,6 +162,8 @@ def test_end_to_end_resume_and_report(tmp_path: Path, tiny_dir: Path, text_file:
     pending = (out / "partial.md").read_text()
     assert "| lorp       | –           | –" in pending and not re.search(r"\*\*\d", pending)
     assert "| partial " in (out / "summary.md").read_text()
+    assert pending.count("A hand-written note on that run.") == 1
+    assert "hand-written" not in md  # only the run that carries a note
 
     # a search method computed in a later process is timed against that process's capture
     redo = json.loads((out / "tiny.json").read_text())
