@@ -8,6 +8,8 @@ The public API is small:
   ``lorp``, ``shortgpt``, ``streamline``); :func:`search_layers` for the model-in-the-loop methods
   ``sleb``, ``lorp-kl``, ``lorp-loss`` and ``auto``;
 - :func:`remove_blocks` / :func:`pruned_view`: physical block removal (permanent or temporary);
+- :func:`fit_compensation` / :func:`apply_compensation`: a fitted linear stand-in for each removed
+  run folded into the block before it (``PruneConfig(compensate=True)`` does both);
 - :func:`load_model`, :func:`save_pruned`, :func:`text_windows`, :func:`perplexity`,
   :func:`compare_pruned`, :func:`benchmark`.
 
@@ -15,6 +17,7 @@ Errors are in :mod:`lorp.errors`; every one is a :class:`LorpError` with a stabl
 """
 
 from .bench import BenchmarkConfig, BenchmarkResult, benchmark
+from .compensation import Compensation, apply_compensation, fit_compensation
 from .data import text_windows
 from .errors import (
     BudgetError,
@@ -49,6 +52,7 @@ __all__ = [
     "BenchmarkResult",
     "BudgetError",
     "CancelledError",
+    "Compensation",
     "GateResult",
     "InvalidInputError",
     "LoadedModel",
@@ -67,12 +71,14 @@ __all__ = [
     "UnsafeWeightsError",
     "UnsupportedModelError",
     "__version__",
+    "apply_compensation",
     "benchmark",
     "build_report",
     "bundled_model_path",
     "capture_similarity",
     "compare_pruned",
     "estimate_weight_bytes",
+    "fit_compensation",
     "load_model",
     "perplexity",
     "prune",

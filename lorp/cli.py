@@ -316,6 +316,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
         score_windows=args.score_windows,
         score_seq_len=args.score_seq_len,
         search_candidates=args.search_candidates,
+        compensate=args.compensate,
+        compensation_windows=args.compensation_windows,
         quality_gate=gate if gate.active else None,
         benchmark=None if args.no_bench else _bench_config(args),
     )
@@ -486,6 +488,18 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_int,
         default=3,
         help="lorp-kl: candidates measured per removal slot (3)",
+    )
+    p.add_argument(
+        "--compensate",
+        action="store_true",
+        help="fold a least-squares linear stand-in for each removed run of blocks into the "
+        "block before it (Llama/Qwen-style blocks; not Gemma 2/3, GPT-2)",
+    )
+    p.add_argument(
+        "--compensation-windows",
+        type=_positive_int,
+        default=12,
+        help="with --compensate: calibration windows the maps are fitted on (12)",
     )
     p.add_argument("--eval", type=Path, help="held-out text for dense vs pruned quality")
     p.add_argument("--eval-windows", type=_positive_int, default=64)

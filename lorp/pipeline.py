@@ -12,6 +12,11 @@ Token windows drawn from a calibration *text* (never overlapping, in this order)
    those, on which dense and pruned quality are measured.
 The evaluation text is only ever used for the quality measurement, never for choosing blocks.
 
+Compensation (``config.compensate``, :mod:`lorp.compensation`): after the selection, one linear
+map per removed run of blocks is fitted on the first ``compensation_windows`` calibration
+windows and folded into the down projection of the block before the run; the quality measured
+is the compensated pruned model's, and the checkpoint carries the folded weights.
+
 Quality guard (:mod:`lorp.gate`): every prune that could measure quality reports perplexity
 (dense and pruned), KL(dense || pruned), top-1 agreement and flags for results far worse than
 the dense model. With ``config.quality_gate`` set, a broken limit raises
@@ -35,6 +40,12 @@ from torch import nn
 
 from ._blocks import get_blocks, num_blocks
 from .bench import BenchmarkConfig, BenchmarkResult, benchmark
+from .compensation import (
+    Compensation,
+    apply_compensation,
+    check_compensable,
+    fit_compensation,
+)
 from .data import prepends_bos, text_windows
 from .errors import InvalidInputError, LorpError, QualityGateError
 from .gate import FLAG_THRESHOLDS, GateResult, QualityGate, quality_flags
@@ -68,6 +79,7 @@ STAGES = (
     "loading",
     "calibration",
     "selection",
+    "compensation",
     "evaluation",
     "benchmark",
     "pruning",
@@ -98,6 +110,10 @@ class PruneConfig:
     score_seq_len: int | None = None
     search_candidates: int = 3  # lorp-kl: candidates measured per removal slot
     quality_gate: QualityGate | None = None
+    # fold a fitted linear stand-in for every removed run into the block before it
+    # (lorp.compensation); fitted on the first compensation_windows calibration windows
+    compensate: bool = False
+    compensation_windows: int = 12
 
     def __post_init__(self) -> None:
         if self.method not in ALL_METHODS:
@@ -128,12 +144,15 @@ class PruneConfig:
             "score_windows",
             "score_seq_len",
             "search_candidates",
+            "compensation_windows",
         ):
             value = getattr(self, name)
             if value is None and name in ("score_windows", "score_seq_len"):
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise InvalidInputError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.compensate, bool):
+            raise InvalidInputError(f"compensate must be true or false, got {self.compensate!r}")
         if self.seq_len < 2 or self.eval_seq_len < 2 or self.scoring_shape[1] < 2:
             raise InvalidInputError("sequence lengths must be at least 2 tokens")
         if (
@@ -184,8 +203,9 @@ class PruneResult:
     ``quality``: dense vs pruned on ``evaluation`` (which data: its ``kind``/``source``/
     ``windows``/``seq_len``); ``flags``: :func:`lorp.gate.quality_flags` warnings; ``gate``: the
     quality gate's result when limits were set; ``scoring``: the scoring windows of a
-    model-in-the-loop method; ``pruned``: whether the blocks were physically removed (``False``
-    in the result handed to a refusal report).
+    model-in-the-loop method; ``compensation``: the fitted maps when ``config.compensate``
+    (already folded into the weights when ``pruned``); ``pruned``: whether the blocks were
+    physically removed (``False`` in the result handed to a refusal report).
     """
 
     selection: Selection
@@ -202,6 +222,7 @@ class PruneResult:
     gate: GateResult | None = None
     scoring: dict[str, Any] | None = None
     pruned: bool = True
+    compensation: Compensation | None = None
 
     @property
     def removed(self) -> list[int]:
@@ -289,13 +310,16 @@ def prune(
 
     With ``config.quality_gate`` set and broken, raises :class:`QualityGateError` after the
     measurement and before anything is removed (the model stays whole).
-    Progress stages: calibration, selection, evaluation, benchmark, pruning.
+    Progress stages: calibration, selection, compensation (``config.compensate``), evaluation,
+    benchmark, pruning.
     """
     stages = _stages or _Stages(progress)
     depth = num_blocks(model)
     num_remove = resolve_budget(depth, config.budget)
     text = None if isinstance(calibration, torch.Tensor) else calibration
     bos = False if text is None else prepends_bos(tokenizer)
+    if config.compensate:
+        check_compensable(model)  # fail before the calibration, not after it
 
     with stages.stage("calibration", "capturing block-input similarity"):
         calib = _windows_of(calibration, tokenizer, config.seq_len, config.windows)
@@ -362,6 +386,17 @@ def prune(
                 similarity, num_remove, method=config.method, num_clusters=config.num_clusters
             )
 
+    compensation = None
+    if config.compensate:
+        with stages.stage("compensation", f"fitting linear maps for {selection.removed}"):
+            compensation = fit_compensation(
+                model,
+                selection.removed,
+                calib[: config.compensation_windows],
+                batch_size=config.batch_size,
+                progress=stages.report,
+            )
+
     eval_windows: torch.Tensor | None = None
     eval_info: dict[str, Any] | None = None
     if evaluation is not None:
@@ -386,6 +421,7 @@ def prune(
                 eval_windows,
                 batch_size=config.batch_size,
                 progress=stages.report,
+                compensation=compensation,
             )
 
     flags = quality_flags(quality)
@@ -409,6 +445,7 @@ def prune(
             gate=gate,
             scoring=scoring_info,
             pruned=pruned,
+            compensation=compensation,
         )
 
     if gate is not None and not gate.passed:
@@ -422,7 +459,13 @@ def prune(
             bench = benchmark(model, selection.removed, config.benchmark, progress=stages.report)
 
     with stages.stage("pruning", f"removing blocks {selection.removed}"):
-        remove_blocks(model, selection.removed)
+        restore = None if compensation is None else apply_compensation(model, compensation)
+        try:
+            remove_blocks(model, selection.removed)
+        except BaseException:
+            if restore is not None:
+                restore()  # the model stays whole and unchanged
+            raise
 
     return result(bench, pruned=True)
 
@@ -547,6 +590,7 @@ def make_report(
         extra={
             "calibration": result.calibration,
             "scoring": result.scoring,
+            "compensation": None if result.compensation is None else result.compensation.to_dict(),
             "config": config.to_dict(),
         },
     )

@@ -15,12 +15,16 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ._forward import batches, check_windows, input_device
+
+if TYPE_CHECKING:
+    from .compensation import Compensation
 
 ProgressCallback = Callable[[str, float, str], None]
 
@@ -107,8 +111,11 @@ def compare_pruned(
     batch_size: int = 1,
     progress: ProgressCallback | None = None,
     stage: str = "evaluation",
+    compensation: Compensation | None = None,
 ) -> QualityComparison:
-    """Dense vs pruned (``removed`` blocks skipped) on the same windows: ppl, KL, top-1."""
+    """Dense vs pruned (``removed`` blocks skipped, ``compensation`` folded in when given) on
+    the same windows: ppl, KL, top-1."""
+    from .compensation import compensated_view
     from .surgery import pruned_view
 
     windows = check_windows(windows)
@@ -117,7 +124,7 @@ def compare_pruned(
     agree = tokens = done = 0
     for batch in batches(windows, batch_size):
         logp_d = _log_probs(model, batch, device)
-        with pruned_view(model, removed):
+        with compensated_view(model, compensation), pruned_view(model, removed):
             logp_p = _log_probs(model, batch, device).to(logp_d.device)
         nll_d += _nll_sum(logp_d, batch)
         nll_p += _nll_sum(logp_p, batch)

@@ -768,6 +768,28 @@ def _tables(report: Mapping[str, Any]) -> list[tuple[str, list[str], list[list[s
                 f"{objective} of the others wins.",
             )
         )
+    comp = (report.get("extra") or {}).get("compensation")
+    if isinstance(comp, Mapping) and comp.get("runs"):
+        rows = [
+            [
+                ", ".join(map(str, r.get("run") or [])),
+                "–" if r.get("block") is None else str(r.get("block")),
+                r.get("skipped") or _num(r.get("relative_residual"), ".3f"),
+            ]
+            for r in comp["runs"]
+            if isinstance(r, Mapping)
+        ]
+        tables.append(
+            (
+                "Compensation",
+                ["removed run", "folded into block", "relative error (1 = plain removal)"],
+                rows,
+                "A least-squares linear stand-in for each removed run, folded into the down "
+                f"projection of the block before it; fitted on {_fmt_any(comp.get('tokens'))} "
+                f"calibration tokens (ridge {comp.get('ridge')}). The quality above is the "
+                "compensated model's.",
+            )
+        )
     timings = report.get("timings_s") or {}
     if timings:
         rows = [[k, f"{v:.1f}"] for k, v in timings.items()]

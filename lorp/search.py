@@ -331,13 +331,21 @@ class WindowScorer:
             todo = sorted({todo[int(i * step)] for i in range(room)})
         return todo
 
-    def _start_for(self, key: tuple[int, ...], upto: int, stored: Iterable[int] = ()) -> int:
-        """Deepest block at or before the first removed one whose dense input is stored for
-        batches 0..upto-1 (or is in ``stored``); 0: none, or no block is kept after it."""
+    def _start_for(
+        self,
+        key: tuple[int, ...],
+        upto: int,
+        stored: Iterable[int] = (),
+        changed: int | None = None,
+    ) -> int:
+        """Deepest block at or before the first removed one (and at or before ``changed``)
+        whose dense input is stored for batches 0..upto-1 (or is in ``stored``); 0: none, or no
+        block is kept after it."""
         if len(key) == self.num_layers - key[0]:  # every block from the first removed one on
             return 0
+        last = key[0] if changed is None else min(key[0], changed)
         ready = {s for s, states in self._prefix.items() if len(states) >= upto}
-        return max((s for s in ready | set(stored) if s <= key[0]), default=0)
+        return max((s for s in ready | set(stored) if s <= last), default=0)
 
     def prefetch(self, removal_sets: Iterable[Sequence[int]], windows: int | None = None) -> None:
         """Store the dense block inputs that the given sets can start from, for the first
@@ -508,9 +516,16 @@ class WindowScorer:
         return result
 
     @torch.no_grad()
-    def score(self, removed: Sequence[int], windows: int | None = None) -> WindowScore:
+    def score(
+        self, removed: Sequence[int], windows: int | None = None, *, changed: int | None = None
+    ) -> WindowScore:
         """Measure the model with ``removed`` blocks skipped on the first ``windows`` windows
-        (``None``: all; cached per set, windows already run are not run again)."""
+        (``None``: all; cached per set, windows already run are not run again).
+
+        ``changed``: the first block whose weights differ from the dense model's the prefix
+        cache and reference were taken with (e.g. a block with a compensation folded in,
+        :func:`lorp.compensation.compensated_view`); passes then start at or before it. The
+        caches are per removal set, so score one weight variant per set on a scorer."""
         key = self._key(removed)
         upto = self._upto(windows)
         if upto == self.num_batches and key in self._cache:
@@ -522,14 +537,14 @@ class WindowScorer:
                 return self._result((), upto)
         done = self._done(key)
         if done < upto:
-            self._run(key, done, upto)
+            self._run(key, done, upto, changed)
         return self._result(key, upto)
 
-    def _run(self, key: tuple[int, ...], lo: int, hi: int) -> None:
+    def _run(self, key: tuple[int, ...], lo: int, hi: int, changed: int | None = None) -> None:
         """Measure ``key`` on batches lo..hi-1 and add them to its sums."""
         dense = self._dense if self.reference else None
         device = input_device(self.model)
-        start_block = self._start_for(key, hi)
+        start_block = self._start_for(key, hi, changed=changed)
         first = key not in self._sums
         sums = self._sums.setdefault(key, _Sums([], [], [], start_block=start_block))
         start = time.perf_counter()

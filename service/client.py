@@ -46,6 +46,7 @@ STAGES: tuple[str, ...] = (
     "loading",
     "calibration",
     "selection",
+    "compensation",
     "pruning",
     "evaluation",
     "benchmark",

@@ -315,6 +315,13 @@ class JobCreate(BaseModel):
                     "budget": {"blocks": 6},
                     "quality_gate": {"max_ppl_ratio": 1.5, "min_top1_agreement": 0.8},
                 },
+                {
+                    "model": "s3://lorp-inputs/acme/models/smollm2-135m",
+                    "calibration": "corpus:wikitext2-train",
+                    "method": "lorp-loss",
+                    "budget": {"fraction": 0.2},
+                    "compensate": True,
+                },
             ]
         },
     )
@@ -371,6 +378,15 @@ class JobCreate(BaseModel):
     search_candidates: Annotated[StrictInt, Field(ge=1, le=16)] = Field(
         default=3,
         description="lorp-kl: candidates measured per removal slot",
+    )
+    compensate: StrictBool = Field(
+        default=False,
+        description="fold a fitted linear stand-in for every removed run of blocks into the "
+        "block before it (training-free; Llama/Qwen-style blocks only)",
+    )
+    compensation_windows: Annotated[StrictInt, Field(ge=1, le=1024)] = Field(
+        default=12,
+        description="with compensate: calibration windows the linear maps are fitted on",
     )
     quality_gate: QualityGateSpec | None = None
     dtype: DType = DType.float32

@@ -496,6 +496,8 @@ class JobRunner:
             score_windows=spec.score_windows,
             score_seq_len=spec.score_seq_len,
             search_candidates=spec.search_candidates,
+            compensate=spec.compensate,
+            compensation_windows=spec.compensation_windows,
             quality_gate=None
             if spec.quality_gate is None
             else QualityGate(

@@ -17,6 +17,12 @@ Per model (``models.py``; loaded once, float32, CPU):
 - selection time = capture + the method's own selection, except SLEB (needs no S): SLEB is greedy
   and deterministic, so it runs once at the largest budget and a smaller budget k takes its first
   k removals, with time = the elapsed time at step k;
+- compensated methods ``<method>+fit`` (``report.FIT``): the base method's selection at the same
+  budget with a linear stand-in for every removed run folded into the block before it
+  (``lorp.compensation.fit_compensation`` on the first ``--fit-windows`` calibration windows, as
+  the pipeline's ``compensate`` does); time = the base's time + the fit's; evaluated under the
+  key ``fit:<blocks>``; models whose blocks cannot take the fold (Gemma-3) are skipped with the
+  reason;
 - quality of every distinct removal set (and the dense model) on WikiText-2 test and on the
   held-out text (``eval/debian-reference.en.txt``): ``--eval-windows`` non-overlapping windows of
   ``--eval-seq-len`` tokens from the start of each, perplexity and top-1 next-token agreement
@@ -54,11 +60,19 @@ if str(REPO) not in sys.path:
 from benchmarks._common import CALIBRATION, HELDOUT, RESULTS, WIKITEXT, machine  # noqa: E402
 from benchmarks.quality import report  # noqa: E402
 from benchmarks.quality.models import DEFAULT_CACHE, MODELS, ModelSpec, install, load  # noqa: E402
+from lorp.compensation import (  # noqa: E402
+    Compensation,
+    check_compensable,
+    compensated_view,
+    fit_compensation,
+)
 from lorp.data import prepends_bos, text_windows  # noqa: E402
+from lorp.errors import UnsupportedModelError  # noqa: E402
 from lorp.pipeline import PruneConfig, _windows_after  # noqa: E402
 from lorp.search import (  # noqa: E402
     ALL_METHODS,
     SEARCH_METHODS,
+    WindowScore,
     WindowScorer,
     pass_budget,
     search_layers,
@@ -89,6 +103,7 @@ class Settings:
     calibration: Path
     texts: dict[str, Path]  # evaluation text name (report.TEXTS) -> file
     force: bool
+    fit_windows: int = 12
 
     def protocol(self) -> dict[str, Any]:
         """What makes two runs' numbers comparable (a stored JSON must match it to be resumed)."""
@@ -117,6 +132,16 @@ def budgets_for(depth: int, fractions: Sequence[float]) -> list[int]:
 
 def set_key(removed: Sequence[int]) -> str:
     return ",".join(str(i) for i in sorted(removed))
+
+
+def base_of(method: str) -> str | None:
+    """The selection method a compensated method ``<base>+fit`` builds on (else None)."""
+    return method[: -len(report.FIT)] if method.endswith(report.FIT) else None
+
+
+def known(method: str) -> bool:
+    base = base_of(method)
+    return (base if base is not None else method) in ALL_METHODS
 
 
 def make_scorer(model: nn.Module, windows: torch.Tensor, batch_size: int) -> WindowScorer:
@@ -210,8 +235,8 @@ def _pending_sets(
     for m in methods:
         for k in budgets:
             entry = store.selection(m, k)
-            if entry is not None and set_key(entry["removed"]) not in keys:
-                keys.append(set_key(entry["removed"]))
+            if entry is not None and report.eval_key(entry) not in keys:
+                keys.append(report.eval_key(entry))
     return [key for key in keys if not store.evaluated(key, texts)]
 
 
@@ -230,7 +255,7 @@ def run_model(
     data["budgets"] = {str(k): k / spec.depth for k in budgets}
     methods: list[str] = []
     for m in settings.methods:
-        if m in ALL_METHODS:
+        if known(m):
             methods.append(m)
             data["skipped"].pop(m, None)
         else:
@@ -267,9 +292,10 @@ def run_model(
         "seq_len": int(calib.shape[1]),
         "tokens": int(calib.numel()),
     }
+    fits: dict[str, Compensation] = {}
     if todo:
-        _select(store, model, tok, calib, todo, settings, bos)
-    _evaluate(store, model, tok, methods, budgets, settings)
+        _select(store, model, tok, calib, todo, settings, bos, fits)
+    _evaluate(store, model, tok, methods, budgets, settings, calib, fits)
 
     wall_s = time.perf_counter() - started
     data["runs"].append(
@@ -298,6 +324,7 @@ def _select(
     todo: list[tuple[str, int]],
     settings: Settings,
     bos: bool,
+    fits: dict[str, Compensation],
 ) -> None:
     data = store.data
     captured_here = False
@@ -375,6 +402,9 @@ def _select(
                     }
             elif method == "sleb":
                 _sleb(store, model, similarity, max(budgets), windows_for(method), fresh)
+            elif base_of(method) is not None:
+                if not _fit(store, model, calib[: settings.fit_windows], method, budgets, fits):
+                    continue
             elif method in SEARCH_METHODS:
                 windows = windows_for(method)
                 for k in budgets:
@@ -417,6 +447,56 @@ def _select(
             _log(f"{method} FAILED: {data['errors'][method]}")
             traceback.print_exc()
         store.save()
+
+
+def _fit(
+    store: Store,
+    model: nn.Module,
+    calib: torch.Tensor,
+    method: str,
+    budgets: Sequence[int],
+    fits: dict[str, Compensation],
+) -> bool:
+    """``<base>+fit`` at every budget from the base's stored selection; False when the model
+    cannot take the fold (recorded in ``skipped``)."""
+    data = store.data
+    base = base_of(method)
+    assert base is not None
+    try:
+        check_compensable(model)
+    except UnsupportedModelError as exc:
+        data["skipped"][method] = str(exc)
+        data["selections"].pop(method, None)
+        _log(f"{method}: skipped: {exc}")
+        return False
+    for k in budgets:
+        entry = store.selection(base, k)
+        if entry is None:
+            raise RuntimeError(f"{base} has no selection at k={k}; add {base} to --methods")
+        _log(f"{method} k={k}: fitting {entry['removed']} on {calib.shape[0]} windows")
+        t = time.perf_counter()
+        comp = fit_compensation(model, entry["removed"], calib)
+        fit_s = time.perf_counter() - t
+        key = report.FIT_KEY + set_key(entry["removed"])
+        fits[key] = comp
+        data["selections"].setdefault(method, {})[str(k)] = {
+            "removed": entry["removed"],
+            "eval_key": key,
+            "base": base,
+            "fit_s": fit_s,
+            "fit_windows": int(calib.shape[0]),
+            "own_s": entry["own_s"] + fit_s,
+            "time_s": entry["time_s"] + fit_s,
+            "passes": entry.get("passes"),
+            "compensation": comp.to_dict(),
+            **({"capture_s": entry["capture_s"]} if "capture_s" in entry else {}),
+        }
+        _log(
+            f"{method} k={k}: fit in {fit_s:.1f}s, relative residuals "
+            + ", ".join(f"{r.get('relative_residual', 1.0):.3f}" for r in comp.runs)
+        )
+        store.save()
+    return True
 
 
 def _sleb(
@@ -463,6 +543,8 @@ def _evaluate(
     methods: Sequence[str],
     budgets: Sequence[int],
     settings: Settings,
+    calib: torch.Tensor,
+    fits: dict[str, Compensation],
 ) -> None:
     data = store.data
     data.setdefault("evaluation", {})
@@ -477,13 +559,12 @@ def _evaluate(
             "seq_len": int(windows.shape[1]),
             "predictions": int(windows.shape[0] * (windows.shape[1] - 1)),
         }
-        scorer = make_scorer(model, windows, settings.eval_batch)
-        sets = [[int(i) for i in key.split(",")] if key else [] for key in pending]
-        scorer.prefetch(sets)
+        plain = [key for key in pending if not key.startswith(report.FIT_KEY)]
+        fitted = [key for key in pending if key.startswith(report.FIT_KEY)]
         _log(f"{name}: {len(pending)} removal set(s) on {windows.shape[0]} x {windows.shape[1]}")
-        for key, removed in zip(pending, sets, strict=True):
-            score = scorer.score(removed)
-            data["evaluations"].setdefault(key, {})[name] = {
+
+        def record(key: str, score: WindowScore, text: str = name) -> None:
+            data["evaluations"].setdefault(key, {})[text] = {
                 "ppl": score.ppl if math.isfinite(score.ppl) else None,
                 "nll": score.nll,
                 "top1_agreement": score.top1_agreement,
@@ -493,9 +574,30 @@ def _evaluate(
             }
             store.save()
             _log(
-                f"{name} [{key or 'dense'}]: ppl {score.ppl:.2f} top-1 "
+                f"{text} [{key or 'dense'}]: ppl {score.ppl:.2f} top-1 "
                 f"{score.top1_agreement:.3f} ({score.seconds:.0f}s)"
             )
+
+        scorer = make_scorer(model, windows, settings.eval_batch)
+        sets = [[int(i) for i in key.split(",")] if key else [] for key in plain]
+        scorer.prefetch(sets)
+        for key, removed in zip(plain, sets, strict=True):
+            record(key, scorer.score(removed))
+        if not fitted:
+            continue
+        # compensated sets on a scorer of their own (its caches are per removal set), each
+        # pass starting at the dense input of the first block the fold changed
+        for key in fitted:
+            if key not in fits:  # selected in an earlier process: fit again (deterministic)
+                removed = [int(i) for i in key[len(report.FIT_KEY) :].split(",")]
+                fits[key] = fit_compensation(model, removed, calib[: settings.fit_windows])
+        own = make_scorer(model, windows, settings.eval_batch)
+        own.prefetch([[min(fits[key].maps)] for key in fitted if fits[key].maps])
+        for key in fitted:
+            comp = fits[key]
+            changed = min(comp.maps) if comp.maps else None
+            with compensated_view(model, comp):
+                record(key, own.score(comp.removed, changed=changed))
 
 
 def parse_args(argv: Sequence[str] | None, registry: dict[str, ModelSpec]) -> argparse.Namespace:
@@ -510,6 +612,9 @@ def parse_args(argv: Sequence[str] | None, registry: dict[str, ModelSpec]) -> ar
     ap.add_argument("--eval-windows", type=int, default=32, help="per evaluation text")
     ap.add_argument("--eval-seq-len", type=int, default=512)
     ap.add_argument("--eval-batch", type=int, default=1, help="evaluation windows per forward")
+    ap.add_argument(
+        "--fit-windows", type=int, default=12, help="calibration windows the +fit maps fit on"
+    )
     ap.add_argument("--calibration", type=Path, default=CALIBRATION)
     ap.add_argument("--wikitext", type=Path, default=WIKITEXT)
     ap.add_argument("--heldout", type=Path, default=HELDOUT)
@@ -548,6 +653,7 @@ def main(argv: Sequence[str] | None = None, registry: dict[str, ModelSpec] | Non
         calibration=args.calibration,
         texts={"wikitext2": args.wikitext, "heldout": args.heldout},
         force=args.force,
+        fit_windows=args.fit_windows,
     )
     start = time.perf_counter()
     per_model: dict[str, float] = {}

@@ -105,3 +105,35 @@ def test_auto_method_succeeds_and_reports_its_candidates(
     keys = service.artifact_keys(TENANT_A, job["id"])
     assert any(k.endswith("/model/model.safetensors") for k in keys), keys
     assert any(k.endswith("/manifest.json") for k in keys), keys
+
+
+def test_compensated_job_publishes_the_folded_checkpoint(
+    service: Service, client_a: httpx.Client
+) -> None:
+    """``compensate: true`` through the REST API: lorp-loss's selection with the fitted fold;
+    the report records the runs it fitted; a non-boolean value is a 422 naming the field."""
+    bad = client_a.post("/jobs", json=service.job_body(compensate="yes", compensation_windows=0))
+    assert bad.status_code == 422, bad.text
+    fields = {tuple(e["loc"])[-1] for e in bad.json()["detail"]}
+    assert {"compensate", "compensation_windows"} <= fields, bad.text
+
+    body = service.job_body(
+        method="lorp-loss", score_windows=2, score_seq_len=16, compensate=True,
+        compensation_windows=3,
+    )  # fmt: skip
+    resp = client_a.post("/jobs", json=body)
+    assert resp.status_code == 202, resp.text
+    assert resp.json()["spec"]["compensate"] is True
+    job = service.wait(client_a, resp.json()["id"])
+    assert job["state"] == "succeeded", job
+
+    report = client_a.get(f"/jobs/{job['id']}/report").raise_for_status().json()
+    comp = report["extra"]["compensation"]
+    assert report["extra"]["config"]["compensate"] is True
+    assert comp["tokens"] == 3 * 32 and comp["blocks"], comp
+    removed = sorted(job["summary"]["removed_blocks"])
+    assert [b for r in comp["runs"] for b in r["run"]] == removed
+    assert all(0 < r["relative_residual"] < 1 for r in comp["runs"] if r["block"] is not None)
+    assert "compensation" in report["timings_s"]
+    keys = service.artifact_keys(TENANT_A, job["id"])
+    assert any(k.endswith("/model/model.safetensors") for k in keys), keys

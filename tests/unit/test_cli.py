@@ -298,3 +298,57 @@ def test_console_script_has_no_traceback(tmp_path: Path) -> None:
     )
     assert proc.returncode == 2
     assert proc.stderr.startswith("lorp: error:") and "Traceback" not in proc.stderr
+
+
+def test_prune_compensate(
+    capsys: pytest.CaptureFixture[str], tiny_dir: Path, text_file: Path, tmp_path: Path
+) -> None:
+    """--compensate: the report records the fitted runs, and the saved checkpoint's perplexity
+    is the one the report measured; a model whose blocks cannot take the fold is refused."""
+    from lorp.data import text_windows
+    from lorp.quality import perplexity
+    from tests.tiny_models import build_tiny
+
+    out_dir = tmp_path / "fit"
+    args = ["--calibration", str(text_file), "--remove", "2", "--windows", "4", "--seq-len", "32"]
+    evaluation = ["--eval", str(text_file), "--eval-windows", "2", "--eval-seq-len", "32"]
+    code, _, err = run(
+        capsys,
+        "prune",
+        "--model",
+        str(tiny_dir),
+        *args,
+        *evaluation,
+        "--compensate",
+        "--compensation-windows",
+        "3",
+        "--no-bench",
+        "--out",
+        str(out_dir),
+        "--quiet",
+    )
+    assert code == 0, err
+    report = json.loads((out_dir / "report.json").read_text())
+    comp = report["extra"]["compensation"]
+    assert comp["tokens"] == 3 * 32 and comp["runs"] and "compensation" in report["timings_s"]
+    for name in ("report.md", "report.html"):
+        assert "folded into block" in (out_dir / name).read_text(), name
+    reloaded = AutoModelForCausalLM.from_pretrained(out_dir / "model")
+    windows = text_windows(tiny_tokenizer(), text_file, 32, 2)
+    assert perplexity(reloaded, windows).ppl == pytest.approx(
+        report["quality"]["pruned"]["ppl"], rel=1e-5
+    )
+
+    gpt2 = tmp_path / "gpt2"
+    build_tiny("gpt2").save_pretrained(gpt2)
+    tiny_tokenizer().save_pretrained(gpt2)
+    for model, extra, needle in [
+        (gpt2, ["--compensate"], "down_proj"),
+        (tiny_dir, ["--compensate", "--compensation-windows", "0"], "compensation-windows"),
+    ]:
+        code, _, err = run(
+            capsys, "prune", "--model", str(model), *args, *extra, "--no-bench", "--out",
+            str(tmp_path / "refused"), "--quiet",
+        )  # fmt: skip
+        assert code != 0 and needle in err and "Traceback" not in err, err
+        assert not (tmp_path / "refused" / "model").exists()

@@ -11,11 +11,12 @@ import pytest
 
 from benchmarks.quality import headroom, report, run
 from benchmarks.quality.models import MODELS, ModelSpec
+from lorp.compensation import apply_compensation, fit_compensation
 from lorp.data import text_windows
 from lorp.loading import load_model
 from lorp.quality import perplexity
-from lorp.search import ALL_METHODS
-from lorp.surgery import pruned_view
+from lorp.search import ALL_METHODS, SEARCH_METHODS
+from lorp.surgery import pruned_view, remove_blocks
 
 OTHER_TEXT = "".join(f"Entry {i}: pack my box with five dozen liquor jugs!\n" for i in range(300))
 
@@ -73,7 +74,8 @@ def test_end_to_end_resume_and_report(tmp_path: Path, tiny_dir: Path, text_file:
     assert run.main(argv, registry={"tiny": _spec(tiny_dir)}) == 0
 
     data = json.loads((out / "tiny.json").read_text())
-    expected = [m for m in report.METHOD_ORDER if m in ALL_METHODS]
+    expected = [m for m in report.METHOD_ORDER if run.known(m)]
+    assert "lorp-loss+fit" in expected
     assert list(data["selections"]) == expected
     if "lorp-loss" in ALL_METHODS:
         assert "lorp-loss" not in data["skipped"]
@@ -83,7 +85,7 @@ def test_end_to_end_resume_and_report(tmp_path: Path, tiny_dir: Path, text_file:
     assert data["budgets"] == {"1": pytest.approx(1 / 6), "2": pytest.approx(2 / 6)}
     assert data["calibration"]["windows"] == 4 and data["calibration"]["seq_len"] == 32
     assert {m: s["windows"] for m, s in data["scoring"].items()} == {
-        m: 2 for m in expected if m not in ("lorp", "shortgpt", "streamline")
+        m: 2 for m in expected if m in SEARCH_METHODS
     }
     assert data["evaluation"]["wikitext2"]["windows"] == 3
     assert data["evaluation"]["heldout"]["predictions"] == 3 * 23
@@ -98,7 +100,13 @@ def test_end_to_end_resume_and_report(tmp_path: Path, tiny_dir: Path, text_file:
             assert row[f"{text}_ppl"] > 1.0
             assert 0.0 <= row[f"{text}_top1"] <= 1.0
         entry = data["selections"][method][str(k)]
-        if method == "sleb":
+        base = run.base_of(method)
+        if base is not None:  # base's selection and time + the fit's
+            below = data["selections"][base][str(k)]
+            assert entry["removed"] == below["removed"] and entry["fit_s"] > 0
+            assert entry["time_s"] == pytest.approx(below["time_s"] + entry["fit_s"])
+            assert entry["eval_key"] == "fit:" + ",".join(map(str, entry["removed"]))
+        elif method == "sleb":
             assert entry["time_s"] == entry["own_s"]
         else:
             assert entry["time_s"] == pytest.approx(data["capture_s"] + entry["own_s"])
@@ -112,7 +120,10 @@ def test_end_to_end_resume_and_report(tmp_path: Path, tiny_dir: Path, text_file:
     assert "first k removals" in sleb["1"]["note"]
 
     # identical removal sets evaluated once; the dense model agrees with itself
-    distinct = {",".join(map(str, r["removed"])) for r in data["results"]}
+    distinct = {
+        ("fit:" if r["method"].endswith("+fit") else "") + ",".join(map(str, r["removed"]))
+        for r in data["results"]
+    }
     assert set(data["evaluations"]) == distinct | {""}
     for text in ("wikitext2", "heldout"):
         assert data["evaluations"][""][text]["top1_agreement"] == 1.0
@@ -127,6 +138,15 @@ def test_end_to_end_resume_and_report(tmp_path: Path, tiny_dir: Path, text_file:
     assert data["evaluations"][""]["heldout"]["ppl"] == pytest.approx(
         perplexity(loaded.model, windows).ppl, rel=1e-4
     )
+    # ... and a compensated one's is the folded, pruned checkpoint's (fit on the calibration
+    # windows, all 4 here: fewer than --fit-windows' 12), not the plain pruned model's
+    calib = text_windows(loaded.tokenizer, text_file, 32, 4)
+    fitted = rows[("lorp-loss+fit", 2)]
+    apply_compensation(loaded.model, fit_compensation(loaded.model, fitted["removed"], calib))
+    remove_blocks(loaded.model, fitted["removed"])
+    folded = perplexity(loaded.model, windows).ppl
+    assert fitted["heldout_ppl"] == pytest.approx(folded, rel=1e-4)
+    assert fitted["heldout_ppl"] != pytest.approx(rows[("lorp-loss", 2)]["heldout_ppl"], rel=1e-4)
 
     # tables and plots
     md = (out / "tiny.md").read_text()
@@ -160,7 +180,7 @@ def test_end_to_end_resume_and_report(tmp_path: Path, tiny_dir: Path, text_file:
     assert (out / "tiny.md").read_text() == md
     assert (out / "quality.png").stat().st_size > 10_000
     pending = (out / "partial.md").read_text()
-    assert "| lorp       | –           | –" in pending and not re.search(r"\*\*\d", pending)
+    assert re.search(r"\| lorp +\| – +\| – ", pending) and not re.search(r"\*\*\d", pending)
     assert "| partial " in (out / "summary.md").read_text()
     assert pending.count("A hand-written note on that run.") == 1
     assert "hand-written" not in md  # only the run that carries a note

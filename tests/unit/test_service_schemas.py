@@ -482,6 +482,10 @@ def test_bad_quality_gates(settings: Settings, gate: dict[str, Any], needle: str
         ({"search_candidates": 0}, "search_candidates"),
         ({"search_candidates": 100}, "search_candidates"),
         ({"search_candidates": 2.0}, "search_candidates"),
+        ({"compensate": "yes"}, "compensate"),
+        ({"compensate": 1}, "compensate"),
+        ({"compensation_windows": 0}, "compensation_windows"),
+        ({"compensation_windows": 2000}, "compensation_windows"),
     ],
 )
 def test_bad_search_and_holdout_fields(
@@ -495,13 +499,21 @@ def test_search_and_holdout_defaults_match_the_library(settings: Settings) -> No
     assert job.holdout_windows == 0
     defaults = validate_job(body(), settings, TENANT)
     lib = PruneConfig(num_remove=2)
-    for name in ("holdout_windows", "score_windows", "score_seq_len", "search_candidates"):
+    for name in (
+        "holdout_windows",
+        "score_windows",
+        "score_seq_len",
+        "search_candidates",
+        "compensate",
+        "compensation_windows",
+    ):
         assert getattr(defaults, name) == getattr(lib, name), name
 
 
 def test_openapi_examples_validate() -> None:
     examples = JobCreate.model_config["json_schema_extra"]["examples"]  # type: ignore[index]
     assert any(e.get("method") == "auto" and e.get("quality_gate") for e in examples)
+    assert any(e.get("compensate") is True for e in examples)
     for example in examples:
         JobCreate.model_validate(example)
 
