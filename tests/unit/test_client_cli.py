@@ -443,6 +443,13 @@ def test_overall_fraction_orders_stages() -> None:
     assert overall_fraction(_job("succeeded", "report", 0.2)) == 1.0
 
 
+def test_client_stages_follow_the_pipeline_order() -> None:
+    from lorp.pipeline import STAGES as PIPELINE_STAGES
+    from service.client import STAGES
+
+    assert [s for s in STAGES if s in PIPELINE_STAGES] == list(PIPELINE_STAGES)
+
+
 def test_progress_bar_without_tty_prints_only_changes() -> None:
     stream = io.StringIO()
     bar = ProgressBar(stream, width=10)
