@@ -57,6 +57,11 @@ def _set_key(removed: Sequence[int]) -> str:
     return ",".join(str(i) for i in sorted(removed))
 
 
+def base_of(method: str) -> str | None:
+    """The selection method a compensated method ``<base>+fit`` builds on (else None)."""
+    return method[: -len(FIT)] if method.endswith(FIT) else None
+
+
 def eval_key(entry: dict[str, Any]) -> str:
     """Where a selection's evaluation is stored: its blocks, or ``fit:<blocks>`` when fitted."""
     key: str = entry.get("eval_key") or _set_key(entry["removed"])
@@ -369,7 +374,7 @@ def _winner(rows: dict[str, dict[str, Any]], text: str) -> str | None:
 
 def _style(method: str) -> dict[str, Any]:
     """A compensated method: its base's colour and marker, dashed."""
-    base = method[: -len(FIT)] if method.endswith(FIT) else method
+    base = base_of(method) or method
     index = METHOD_ORDER.index(base) if base in METHOD_ORDER else len(METHOD_ORDER)
     markers = "osD^vP*X"
     return {

@@ -134,14 +134,8 @@ def set_key(removed: Sequence[int]) -> str:
     return ",".join(str(i) for i in sorted(removed))
 
 
-def base_of(method: str) -> str | None:
-    """The selection method a compensated method ``<base>+fit`` builds on (else None)."""
-    return method[: -len(report.FIT)] if method.endswith(report.FIT) else None
-
-
 def known(method: str) -> bool:
-    base = base_of(method)
-    return (base if base is not None else method) in ALL_METHODS
+    return (report.base_of(method) or method) in ALL_METHODS
 
 
 def make_scorer(model: nn.Module, windows: torch.Tensor, batch_size: int) -> WindowScorer:
@@ -402,7 +396,7 @@ def _select(
                     }
             elif method == "sleb":
                 _sleb(store, model, similarity, max(budgets), windows_for(method), fresh)
-            elif base_of(method) is not None:
+            elif report.base_of(method) is not None:
                 if not _fit(store, model, calib[: settings.fit_windows], method, budgets, fits):
                     continue
             elif method in SEARCH_METHODS:
@@ -460,7 +454,7 @@ def _fit(
     """``<base>+fit`` at every budget from the base's stored selection; False when the model
     cannot take the fold (recorded in ``skipped``)."""
     data = store.data
-    base = base_of(method)
+    base = report.base_of(method)
     assert base is not None
     try:
         check_compensable(model)

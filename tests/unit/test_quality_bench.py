@@ -100,7 +100,7 @@ def test_end_to_end_resume_and_report(tmp_path: Path, tiny_dir: Path, text_file:
             assert row[f"{text}_ppl"] > 1.0
             assert 0.0 <= row[f"{text}_top1"] <= 1.0
         entry = data["selections"][method][str(k)]
-        base = run.base_of(method)
+        base = report.base_of(method)
         if base is not None:  # base's selection and time + the fit's
             below = data["selections"][base][str(k)]
             assert entry["removed"] == below["removed"] and entry["fit_s"] > 0
