@@ -10,6 +10,8 @@ The public API is small:
 - :func:`remove_blocks` / :func:`pruned_view`: physical block removal (permanent or temporary);
 - :func:`fit_compensation` / :func:`apply_compensation`: a fitted linear stand-in for each removed
   run folded into the block before it (``PruneConfig(compensate=True)`` does both);
+- :func:`fit_temperature`: the pruned model's logit scale, folded into the final norm
+  (``PruneConfig(temperature=True)``);
 - :func:`load_model`, :func:`save_pruned`, :func:`text_windows`, :func:`perplexity`,
   :func:`compare_pruned`, :func:`benchmark`.
 
@@ -40,6 +42,7 @@ from .search import ALL_METHODS, SEARCH_METHODS, search_layers
 from .selection import METHODS, Selection, resolve_budget, select_layers
 from .similarity import capture_similarity
 from .surgery import pruned_view, remove_blocks
+from .temperature import Temperature, fit_temperature
 
 __version__ = "0.1.0"
 
@@ -68,6 +71,7 @@ __all__ = [
     "QualityGateError",
     "Selection",
     "SimilarityMatrixError",
+    "Temperature",
     "UnsafeWeightsError",
     "UnsupportedModelError",
     "__version__",
@@ -79,6 +83,7 @@ __all__ = [
     "compare_pruned",
     "estimate_weight_bytes",
     "fit_compensation",
+    "fit_temperature",
     "load_model",
     "perplexity",
     "prune",

@@ -318,6 +318,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
         search_candidates=args.search_candidates,
         compensate=args.compensate,
         compensation_windows=args.compensation_windows,
+        temperature=args.temperature,
+        temperature_windows=args.temperature_windows,
         quality_gate=gate if gate.active else None,
         benchmark=None if args.no_bench else _bench_config(args),
     )
@@ -500,6 +502,18 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_int,
         default=12,
         help="with --compensate: calibration windows the maps are fitted on (12)",
+    )
+    p.add_argument(
+        "--temperature",
+        action="store_true",
+        help="fit the pruned model's logit scale on calibration windows and fold it into the "
+        "final norm",
+    )
+    p.add_argument(
+        "--temperature-windows",
+        type=_positive_int,
+        default=4,
+        help="with --temperature: the last calibration windows it is fitted on (4)",
     )
     p.add_argument("--eval", type=Path, help="held-out text for dense vs pruned quality")
     p.add_argument("--eval-windows", type=_positive_int, default=64)

@@ -46,6 +46,7 @@ from ._forward import batches, check_windows, input_device
 from .errors import InvalidInputError, UnsupportedModelError
 from .search import _runs
 from .surgery import validate_removed
+from .temperature import Temperature, apply_temperature
 
 ProgressCallback = Callable[[str, float, str], None]
 
@@ -63,22 +64,34 @@ class _StopForward(Exception):
 class Compensation:
     """Fitted maps for one removal set: ``maps[b]`` is the d x d T folded into block b's down
     projection (b = the block just before a removed run, original numbering). ``runs``: per run,
-    what was fitted and how well (relative residuals on the fit tokens, 1.0 = plain removal)."""
+    what was fitted and how well (relative residuals on the fit tokens, 1.0 = plain removal).
+    ``temperature``: a logit scale of the pruned model (:mod:`lorp.temperature`), folded into the
+    final norm with the maps (no maps when only the temperature was fitted)."""
 
     removed: list[int]
     maps: dict[int, torch.Tensor]
     ridge: float
     tokens: int
     runs: list[dict[str, Any]] = field(default_factory=list)
+    temperature: Temperature | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "method": "linear",
+            "method": "linear" if self.maps or self.runs else "none",
             "ridge": self.ridge,
             "tokens": self.tokens,
             "blocks": sorted(self.maps),
             "runs": self.runs,
+            "temperature": None if self.temperature is None else self.temperature.to_dict(),
         }
+
+
+def temperature_only(
+    removed: Sequence[int], temperature: Temperature | None = None
+) -> Compensation:
+    """A :class:`Compensation` without linear maps (a logit temperature, once fitted)."""
+    chosen = sorted(int(b) for b in removed)
+    return Compensation(removed=chosen, maps={}, ridge=0.0, tokens=0, temperature=temperature)
 
 
 def _down_proj(block: nn.Module, index: int) -> nn.Linear:
@@ -253,10 +266,15 @@ def _check(model: nn.Module, compensation: Compensation) -> dict[int, nn.Linear]
 
 
 def apply_compensation(model: nn.Module, compensation: Compensation) -> Callable[[], None]:
-    """Fold the fitted maps into the down projections (call before
-    :func:`lorp.surgery.remove_blocks`: block numbers are the original ones). Returns a function
-    that restores the original weights exactly."""
+    """Fold the fitted maps into the down projections and the temperature (if any) into the
+    final norm (call before :func:`lorp.surgery.remove_blocks`: block numbers are the original
+    ones). Returns a function that restores the original weights exactly."""
     downs = _check(model, compensation)
+    unscale = (
+        None
+        if compensation.temperature is None
+        else apply_temperature(model, compensation.temperature.scale)
+    )
     saved = {
         b: (d.weight.detach().clone(), None if d.bias is None else d.bias.detach().clone())
         for b, d in downs.items()
@@ -271,7 +289,13 @@ def apply_compensation(model: nn.Module, compensation: Compensation) -> Callable
 
     with torch.no_grad():
         put({b: _folded(d, compensation.maps[b].to(d.weight.device)) for b, d in downs.items()})
-    return lambda: put(saved)
+
+    def restore() -> None:
+        put(saved)
+        if unscale is not None:
+            unscale()
+
+    return restore
 
 
 @contextlib.contextmanager
@@ -296,4 +320,5 @@ __all__ = [
     "check_compensable",
     "compensated_view",
     "fit_compensation",
+    "temperature_only",
 ]

@@ -30,7 +30,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +44,9 @@ from .compensation import (
     Compensation,
     apply_compensation,
     check_compensable,
+    compensated_view,
     fit_compensation,
+    temperature_only,
 )
 from .data import prepends_bos, text_windows
 from .errors import InvalidInputError, LorpError, QualityGateError
@@ -60,7 +62,8 @@ from .search import (
 )
 from .selection import Selection, resolve_budget, select_layers
 from .similarity import capture_similarity
-from .surgery import remove_blocks
+from .surgery import pruned_view, remove_blocks
+from .temperature import check_temperature, fit_temperature
 
 ProgressCallback = Callable[[str, float, str], None]
 
@@ -80,6 +83,7 @@ STAGES = (
     "calibration",
     "selection",
     "compensation",
+    "temperature",
     "evaluation",
     "benchmark",
     "pruning",
@@ -114,6 +118,10 @@ class PruneConfig:
     # (lorp.compensation); fitted on the first compensation_windows calibration windows
     compensate: bool = False
     compensation_windows: int = 12
+    # fit the pruned (and compensated) model's logit scale and fold it into the final norm
+    # (lorp.temperature); fitted on the last temperature_windows calibration windows
+    temperature: bool = False
+    temperature_windows: int = 4
 
     def __post_init__(self) -> None:
         if self.method not in ALL_METHODS:
@@ -145,14 +153,18 @@ class PruneConfig:
             "score_seq_len",
             "search_candidates",
             "compensation_windows",
+            "temperature_windows",
         ):
             value = getattr(self, name)
             if value is None and name in ("score_windows", "score_seq_len"):
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise InvalidInputError(f"{name} must be a positive integer, got {value!r}")
-        if not isinstance(self.compensate, bool):
-            raise InvalidInputError(f"compensate must be true or false, got {self.compensate!r}")
+        for flag in ("compensate", "temperature"):
+            if not isinstance(getattr(self, flag), bool):
+                raise InvalidInputError(
+                    f"{flag} must be true or false, got {getattr(self, flag)!r}"
+                )
         if self.seq_len < 2 or self.eval_seq_len < 2 or self.scoring_shape[1] < 2:
             raise InvalidInputError("sequence lengths must be at least 2 tokens")
         if (
@@ -310,8 +322,8 @@ def prune(
 
     With ``config.quality_gate`` set and broken, raises :class:`QualityGateError` after the
     measurement and before anything is removed (the model stays whole).
-    Progress stages: calibration, selection, compensation (``config.compensate``), evaluation,
-    benchmark, pruning.
+    Progress stages: calibration, selection, compensation (``config.compensate``), temperature
+    (``config.temperature``), evaluation, benchmark, pruning.
     """
     stages = _stages or _Stages(progress)
     depth = num_blocks(model)
@@ -320,6 +332,8 @@ def prune(
     bos = False if text is None else prepends_bos(tokenizer)
     if config.compensate:
         check_compensable(model)  # fail before the calibration, not after it
+    if config.temperature:
+        check_temperature(model)
 
     with stages.stage("calibration", "capturing block-input similarity"):
         calib = _windows_of(calibration, tokenizer, config.seq_len, config.windows)
@@ -396,6 +410,17 @@ def prune(
                 batch_size=config.batch_size,
                 progress=stages.report,
             )
+    if config.temperature:
+        with stages.stage("temperature", "fitting the pruned model's logit scale"):
+            base = compensation or temperature_only(selection.removed)
+            with compensated_view(model, base), pruned_view(model, selection.removed):
+                fitted = fit_temperature(
+                    model,
+                    calib[-config.temperature_windows :],
+                    batch_size=config.batch_size,
+                    progress=stages.report,
+                )
+            compensation = replace(base, temperature=fitted)
 
     eval_windows: torch.Tensor | None = None
     eval_info: dict[str, Any] | None = None

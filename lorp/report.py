@@ -790,6 +790,25 @@ def _tables(report: Mapping[str, Any]) -> list[tuple[str, list[str], list[list[s
                 "compensated model's.",
             )
         )
+    temp = comp.get("temperature") if isinstance(comp, Mapping) else None
+    if isinstance(temp, Mapping):
+        tables.append(
+            (
+                "Logit temperature",
+                ["logit scale", "calibration ppl before", "after", "predictions"],
+                [
+                    [
+                        _num(temp.get("scale"), ".4f"),
+                        _num(temp.get("ppl_before"), ".3f"),
+                        _num(temp.get("ppl_after"), ".3f"),
+                        _fmt_any(temp.get("predictions")),
+                    ]
+                ],
+                "The pruned model's logits are multiplied by this scale, folded into the final "
+                "norm; fitted on the last calibration windows (perplexity of the pruned model "
+                "there, before and after). The quality above includes it.",
+            )
+        )
     timings = report.get("timings_s") or {}
     if timings:
         rows = [[k, f"{v:.1f}"] for k, v in timings.items()]

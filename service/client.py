@@ -47,6 +47,7 @@ STAGES: tuple[str, ...] = (
     "calibration",
     "selection",
     "compensation",
+    "temperature",
     "evaluation",
     "benchmark",
     "pruning",

@@ -321,6 +321,7 @@ class JobCreate(BaseModel):
                     "method": "lorp-loss",
                     "budget": {"fraction": 0.2},
                     "compensate": True,
+                    "temperature": True,
                 },
             ]
         },
@@ -387,6 +388,15 @@ class JobCreate(BaseModel):
     compensation_windows: Annotated[StrictInt, Field(ge=1, le=1024)] = Field(
         default=12,
         description="with compensate: calibration windows the linear maps are fitted on",
+    )
+    temperature: StrictBool = Field(
+        default=False,
+        description="fit the pruned model's logit scale on calibration windows and fold it "
+        "into the final norm (training-free)",
+    )
+    temperature_windows: Annotated[StrictInt, Field(ge=1, le=1024)] = Field(
+        default=4,
+        description="with temperature: the last calibration windows the scale is fitted on",
     )
     quality_gate: QualityGateSpec | None = None
     dtype: DType = DType.float32

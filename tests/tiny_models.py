@@ -145,6 +145,11 @@ def tiny_input_ids(batch: int = 2, length: int = 12, seed: int = 1) -> torch.Ten
     return torch.randint(3, VOCAB, (batch, length), generator=generator)
 
 
+def snapshot(model: PreTrainedModel) -> dict[str, torch.Tensor]:
+    """A copy of every tensor in the model's state dict (to check a model was left untouched)."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
     """A character-level fast tokenizer whose ids fit :data:`VOCAB` (specials 0..3)."""
     specials = ["<pad>", "<s>", "</s>", "<unk>"]

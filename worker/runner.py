@@ -498,6 +498,8 @@ class JobRunner:
             search_candidates=spec.search_candidates,
             compensate=spec.compensate,
             compensation_windows=spec.compensation_windows,
+            temperature=spec.temperature,
+            temperature_windows=spec.temperature_windows,
             quality_gate=None
             if spec.quality_gate is None
             else QualityGate(

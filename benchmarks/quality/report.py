@@ -36,11 +36,17 @@ METHOD_ORDER: tuple[str, ...] = (
     "streamline+fit",
     "sleb+fit",
     "lorp-loss+fit",
+    "streamline+temp",
+    "lorp-loss+temp",
 )
 #: Suffix of a compensated method (the base's selection + lorp.compensation's fitted fold) and
 #: the prefix of its evaluation key.
 FIT = "+fit"
 FIT_KEY = "fit:"
+#: Suffix of a method whose selection gets only a fitted logit temperature (lorp.temperature),
+#: and the prefix of its evaluation key.
+TEMP = "+temp"
+TEMP_KEY = "temp:"
 #: Evaluation texts: JSON key -> label.
 TEXTS: dict[str, str] = {"wikitext2": "WikiText-2", "heldout": "held-out"}
 CANDIDATE = "lorp-loss+fit"
@@ -58,8 +64,12 @@ def _set_key(removed: Sequence[int]) -> str:
 
 
 def base_of(method: str) -> str | None:
-    """The selection method a compensated method ``<base>+fit`` builds on (else None)."""
-    return method[: -len(FIT)] if method.endswith(FIT) else None
+    """The selection method a corrected method ``<base>+fit`` / ``<base>+temp`` builds on
+    (else None)."""
+    for suffix in (FIT, TEMP):
+        if method.endswith(suffix):
+            return method[: -len(suffix)]
+    return None
 
 
 def eval_key(entry: dict[str, Any]) -> str:
@@ -287,8 +297,8 @@ def summary_markdown(datas: Sequence[dict[str, Any]], run_log: list[dict[str, An
                 continue
             # the goal: every method as published (selection only); then, to show what the
             # selection adds, every other compensated method
-            others = {m: r for m, r in rows_k.items() if not m.endswith(FIT) and m != SELECTION}
-            fitted = {m: r for m, r in rows_k.items() if m.endswith(FIT) and m != CANDIDATE}
+            others = {m: r for m, r in rows_k.items() if not base_of(m) and m != SELECTION}
+            fitted = {m: r for m, r in rows_k.items() if base_of(m) and m != CANDIDATE}
             for text in TEXTS:
                 mine = rows_k[CANDIDATE][f"{text}_ppl"]
                 lorp = others.get("lorp", {}).get(f"{text}_ppl")
@@ -323,14 +333,15 @@ def summary_markdown(datas: Sequence[dict[str, Any]], run_log: list[dict[str, An
         "",
         table(header, rows) if rows else f"(no {CANDIDATE} results yet)",
         "",
-        f"## What the selection adds: {CANDIDATE} against the other compensated methods",
+        f"## What the selection adds: {CANDIDATE} against the other corrected methods",
         "",
-        "The same fold applied to the other methods' selections (``<method>+fit``). Where the "
-        "selections are equal the results are too; the gain over the published methods then "
-        "comes from the compensation, not from the choice of blocks.",
+        "The same fold applied to the other methods' selections (``<method>+fit``), and the "
+        "logit temperature alone (``<method>+temp``, lorp.temperature). Where the selections "
+        "are equal the +fit results are too; the gain over the published methods then comes "
+        "from the compensation, not from the choice of blocks.",
         "",
         table(
-            ["model", "k", "text", f"{CANDIDATE} ppl", "best other +fit (ppl)", "vs it"],
+            ["model", "k", "text", f"{CANDIDATE} ppl", "best other +fit/+temp (ppl)", "vs it"],
             fit_rows,
         )
         if fit_rows

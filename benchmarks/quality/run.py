@@ -65,6 +65,7 @@ from lorp.compensation import (  # noqa: E402
     check_compensable,
     compensated_view,
     fit_compensation,
+    temperature_only,
 )
 from lorp.data import prepends_bos, text_windows  # noqa: E402
 from lorp.errors import UnsupportedModelError  # noqa: E402
@@ -80,6 +81,8 @@ from lorp.search import (  # noqa: E402
 from lorp.selection import METHODS as S_METHODS  # noqa: E402
 from lorp.selection import Selection, select_layers  # noqa: E402
 from lorp.similarity import capture_similarity  # noqa: E402
+from lorp.surgery import pruned_view  # noqa: E402
+from lorp.temperature import fit_temperature  # noqa: E402
 
 DEFAULT_METHODS = report.METHOD_ORDER
 DEFAULT_OUT = RESULTS / "quality"
@@ -104,6 +107,7 @@ class Settings:
     texts: dict[str, Path]  # evaluation text name (report.TEXTS) -> file
     force: bool
     fit_windows: int = 12
+    temp_windows: int = 4
 
     def protocol(self) -> dict[str, Any]:
         """What makes two runs' numbers comparable (a stored JSON must match it to be resumed)."""
@@ -396,6 +400,8 @@ def _select(
                     }
             elif method == "sleb":
                 _sleb(store, model, similarity, max(budgets), windows_for(method), fresh)
+            elif method.endswith(report.TEMP):
+                _temperature(store, model, calib[-settings.temp_windows :], method, budgets, fits)
             elif report.base_of(method) is not None:
                 if not _fit(store, model, calib[: settings.fit_windows], method, budgets, fits):
                     continue
@@ -473,24 +479,73 @@ def _fit(
         fit_s = time.perf_counter() - t
         key = report.FIT_KEY + set_key(entry["removed"])
         fits[key] = comp
-        data["selections"].setdefault(method, {})[str(k)] = {
-            "removed": entry["removed"],
-            "eval_key": key,
-            "base": base,
-            "fit_s": fit_s,
-            "fit_windows": int(calib.shape[0]),
-            "own_s": entry["own_s"] + fit_s,
-            "time_s": entry["time_s"] + fit_s,
-            "passes": entry.get("passes"),
-            "compensation": comp.to_dict(),
-            **({"capture_s": entry["capture_s"]} if "capture_s" in entry else {}),
-        }
+        data["selections"].setdefault(method, {})[str(k)] = _corrected(
+            entry, base, key, comp, fit_s, fit_windows=int(calib.shape[0])
+        )
         _log(
             f"{method} k={k}: fit in {fit_s:.1f}s, relative residuals "
             + ", ".join(f"{r.get('relative_residual', 1.0):.3f}" for r in comp.runs)
         )
         store.save()
     return True
+
+
+def _corrected(
+    entry: dict[str, Any],
+    base: str,
+    key: str,
+    comp: Compensation,
+    fit_s: float,
+    **windows: int,
+) -> dict[str, Any]:
+    """A corrected method's selection entry: the base's blocks, its time + the fit's."""
+    return {
+        "removed": entry["removed"],
+        "eval_key": key,
+        "base": base,
+        "fit_s": fit_s,
+        **windows,
+        "own_s": entry["own_s"] + fit_s,
+        "time_s": entry["time_s"] + fit_s,
+        "passes": entry.get("passes"),
+        "compensation": comp.to_dict(),
+        **({"capture_s": entry["capture_s"]} if "capture_s" in entry else {}),
+    }
+
+
+def _temperature(
+    store: Store,
+    model: nn.Module,
+    calib: torch.Tensor,
+    method: str,
+    budgets: Sequence[int],
+    fits: dict[str, Compensation],
+) -> None:
+    """``<base>+temp`` at every budget: the base's stored selection with the pruned model's logit
+    scale fitted on the last ``--temp-windows`` calibration windows."""
+    data = store.data
+    base = report.base_of(method)
+    assert base is not None
+    for k in budgets:
+        entry = store.selection(base, k)
+        if entry is None:
+            raise RuntimeError(f"{base} has no selection at k={k}; add {base} to --methods")
+        t = time.perf_counter()
+        comp = _fit_temperature(model, entry["removed"], calib)
+        fit_s = time.perf_counter() - t
+        key = report.TEMP_KEY + set_key(entry["removed"])
+        fits[key] = comp
+        assert comp.temperature is not None
+        data["selections"].setdefault(method, {})[str(k)] = _corrected(
+            entry, base, key, comp, fit_s, temp_windows=int(calib.shape[0])
+        )
+        _log(f"{method} k={k}: logit scale {comp.temperature.scale:.4f} in {fit_s:.1f}s")
+        store.save()
+
+
+def _fit_temperature(model: nn.Module, removed: list[int], calib: torch.Tensor) -> Compensation:
+    with pruned_view(model, removed):
+        return temperature_only(removed, fit_temperature(model, calib))
 
 
 def _sleb(
@@ -553,8 +608,9 @@ def _evaluate(
             "seq_len": int(windows.shape[1]),
             "predictions": int(windows.shape[0] * (windows.shape[1] - 1)),
         }
-        plain = [key for key in pending if not key.startswith(report.FIT_KEY)]
-        fitted = [key for key in pending if key.startswith(report.FIT_KEY)]
+        corrected = (report.FIT_KEY, report.TEMP_KEY)
+        plain = [key for key in pending if not key.startswith(corrected)]
+        fitted = [key for key in pending if key.startswith(corrected)]
         _log(f"{name}: {len(pending)} removal set(s) on {windows.shape[0]} x {windows.shape[1]}")
 
         def record(key: str, score: WindowScore, text: str = name) -> None:
@@ -580,18 +636,27 @@ def _evaluate(
         if not fitted:
             continue
         # compensated sets on a scorer of their own (its caches are per removal set), each
-        # pass starting at the dense input of the first block the fold changed
+        # pass starting at the dense input of the first block the fold changed (a temperature
+        # changes no block: the pass starts at the first removed block)
         for key in fitted:
             if key not in fits:  # selected in an earlier process: fit again (deterministic)
-                removed = [int(i) for i in key[len(report.FIT_KEY) :].split(",")]
-                fits[key] = fit_compensation(model, removed, calib[: settings.fit_windows])
-        own = make_scorer(model, windows, settings.eval_batch)
-        own.prefetch([[min(fits[key].maps)] for key in fitted if fits[key].maps])
-        for key in fitted:
-            comp = fits[key]
-            changed = min(comp.maps) if comp.maps else None
-            with compensated_view(model, comp):
-                record(key, own.score(comp.removed, changed=changed))
+                prefix, blocks = key.split(":", 1)
+                removed = [int(i) for i in blocks.split(",")]
+                if prefix + ":" == report.TEMP_KEY:
+                    fits[key] = _fit_temperature(model, removed, calib[-settings.temp_windows :])
+                else:
+                    fits[key] = fit_compensation(model, removed, calib[: settings.fit_windows])
+        for prefix in corrected:  # a scorer per kind: two kinds may correct the same set
+            keys = [key for key in fitted if key.startswith(prefix)]
+            if not keys:
+                continue
+            own = make_scorer(model, windows, settings.eval_batch)
+            own.prefetch([[min(fits[k].maps)] if fits[k].maps else fits[k].removed for k in keys])
+            for key in keys:
+                comp = fits[key]
+                changed = min(comp.maps) if comp.maps else None
+                with compensated_view(model, comp):
+                    record(key, own.score(comp.removed, changed=changed))
 
 
 def parse_args(argv: Sequence[str] | None, registry: dict[str, ModelSpec]) -> argparse.Namespace:
@@ -608,6 +673,12 @@ def parse_args(argv: Sequence[str] | None, registry: dict[str, ModelSpec]) -> ar
     ap.add_argument("--eval-batch", type=int, default=1, help="evaluation windows per forward")
     ap.add_argument(
         "--fit-windows", type=int, default=12, help="calibration windows the +fit maps fit on"
+    )
+    ap.add_argument(
+        "--temp-windows",
+        type=int,
+        default=4,
+        help="last calibration windows the +temp logit scale is fitted on",
     )
     ap.add_argument("--calibration", type=Path, default=CALIBRATION)
     ap.add_argument("--wikitext", type=Path, default=WIKITEXT)
@@ -648,6 +719,7 @@ def main(argv: Sequence[str] | None = None, registry: dict[str, ModelSpec] | Non
         texts={"wikitext2": args.wikitext, "heldout": args.heldout},
         force=args.force,
         fit_windows=args.fit_windows,
+        temp_windows=args.temp_windows,
     )
     start = time.perf_counter()
     per_model: dict[str, float] = {}

@@ -110,16 +110,23 @@ def test_auto_method_succeeds_and_reports_its_candidates(
 def test_compensated_job_publishes_the_folded_checkpoint(
     service: Service, client_a: httpx.Client
 ) -> None:
-    """``compensate: true`` through the REST API: lorp-loss's selection with the fitted fold;
-    the report records the runs it fitted; a non-boolean value is a 422 naming the field."""
-    bad = client_a.post("/jobs", json=service.job_body(compensate="yes", compensation_windows=0))
+    """``compensate: true`` and ``temperature: true`` through the REST API: lorp-loss's
+    selection with the fitted fold and logit scale; the report records what was fitted; a
+    non-boolean value is a 422 naming the field."""
+    bad = client_a.post(
+        "/jobs",
+        json=service.job_body(
+            compensate="yes", compensation_windows=0, temperature=1, temperature_windows=0
+        ),
+    )
     assert bad.status_code == 422, bad.text
     fields = {tuple(e["loc"])[-1] for e in bad.json()["detail"]}
-    assert {"compensate", "compensation_windows"} <= fields, bad.text
+    expected = {"compensate", "compensation_windows", "temperature", "temperature_windows"}
+    assert expected <= fields, bad.text
 
     body = service.job_body(
         method="lorp-loss", score_windows=2, score_seq_len=16, compensate=True,
-        compensation_windows=3,
+        compensation_windows=3, temperature=True, temperature_windows=2,
     )  # fmt: skip
     resp = client_a.post("/jobs", json=body)
     assert resp.status_code == 202, resp.text
@@ -134,6 +141,9 @@ def test_compensated_job_publishes_the_folded_checkpoint(
     removed = sorted(job["summary"]["removed_blocks"])
     assert [b for r in comp["runs"] for b in r["run"]] == removed
     assert all(0 < r["relative_residual"] < 1 for r in comp["runs"] if r["block"] is not None)
-    assert "compensation" in report["timings_s"]
+    assert "compensation" in report["timings_s"] and "temperature" in report["timings_s"]
+    temp = comp["temperature"]
+    assert temp["predictions"] == 2 * len(range(0, 31, 4)) and temp["scale"] > 0, temp
+    assert temp["nll_after"] <= temp["nll_before"]
     keys = service.artifact_keys(TENANT_A, job["id"])
     assert any(k.endswith("/model/model.safetensors") for k in keys), keys

@@ -303,8 +303,9 @@ def test_console_script_has_no_traceback(tmp_path: Path) -> None:
 def test_prune_compensate(
     capsys: pytest.CaptureFixture[str], tiny_dir: Path, text_file: Path, tmp_path: Path
 ) -> None:
-    """--compensate: the report records the fitted runs, and the saved checkpoint's perplexity
-    is the one the report measured; a model whose blocks cannot take the fold is refused."""
+    """--compensate --temperature: the report records the fitted runs and the logit scale, and
+    the saved checkpoint's perplexity is the one the report measured; a model whose blocks cannot
+    take the fold is refused."""
     from lorp.data import text_windows
     from lorp.quality import perplexity
     from tests.tiny_models import build_tiny
@@ -322,6 +323,9 @@ def test_prune_compensate(
         "--compensate",
         "--compensation-windows",
         "3",
+        "--temperature",
+        "--temperature-windows",
+        "2",
         "--no-bench",
         "--out",
         str(out_dir),
@@ -331,8 +335,11 @@ def test_prune_compensate(
     report = json.loads((out_dir / "report.json").read_text())
     comp = report["extra"]["compensation"]
     assert comp["tokens"] == 3 * 32 and comp["runs"] and "compensation" in report["timings_s"]
+    assert comp["temperature"]["predictions"] == 2 * len(range(0, 31, 4))
+    assert comp["temperature"]["scale"] > 0 and "temperature" in report["timings_s"]
     for name in ("report.md", "report.html"):
         assert "folded into block" in (out_dir / name).read_text(), name
+        assert "Logit temperature" in (out_dir / name).read_text(), name
     reloaded = AutoModelForCausalLM.from_pretrained(out_dir / "model")
     windows = text_windows(tiny_tokenizer(), text_file, 32, 2)
     assert perplexity(reloaded, windows).ppl == pytest.approx(
@@ -345,6 +352,7 @@ def test_prune_compensate(
     for model, extra, needle in [
         (gpt2, ["--compensate"], "down_proj"),
         (tiny_dir, ["--compensate", "--compensation-windows", "0"], "compensation-windows"),
+        (tiny_dir, ["--temperature", "--temperature-windows", "0"], "temperature-windows"),
     ]:
         code, _, err = run(
             capsys, "prune", "--model", str(model), *args, *extra, "--no-bench", "--out",

@@ -17,7 +17,7 @@ from lorp.errors import QualityGateError
 from lorp.gate import QualityGate
 from lorp.quality import perplexity
 from lorp.surgery import remove_blocks
-from tests.tiny_models import DEPTH, FAMILIES, VOCAB, build_tiny, tiny_tokenizer
+from tests.tiny_models import DEPTH, FAMILIES, VOCAB, build_tiny, snapshot, tiny_tokenizer
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "phi3")
 REFUSED = tuple(f for f in FAMILIES if f not in SUPPORTED)
@@ -26,10 +26,6 @@ REFUSED = tuple(f for f in FAMILIES if f not in SUPPORTED)
 def _windows(n: int = 6, t: int = 24, seed: int = 1) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, VOCAB, (n, t), generator=g)
-
-
-def _state(model: Any) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 @torch.no_grad()
@@ -96,21 +92,21 @@ def test_folded_block_writes_y_plus_m_times_t(family: str) -> None:
 
 def test_two_runs_fitted_from_one_dense_pass_and_views_restore_exactly() -> None:
     model = build_tiny("llama")
-    before = _state(model)
+    before = snapshot(model)
     windows = _windows(seed=3)
     comp = fit_compensation(model, [1, 4], windows)
     assert sorted(comp.maps) == [0, 3]
     assert [r["run"] for r in comp.runs] == [[1], [4]]
-    assert all(a.equal(before[k]) for k, a in _state(model).items())  # fitting changes nothing
+    assert all(a.equal(before[k]) for k, a in snapshot(model).items())  # fitting changes nothing
     with compensated_view(model, comp):
-        changed = _state(model)
+        changed = snapshot(model)
     assert not changed["model.layers.0.mlp.down_proj.weight"].equal(
         before["model.layers.0.mlp.down_proj.weight"]
     )
-    assert all(a.equal(before[k]) for k, a in _state(model).items())
+    assert all(a.equal(before[k]) for k, a in snapshot(model).items())
     restore = apply_compensation(model, comp)
     restore()
-    assert all(a.equal(before[k]) for k, a in _state(model).items())
+    assert all(a.equal(before[k]) for k, a in snapshot(model).items())
 
 
 def test_run_at_block_zero_is_recorded_and_left_alone() -> None:
@@ -123,7 +119,7 @@ def test_run_at_block_zero_is_recorded_and_left_alone() -> None:
 @pytest.mark.parametrize("family", REFUSED)
 def test_blocks_without_a_foldable_down_projection_are_refused(family: str) -> None:
     model = build_tiny(family)
-    before = _state(model)
+    before = snapshot(model)
     with pytest.raises(UnsupportedModelError, match=r"down projection|down_proj"):
         fit_compensation(model, [2, 3], _windows())
     config = PruneConfig(method="lorp", num_remove=2, compensate=True, windows=2, seq_len=16)
@@ -131,7 +127,7 @@ def test_blocks_without_a_foldable_down_projection_are_refused(family: str) -> N
     with pytest.raises(UnsupportedModelError):
         prune(model, tiny_tokenizer(), _windows(), config, progress=lambda s, *_: stages.append(s))
     assert stages == []  # refused before the calibration started
-    assert all(a.equal(before[k]) for k, a in _state(model).items())
+    assert all(a.equal(before[k]) for k, a in snapshot(model).items())
 
 
 @pytest.mark.parametrize(
@@ -186,14 +182,14 @@ def test_prune_compensated_checkpoint_round_trip(tmp_path: Path) -> None:
 
 def test_quality_gate_refusal_leaves_the_weights_untouched() -> None:
     model = build_tiny("llama")
-    before = _state(model)
+    before = snapshot(model)
     config = PruneConfig(
         method="lorp", num_remove=2, windows=4, seq_len=32, compensate=True,
         quality_gate=QualityGate(min_top1_agreement=1.0),
     )  # fmt: skip
     with pytest.raises(QualityGateError):
         prune(model, tiny_tokenizer(), _windows(4, 32), config, evaluation=_windows(2, 32, seed=9))
-    assert all(a.equal(before[k]) for k, a in _state(model).items())
+    assert all(a.equal(before[k]) for k, a in snapshot(model).items())
 
 
 def test_window_scorer_measures_a_compensated_set_from_a_valid_prefix() -> None:

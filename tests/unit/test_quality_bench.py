@@ -17,6 +17,7 @@ from lorp.loading import load_model
 from lorp.quality import perplexity
 from lorp.search import ALL_METHODS, SEARCH_METHODS
 from lorp.surgery import pruned_view, remove_blocks
+from lorp.temperature import fit_temperature, temperature_view
 
 OTHER_TEXT = "".join(f"Entry {i}: pack my box with five dozen liquor jugs!\n" for i in range(300))
 
@@ -30,6 +31,13 @@ def _spec(tiny_dir: Path) -> ModelSpec:
         pip_args=(),
         locate=lambda _cache: tiny_dir,
     )
+
+
+def _prefix(method: str) -> str:
+    """Where a corrected method's evaluation is stored (report.FIT_KEY / report.TEMP_KEY)."""
+    if method.endswith(report.FIT):
+        return report.FIT_KEY
+    return report.TEMP_KEY if method.endswith(report.TEMP) else ""
 
 
 def _never_loaded(_cache: Path) -> Path:
@@ -75,7 +83,7 @@ def test_end_to_end_resume_and_report(tmp_path: Path, tiny_dir: Path, text_file:
 
     data = json.loads((out / "tiny.json").read_text())
     expected = [m for m in report.METHOD_ORDER if run.known(m)]
-    assert "lorp-loss+fit" in expected
+    assert "lorp-loss+fit" in expected and "lorp-loss+temp" in expected
     assert list(data["selections"]) == expected
     if "lorp-loss" in ALL_METHODS:
         assert "lorp-loss" not in data["skipped"]
@@ -105,7 +113,7 @@ def test_end_to_end_resume_and_report(tmp_path: Path, tiny_dir: Path, text_file:
             below = data["selections"][base][str(k)]
             assert entry["removed"] == below["removed"] and entry["fit_s"] > 0
             assert entry["time_s"] == pytest.approx(below["time_s"] + entry["fit_s"])
-            assert entry["eval_key"] == "fit:" + ",".join(map(str, entry["removed"]))
+            assert entry["eval_key"] == _prefix(method) + ",".join(map(str, entry["removed"]))
         elif method == "sleb":
             assert entry["time_s"] == entry["own_s"]
         else:
@@ -120,10 +128,7 @@ def test_end_to_end_resume_and_report(tmp_path: Path, tiny_dir: Path, text_file:
     assert "first k removals" in sleb["1"]["note"]
 
     # identical removal sets evaluated once; the dense model agrees with itself
-    distinct = {
-        ("fit:" if r["method"].endswith("+fit") else "") + ",".join(map(str, r["removed"]))
-        for r in data["results"]
-    }
+    distinct = {_prefix(r["method"]) + ",".join(map(str, r["removed"])) for r in data["results"]}
     assert set(data["evaluations"]) == distinct | {""}
     for text in ("wikitext2", "heldout"):
         assert data["evaluations"][""][text]["top1_agreement"] == 1.0
@@ -138,9 +143,19 @@ def test_end_to_end_resume_and_report(tmp_path: Path, tiny_dir: Path, text_file:
     assert data["evaluations"][""]["heldout"]["ppl"] == pytest.approx(
         perplexity(loaded.model, windows).ppl, rel=1e-4
     )
+    # ... a +temp one's is the pruned model's with the logit scale fitted on the last
+    # --temp-windows (4) calibration windows
+    calib = text_windows(loaded.tokenizer, text_file, 32, 4)
+    scaled = rows[("lorp-loss+temp", 2)]
+    with pruned_view(loaded.model, scaled["removed"]):
+        scale = fit_temperature(loaded.model, calib).scale
+        with temperature_view(loaded.model, scale):
+            assert scaled["heldout_ppl"] == pytest.approx(
+                perplexity(loaded.model, windows).ppl, rel=1e-4
+            )
+        assert scaled["heldout_ppl"] != pytest.approx(perplexity(loaded.model, windows).ppl)
     # ... and a compensated one's is the folded, pruned checkpoint's (fit on the calibration
     # windows, all 4 here: fewer than --fit-windows' 12), not the plain pruned model's
-    calib = text_windows(loaded.tokenizer, text_file, 32, 4)
     fitted = rows[("lorp-loss+fit", 2)]
     apply_compensation(loaded.model, fit_compensation(loaded.model, fitted["removed"], calib))
     remove_blocks(loaded.model, fitted["removed"])

@@ -486,6 +486,10 @@ def test_bad_quality_gates(settings: Settings, gate: dict[str, Any], needle: str
         ({"compensate": 1}, "compensate"),
         ({"compensation_windows": 0}, "compensation_windows"),
         ({"compensation_windows": 2000}, "compensation_windows"),
+        ({"temperature": "yes"}, "temperature"),
+        ({"temperature": 1}, "temperature"),
+        ({"temperature_windows": 0}, "temperature_windows"),
+        ({"temperature_windows": 2000}, "temperature_windows"),
     ],
 )
 def test_bad_search_and_holdout_fields(
@@ -506,6 +510,8 @@ def test_search_and_holdout_defaults_match_the_library(settings: Settings) -> No
         "search_candidates",
         "compensate",
         "compensation_windows",
+        "temperature",
+        "temperature_windows",
     ):
         assert getattr(defaults, name) == getattr(lib, name), name
 
@@ -513,7 +519,7 @@ def test_search_and_holdout_defaults_match_the_library(settings: Settings) -> No
 def test_openapi_examples_validate() -> None:
     examples = JobCreate.model_config["json_schema_extra"]["examples"]  # type: ignore[index]
     assert any(e.get("method") == "auto" and e.get("quality_gate") for e in examples)
-    assert any(e.get("compensate") is True for e in examples)
+    assert any(e.get("compensate") is True and e.get("temperature") is True for e in examples)
     for example in examples:
         JobCreate.model_validate(example)
 
