@@ -38,6 +38,9 @@ _FINAL_NORMS = (
     "model.final_layernorm",  # Phi
 )
 _SCALE_RANGE = (0.05, 20.0)
+# The logits kept for the fit (float32) stay under this: with more windows than fit, the stride
+# between the predictions taken grows.
+LOGIT_BYTES = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -144,13 +147,16 @@ def fit_temperature(
 ) -> Temperature:
     """Fit the logit scale of ``model`` as it is (enter :func:`lorp.surgery.pruned_view` and
     :func:`lorp.compensation.compensated_view` first to fit the pruned model's) on ``windows``
-    ``[W, T]``: every ``stride``-th prediction of every window (the head runs only there)."""
+    ``[W, T]``: every ``stride``-th prediction of every window (the head runs only there; the
+    stride grows when the logits kept would pass :data:`LOGIT_BYTES`)."""
     if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
         raise InvalidInputError(f"stride must be a positive integer, got {stride!r}")
     windows = check_windows(windows)
     if windows.shape[1] < 2:
         raise InvalidInputError("temperature windows need at least 2 tokens")
     head = _head(model)
+    per_window = LOGIT_BYTES // (4 * int(head.out_features)) // int(windows.shape[0])
+    stride = max(stride, math.ceil((windows.shape[1] - 1) / max(per_window, 1)))
     positions = torch.arange(0, windows.shape[1] - 1, stride)
     logits: list[torch.Tensor] = []
     targets: list[torch.Tensor] = []
@@ -195,7 +201,8 @@ def apply_temperature(model: nn.Module, scale: float) -> Callable[[], None]:
     params = dict(norm.named_parameters(recurse=False))
     saved = {name: p.detach().clone() for name, p in params.items()}
     weight = params["weight"]
-    probe = torch.randn(4, weight.shape[-1], dtype=weight.dtype, device=weight.device)
+    generator = torch.Generator().manual_seed(0)  # a fixed probe; the global RNG is left alone
+    probe = torch.randn(4, weight.shape[-1], generator=generator).to(weight.device, weight.dtype)
     with torch.no_grad():
         expected = scale * norm(probe)
 

@@ -164,3 +164,18 @@ def test_prune_with_temperature_checkpoint_round_trip(
     assert plain.removed == result.removed
     assert plain.quality is not None
     assert plain.quality.pruned.ppl != pytest.approx(result.quality.pruned.ppl, rel=1e-4)
+
+
+def test_logits_kept_stay_under_the_memory_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With more windows than the logit budget holds, fewer predictions per window are used."""
+    import lorp.temperature as temperature
+
+    model = build_tiny("llama")
+    windows = _windows(4, 33)
+    assert fit_temperature(model, windows, stride=1).predictions == 4 * 32
+    monkeypatch.setattr(temperature, "LOGIT_BYTES", 4 * VOCAB * 4 * 8)  # 8 predictions a window
+    assert fit_temperature(model, windows, stride=1).predictions == 4 * 8
+    state = torch.get_rng_state()
+    with temperature_view(model, 0.8):
+        pass
+    assert torch.equal(torch.get_rng_state(), state)  # the fold's probe left the RNG alone
