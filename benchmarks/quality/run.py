@@ -23,6 +23,10 @@ Per model (``models.py``; loaded once, float32, CPU):
   the pipeline's ``compensate`` does); time = the base's time + the fit's; evaluated under the
   key ``fit:<blocks>``; models whose blocks cannot take the fold (Gemma-3) are skipped with the
   reason;
+- ``<method>+temp`` (``report.TEMP``): the base method's selection with the pruned model's logit
+  scale (``lorp.temperature.fit_temperature`` on the last ``--temp-windows`` calibration windows,
+  as the pipeline's ``temperature`` does) folded into the final norm; time = the base's + the
+  fit's; evaluated under ``temp:<blocks>``;
 - quality of every distinct removal set (and the dense model) on WikiText-2 test and on the
   held-out text (``eval/debian-reference.en.txt``): ``--eval-windows`` non-overlapping windows of
   ``--eval-seq-len`` tokens from the start of each, perplexity and top-1 next-token agreement
