@@ -8,8 +8,9 @@ The public API is small:
   ``lorp``, ``shortgpt``, ``streamline``); :func:`search_layers` for the model-in-the-loop methods
   ``sleb``, ``lorp-kl``, ``lorp-loss`` and ``auto``;
 - :func:`remove_blocks` / :func:`pruned_view`: physical block removal (permanent or temporary);
-- :func:`fit_compensation` / :func:`apply_compensation`: a fitted linear stand-in for each removed
-  run folded into the block before it (``PruneConfig(compensate=True)`` does both);
+- :func:`fit_compensation` / :func:`tune_strength` / :func:`apply_compensation`: a fitted linear
+  stand-in for each removed run, the share of it to fold chosen by calibration loss, folded into
+  the block before the run (``PruneConfig(compensate=True)`` does all three);
 - :func:`fit_temperature`: the pruned model's logit scale, folded into the final norm
   (``PruneConfig(temperature=True)``);
 - :func:`load_model`, :func:`save_pruned`, :func:`text_windows`, :func:`perplexity`,
@@ -19,7 +20,7 @@ Errors are in :mod:`lorp.errors`; every one is a :class:`LorpError` with a stabl
 """
 
 from .bench import BenchmarkConfig, BenchmarkResult, benchmark
-from .compensation import Compensation, apply_compensation, fit_compensation
+from .compensation import Compensation, apply_compensation, fit_compensation, tune_strength
 from .data import text_windows
 from .errors import (
     BudgetError,
@@ -95,5 +96,6 @@ __all__ = [
     "search_layers",
     "select_layers",
     "text_windows",
+    "tune_strength",
     "write_reports",
 ]

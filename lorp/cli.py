@@ -318,6 +318,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         search_candidates=args.search_candidates,
         compensate=args.compensate,
         compensation_windows=args.compensation_windows,
+        compensation_tune_windows=args.compensation_tune_windows,
         temperature=args.temperature,
         temperature_windows=args.temperature_windows,
         quality_gate=gate if gate.active else None,
@@ -502,6 +503,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_int,
         default=12,
         help="with --compensate: calibration windows the maps are fitted on (12)",
+    )
+    p.add_argument(
+        "--compensation-tune-windows",
+        type=_nonneg_int,
+        default=2,
+        help="with --compensate: the calibration windows after the fit windows on which the "
+        "strength of the fold is chosen by loss (2; 0: fold the maps as fitted)",
     )
     p.add_argument(
         "--temperature",

@@ -14,8 +14,10 @@ The evaluation text is only ever used for the quality measurement, never for cho
 
 Compensation (``config.compensate``, :mod:`lorp.compensation`): after the selection, one linear
 map per removed run of blocks is fitted on the first ``compensation_windows`` calibration
-windows and folded into the down projection of the block before the run; the quality measured
-is the compensated pruned model's, and the checkpoint carries the folded weights.
+windows and folded into the down projection of the block before the run, at the strength that
+gives the lowest loss on the next ``compensation_tune_windows`` calibration windows
+(:func:`lorp.compensation.tune_strength`); the quality measured is the compensated pruned
+model's, and the checkpoint carries the folded weights.
 
 Quality guard (:mod:`lorp.gate`): every prune that could measure quality reports perplexity
 (dense and pruned), KL(dense || pruned), top-1 agreement and flags for results far worse than
@@ -47,6 +49,7 @@ from .compensation import (
     compensated_view,
     fit_compensation,
     temperature_only,
+    tune_strength,
 )
 from .data import prepends_bos, text_windows
 from .errors import InvalidInputError, LorpError, QualityGateError
@@ -118,6 +121,9 @@ class PruneConfig:
     # (lorp.compensation); fitted on the first compensation_windows calibration windows
     compensate: bool = False
     compensation_windows: int = 12
+    # how much of the maps to fold, chosen by the loss on the next compensation_tune_windows
+    # calibration windows (lorp.compensation.tune_strength); 0: fold the maps as fitted
+    compensation_tune_windows: int = 2
     # fit the pruned (and compensated) model's logit scale and fold it into the final norm
     # (lorp.temperature); fitted on the last temperature_windows calibration windows
     temperature: bool = False
@@ -167,12 +173,10 @@ class PruneConfig:
                 )
         if self.seq_len < 2 or self.eval_seq_len < 2 or self.scoring_shape[1] < 2:
             raise InvalidInputError("sequence lengths must be at least 2 tokens")
-        if (
-            isinstance(self.holdout_windows, bool)
-            or not isinstance(self.holdout_windows, int)
-            or self.holdout_windows < 0
-        ):
-            raise InvalidInputError(f"holdout_windows must be >= 0, got {self.holdout_windows!r}")
+        for name in ("holdout_windows", "compensation_tune_windows"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise InvalidInputError(f"{name} must be an integer >= 0, got {value!r}")
         if isinstance(self.benchmark, dict):
             self.benchmark = BenchmarkConfig.from_dict(self.benchmark)
         if isinstance(self.quality_gate, dict):
@@ -410,6 +414,14 @@ def prune(
                 batch_size=config.batch_size,
                 progress=stages.report,
             )
+            tune = calib[
+                config.compensation_windows : config.compensation_windows
+                + config.compensation_tune_windows
+            ]
+            if tune.shape[0] and compensation.maps:  # else the maps are folded as fitted
+                compensation = tune_strength(
+                    model, compensation, tune, batch_size=config.batch_size, progress=stages.report
+                )
     if config.temperature:
         with stages.stage("temperature", "fitting the pruned model's logit scale"):
             base = compensation or temperature_only(selection.removed)

@@ -786,10 +786,27 @@ def _tables(report: Mapping[str, Any]) -> list[tuple[str, list[str], list[list[s
                 rows,
                 "A least-squares linear stand-in for each removed run, folded into the down "
                 f"projection of the block before it; fitted on {_fmt_any(comp.get('tokens'))} "
-                f"calibration tokens (ridge {comp.get('ridge')}). The quality above is the "
-                "compensated model's.",
+                f"calibration tokens (ridge {comp.get('ridge')}), folded at strength "
+                f"{comp.get('strength', 1.0)} (share of the fitted correction). The quality "
+                "above is the compensated model's.",
             )
         )
+        tuning = comp.get("tuning")
+        if isinstance(tuning, Mapping) and tuning.get("measured"):
+            tables.append(
+                (
+                    "Compensation strength",
+                    ["strength", "calibration NLL (nats per token)"],
+                    [
+                        [_num(row.get("strength"), ".3f"), _num(row.get("nll"), ".4f")]
+                        for row in tuning["measured"]
+                        if isinstance(row, Mapping)
+                    ],
+                    f"Measured on {tuning.get('windows')} x {tuning.get('seq_len')} calibration "
+                    "tokens the maps were not fitted on; the lowest was kept (0 = plain "
+                    "removal, 1 = the least-squares maps).",
+                )
+            )
     temp = comp.get("temperature") if isinstance(comp, Mapping) else None
     if isinstance(temp, Mapping):
         tables.append(

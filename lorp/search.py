@@ -207,6 +207,10 @@ class WindowScorer:
     window twice. :attr:`passes` counts the distinct sets measured (however many windows),
     ``info()["pass_equivalents"]`` the windows actually run, in whole passes.
 
+    ``stride`` (NLL only, ``reference=False``): score every ``stride``-th next-token prediction
+    of each window; the blocks still run on every token, the output head and its softmax only
+    on the scored positions (for a large vocabulary the head costs as much as the blocks).
+
     Dense prefix cache: a removal set R changes nothing before its first removed block f, so
     the hidden states entering block f are the dense model's. :meth:`prefetch` stores the dense
     block inputs at the first removed blocks of the sets about to be scored (one partial dense
@@ -231,6 +235,7 @@ class WindowScorer:
         prefix_bytes: int = DEFAULT_PREFIX_BYTES,
         progress: ProgressCallback | None = None,
         stage: str = "selection",
+        stride: int = 1,
     ) -> None:
         self.model = model
         self.windows = check_windows(windows)
@@ -240,7 +245,14 @@ class WindowScorer:
             raise InvalidInputError(f"prefix_bytes must be an integer >= 0, got {prefix_bytes!r}")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise InvalidInputError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
+            raise InvalidInputError(f"stride must be an integer >= 1, got {stride!r}")
+        if stride > 1 and reference:
+            raise InvalidInputError("a stride > 1 scores NLL only: pass reference=False")
         self.batch_size = batch_size
+        self.stride = stride
+        # predictions scored per window: every stride-th position (its next token)
+        self._positions = torch.arange(0, int(self.windows.shape[1]) - 1, stride)
         self.reference = reference
         self.keep_distribution = keep_distribution
         self.prefix_bytes = prefix_bytes
@@ -261,7 +273,31 @@ class WindowScorer:
     @property
     def tokens(self) -> int:
         """Predictions per pass."""
-        return int(self.windows.shape[0] * (self.windows.shape[1] - 1))
+        return int(self.windows.shape[0]) * int(self._positions.numel())
+
+    def _nll(self, batch: torch.Tensor, device: torch.device) -> tuple[float, torch.Tensor]:
+        """Summed NLL of ``batch``'s scored predictions and their log-probabilities. With a
+        stride the output head runs on the scored positions only (a pre-hook on it)."""
+        if self.stride == 1:
+            logp = _log_probs(self.model, batch, device)
+            return _nll_sum(logp, batch), logp
+        get_head = getattr(self.model, "get_output_embeddings", None)
+        head = get_head() if callable(get_head) else None
+        if not isinstance(head, nn.Module):
+            raise InvalidInputError("a stride > 1 needs a model with an output embedding")
+        pos = self._positions.to(device)
+
+        def take(_m: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+            return (args[0][:, pos], *args[1:])
+
+        handle = head.register_forward_pre_hook(take)
+        try:
+            logits = self.model(input_ids=batch.to(device), use_cache=False).logits
+        finally:
+            handle.remove()
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        target = batch[:, pos.cpu() + 1].to(logp.device)
+        return float(-logp.gather(-1, target.unsqueeze(-1)).sum()), logp
 
     def info(self) -> dict[str, Any]:
         return {
@@ -278,6 +314,14 @@ class WindowScorer:
     def cached(self, removed: Sequence[int]) -> bool:
         """Whether ``removed`` has been measured on every window."""
         return self._key(removed) in self._cache
+
+    def forget(self, removed: Sequence[int]) -> None:
+        """Drop what was measured for ``removed`` (the dense prefix and reference stay), so the
+        same set can be measured again with other weights (e.g. another compensation
+        strength, :func:`lorp.compensation.tune_strength`)."""
+        key = self._key(removed)
+        self._sums.pop(key, None)
+        self._cache.pop(key, None)
 
     def _key(self, removed: Sequence[int]) -> tuple[int, ...]:
         key = tuple(sorted({int(i) for i in removed}))
@@ -444,10 +488,10 @@ class WindowScorer:
             for i in range(self.num_batches):
                 cur[0] = i
                 batch = self._batch(i)
-                logp = _log_probs(self.model, batch, device)
-                sums.nll.append(_nll_sum(logp, batch))
+                nll, logp = self._nll(batch, device)
+                sums.nll.append(nll)
                 sums.kl.append(0.0)
-                sums.agree.append(int(batch.shape[0] * (batch.shape[1] - 1)))
+                sums.agree.append(int(batch.shape[0]) * int(self._positions.numel()))
                 if self.reference:
                     keep.append(logp if self.keep_distribution else logp.argmax(-1))
         sums.seconds = time.perf_counter() - start
@@ -503,7 +547,7 @@ class WindowScorer:
     def _result(self, key: tuple[int, ...], upto: int) -> WindowScore:
         sums = self._sums[key]
         covered = min(int(self.windows.shape[0]), upto * self.batch_size)
-        n = covered * int(self.windows.shape[1] - 1)
+        n = covered * int(self._positions.numel())
         nll = sum(sums.nll[:upto]) / n
         if not self.reference:
             kl, top1 = None, None
@@ -553,8 +597,7 @@ class WindowScorer:
                 for i in range(lo, hi):
                     cur[0] = i
                     batch = self._batch(i)
-                    logp = _log_probs(self.model, batch, device)
-                    nll = _nll_sum(logp, batch)
+                    nll, logp = self._nll(batch, device)
                     kl = 0.0
                     agree = 0
                     if dense is not None:

@@ -389,6 +389,11 @@ class JobCreate(BaseModel):
         default=12,
         description="with compensate: calibration windows the linear maps are fitted on",
     )
+    compensation_tune_windows: Annotated[StrictInt, Field(ge=0, le=1024)] = Field(
+        default=2,
+        description="with compensate: calibration windows after the fit windows on which "
+        "the strength of the fold is chosen by loss; 0: fold the maps as fitted",
+    )
     temperature: StrictBool = Field(
         default=False,
         description="fit the pruned model's logit scale on calibration windows and fold it "

@@ -498,6 +498,7 @@ class JobRunner:
             search_candidates=spec.search_candidates,
             compensate=spec.compensate,
             compensation_windows=spec.compensation_windows,
+            compensation_tune_windows=spec.compensation_tune_windows,
             temperature=spec.temperature,
             temperature_windows=spec.temperature_windows,
             quality_gate=None

@@ -36,6 +36,9 @@ METHOD_ORDER: tuple[str, ...] = (
     "streamline+fit",
     "sleb+fit",
     "lorp-loss+fit",
+    "streamline+tfit",
+    "lorp-loss+tfit",
+    "lorp-loss+tfit+temp",
     "streamline+temp",
     "lorp-loss+temp",
 )
@@ -43,13 +46,33 @@ METHOD_ORDER: tuple[str, ...] = (
 #: the prefix of its evaluation key.
 FIT = "+fit"
 FIT_KEY = "fit:"
+#: Suffix of a compensated method whose fold strength is chosen by calibration loss
+#: (lorp.compensation.tune_strength, the pipeline's default), and its evaluation key prefix.
+TFIT = "+tfit"
+TFIT_KEY = "tfit:"
+#: ``+tfit`` with the pruned, compensated model's logit temperature fitted after the fold (the
+#: pipeline's ``compensate`` + ``temperature``).
+TFIT_TEMP = "+tfit+temp"
+TFIT_TEMP_KEY = "tfit+temp:"
 #: Suffix of a method whose selection gets only a fitted logit temperature (lorp.temperature),
 #: and the prefix of its evaluation key.
 TEMP = "+temp"
 TEMP_KEY = "temp:"
 #: Evaluation texts: JSON key -> label.
 TEXTS: dict[str, str] = {"wikitext2": "WikiText-2", "heldout": "held-out"}
-CANDIDATE = "lorp-loss+fit"
+#: The issue #7 candidates, most recent first: the summary judges each one measured.
+CANDIDATES = ("lorp-loss+tfit+temp", "lorp-loss+tfit", "lorp-loss+fit")
+CANDIDATE_TEXT = {
+    "lorp-loss+tfit+temp": "lorp-loss+tfit with the pruned, compensated model's logit "
+    "temperature fitted on calibration windows and folded into the final norm "
+    "(lorp.temperature)",
+    "lorp-loss+tfit": "lorp-loss's selection with a least-squares linear stand-in for every "
+    "removed run folded into the block before it at the strength (share of the fitted "
+    "correction) with the lowest loss on calibration windows the maps were not fitted on "
+    "(lorp.compensation.tune_strength)",
+    "lorp-loss+fit": "lorp-loss's selection with a least-squares linear stand-in for every "
+    "removed run folded into the block before it (lorp.compensation)",
+}
 SELECTION = "lorp-loss"  # the candidate's selection method
 RUN_LOG = "run_log.json"
 
@@ -63,13 +86,25 @@ def _set_key(removed: Sequence[int]) -> str:
     return ",".join(str(i) for i in sorted(removed))
 
 
+#: Correction suffix -> evaluation key prefix (longest suffix first: it is matched first).
+CORRECTIONS: dict[str, str] = {
+    TFIT_TEMP: TFIT_TEMP_KEY,
+    TFIT: TFIT_KEY,
+    FIT: FIT_KEY,
+    TEMP: TEMP_KEY,
+}
+
+
+def correction_of(method: str) -> str | None:
+    """The correction suffix of ``<base>+fit`` / ``+tfit`` / ``+tfit+temp`` / ``+temp`` (else
+    None)."""
+    return next((s for s in CORRECTIONS if method.endswith(s)), None)
+
+
 def base_of(method: str) -> str | None:
-    """The selection method a corrected method ``<base>+fit`` / ``<base>+temp`` builds on
-    (else None)."""
-    for suffix in (FIT, TEMP):
-        if method.endswith(suffix):
-            return method[: -len(suffix)]
-    return None
+    """The selection method a corrected method builds on (else None)."""
+    suffix = correction_of(method)
+    return None if suffix is None else method[: -len(suffix)]
 
 
 def eval_key(entry: dict[str, Any]) -> str:
@@ -265,42 +300,34 @@ def _tie(mine: float, other: float | None) -> str:
     return "lower" if mine < other else "equal" if mine == other else "higher"
 
 
-def summary_markdown(datas: Sequence[dict[str, Any]], run_log: list[dict[str, Any]]) -> str:
-    """Does lorp-loss beat LoRP and every baseline on both held-out texts, per model/budget?"""
-    header = [
-        "model",
-        "k",
-        "text",
-        f"{CANDIDATE} ppl",
-        f"{SELECTION} ppl (no fit)",
-        "LoRP ppl",
-        "beats LoRP",
-        "best other (ppl)",
-        "beats all",
-    ]
-    rows = []
+def _judged(
+    datas: Sequence[dict[str, Any]], candidate: str
+) -> tuple[list[list[str]], list[list[str]], list[str]]:
+    """The candidate against LoRP and every published method (rows), against the other
+    corrected methods (fit rows), and why a model has no results (notes)."""
+    rows: list[list[str]] = []
     fit_rows: list[list[str]] = []
-    notes = []
-    best_rows = []
+    notes: list[str] = []
     for data in datas:
         key = data["model"]["key"]
+        if candidate not in data["selections"]:
+            skipped = data.get("skipped", {})
+            why = skipped.get(candidate) or data.get("errors", {}).get(candidate)
+            if why is None and correction_of(candidate) != TEMP:  # every fold is refused alike
+                why = skipped.get(SELECTION + FIT)
+            notes.append(f"- {key}: no {candidate} results ({why or 'not requested'}).")
         by_budget = _by_budget(data)
-        measured = _ordered(list(data["selections"]))
-        notes.append(f"- {key}: methods measured: {', '.join(measured) or 'none'}.")
-        if CANDIDATE not in data["selections"]:
-            why = data.get("skipped", {}).get(CANDIDATE) or data.get("errors", {}).get(CANDIDATE)
-            notes.append(f"- {key}: no {CANDIDATE} results ({why or 'not requested'}).")
         for k in sorted(by_budget):
             rows_k = by_budget[k]
-            best_rows.append([key, str(k)] + [_winner(rows_k, text) or "–" for text in TEXTS])
-            if CANDIDATE not in rows_k:
+            if candidate not in rows_k:
                 continue
             # the goal: every method as published (selection only); then, to show what the
             # selection adds, every other compensated method
             others = {m: r for m, r in rows_k.items() if not base_of(m) and m != SELECTION}
-            fitted = {m: r for m, r in rows_k.items() if base_of(m) and m != CANDIDATE}
+            fitted = {m: r for m, r in rows_k.items() if base_of(m) and m != candidate}
+            ratio = rows_k[candidate]["time_vs_lorp"]
             for text in TEXTS:
-                mine = rows_k[CANDIDATE][f"{text}_ppl"]
+                mine = rows_k[candidate][f"{text}_ppl"]
                 lorp = others.get("lorp", {}).get(f"{text}_ppl")
                 plain = rows_k.get(SELECTION, {}).get(f"{text}_ppl")
                 cells = [key, str(k), TEXTS[text], _num(mine), _num(plain), _num(lorp)]
@@ -312,37 +339,77 @@ def summary_markdown(datas: Sequence[dict[str, Any]], run_log: list[dict[str, An
                         _winner(others, text) or "–",
                         _yes_no(mine, _best(others, text)),
                     ]
+                cells += [
+                    "–" if ratio is None else f"{ratio:.2f}×",
+                    "–" if ratio is None else "yes" if ratio <= 3.0 else "no",
+                ]
                 rows.append(cells)
                 if fitted:
                     best = _best(fitted, text)
                     verdict = "pending" if mine is None else _tie(mine, best)
                     winner = _winner(fitted, text) or "–"
                     fit_rows.append([key, str(k), TEXTS[text], _num(mine), winner, verdict])
-    lines = [
-        "# Quality benchmark (issue #7): summary",
+    return rows, fit_rows, notes
+
+
+def summary_markdown(datas: Sequence[dict[str, Any]], run_log: list[dict[str, Any]]) -> str:
+    """Does each lorp-loss candidate beat LoRP and every baseline on both held-out texts, per
+    model and budget, within 3x LoRP's selection time?"""
+    candidates = [c for c in CANDIDATES if any(c in d["selections"] for d in datas)]
+    lines = ["# Quality benchmark (issue #7): summary", ""]
+    for candidate in candidates or [CANDIDATES[0]]:
+        rows, _, notes = _judged(datas, candidate)
+        header = [
+            "model",
+            "k",
+            "text",
+            f"{candidate} ppl",
+            f"{SELECTION} ppl (no fit)",
+            "LoRP ppl",
+            "beats LoRP",
+            "best other (ppl)",
+            "beats all",
+            "time",
+            "≤ 3× LoRP",
+        ]
+        lines += [
+            f"## Does {candidate} beat LoRP and every baseline on held-out perplexity?",
+            "",
+            f"{candidate} = {CANDIDATE_TEXT[candidate]}. Both evaluation texts are held out from "
+            "calibration: WikiText-2 test and the held-out text "
+            f'{_heldout_name(datas)}. "beats" = strictly lower perplexity; "beats all" = lower '
+            "than every method as published (selection only: LoRP, ShortGPT, LLM-Streamline, "
+            'SLEB, lorp-kl, auto; those listed below as measured); "best other" = the best of '
+            f'those. "{SELECTION} ppl (no fit)": the same blocks removed without the fold; '
+            "time = selection time (capture + selection + fits) over LoRP's.",
+            "",
+            table(header, rows) if rows else f"(no {candidate} results yet)",
+            "",
+            *notes,
+            *([""] if notes else []),
+        ]
+    first = (candidates or [CANDIDATES[0]])[0]
+    _, fit_rows, _ = _judged(datas, first)
+    notes = []
+    best_rows = []
+    for data in datas:
+        key = data["model"]["key"]
+        measured = _ordered(list(data["selections"]))
+        notes.append(f"- {key}: methods measured: {', '.join(measured) or 'none'}.")
+        by_budget = _by_budget(data)
+        for k in sorted(by_budget):
+            best_rows.append([key, str(k)] + [_winner(by_budget[k], t) or "–" for t in TEXTS])
+    lines += [
+        f"## What the selection adds: {first} against the other corrected methods",
         "",
-        f"## Does {CANDIDATE} beat LoRP and every baseline on held-out perplexity?",
-        "",
-        f"{CANDIDATE} = lorp-loss's selection with a least-squares linear stand-in for every "
-        "removed run folded into the block before it (lorp.compensation). Both evaluation texts "
-        f"are held out from calibration: WikiText-2 test and the held-out text "
-        f'{_heldout_name(datas)}. "beats" = strictly lower perplexity; "beats all" = lower than '
-        "every method as published (selection only: LoRP, ShortGPT, LLM-Streamline, SLEB, "
-        'lorp-kl, auto; those listed below as measured); "best other" = the best of those. '
-        f'"{SELECTION} ppl (no fit)": the same blocks removed without the fold.',
-        "",
-        table(header, rows) if rows else f"(no {CANDIDATE} results yet)",
-        "",
-        f"## What the selection adds: {CANDIDATE} against the other corrected methods",
-        "",
-        "The same fold applied to the other methods' selections (``<method>+fit``), and the "
-        "logit temperature alone (``<method>+temp``, lorp.temperature). Where the selections "
-        "are equal the +fit results are too; the gain over the published methods then comes "
-        "from the compensation, not from the choice of blocks.",
+        "The same fold applied to the other methods' selections (``<method>+fit``: full "
+        "strength, ``<method>+tfit``: tuned strength), and the logit temperature alone "
+        "(``<method>+temp``, lorp.temperature). Where the selections are equal the corrected "
+        "results are too; the gain over the published methods then comes from the "
+        "compensation, not from the choice of blocks.",
         "",
         table(
-            ["model", "k", "text", f"{CANDIDATE} ppl", "best other +fit/+temp (ppl)", "vs it"],
-            fit_rows,
+            ["model", "k", "text", f"{first} ppl", "best other corrected (ppl)", "vs it"], fit_rows
         )
         if fit_rows
         else "(no other compensated results)",
@@ -383,15 +450,20 @@ def _winner(rows: dict[str, dict[str, Any]], text: str) -> str | None:
     return f"{method} ({measured[method]:.2f})"
 
 
+#: Line style per correction (a corrected method keeps its base's colour and marker).
+_LINES = {FIT: "--", TFIT: "-.", TFIT_TEMP: (0, (1, 1)), TEMP: (0, (5, 1, 1, 1, 1, 1))}
+
+
 def _style(method: str) -> dict[str, Any]:
-    """A compensated method: its base's colour and marker, dashed."""
+    """A corrected method: its base's colour and marker, hollow, a line style per correction."""
+    suffix = correction_of(method)
     base = base_of(method) or method
     index = METHOD_ORDER.index(base) if base in METHOD_ORDER else len(METHOD_ORDER)
     markers = "osD^vP*X"
     return {
         "color": plt.get_cmap("tab10")(index % 10),
         "marker": markers[index % len(markers)],
-        **({"linestyle": "--", "markerfacecolor": "none"} if base != method else {}),
+        **({"linestyle": _LINES[suffix], "markerfacecolor": "none"} if suffix else {}),
     }
 
 

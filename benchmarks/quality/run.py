@@ -22,7 +22,11 @@ Per model (``models.py``; loaded once, float32, CPU):
   (``lorp.compensation.fit_compensation`` on the first ``--fit-windows`` calibration windows, as
   the pipeline's ``compensate`` does); time = the base's time + the fit's; evaluated under the
   key ``fit:<blocks>``; models whose blocks cannot take the fold (Gemma-3) are skipped with the
-  reason;
+  reason; ``<method>+tfit`` (``report.TFIT``): the same maps folded at the strength with the
+  lowest loss on the next ``--tune-windows`` calibration windows
+  (``lorp.compensation.tune_strength``, the pipeline's default), key ``tfit:<blocks>``;
+  ``<method>+tfit+temp``: then the logit temperature of the folded, pruned model on the last
+  ``--temp-windows`` (the pipeline's ``compensate`` + ``temperature``), key ``tfit+temp:<blocks>``;
 - ``<method>+temp`` (``report.TEMP``): the base method's selection with the pruned model's logit
   scale (``lorp.temperature.fit_temperature`` on the last ``--temp-windows`` calibration windows,
   as the pipeline's ``temperature`` does) folded into the final norm; time = the base's + the
@@ -49,7 +53,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +74,7 @@ from lorp.compensation import (  # noqa: E402
     compensated_view,
     fit_compensation,
     temperature_only,
+    tune_strength,
 )
 from lorp.data import prepends_bos, text_windows  # noqa: E402
 from lorp.errors import UnsupportedModelError  # noqa: E402
@@ -112,6 +117,7 @@ class Settings:
     force: bool
     fit_windows: int = 12
     temp_windows: int = 4
+    tune_windows: int = 2
 
     def protocol(self) -> dict[str, Any]:
         """What makes two runs' numbers comparable (a stored JSON must match it to be resumed)."""
@@ -404,10 +410,10 @@ def _select(
                     }
             elif method == "sleb":
                 _sleb(store, model, similarity, max(budgets), windows_for(method), fresh)
-            elif method.endswith(report.TEMP):
+            elif report.correction_of(method) == report.TEMP:
                 _temperature(store, model, calib[-settings.temp_windows :], method, budgets, fits)
             elif report.base_of(method) is not None:
-                if not _fit(store, model, calib[: settings.fit_windows], method, budgets, fits):
+                if not _fit(store, model, calib, settings, method, budgets, fits):
                     continue
             elif method in SEARCH_METHODS:
                 windows = windows_for(method)
@@ -453,16 +459,36 @@ def _select(
         store.save()
 
 
+def _fold(
+    model: nn.Module, removed: list[int], calib: torch.Tensor, settings: Settings, suffix: str
+) -> Compensation:
+    """The maps fitted on the first ``--fit-windows`` calibration windows; ``+tfit``: at the
+    strength with the lowest loss on the next ``--tune-windows``, ``+tfit+temp``: then the
+    logit temperature on the last ``--temp-windows`` (as the pipeline does)."""
+    fit = settings.fit_windows
+    comp = fit_compensation(model, removed, calib[:fit])
+    tune = calib[fit : fit + settings.tune_windows]
+    if suffix in (report.TFIT, report.TFIT_TEMP) and tune.shape[0]:  # else as fitted
+        comp = tune_strength(model, comp, tune)
+    if suffix == report.TFIT_TEMP:
+        with compensated_view(model, comp), pruned_view(model, removed):
+            comp = replace(
+                comp, temperature=fit_temperature(model, calib[-settings.temp_windows :])
+            )
+    return comp
+
+
 def _fit(
     store: Store,
     model: nn.Module,
     calib: torch.Tensor,
+    settings: Settings,
     method: str,
     budgets: Sequence[int],
     fits: dict[str, Compensation],
 ) -> bool:
-    """``<base>+fit`` at every budget from the base's stored selection; False when the model
-    cannot take the fold (recorded in ``skipped``)."""
+    """``<base>+fit`` / ``<base>+tfit`` at every budget from the base's stored selection; False
+    when the model cannot take the fold (recorded in ``skipped``)."""
     data = store.data
     base = report.base_of(method)
     assert base is not None
@@ -477,18 +503,25 @@ def _fit(
         entry = store.selection(base, k)
         if entry is None:
             raise RuntimeError(f"{base} has no selection at k={k}; add {base} to --methods")
-        _log(f"{method} k={k}: fitting {entry['removed']} on {calib.shape[0]} windows")
+        suffix = report.correction_of(method)
+        assert suffix is not None
+        _log(f"{method} k={k}: fitting {entry['removed']} on {settings.fit_windows} windows")
         t = time.perf_counter()
-        comp = fit_compensation(model, entry["removed"], calib)
+        comp = _fold(model, entry["removed"], calib, settings, suffix)
         fit_s = time.perf_counter() - t
-        key = report.FIT_KEY + set_key(entry["removed"])
+        key = report.CORRECTIONS[suffix] + set_key(entry["removed"])
         fits[key] = comp
+        windows = {"fit_windows": settings.fit_windows}
+        if comp.tuning is not None:
+            windows["tune_windows"] = settings.tune_windows
+        if comp.temperature is not None:
+            windows["temp_windows"] = settings.temp_windows
         data["selections"].setdefault(method, {})[str(k)] = _corrected(
-            entry, base, key, comp, fit_s, fit_windows=int(calib.shape[0])
+            entry, base, key, comp, fit_s, **windows
         )
         _log(
-            f"{method} k={k}: fit in {fit_s:.1f}s, relative residuals "
-            + ", ".join(f"{r.get('relative_residual', 1.0):.3f}" for r in comp.runs)
+            f"{method} k={k}: fit in {fit_s:.1f}s, strength {comp.strength:g}, relative "
+            "residuals " + ", ".join(f"{r.get('relative_residual', 1.0):.3f}" for r in comp.runs)
         )
         store.save()
     return True
@@ -612,7 +645,7 @@ def _evaluate(
             "seq_len": int(windows.shape[1]),
             "predictions": int(windows.shape[0] * (windows.shape[1] - 1)),
         }
-        corrected = (report.FIT_KEY, report.TEMP_KEY)
+        corrected = tuple(report.CORRECTIONS.values())
         plain = [key for key in pending if not key.startswith(corrected)]
         fitted = [key for key in pending if key.startswith(corrected)]
         _log(f"{name}: {len(pending)} removal set(s) on {windows.shape[0]} x {windows.shape[1]}")
@@ -646,10 +679,11 @@ def _evaluate(
             if key not in fits:  # selected in an earlier process: fit again (deterministic)
                 prefix, blocks = key.split(":", 1)
                 removed = [int(i) for i in blocks.split(",")]
-                if prefix + ":" == report.TEMP_KEY:
+                suffix = next(s for s, p in report.CORRECTIONS.items() if p == prefix + ":")
+                if suffix == report.TEMP:
                     fits[key] = _fit_temperature(model, removed, calib[-settings.temp_windows :])
                 else:
-                    fits[key] = fit_compensation(model, removed, calib[: settings.fit_windows])
+                    fits[key] = _fold(model, removed, calib, settings, suffix)
         for prefix in corrected:  # a scorer per kind: two kinds may correct the same set
             keys = [key for key in fitted if key.startswith(prefix)]
             if not keys:
@@ -677,6 +711,12 @@ def parse_args(argv: Sequence[str] | None, registry: dict[str, ModelSpec]) -> ar
     ap.add_argument("--eval-batch", type=int, default=1, help="evaluation windows per forward")
     ap.add_argument(
         "--fit-windows", type=int, default=12, help="calibration windows the +fit maps fit on"
+    )
+    ap.add_argument(
+        "--tune-windows",
+        type=int,
+        default=2,
+        help="calibration windows after the fit windows the +tfit strength is chosen on",
     )
     ap.add_argument(
         "--temp-windows",
@@ -724,6 +764,7 @@ def main(argv: Sequence[str] | None = None, registry: dict[str, ModelSpec] | Non
         force=args.force,
         fit_windows=args.fit_windows,
         temp_windows=args.temp_windows,
+        tune_windows=args.tune_windows,
     )
     start = time.perf_counter()
     per_model: dict[str, float] = {}

@@ -116,17 +116,28 @@ def test_compensated_job_publishes_the_folded_checkpoint(
     bad = client_a.post(
         "/jobs",
         json=service.job_body(
-            compensate="yes", compensation_windows=0, temperature=1, temperature_windows=0
+            compensate="yes",
+            compensation_windows=0,
+            compensation_tune_windows=-1,
+            temperature=1,
+            temperature_windows=0,
         ),
     )
     assert bad.status_code == 422, bad.text
     fields = {tuple(e["loc"])[-1] for e in bad.json()["detail"]}
-    expected = {"compensate", "compensation_windows", "temperature", "temperature_windows"}
+    expected = {
+        "compensate",
+        "compensation_windows",
+        "compensation_tune_windows",
+        "temperature",
+        "temperature_windows",
+    }
     assert expected <= fields, bad.text
 
     body = service.job_body(
         method="lorp-loss", score_windows=2, score_seq_len=16, compensate=True,
-        compensation_windows=3, temperature=True, temperature_windows=2,
+        compensation_windows=3, compensation_tune_windows=1, temperature=True,
+        temperature_windows=2,
     )  # fmt: skip
     resp = client_a.post("/jobs", json=body)
     assert resp.status_code == 202, resp.text
@@ -138,6 +149,8 @@ def test_compensated_job_publishes_the_folded_checkpoint(
     comp = report["extra"]["compensation"]
     assert report["extra"]["config"]["compensate"] is True
     assert comp["tokens"] == 3 * 32 and comp["blocks"], comp
+    assert comp["tuning"]["windows"] == 1, comp  # the strength chosen on the 4th window
+    assert comp["strength"] in {row["strength"] for row in comp["tuning"]["measured"]}, comp
     removed = sorted(job["summary"]["removed_blocks"])
     assert [b for r in comp["runs"] for b in r["run"]] == removed
     assert all(0 < r["relative_residual"] < 1 for r in comp["runs"] if r["block"] is not None)

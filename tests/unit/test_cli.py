@@ -323,6 +323,8 @@ def test_prune_compensate(
         "--compensate",
         "--compensation-windows",
         "3",
+        "--compensation-tune-windows",
+        "1",
         "--temperature",
         "--temperature-windows",
         "2",
@@ -335,11 +337,15 @@ def test_prune_compensate(
     report = json.loads((out_dir / "report.json").read_text())
     comp = report["extra"]["compensation"]
     assert comp["tokens"] == 3 * 32 and comp["runs"] and "compensation" in report["timings_s"]
+    assert comp["tuning"]["windows"] == 1 and comp["strength"] in {
+        row["strength"] for row in comp["tuning"]["measured"]
+    }
     assert comp["temperature"]["predictions"] == 2 * len(range(0, 31, 4))
     assert comp["temperature"]["scale"] > 0 and "temperature" in report["timings_s"]
     for name in ("report.md", "report.html"):
         assert "folded into block" in (out_dir / name).read_text(), name
         assert "Logit temperature" in (out_dir / name).read_text(), name
+        assert "Compensation strength" in (out_dir / name).read_text(), name
     reloaded = AutoModelForCausalLM.from_pretrained(out_dir / "model")
     windows = text_windows(tiny_tokenizer(), text_file, 32, 2)
     assert perplexity(reloaded, windows).ppl == pytest.approx(
@@ -352,6 +358,7 @@ def test_prune_compensate(
     for model, extra, needle in [
         (gpt2, ["--compensate"], "down_proj"),
         (tiny_dir, ["--compensate", "--compensation-windows", "0"], "compensation-windows"),
+        (tiny_dir, ["--compensate", "--compensation-tune-windows", "-1"], "tune-windows"),
         (tiny_dir, ["--temperature", "--temperature-windows", "0"], "temperature-windows"),
     ]:
         code, _, err = run(

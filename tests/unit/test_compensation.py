@@ -4,6 +4,7 @@ the pipeline end to end (checkpoint round trip) and the refusals."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,15 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from lorp import InvalidInputError, PruneConfig, UnsupportedModelError, prune, save_pruned
-from lorp.compensation import apply_compensation, compensated_view, fit_compensation
+from lorp.compensation import (
+    DEFAULT_STRENGTHS,
+    TUNE_STRIDE,
+    _vertex,
+    apply_compensation,
+    compensated_view,
+    fit_compensation,
+    tune_strength,
+)
 from lorp.errors import QualityGateError
 from lorp.gate import QualityGate
 from lorp.quality import perplexity
@@ -145,7 +154,12 @@ def test_bad_ridge_is_refused(kwargs: dict[str, Any], message: str) -> None:
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
-    [({"compensate": "yes"}, "compensate"), ({"compensation_windows": 0}, "compensation_windows")],
+    [
+        ({"compensate": "yes"}, "compensate"),
+        ({"compensation_windows": 0}, "compensation_windows"),
+        ({"compensation_tune_windows": -1}, "compensation_tune_windows"),
+        ({"compensation_tune_windows": True}, "compensation_tune_windows"),
+    ],
 )
 def test_bad_config_is_refused(kwargs: dict[str, Any], message: str) -> None:
     with pytest.raises(InvalidInputError, match=message):
@@ -159,7 +173,7 @@ def test_prune_compensated_checkpoint_round_trip(tmp_path: Path) -> None:
     calib, evaluation = _windows(8, 32, seed=4), _windows(4, 32, seed=5)
     config = PruneConfig(
         method="streamline", num_remove=2, windows=8, seq_len=32, compensate=True,
-        compensation_windows=6,
+        compensation_windows=6, compensation_tune_windows=0,  # the maps as fitted
     )  # fmt: skip
     seen: list[str] = []
     result = prune(
@@ -215,3 +229,116 @@ def test_window_scorer_measures_a_compensated_set_from_a_valid_prefix() -> None:
     whole = perplexity(folded, windows)
     assert right.nll == pytest.approx(whole.nll, rel=1e-6)
     assert stale.start_block == 3 and stale.nll != pytest.approx(whole.nll, rel=1e-4)
+
+
+def test_strength_folds_that_share_of_the_correction() -> None:
+    """Strength s folds I + s (T - I): what enters the block after the run is y + m + s m (T - I);
+    strength 0 leaves the weights as they are."""
+    model = build_tiny("llama")
+    before = snapshot(model)
+    windows = _windows(seed=2)
+    comp = fit_compensation(model, [2, 3], windows)
+    m, y, _ = _dense_terms(model, windows, [2, 3])
+    eye = torch.eye(comp.maps[1].shape[0], dtype=torch.float64)
+    with compensated_view(model, replace(comp, strength=0.0)):
+        assert all(a.equal(before[k]) for k, a in snapshot(model).items())
+    half = replace(comp, strength=0.5)
+    assert half.to_dict()["strength"] == 0.5
+    apply_compensation(model, half)
+    remove_blocks(model, [2, 3])
+    with torch.no_grad():
+        hidden = model(windows, output_hidden_states=True).hidden_states
+    expected = y + (m.double() @ (eye + 0.5 * (comp.maps[1] - eye))).float()
+    torch.testing.assert_close(hidden[2], expected, rtol=1e-4, atol=1e-4)
+
+
+def test_vertex_is_the_parabola_minimum_between_the_best_neighbours() -> None:
+    def f(x: float) -> float:
+        return (x - 0.3) ** 2 + 1.0
+
+    assert _vertex([(0.0, f(0.0)), (0.5, f(0.5)), (1.0, f(1.0))]) == pytest.approx(0.3)
+    assert _vertex([(0.0, 1.0), (0.5, 2.0), (1.0, 3.0)]) is None  # best at an end
+    assert _vertex([(0.0, 2.0), (0.5, 1.0), (1.0, 2.0)]) is None  # vertex already measured
+
+
+def test_tune_strength_keeps_the_strength_with_the_lowest_measured_loss() -> None:
+    """Every measured strength's NLL is the pruned model's with that share of the maps folded
+    (an independent fold + removal + perplexity), the kept one is the lowest, the model is left
+    as it was, and the pass starts at the first compensated block."""
+    model = build_tiny("llama")
+    before = snapshot(model)
+    tune = _windows(3, 24, seed=8)
+    comp = fit_compensation(model, [2, 3, 5], _windows(seed=4))
+    tuned = tune_strength(model, comp, tune)
+    assert all(a.equal(before[k]) for k, a in snapshot(model).items())
+    assert tuned.maps is comp.maps and tuned.tuning is not None
+    measured = {row["strength"]: row["nll"] for row in tuned.tuning["measured"]}
+    assert {0.0, 0.5, 1.0} <= set(measured) and len(measured) <= 4
+    assert tuned.strength == min(measured, key=lambda s: measured[s])
+    assert tuned.tuning["windows"] == 3 and tuned.tuning["seq_len"] == 24
+    positions = torch.arange(0, 23, TUNE_STRIDE)  # every 4th of the 23 predictions per window
+    for strength, nll in measured.items():
+        folded = build_tiny("llama")
+        apply_compensation(folded, replace(comp, strength=strength))
+        remove_blocks(folded, [2, 3, 5])
+        with torch.no_grad():
+            logp = torch.log_softmax(folded(tune).logits[:, positions].float(), dim=-1)
+        expected = -logp.gather(-1, tune[:, positions + 1].unsqueeze(-1)).mean()
+        assert float(expected) == pytest.approx(nll, rel=1e-6), strength
+    alone = tune_strength(model, comp, tune, strengths=[1.0], refine=False)
+    assert alone.strength == 1.0 and alone.tuning is not None
+    assert alone.tuning["measured"] == [{"strength": 1.0, "nll": measured[1.0]}]
+
+
+@pytest.mark.parametrize("strengths", [[], [-0.1], [float("nan")], [True], [3.0], ["0.5"]])
+def test_bad_strengths_are_refused(strengths: list[Any]) -> None:
+    model = build_tiny("llama")
+    comp = fit_compensation(model, [2], _windows())
+    with pytest.raises(InvalidInputError, match="strengths"):
+        tune_strength(model, comp, _windows(2, 16), strengths=strengths)
+
+
+def test_prune_tunes_the_strength_on_the_windows_after_the_fit_windows() -> None:
+    """compensate=True: the strength is chosen on calibration windows 6..7 (after the 6 fit
+    windows) and the reported quality is the model at that strength; 0 tune windows: the maps
+    as fitted."""
+    tok = tiny_tokenizer()
+    calib, evaluation = _windows(8, 32, seed=4), _windows(4, 32, seed=5)
+
+    def run(tune_windows: int) -> Any:
+        config = PruneConfig(
+            method="streamline", num_remove=2, windows=8, seq_len=32, compensate=True,
+            compensation_windows=6, compensation_tune_windows=tune_windows,
+        )  # fmt: skip
+        return prune(build_tiny("qwen2"), tok, calib, config, evaluation=evaluation)
+
+    tuned, fixed = run(4), run(0)
+    assert tuned.compensation is not None and fixed.compensation is not None
+    assert tuned.compensation.tuning is not None and tuned.compensation.tuning["windows"] == 2
+    assert fixed.compensation.tuning is None and fixed.compensation.strength == 1.0
+    again = tune_strength(
+        build_tiny("qwen2"), fixed.compensation, calib[6:], strengths=DEFAULT_STRENGTHS
+    )
+    assert again.strength == tuned.compensation.strength
+    assert tuned.compensation.to_dict()["tuning"] == tuned.compensation.tuning
+    model = build_tiny("qwen2")
+    apply_compensation(model, tuned.compensation)
+    remove_blocks(model, tuned.removed)
+    assert tuned.quality is not None
+    assert perplexity(model, evaluation).ppl == pytest.approx(tuned.quality.pruned.ppl, rel=1e-5)
+
+
+def test_window_scorer_forget_measures_a_set_again() -> None:
+    from lorp.search import WindowScorer
+
+    model = build_tiny("llama")
+    windows = _windows(2, 16, seed=3)
+    scorer = WindowScorer(model, windows, reference=False)
+    first = scorer.score([2, 3])
+    comp = fit_compensation(model, [2, 3], _windows(seed=4))
+    with compensated_view(model, comp):
+        assert scorer.score([2, 3], changed=1).nll == first.nll  # cached: the fold is not seen
+        scorer.forget([2, 3])
+        assert not scorer.cached([2, 3])
+        refolded = scorer.score([2, 3], changed=1)
+    assert refolded.nll != pytest.approx(first.nll, rel=1e-6)

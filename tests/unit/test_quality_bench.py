@@ -11,7 +11,12 @@ import pytest
 
 from benchmarks.quality import headroom, report, run
 from benchmarks.quality.models import MODELS, ModelSpec
-from lorp.compensation import apply_compensation, fit_compensation
+from lorp.compensation import (
+    apply_compensation,
+    compensated_view,
+    fit_compensation,
+    tune_strength,
+)
 from lorp.data import text_windows
 from lorp.loading import load_model
 from lorp.quality import perplexity
@@ -34,10 +39,11 @@ def _spec(tiny_dir: Path) -> ModelSpec:
 
 
 def _prefix(method: str) -> str:
-    """Where a corrected method's evaluation is stored (report.FIT_KEY / report.TEMP_KEY)."""
-    if method.endswith(report.FIT):
-        return report.FIT_KEY
-    return report.TEMP_KEY if method.endswith(report.TEMP) else ""
+    """Where a corrected method's evaluation is stored (report.FIT_KEY, report.TEMP_KEY, ...)."""
+    for suffix, prefix in report.CORRECTIONS.items():
+        if method.endswith(suffix):
+            return prefix
+    return ""
 
 
 def _never_loaded(_cache: Path) -> Path:
@@ -59,6 +65,8 @@ def _argv(out: Path, text_file: Path, heldout: Path, *extra: str) -> list[str]:
         f"--heldout={heldout}",
         f"--out-dir={out}",
         f"--cache-dir={out.parent / 'cache'}",
+        "--fit-windows=3",
+        "--tune-windows=1",
         *extra,
     ]
 
@@ -84,6 +92,7 @@ def test_end_to_end_resume_and_report(tmp_path: Path, tiny_dir: Path, text_file:
     data = json.loads((out / "tiny.json").read_text())
     expected = [m for m in report.METHOD_ORDER if run.known(m)]
     assert "lorp-loss+fit" in expected and "lorp-loss+temp" in expected
+    assert "lorp-loss+tfit" in expected and "lorp-loss+tfit+temp" in expected
     assert list(data["selections"]) == expected
     if "lorp-loss" in ALL_METHODS:
         assert "lorp-loss" not in data["skipped"]
@@ -154,10 +163,26 @@ def test_end_to_end_resume_and_report(tmp_path: Path, tiny_dir: Path, text_file:
                 perplexity(loaded.model, windows).ppl, rel=1e-4
             )
         assert scaled["heldout_ppl"] != pytest.approx(perplexity(loaded.model, windows).ppl)
-    # ... and a compensated one's is the folded, pruned checkpoint's (fit on the calibration
-    # windows, all 4 here: fewer than --fit-windows' 12), not the plain pruned model's
+    # ... a +tfit one's has the strength chosen on calibration window 4 (after the 3 fit
+    # windows), and +tfit+temp adds the logit scale fitted on the folded, pruned model
+    tfit = rows[("lorp-loss+tfit", 2)]
+    comp = fit_compensation(loaded.model, tfit["removed"], calib[:3])
+    tuned = tune_strength(loaded.model, comp, calib[3:])
+    stored = data["selections"]["lorp-loss+tfit"]["2"]["compensation"]
+    assert stored["strength"] == tuned.strength and stored["tuning"]["windows"] == 1
+    with compensated_view(loaded.model, tuned), pruned_view(loaded.model, tfit["removed"]):
+        assert tfit["heldout_ppl"] == pytest.approx(perplexity(loaded.model, windows).ppl, rel=1e-4)
+        scale = fit_temperature(loaded.model, calib).scale
+        with temperature_view(loaded.model, scale):
+            both = perplexity(loaded.model, windows).ppl
+    assert rows[("lorp-loss+tfit+temp", 2)]["heldout_ppl"] == pytest.approx(both, rel=1e-4)
+    stored = data["selections"]["lorp-loss+tfit+temp"]["2"]["compensation"]
+    assert stored["temperature"]["scale"] == pytest.approx(scale)
+    assert stored["strength"] == tuned.strength
+    # ... and a compensated one's is the folded, pruned checkpoint's (fit on the first 3
+    # calibration windows, --fit-windows), not the plain pruned model's
     fitted = rows[("lorp-loss+fit", 2)]
-    apply_compensation(loaded.model, fit_compensation(loaded.model, fitted["removed"], calib))
+    apply_compensation(loaded.model, fit_compensation(loaded.model, fitted["removed"], calib[:3]))
     remove_blocks(loaded.model, fitted["removed"])
     folded = perplexity(loaded.model, windows).ppl
     assert fitted["heldout_ppl"] == pytest.approx(folded, rel=1e-4)

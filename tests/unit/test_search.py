@@ -499,3 +499,34 @@ def test_auto_default_objective_is_loss_without_a_dense_pass(deep: tuple) -> Non
     assert "dense reference" in sel.details["lorp_kl"]["reason"]
     with pytest.raises(InvalidInputError, match="reference"):
         auto_select(s, 3, WindowScorer(model, windows, reference=False), objective="kl")
+
+
+def test_strided_scorer_scores_every_stride_th_prediction_from_the_prefix() -> None:
+    """stride=3: the NLL is the mean over positions 0, 3, 6, ... of the pruned model's own
+    log-probabilities (the head runs only there), with and without the dense prefix cache; a
+    stride needs reference=False."""
+    from lorp.search import WindowScorer
+    from lorp.surgery import remove_blocks
+    from tests.tiny_models import build_tiny
+
+    model = build_tiny("llama")
+    g = torch.Generator().manual_seed(11)
+    windows = torch.randint(3, 100, (3, 20), generator=g)
+    positions = torch.arange(0, 19, 3)
+    pruned = build_tiny("llama")
+    remove_blocks(pruned, [2, 4])
+    with torch.no_grad():
+        logp = torch.log_softmax(pruned(windows).logits[:, positions].float(), dim=-1)
+    expected = float(-logp.gather(-1, windows[:, positions + 1].unsqueeze(-1)).mean())
+    whole = WindowScorer(model, windows, reference=False, stride=3, prefix_bytes=0)
+    cached = WindowScorer(model, windows, reference=False, stride=3)
+    cached.prefetch([[2, 4], [2, 4]])
+    for scorer in (whole, cached):
+        score = scorer.score([2, 4])
+        assert score.nll == pytest.approx(expected, rel=1e-6)
+        assert score.tokens == 3 * len(positions)
+    assert whole.score([2, 4]).start_block == 0 and cached.score([2, 4]).start_block == 2
+    with pytest.raises(InvalidInputError, match="reference=False"):
+        WindowScorer(model, windows, stride=2)
+    with pytest.raises(InvalidInputError, match="stride"):
+        WindowScorer(model, windows, reference=False, stride=0)

@@ -486,6 +486,9 @@ def test_bad_quality_gates(settings: Settings, gate: dict[str, Any], needle: str
         ({"compensate": 1}, "compensate"),
         ({"compensation_windows": 0}, "compensation_windows"),
         ({"compensation_windows": 2000}, "compensation_windows"),
+        ({"compensation_tune_windows": -1}, "compensation_tune_windows"),
+        ({"compensation_tune_windows": 2000}, "compensation_tune_windows"),
+        ({"compensation_tune_windows": 1.5}, "compensation_tune_windows"),
         ({"temperature": "yes"}, "temperature"),
         ({"temperature": 1}, "temperature"),
         ({"temperature_windows": 0}, "temperature_windows"),
@@ -510,6 +513,7 @@ def test_search_and_holdout_defaults_match_the_library(settings: Settings) -> No
         "search_candidates",
         "compensate",
         "compensation_windows",
+        "compensation_tune_windows",
         "temperature",
         "temperature_windows",
     ):
