@@ -418,7 +418,7 @@ def prune(
                 config.compensation_windows : config.compensation_windows
                 + config.compensation_tune_windows
             ]
-            if tune.shape[0] and compensation.maps:  # else the maps are folded as fitted
+            if tune.shape[0]:  # else (no windows left after the fit's) the maps as fitted
                 compensation = tune_strength(
                     model, compensation, tune, batch_size=config.batch_size, progress=stages.report
                 )

@@ -487,8 +487,8 @@ def _fit(
     budgets: Sequence[int],
     fits: dict[str, Compensation],
 ) -> bool:
-    """``<base>+fit`` / ``<base>+tfit`` at every budget from the base's stored selection; False
-    when the model cannot take the fold (recorded in ``skipped``)."""
+    """``<base>+fit`` / ``+tfit`` / ``+tfit+temp`` at every budget from the base's stored
+    selection; False when the model cannot take the fold (recorded in ``skipped``)."""
     data = store.data
     base = report.base_of(method)
     assert base is not None
