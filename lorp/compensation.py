@@ -330,7 +330,7 @@ def tune_strength(
         stride=TUNE_STRIDE,
     )
     planned = len(values) + (1 if refine else 0)
-    scorer.prefetch([[first]] * planned)  # one pass per strength starts at the stored input
+    scorer.prefetch([[first]], passes=planned)  # every strength's pass starts there
     measured: dict[float, float] = {}
 
     def measure(strength: float) -> None:

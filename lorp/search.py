@@ -391,15 +391,24 @@ class WindowScorer:
         ready = {s for s, states in self._prefix.items() if len(states) >= upto}
         return max((s for s in ready | set(stored) if s <= last), default=0)
 
-    def prefetch(self, removal_sets: Iterable[Sequence[int]], windows: int | None = None) -> None:
+    def prefetch(
+        self,
+        removal_sets: Iterable[Sequence[int]],
+        windows: int | None = None,
+        *,
+        passes: int = 1,
+    ) -> None:
         """Store the dense block inputs that the given sets can start from, for the first
-        ``windows`` windows (``None``: all) — the windows :meth:`score` is about to run.
+        ``windows`` windows (``None``: all) — the windows :meth:`score` is about to run, each set
+        ``passes`` times (e.g. one set measured with several weight variants, :meth:`forget`).
 
         Runs the dense reference pass when it is still due (storing the block inputs on the
         way, at no extra cost), else one partial dense pass over the batches still missing
         that stops at the deepest block needed — only when it saves work: the blocks it runs
         must be fewer than the blocks the sets' passes skip.
         """
+        if isinstance(passes, bool) or not isinstance(passes, int) or passes < 1:
+            raise InvalidInputError(f"passes must be an integer >= 1, got {passes!r}")
         upto = self._upto(windows)
         keys = [k for k in (self._key(s) for s in removal_sets) if k and self._done(k) < upto]
         if not keys:
@@ -414,7 +423,7 @@ class WindowScorer:
             self._dense_pass(todo)
             return
         lo = min(len(self._prefix.get(s, [])) for s in todo)
-        gain = sum(
+        gain = passes * sum(
             (upto - self._done(k)) * (self._start_for(k, upto, todo) - self._start_for(k, upto))
             for k in keys
         )

@@ -356,9 +356,11 @@ def summary_markdown(datas: Sequence[dict[str, Any]], run_log: list[dict[str, An
     """Does each lorp-loss candidate beat LoRP and every baseline on both held-out texts, per
     model and budget, within 3x LoRP's selection time?"""
     candidates = [c for c in CANDIDATES if any(c in d["selections"] for d in datas)]
+    candidates = candidates or [CANDIDATES[0]]
+    judged = {c: _judged(datas, c) for c in candidates}
     lines = ["# Quality benchmark (issue #7): summary", ""]
-    for candidate in candidates or [CANDIDATES[0]]:
-        rows, _, notes = _judged(datas, candidate)
+    for candidate in candidates:
+        rows, _, notes = judged[candidate]
         header = [
             "model",
             "k",
@@ -388,8 +390,8 @@ def summary_markdown(datas: Sequence[dict[str, Any]], run_log: list[dict[str, An
             *notes,
             *([""] if notes else []),
         ]
-    first = (candidates or [CANDIDATES[0]])[0]
-    _, fit_rows, _ = _judged(datas, first)
+    first = candidates[0]
+    fit_rows = judged[first][1]
     notes = []
     best_rows = []
     for data in datas:

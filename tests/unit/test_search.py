@@ -519,8 +519,11 @@ def test_strided_scorer_scores_every_stride_th_prediction_from_the_prefix() -> N
         logp = torch.log_softmax(pruned(windows).logits[:, positions].float(), dim=-1)
     expected = float(-logp.gather(-1, windows[:, positions + 1].unsqueeze(-1)).mean())
     whole = WindowScorer(model, windows, reference=False, stride=3, prefix_bytes=0)
+    once = WindowScorer(model, windows, reference=False, stride=3)
+    once.prefetch([[2, 4]])  # one pass from block 2 saves no more than storing its input costs
     cached = WindowScorer(model, windows, reference=False, stride=3)
-    cached.prefetch([[2, 4], [2, 4]])
+    cached.prefetch([[2, 4]], passes=2)
+    assert once.info()["prefix_blocks"] == [] and cached.info()["prefix_blocks"] == [2]
     for scorer in (whole, cached):
         score = scorer.score([2, 4])
         assert score.nll == pytest.approx(expected, rel=1e-6)
@@ -530,3 +533,5 @@ def test_strided_scorer_scores_every_stride_th_prediction_from_the_prefix() -> N
         WindowScorer(model, windows, stride=2)
     with pytest.raises(InvalidInputError, match="stride"):
         WindowScorer(model, windows, reference=False, stride=0)
+    with pytest.raises(InvalidInputError, match="passes"):
+        cached.prefetch([[2, 4]], passes=0)
