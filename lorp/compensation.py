@@ -361,6 +361,27 @@ def tune_strength(
     return replace(compensation, strength=best, tuning=tuning)
 
 
+def fit_tuned_compensation(
+    model: nn.Module,
+    removed: Sequence[int],
+    windows: torch.Tensor,
+    *,
+    fit_windows: int,
+    tune_windows: int,
+    batch_size: int = 1,
+    progress: ProgressCallback | None = None,
+) -> Compensation:
+    """:func:`fit_compensation` on the first ``fit_windows`` of ``windows``, then
+    :func:`tune_strength` on the next ``tune_windows`` (none left, or 0: the maps as fitted)."""
+    comp = fit_compensation(
+        model, removed, windows[:fit_windows], batch_size=batch_size, progress=progress
+    )
+    tune = windows[fit_windows : fit_windows + tune_windows]
+    if tune.shape[0]:
+        comp = tune_strength(model, comp, tune, batch_size=batch_size, progress=progress)
+    return comp
+
+
 def _folded(down: nn.Linear, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     weight = (t.T @ down.weight.detach().double()).to(down.weight.dtype)
     bias = None
@@ -435,6 +456,7 @@ __all__ = [
     "check_compensable",
     "compensated_view",
     "fit_compensation",
+    "fit_tuned_compensation",
     "temperature_only",
     "tune_strength",
 ]

@@ -47,9 +47,8 @@ from .compensation import (
     apply_compensation,
     check_compensable,
     compensated_view,
-    fit_compensation,
+    fit_tuned_compensation,
     temperature_only,
-    tune_strength,
 )
 from .data import prepends_bos, text_windows
 from .errors import InvalidInputError, LorpError, QualityGateError
@@ -407,21 +406,15 @@ def prune(
     compensation = None
     if config.compensate:
         with stages.stage("compensation", f"fitting linear maps for {selection.removed}"):
-            compensation = fit_compensation(
+            compensation = fit_tuned_compensation(
                 model,
                 selection.removed,
-                calib[: config.compensation_windows],
+                calib,
+                fit_windows=config.compensation_windows,
+                tune_windows=config.compensation_tune_windows,
                 batch_size=config.batch_size,
                 progress=stages.report,
             )
-            tune = calib[
-                config.compensation_windows : config.compensation_windows
-                + config.compensation_tune_windows
-            ]
-            if tune.shape[0]:  # else (no windows left after the fit's) the maps as fitted
-                compensation = tune_strength(
-                    model, compensation, tune, batch_size=config.batch_size, progress=stages.report
-                )
     if config.temperature:
         with stages.stage("temperature", "fitting the pruned model's logit scale"):
             base = compensation or temperature_only(selection.removed)

@@ -72,9 +72,8 @@ from lorp.compensation import (  # noqa: E402
     Compensation,
     check_compensable,
     compensated_view,
-    fit_compensation,
+    fit_tuned_compensation,
     temperature_only,
-    tune_strength,
 )
 from lorp.data import prepends_bos, text_windows  # noqa: E402
 from lorp.errors import UnsupportedModelError  # noqa: E402
@@ -465,11 +464,14 @@ def _fold(
     """The maps fitted on the first ``--fit-windows`` calibration windows; ``+tfit``: at the
     strength with the lowest loss on the next ``--tune-windows``, ``+tfit+temp``: then the
     logit temperature on the last ``--temp-windows`` (as the pipeline does)."""
-    fit = settings.fit_windows
-    comp = fit_compensation(model, removed, calib[:fit])
-    tune = calib[fit : fit + settings.tune_windows]
-    if suffix in (report.TFIT, report.TFIT_TEMP) and tune.shape[0]:  # else as fitted
-        comp = tune_strength(model, comp, tune)
+    tuned = suffix in (report.TFIT, report.TFIT_TEMP)
+    comp = fit_tuned_compensation(
+        model,
+        removed,
+        calib,
+        fit_windows=settings.fit_windows,
+        tune_windows=settings.tune_windows if tuned else 0,
+    )
     if suffix == report.TFIT_TEMP:
         with compensated_view(model, comp), pruned_view(model, removed):
             comp = replace(
