@@ -14,10 +14,12 @@ The evaluation text is only ever used for the quality measurement, never for cho
 
 Compensation (``config.compensate``, :mod:`lorp.compensation`): after the selection, one linear
 map per removed run of blocks is fitted on the first ``compensation_windows`` calibration
-windows and folded into the down projection of the block before the run, at the strength that
-gives the lowest loss on the next ``compensation_tune_windows`` calibration windows
-(:func:`lorp.compensation.tune_strength`); the quality measured is the compensated pruned
-model's, and the checkpoint carries the folded weights.
+windows and folded into the down projection of the block before the run, at the smallest
+strength whose loss on the next ``compensation_tune_windows`` calibration windows is within one
+standard error of the lowest (:func:`lorp.compensation.tune_strength`); the quality measured is
+the compensated pruned model's, and the checkpoint carries the folded weights. The capture
+keeps the dense block inputs of the windows these fits use (and the temperature's) within
+:data:`STORED_INPUT_BYTES`, so they start mid-model (:mod:`lorp.inputs`).
 
 Quality guard (:mod:`lorp.gate`): every prune that could measure quality reports perplexity
 (dense and pruned), KL(dense || pruned), top-1 agreement and flags for results far worse than
@@ -32,7 +34,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -46,13 +48,14 @@ from .compensation import (
     Compensation,
     apply_compensation,
     check_compensable,
-    compensated_view,
+    fit_folded_temperature,
     fit_tuned_compensation,
     temperature_only,
 )
 from .data import prepends_bos, text_windows
 from .errors import InvalidInputError, LorpError, QualityGateError
 from .gate import FLAG_THRESHOLDS, GateResult, QualityGate, quality_flags
+from .inputs import BlockInputs, hidden_bytes
 from .quality import QualityComparison, compare_pruned
 from .report import _json_safe, build_report, write_reports
 from .search import (
@@ -64,8 +67,8 @@ from .search import (
 )
 from .selection import Selection, resolve_budget, select_layers
 from .similarity import capture_similarity
-from .surgery import pruned_view, remove_blocks
-from .temperature import check_temperature, fit_temperature
+from .surgery import remove_blocks
+from .temperature import check_temperature
 
 ProgressCallback = Callable[[str, float, str], None]
 
@@ -79,6 +82,10 @@ SCORING_DEFAULTS: dict[str, tuple[int, int]] = {
     "lorp-loss": (8, 512),
     "sleb": (4, 256),
 }
+
+# The capture keeps the calibration windows' block inputs that the compensation and temperature
+# fits start from (lorp.inputs.BlockInputs) within this many bytes (the groups that fit).
+STORED_INPUT_BYTES = 1 << 30
 
 STAGES = (
     "loading",
@@ -300,6 +307,30 @@ def _where(info: dict[str, Any]) -> str:
     return f"{info['kind']}, {info['windows']} x {info['seq_len']} tokens"
 
 
+def _inputs_to_keep(
+    model: nn.Module, calib: torch.Tensor, config: PruneConfig
+) -> BlockInputs | None:
+    """Which calibration windows' block inputs the capture keeps for the compensation fit, its
+    tuning and the temperature fit (:mod:`lorp.inputs`): each group whose states fit in
+    :data:`STORED_INPUT_BYTES` with the groups before it; None when nothing is kept."""
+    count = int(calib.shape[0])
+    groups: list[range] = []
+    if config.compensate:
+        fit_end = min(config.compensation_windows, count)
+        groups.append(range(fit_end))
+        groups.append(range(fit_end, min(fit_end + config.compensation_tune_windows, count)))
+    if config.temperature:
+        groups.append(range(max(count - config.temperature_windows, 0), count))
+    per_window = num_blocks(model) * int(calib.shape[1]) * hidden_bytes(model)
+    if per_window <= 0:
+        return None
+    chosen: set[int] = set()
+    for group in groups:
+        if len(chosen | set(group)) * per_window <= STORED_INPUT_BYTES:
+            chosen |= set(group)
+    return BlockInputs(sorted(chosen)) if chosen else None
+
+
 def prune(
     model: nn.Module,
     tokenizer: Any,
@@ -340,8 +371,9 @@ def prune(
 
     with stages.stage("calibration", "capturing block-input similarity"):
         calib = _windows_of(calibration, tokenizer, config.seq_len, config.windows)
+        inputs = _inputs_to_keep(model, calib, config)
         similarity = capture_similarity(
-            model, calib, batch_size=config.batch_size, progress=stages.report
+            model, calib, batch_size=config.batch_size, progress=stages.report, keep=inputs
         )
     calib_info: dict[str, Any] = {
         "windows": int(calib.shape[0]),
@@ -414,18 +446,19 @@ def prune(
                 tune_windows=config.compensation_tune_windows,
                 batch_size=config.batch_size,
                 progress=stages.report,
+                inputs=inputs,
             )
     if config.temperature:
         with stages.stage("temperature", "fitting the pruned model's logit scale"):
-            base = compensation or temperature_only(selection.removed)
-            with compensated_view(model, base), pruned_view(model, selection.removed):
-                fitted = fit_temperature(
-                    model,
-                    calib[-config.temperature_windows :],
-                    batch_size=config.batch_size,
-                    progress=stages.report,
-                )
-            compensation = replace(base, temperature=fitted)
+            compensation = fit_folded_temperature(
+                model,
+                compensation or temperature_only(selection.removed),
+                calib[-config.temperature_windows :],
+                batch_size=config.batch_size,
+                progress=stages.report,
+                inputs=inputs,
+            )
+    inputs = None  # the stored block inputs are not needed any more
 
     eval_windows: torch.Tensor | None = None
     eval_info: dict[str, Any] | None = None

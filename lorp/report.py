@@ -796,15 +796,29 @@ def _tables(report: Mapping[str, Any]) -> list[tuple[str, list[str], list[list[s
             tables.append(
                 (
                     "Compensation strength",
-                    ["strength", "calibration NLL (nats per token)"],
                     [
-                        [_num(row.get("strength"), ".3f"), _num(row.get("nll"), ".4f")]
+                        "strength",
+                        "calibration NLL (nats per token)",
+                        "standard error vs the lowest",
+                    ],
+                    [
+                        [
+                            _num(row.get("strength"), ".3f"),
+                            _num(row.get("nll"), ".4f"),
+                            _num(row.get("se_vs_lowest"), ".4f"),
+                        ]
                         for row in tuning["measured"]
                         if isinstance(row, Mapping)
                     ],
                     f"Measured on {tuning.get('windows')} x {tuning.get('seq_len')} calibration "
-                    "tokens the maps were not fitted on; the lowest was kept (0 = plain "
-                    "removal, 1 = the least-squares maps).",
+                    "tokens the maps were not fitted on (0 = plain removal, 1 = the "
+                    "least-squares maps); "
+                    + (
+                        "the lowest was kept."
+                        if tuning.get("rule") == "min"
+                        else "kept: the smallest strength within one standard error (paired, "
+                        "per prediction) of the lowest."
+                    ),
                 )
             )
     temp = comp.get("temperature") if isinstance(comp, Mapping) else None

@@ -82,7 +82,7 @@ import math
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -93,7 +93,8 @@ from torch import nn
 from ._blocks import get_blocks
 from ._forward import check_windows, input_device
 from .errors import InvalidInputError
-from .quality import _log_probs, _nll_sum
+from .inputs import hidden_bytes, resumed
+from .quality import _log_probs
 from .selection import (
     METHODS,
     Selection,
@@ -190,6 +191,7 @@ class _Sums:
     agree: list[int]
     seconds: float = 0.0
     start_block: int = 0
+    losses: list[torch.Tensor] = field(default_factory=list)  # per batch (keep_losses)
 
 
 class WindowScorer:
@@ -210,6 +212,8 @@ class WindowScorer:
     ``stride`` (NLL only, ``reference=False``): score every ``stride``-th next-token prediction
     of each window; the blocks still run on every token, the output head and its softmax only
     on the scored positions (for a large vocabulary the head costs as much as the blocks).
+    ``keep_losses``: keep every scored prediction's NLL (:meth:`losses`), e.g. to compare two
+    sets or weight variants prediction by prediction.
 
     Dense prefix cache: a removal set R changes nothing before its first removed block f, so
     the hidden states entering block f are the dense model's. :meth:`prefetch` stores the dense
@@ -236,6 +240,7 @@ class WindowScorer:
         progress: ProgressCallback | None = None,
         stage: str = "selection",
         stride: int = 1,
+        keep_losses: bool = False,
     ) -> None:
         self.model = model
         self.windows = check_windows(windows)
@@ -251,6 +256,7 @@ class WindowScorer:
             raise InvalidInputError("a stride > 1 scores NLL only: pass reference=False")
         self.batch_size = batch_size
         self.stride = stride
+        self.keep_losses = keep_losses
         # predictions scored per window: every stride-th position (its next token)
         self._positions = torch.arange(0, int(self.windows.shape[1]) - 1, stride)
         self.reference = reference
@@ -275,12 +281,16 @@ class WindowScorer:
         """Predictions per pass."""
         return int(self.windows.shape[0]) * int(self._positions.numel())
 
-    def _nll(self, batch: torch.Tensor, device: torch.device) -> tuple[float, torch.Tensor]:
-        """Summed NLL of ``batch``'s scored predictions and their log-probabilities. With a
-        stride the output head runs on the scored positions only (a pre-hook on it)."""
+    def _nll(
+        self, batch: torch.Tensor, device: torch.device
+    ) -> tuple[float, torch.Tensor, torch.Tensor]:
+        """Summed NLL of ``batch``'s scored predictions, their log-probabilities and each
+        prediction's NLL ``[B, P]``. With a stride the output head runs on the scored
+        positions only (a pre-hook on it)."""
         if self.stride == 1:
             logp = _log_probs(self.model, batch, device)
-            return _nll_sum(logp, batch), logp
+            per = -logp.gather(-1, batch[:, 1:].to(logp.device).unsqueeze(-1)).squeeze(-1)
+            return float(per.sum()), logp, per
         get_head = getattr(self.model, "get_output_embeddings", None)
         head = get_head() if callable(get_head) else None
         if not isinstance(head, nn.Module):
@@ -297,7 +307,8 @@ class WindowScorer:
             handle.remove()
         logp = torch.log_softmax(logits.float(), dim=-1)
         target = batch[:, pos.cpu() + 1].to(logp.device)
-        return float(-logp.gather(-1, target.unsqueeze(-1)).sum()), logp
+        per = -logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+        return float(per.sum()), logp, per
 
     def info(self) -> dict[str, Any]:
         return {
@@ -314,6 +325,18 @@ class WindowScorer:
     def cached(self, removed: Sequence[int]) -> bool:
         """Whether ``removed`` has been measured on every window."""
         return self._key(removed) in self._cache
+
+    def losses(self, removed: Sequence[int]) -> torch.Tensor:
+        """Every scored prediction's NLL for ``removed`` (measured on every window, with
+        ``keep_losses=True``), window by window, float32 on the CPU."""
+        key = self._key(removed)
+        sums = self._sums.get(key)
+        if not self.keep_losses or sums is None or len(sums.losses) < self.num_batches:
+            raise InvalidInputError(
+                f"no per-prediction losses of {list(key)} on every window "
+                "(score it first on a scorer with keep_losses=True)"
+            )
+        return torch.cat([x.reshape(-1) for x in sums.losses])
 
     def forget(self, removed: Sequence[int]) -> None:
         """Drop what was measured for ``removed`` (the dense prefix and reference stay), so the
@@ -350,15 +373,7 @@ class WindowScorer:
     # ---------------------------------------------------------------------------------------
 
     def _bytes_per_block(self) -> int:
-        get_emb = getattr(self.model, "get_input_embeddings", None)
-        emb = get_emb() if callable(get_emb) else None
-        dim = getattr(emb, "embedding_dim", None)
-        if not isinstance(dim, int):
-            dim = int(getattr(getattr(self.model, "config", None), "hidden_size", 0) or 0)
-        if dim <= 0:
-            return 0
-        element = next(self.model.parameters()).element_size()
-        return int(self.windows.numel()) * dim * element
+        return int(self.windows.numel()) * hidden_bytes(self.model)
 
     def _plan_prefix(self, starts: set[int]) -> list[int]:
         """Which of ``starts`` (block indices > 0, not yet stored) to store within the budget:
@@ -497,8 +512,10 @@ class WindowScorer:
             for i in range(self.num_batches):
                 cur[0] = i
                 batch = self._batch(i)
-                nll, logp = self._nll(batch, device)
+                nll, logp, per = self._nll(batch, device)
                 sums.nll.append(nll)
+                if self.keep_losses:
+                    sums.losses.append(per.detach().float().cpu())
                 sums.kl.append(0.0)
                 sums.agree.append(int(batch.shape[0]) * int(self._positions.numel()))
                 if self.reference:
@@ -517,26 +534,22 @@ class WindowScorer:
         """The model with ``key`` removed and every block before ``start`` skipped, the first
         kept block fed the stored dense input of block ``start`` for the batch whose index is
         the yielded list's only item (set it before each forward)."""
-        blocks = get_blocks(self.model)
-        first = next(i for i in range(start, self.num_layers) if i not in key)
         states = self._prefix[start]
         current = [0]
+        with resumed(self.model, key, start, lambda: states[current[0]]):
+            yield current
 
-        def inject(
-            _m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
-        ) -> tuple[tuple[Any, ...], dict[str, Any]]:
-            hidden = states[current[0]]
-            if args:
-                return (hidden, *args[1:]), kwargs
-            return args, {**kwargs, "hidden_states": hidden}
-
-        skipped = sorted(set(range(start)) | set(key))
-        handle = blocks[first].register_forward_pre_hook(inject, with_kwargs=True)
-        try:
-            with pruned_view(self.model, skipped):
-                yield current
-        finally:
-            handle.remove()
+    def use_inputs(self, block: int, states: torch.Tensor) -> None:
+        """Take ``states`` ``[W, T, d]`` — the dense input of ``block`` for this scorer's
+        windows, kept by an earlier pass (:class:`lorp.inputs.BlockInputs`) — as the prefix
+        cache's entry for ``block``, so no prefix pass is run for it."""
+        if not 0 < block < self.num_layers:
+            raise InvalidInputError(f"block must be in 1..{self.num_layers - 1}, got {block}")
+        if states.dim() != 3 or tuple(states.shape[:2]) != tuple(self.windows.shape):
+            raise InvalidInputError(
+                f"states {tuple(states.shape)} do not match the windows {tuple(self.windows.shape)}"
+            )
+        self._prefix[block] = list(states.split(self.batch_size))
 
     # ---------------------------------------------------------------------------------------
     # scoring
@@ -606,7 +619,7 @@ class WindowScorer:
                 for i in range(lo, hi):
                     cur[0] = i
                     batch = self._batch(i)
-                    nll, logp = self._nll(batch, device)
+                    nll, logp, per = self._nll(batch, device)
                     kl = 0.0
                     agree = 0
                     if dense is not None:
@@ -619,12 +632,14 @@ class WindowScorer:
                     sums.nll.append(nll)
                     sums.kl.append(kl)
                     sums.agree.append(agree)
+                    if self.keep_losses:
+                        sums.losses.append(per.detach().float().cpu())
                     self.batches_run += 1
         except BaseException:
             if first:
                 self._sums.pop(key, None)
             else:
-                for part in (sums.nll, sums.kl, sums.agree):
+                for part in (sums.nll, sums.kl, sums.agree, sums.losses):
                     del part[lo:]
             raise
         finally:

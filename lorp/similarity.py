@@ -24,6 +24,7 @@ from torch import nn
 from ._blocks import get_blocks
 from ._forward import batches, check_windows, input_device
 from .errors import InvalidInputError
+from .inputs import BlockInputs
 
 ProgressCallback = Callable[[str, float, str], None]
 
@@ -35,8 +36,10 @@ class _StopForward(Exception):
 
 
 class _Accumulator:
-    def __init__(self, num_blocks: int) -> None:
+    def __init__(self, num_blocks: int, keep: BlockInputs | None = None) -> None:
         self.n = num_blocks
+        self.keep = keep
+        self.first_window = 0  # index of the current batch's first window
         self.total = torch.zeros(num_blocks, num_blocks, dtype=torch.float64)
         self.buffer: torch.Tensor | None = None  # [N, B*T, d] normalised inputs of this batch
         self.seen = 0
@@ -50,6 +53,8 @@ class _Accumulator:
                     f"block {index} did not receive hidden states [batch, tokens, dim] as input"
                 )
             self.add(index, hidden)
+            if self.keep is not None:
+                self.keep.add(index, self.first_window, hidden)
             if index == self.n - 1:
                 raise _StopForward
 
@@ -89,15 +94,20 @@ def capture_similarity(
     *,
     batch_size: int = 1,
     progress: ProgressCallback | None = None,
+    keep: BlockInputs | None = None,
 ) -> np.ndarray:
     """Mean per-token cosine similarity between the inputs of every pair of blocks.
 
     ``windows``: token ids ``[num_windows, seq_len]``. Returns a float64 ``[N, N]`` symmetric matrix
-    with a unit diagonal, N the number of blocks.
+    with a unit diagonal, N the number of blocks. ``keep``: also store every block's input for
+    the windows at ``keep.indices`` there (:class:`lorp.inputs.BlockInputs`; a copy of what the
+    capture sees anyway, so later stages can start mid-model).
     """
     windows = check_windows(windows)
     blocks = get_blocks(model)
-    acc = _Accumulator(len(blocks))
+    if keep is not None:
+        keep.start(windows, len(blocks))
+    acc = _Accumulator(len(blocks), keep)
     handles = [
         blk.register_forward_pre_hook(acc.hook(i), with_kwargs=True) for i, blk in enumerate(blocks)
     ]
@@ -108,6 +118,7 @@ def capture_similarity(
     try:
         done = 0
         for batch in batches(windows, batch_size):
+            acc.first_window = done
             with contextlib.suppress(_StopForward):
                 model(input_ids=batch.to(device), use_cache=False)
             done += batch.shape[0]
@@ -117,6 +128,8 @@ def capture_similarity(
         for h in handles:
             h.remove()
         model.train(was_training)
+    if keep is not None:
+        keep.finish()
     if acc.windows != total:
         raise InvalidInputError(
             f"only {acc.windows} of {total} windows reached the last block; the model's forward "

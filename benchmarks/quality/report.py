@@ -67,9 +67,9 @@ CANDIDATE_TEXT = {
     "temperature fitted on calibration windows and folded into the final norm "
     "(lorp.temperature)",
     "lorp-loss+tfit": "lorp-loss's selection with a least-squares linear stand-in for every "
-    "removed run folded into the block before it at the strength (share of the fitted "
-    "correction) with the lowest loss on calibration windows the maps were not fitted on "
-    "(lorp.compensation.tune_strength)",
+    "removed run folded into the block before it at the smallest strength (share of the "
+    "fitted correction) whose loss on calibration windows the maps were not fitted on is "
+    "within one standard error of the lowest (lorp.compensation.tune_strength)",
     "lorp-loss+fit": "lorp-loss's selection with a least-squares linear stand-in for every "
     "removed run folded into the block before it (lorp.compensation)",
 }

@@ -53,7 +53,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -72,12 +72,14 @@ from lorp.compensation import (  # noqa: E402
     Compensation,
     check_compensable,
     compensated_view,
+    fit_folded_temperature,
     fit_tuned_compensation,
     temperature_only,
 )
 from lorp.data import prepends_bos, text_windows  # noqa: E402
 from lorp.errors import UnsupportedModelError  # noqa: E402
-from lorp.pipeline import PruneConfig, _windows_after  # noqa: E402
+from lorp.inputs import BlockInputs  # noqa: E402
+from lorp.pipeline import PruneConfig, _inputs_to_keep, _windows_after  # noqa: E402
 from lorp.search import (  # noqa: E402
     ALL_METHODS,
     SEARCH_METHODS,
@@ -89,8 +91,6 @@ from lorp.search import (  # noqa: E402
 from lorp.selection import METHODS as S_METHODS  # noqa: E402
 from lorp.selection import Selection, select_layers  # noqa: E402
 from lorp.similarity import capture_similarity  # noqa: E402
-from lorp.surgery import pruned_view  # noqa: E402
-from lorp.temperature import fit_temperature  # noqa: E402
 
 DEFAULT_METHODS = report.METHOD_ORDER
 DEFAULT_OUT = RESULTS / "quality"
@@ -364,6 +364,15 @@ def _select(
         )
         _log(f"capture re-timed: {fresh:.1f}s (stored {capture_s:.1f}s; max |dS| {drift:.1e})")
         capture_s = fresh
+    # the corrections read the dense block inputs of their calibration windows from the
+    # capture, as the pipeline does (lorp.inputs): a capture of its own keeps them, so that the
+    # captures timed above (LoRP's time) carry none of it; the copying (BlockInputs.seconds,
+    # ~1 s of a 35 s capture on SmolLM2, as much as capture times with and without it differ)
+    # is charged to every correction
+    inputs = _inputs_for(model, calib, settings, [m for m, _ in todo])
+    if inputs is not None:
+        capture_similarity(model, calib, keep=inputs)
+        _log(f"kept block inputs of calibration windows {inputs.indices} ({inputs.seconds:.2f}s)")
     body = settings.seq_len - 1 if bos else settings.seq_len
     after = int(calib.shape[0]) * body
     scoring: dict[tuple[int, int], torch.Tensor] = {}
@@ -410,9 +419,11 @@ def _select(
             elif method == "sleb":
                 _sleb(store, model, similarity, max(budgets), windows_for(method), fresh)
             elif report.correction_of(method) == report.TEMP:
-                _temperature(store, model, calib[-settings.temp_windows :], method, budgets, fits)
+                _temperature(
+                    store, model, calib[-settings.temp_windows :], method, budgets, fits, inputs
+                )
             elif report.base_of(method) is not None:
-                if not _fit(store, model, calib, settings, method, budgets, fits):
+                if not _fit(store, model, calib, settings, method, budgets, fits, inputs):
                     continue
             elif method in SEARCH_METHODS:
                 windows = windows_for(method)
@@ -458,12 +469,38 @@ def _select(
         store.save()
 
 
+def _inputs_for(
+    model: nn.Module, calib: torch.Tensor, settings: Settings, methods: Sequence[str]
+) -> BlockInputs | None:
+    """The block inputs the pipeline would keep for the corrections among ``methods``."""
+    if not any(report.base_of(m) is not None for m in methods):
+        return None
+    config = PruneConfig(
+        method="lorp",
+        num_remove=1,
+        windows=int(calib.shape[0]),
+        seq_len=int(calib.shape[1]),
+        compensate=True,
+        compensation_windows=settings.fit_windows,
+        compensation_tune_windows=settings.tune_windows,
+        temperature=True,
+        temperature_windows=settings.temp_windows,
+    )
+    return _inputs_to_keep(model, calib, config)
+
+
 def _fold(
-    model: nn.Module, removed: list[int], calib: torch.Tensor, settings: Settings, suffix: str
+    model: nn.Module,
+    removed: list[int],
+    calib: torch.Tensor,
+    settings: Settings,
+    suffix: str,
+    inputs: BlockInputs | None = None,
 ) -> Compensation:
     """The maps fitted on the first ``--fit-windows`` calibration windows; ``+tfit``: at the
     strength with the lowest loss on the next ``--tune-windows``, ``+tfit+temp``: then the
-    logit temperature on the last ``--temp-windows`` (as the pipeline does)."""
+    logit temperature on the last ``--temp-windows`` (as the pipeline does, reading the dense
+    block inputs from ``inputs`` where it holds them)."""
     tuned = suffix in (report.TFIT, report.TFIT_TEMP)
     comp = fit_tuned_compensation(
         model,
@@ -471,12 +508,10 @@ def _fold(
         calib,
         fit_windows=settings.fit_windows,
         tune_windows=settings.tune_windows if tuned else 0,
+        inputs=inputs,
     )
     if suffix == report.TFIT_TEMP:
-        with compensated_view(model, comp), pruned_view(model, removed):
-            comp = replace(
-                comp, temperature=fit_temperature(model, calib[-settings.temp_windows :])
-            )
+        comp = fit_folded_temperature(model, comp, calib[-settings.temp_windows :], inputs=inputs)
     return comp
 
 
@@ -488,6 +523,7 @@ def _fit(
     method: str,
     budgets: Sequence[int],
     fits: dict[str, Compensation],
+    inputs: BlockInputs | None = None,
 ) -> bool:
     """``<base>+fit`` / ``+tfit`` / ``+tfit+temp`` at every budget from the base's stored
     selection; False when the model cannot take the fold (recorded in ``skipped``)."""
@@ -509,8 +545,8 @@ def _fit(
         assert suffix is not None
         _log(f"{method} k={k}: fitting {entry['removed']} on {settings.fit_windows} windows")
         t = time.perf_counter()
-        comp = _fold(model, entry["removed"], calib, settings, suffix)
-        fit_s = time.perf_counter() - t
+        comp = _fold(model, entry["removed"], calib, settings, suffix, inputs)
+        fit_s = time.perf_counter() - t + _store_s(inputs)
         key = report.CORRECTIONS[suffix] + set_key(entry["removed"])
         fits[key] = comp
         windows = {"fit_windows": settings.fit_windows}
@@ -559,6 +595,7 @@ def _temperature(
     method: str,
     budgets: Sequence[int],
     fits: dict[str, Compensation],
+    inputs: BlockInputs | None = None,
 ) -> None:
     """``<base>+temp`` at every budget: the base's stored selection with the pruned model's logit
     scale fitted on the last ``--temp-windows`` calibration windows."""
@@ -570,8 +607,8 @@ def _temperature(
         if entry is None:
             raise RuntimeError(f"{base} has no selection at k={k}; add {base} to --methods")
         t = time.perf_counter()
-        comp = _fit_temperature(model, entry["removed"], calib)
-        fit_s = time.perf_counter() - t
+        comp = _fit_temperature(model, entry["removed"], calib, inputs)
+        fit_s = time.perf_counter() - t + _store_s(inputs)
         key = report.TEMP_KEY + set_key(entry["removed"])
         fits[key] = comp
         assert comp.temperature is not None
@@ -582,9 +619,15 @@ def _temperature(
         store.save()
 
 
-def _fit_temperature(model: nn.Module, removed: list[int], calib: torch.Tensor) -> Compensation:
-    with pruned_view(model, removed):
-        return temperature_only(removed, fit_temperature(model, calib))
+def _fit_temperature(
+    model: nn.Module, removed: list[int], calib: torch.Tensor, inputs: BlockInputs | None = None
+) -> Compensation:
+    return fit_folded_temperature(model, temperature_only(removed), calib, inputs=inputs)
+
+
+def _store_s(inputs: BlockInputs | None) -> float:
+    """What keeping the block inputs added to the capture (charged to every correction)."""
+    return 0.0 if inputs is None else inputs.seconds
 
 
 def _sleb(

@@ -261,33 +261,72 @@ def test_vertex_is_the_parabola_minimum_between_the_best_neighbours() -> None:
     assert _vertex([(0.0, 2.0), (0.5, 1.0), (1.0, 2.0)]) is None  # vertex already measured
 
 
-def test_tune_strength_keeps_the_strength_with_the_lowest_measured_loss() -> None:
+def test_tune_strength_measures_every_strength_and_applies_its_rule() -> None:
     """Every measured strength's NLL is the pruned model's with that share of the maps folded
-    (an independent fold + removal + perplexity), the kept one is the lowest, the model is left
-    as it was, and the pass starts at the first compensated block."""
+    (an independent fold + removal + per-prediction NLL); "min" keeps the lowest, "one-se"
+    the smallest strength within one paired standard error of the lowest (computed here from
+    the independent per-prediction NLLs); the model is left as it was."""
     model = build_tiny("llama")
     before = snapshot(model)
     tune = _windows(3, 24, seed=8)
     comp = fit_compensation(model, [2, 3, 5], _windows(seed=4))
     tuned = tune_strength(model, comp, tune)
+    lowest = tune_strength(model, comp, tune, rule="min")
     assert all(a.equal(before[k]) for k, a in snapshot(model).items())
-    assert tuned.maps is comp.maps and tuned.tuning is not None
+    assert tuned.maps is comp.maps and tuned.tuning is not None and lowest.tuning is not None
+    assert tuned.tuning["rule"] == "one-se" and lowest.tuning["rule"] == "min"
     measured = {row["strength"]: row["nll"] for row in tuned.tuning["measured"]}
+    assert measured == {row["strength"]: row["nll"] for row in lowest.tuning["measured"]}
     assert {0.0, 0.5, 1.0} <= set(measured) and len(measured) <= 4
-    assert tuned.strength == min(measured, key=lambda s: measured[s])
     assert tuned.tuning["windows"] == 3 and tuned.tuning["seq_len"] == 24
     positions = torch.arange(0, 23, TUNE_STRIDE)  # every 4th of the 23 predictions per window
+    assert tuned.tuning["predictions"] == 3 * positions.numel()
+    per: dict[float, torch.Tensor] = {}
     for strength, nll in measured.items():
         folded = build_tiny("llama")
         apply_compensation(folded, replace(comp, strength=strength))
         remove_blocks(folded, [2, 3, 5])
         with torch.no_grad():
             logp = torch.log_softmax(folded(tune).logits[:, positions].float(), dim=-1)
-        expected = -logp.gather(-1, tune[:, positions + 1].unsqueeze(-1)).mean()
-        assert float(expected) == pytest.approx(nll, rel=1e-6), strength
+        per[strength] = -logp.gather(-1, tune[:, positions + 1].unsqueeze(-1)).reshape(-1)
+        assert float(per[strength].mean()) == pytest.approx(nll, rel=1e-6), strength
+    best = min(measured, key=lambda s: measured[s])
+    assert lowest.strength == best == tuned.tuning["lowest"]
+    for row in tuned.tuning["measured"]:
+        d = (per[row["strength"]] - per[best]).double()
+        se = float(d.std()) / d.numel() ** 0.5
+        assert row["se_vs_lowest"] == pytest.approx(se, rel=1e-4, abs=1e-9)
+    within = [s for s in measured if measured[s] <= measured[best] + per_se(per, s, best)]
+    assert tuned.strength == min(within) <= best
     alone = tune_strength(model, comp, tune, strengths=[1.0], refine=False)
     assert alone.strength == 1.0 and alone.tuning is not None
-    assert alone.tuning["measured"] == [{"strength": 1.0, "nll": measured[1.0]}]
+    assert [(r["strength"], r["nll"]) for r in alone.tuning["measured"]] == [(1.0, measured[1.0])]
+    with pytest.raises(InvalidInputError, match="rule"):
+        tune_strength(model, comp, tune, rule="median")
+
+
+def per_se(per: dict[float, torch.Tensor], s: float, best: float) -> float:
+    d = (per[s] - per[best]).double()
+    return float(d.std()) / d.numel() ** 0.5
+
+
+def test_one_se_rule_prefers_the_smaller_strength_within_the_noise() -> None:
+    """1.0 lower than 0.5 by less than one paired standard error: "one-se" keeps 0.5, "min"
+    1.0; by many standard errors: both keep 1.0; 0 (plain removal) far behind either way."""
+    from lorp.compensation import _choose
+
+    g = torch.Generator().manual_seed(0)
+    plain = 3.5 + torch.randn(400, generator=g)
+    half = plain - 0.3 + 0.05 * torch.randn(400, generator=g)
+    wide, narrow = 0.5 * torch.randn(400, generator=g), 0.05 * torch.randn(400, generator=g)
+    close = half - 0.002 + (wide - wide.mean())  # 0.002 lower, SE of the difference ~0.025
+    far = half - 0.2 + (narrow - narrow.mean())  # 0.2 lower, SE ~0.0025
+    assert float(close.mean()) < float(half.mean())
+    chosen, best, se = _choose({0.0: plain, 0.5: half, 1.0: close}, "one-se")
+    assert (chosen, best) == (0.5, 1.0) and se[1.0] == 0.0 and 0.01 < se[0.5] < 0.05
+    assert _choose({0.0: plain, 0.5: half, 1.0: close}, "min")[0] == 1.0
+    assert _choose({0.0: plain, 0.5: half, 1.0: far}, "one-se")[:2] == (1.0, 1.0)
+    assert _choose({0.0: plain, 0.5: half}, "one-se")[0] == 0.5
 
 
 @pytest.mark.parametrize("strengths", [[], [-0.1], [float("nan")], [True], [3.0], ["0.5"]])
