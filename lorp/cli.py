@@ -462,8 +462,8 @@ def build_parser() -> argparse.ArgumentParser:
         default="lorp",
         choices=ALL_METHODS,
         help="lorp, shortgpt, streamline (from S alone); sleb, lorp-kl, lorp-loss, auto (also "
-        "run the model "
-        "on scoring windows of the calibration text; see lorp.search)",
+        "run the model on scoring windows of the calibration text; see lorp.search); "
+        "lorp-fold (lorp-loss with --compensate and --temperature)",
     )
     p.add_argument(
         "--clusters",

@@ -53,7 +53,7 @@ from .compensation import (
     temperature_only,
 )
 from .data import prepends_bos, text_windows
-from .errors import InvalidInputError, LorpError, QualityGateError
+from .errors import InvalidInputError, LorpError, QualityGateError, UnsupportedModelError
 from .gate import FLAG_THRESHOLDS, GateResult, QualityGate, quality_flags
 from .inputs import BlockInputs, hidden_bytes
 from .quality import QualityComparison, compare_pruned
@@ -61,6 +61,7 @@ from .report import _json_safe, build_report, write_reports
 from .search import (
     ALL_METHODS,
     CLUSTER_METHODS,
+    FOLD_METHODS,
     SEARCH_METHODS,
     pass_budget,
     search_layers,
@@ -183,6 +184,9 @@ class PruneConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise InvalidInputError(f"{name} must be an integer >= 0, got {value!r}")
+        if self.method in FOLD_METHODS:  # a selection with the corrections on
+            self.compensate = True
+            self.temperature = True
         if isinstance(self.benchmark, dict):
             self.benchmark = BenchmarkConfig.from_dict(self.benchmark)
         if isinstance(self.quality_gate, dict):
@@ -193,9 +197,14 @@ class PruneConfig:
             )
 
     @property
+    def selection_method(self) -> str:
+        """The method that chooses the blocks (``lorp-fold``: ``lorp-loss``)."""
+        return FOLD_METHODS.get(self.method, self.method)
+
+    @property
     def scoring_shape(self) -> tuple[int, int]:
         """(windows, tokens) of the scoring windows: the given ones, else the method's default."""
-        windows, seq_len = SCORING_DEFAULTS.get(self.method, SCORING_DEFAULTS["lorp-kl"])
+        windows, seq_len = SCORING_DEFAULTS.get(self.selection_method, SCORING_DEFAULTS["lorp-kl"])
         return (self.score_windows or windows, self.score_seq_len or seq_len)
 
     @property
@@ -365,7 +374,15 @@ def prune(
     text = None if isinstance(calibration, torch.Tensor) else calibration
     bos = False if text is None else prepends_bos(tokenizer)
     if config.compensate:
-        check_compensable(model)  # fail before the calibration, not after it
+        try:
+            check_compensable(model)  # fail before the calibration, not after it
+        except UnsupportedModelError as exc:
+            if config.method not in FOLD_METHODS:
+                raise
+            raise UnsupportedModelError(
+                f"{exc}. Method {config.method!r} folds a linear map into every block before "
+                f"a removed run; use {config.selection_method!r} (with temperature) instead"
+            ) from exc
     if config.temperature:
         check_temperature(model)
 
@@ -386,8 +403,9 @@ def prune(
     used_tokens = int(calib.shape[0]) * body  # text tokens consumed so far (text calibration)
 
     scoring_info: dict[str, Any] | None = None
-    with stages.stage("selection", f"selecting {num_remove} of {depth} blocks ({config.method})"):
-        if config.method in SEARCH_METHODS:
+    method = config.selection_method
+    with stages.stage("selection", f"selecting {num_remove} of {depth} blocks ({method})"):
+        if method in SEARCH_METHODS:
             score_count, score_len = config.scoring_shape
             score_w: torch.Tensor | None = scoring
             if score_w is not None:
@@ -411,7 +429,7 @@ def prune(
             assert scoring_info is not None
             scoring_info.update(windows=int(score_w.shape[0]), seq_len=int(score_w.shape[1]))
             max_passes = pass_budget(
-                config.method,
+                method,
                 model,
                 int(calib.numel()),
                 (int(score_w.shape[0]), int(score_w.shape[1])),
@@ -421,7 +439,7 @@ def prune(
                 model,
                 similarity,
                 num_remove,
-                config.method,
+                method,
                 score_w,
                 num_clusters=config.num_clusters,
                 batch_size=config.batch_size,
@@ -432,7 +450,7 @@ def prune(
             scoring_info["passes"] = selection.details.get("passes")
         else:
             selection = select_layers(
-                similarity, num_remove, method=config.method, num_clusters=config.num_clusters
+                similarity, num_remove, method=method, num_clusters=config.num_clusters
             )
 
     compensation = None

@@ -109,6 +109,7 @@ from .surgery import pruned_view
 __all__ = [
     "ALL_METHODS",
     "CLUSTER_METHODS",
+    "FOLD_METHODS",
     "SEARCH_METHODS",
     "RaceResult",
     "WindowScore",
@@ -128,10 +129,15 @@ ProgressCallback = Callable[[str, float, str], None]
 
 #: Methods that run the model on scoring windows.
 SEARCH_METHODS: tuple[str, ...] = ("sleb", "lorp-kl", "lorp-loss", "auto")
+#: Pipeline methods that are a search method's selection with the corrections on
+#: (:class:`lorp.pipeline.PruneConfig` turns on ``compensate`` and ``temperature``): name ->
+#: the selection method. ``lorp-fold``: lorp-loss's blocks, the tuned linear fold
+#: (:mod:`lorp.compensation`) and the logit temperature (:mod:`lorp.temperature`).
+FOLD_METHODS: dict[str, str] = {"lorp-fold": "lorp-loss"}
 #: Every method name the pipeline accepts.
-ALL_METHODS: tuple[str, ...] = METHODS + SEARCH_METHODS
+ALL_METHODS: tuple[str, ...] = METHODS + SEARCH_METHODS + tuple(FOLD_METHODS)
 #: Methods built on LoRP's phases, which accept a forced number of phases K.
-CLUSTER_METHODS: tuple[str, ...] = ("lorp", "lorp-kl", "lorp-loss")
+CLUSTER_METHODS: tuple[str, ...] = ("lorp", "lorp-kl", "lorp-loss", "lorp-fold")
 
 #: Default memory for :class:`WindowScorer`'s dense prefix cache.
 DEFAULT_PREFIX_BYTES = 1 << 30

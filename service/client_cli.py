@@ -61,6 +61,7 @@ METHODS: tuple[str, ...] = (
     "lorp-kl",
     "lorp-loss",
     "auto",
+    "lorp-fold",
 )
 
 

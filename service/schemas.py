@@ -46,8 +46,8 @@ _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 
 
 #: Layer-selection methods the worker's lorp accepts: the S-only ones (``lorp``, ``shortgpt``,
-#: ``streamline``) and the model-in-the-loop ones (``sleb``, ``lorp-kl``, ``lorp-loss``,
-#: ``auto``); see
+#: ``streamline``), the model-in-the-loop ones (``sleb``, ``lorp-kl``, ``lorp-loss``,
+#: ``auto``) and ``lorp-fold`` (lorp-loss with ``compensate`` and ``temperature`` on); see
 #: ``lorp.search``. Taken from the library so the API never drifts from it.
 Method = StrEnum("Method", [(m, m) for m in ALL_METHODS])  # type: ignore[misc]
 Method.__doc__ = "Layer-selection method (see ``lorp.search.ALL_METHODS``)."
@@ -323,6 +323,12 @@ class JobCreate(BaseModel):
                     "compensate": True,
                     "temperature": True,
                 },
+                {
+                    "model": "s3://lorp-inputs/acme/models/smollm2-135m",
+                    "calibration": "corpus:wikitext2-train",
+                    "method": "lorp-fold",
+                    "budget": {"fraction": 0.2},
+                },
             ]
         },
     )
@@ -349,12 +355,13 @@ class JobCreate(BaseModel):
         default=Method("lorp"),
         description="lorp, shortgpt, streamline (from S only); sleb, lorp-kl, lorp-loss "
         "(measure candidate removals with the model); auto (score every S-based candidate, "
-        "keep the best)",
+        "keep the best); lorp-fold (lorp-loss with compensate and temperature on)",
     )
     budget: Budget
     num_clusters: Annotated[StrictInt, Field(ge=1, le=256)] | None = Field(
         default=None,
-        description="force the number of phases K (methods lorp, lorp-kl and lorp-loss only)",
+        description="force the number of phases K (methods lorp, lorp-kl, lorp-loss and "
+        "lorp-fold only)",
     )
     windows: Annotated[StrictInt, Field(ge=1, le=1024)] = 32
     seq_len: Annotated[StrictInt, Field(ge=8, le=8192)] = 512
@@ -368,13 +375,13 @@ class JobCreate(BaseModel):
     score_windows: Annotated[StrictInt, Field(ge=1, le=256)] | None = Field(
         default=None,
         description="scoring windows of the model-in-the-loop methods (sleb, lorp-kl, "
-        "lorp-loss, auto); "
-        "null: the method's default (8 for auto and lorp-loss, 4 otherwise)",
+        "lorp-loss, auto, lorp-fold); "
+        "null: the method's default (8 for auto, lorp-loss and lorp-fold, 4 otherwise)",
     )
     score_seq_len: Annotated[StrictInt, Field(ge=8, le=8192)] | None = Field(
         default=None,
         description="scoring window length in tokens; null: the method's default "
-        "(512 for auto and lorp-loss, 256 otherwise)",
+        "(512 for auto, lorp-loss and lorp-fold, 256 otherwise)",
     )
     search_candidates: Annotated[StrictInt, Field(ge=1, le=16)] = Field(
         default=3,

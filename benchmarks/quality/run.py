@@ -82,6 +82,7 @@ from lorp.inputs import BlockInputs  # noqa: E402
 from lorp.pipeline import PruneConfig, _inputs_to_keep, _windows_after  # noqa: E402
 from lorp.search import (  # noqa: E402
     ALL_METHODS,
+    FOLD_METHODS,
     SEARCH_METHODS,
     WindowScore,
     WindowScorer,
@@ -148,7 +149,9 @@ def set_key(removed: Sequence[int]) -> str:
 
 
 def known(method: str) -> bool:
-    return (report.base_of(method) or method) in ALL_METHODS
+    """Whether this checkout can run ``method`` here (``lorp-fold`` is measured under the
+    name of what it does, ``lorp-loss+tfit+temp``)."""
+    return (report.base_of(method) or method) in ALL_METHODS and method not in FOLD_METHODS
 
 
 def make_scorer(model: nn.Module, windows: torch.Tensor, batch_size: int) -> WindowScorer:
@@ -266,7 +269,11 @@ def run_model(
             methods.append(m)
             data["skipped"].pop(m, None)
         else:
-            data["skipped"][m] = "not in lorp.search.ALL_METHODS of this checkout"
+            data["skipped"][m] = (
+                "measured as lorp-loss+tfit+temp (the same selection and corrections)"
+                if m in FOLD_METHODS
+                else "not in lorp.search.ALL_METHODS of this checkout"
+            )
             _log(f"{spec.key}: skipping {m!r}: {data['skipped'][m]}")
     texts = list(settings.texts)
     todo = _pending_selections(store, methods, budgets)

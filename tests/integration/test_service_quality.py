@@ -160,3 +160,19 @@ def test_compensated_job_publishes_the_folded_checkpoint(
     assert temp["nll_after"] <= temp["nll_before"]
     keys = service.artifact_keys(TENANT_A, job["id"])
     assert any(k.endswith("/model/model.safetensors") for k in keys), keys
+    assert comp["stored_inputs"] is True  # the fits read the capture's block inputs
+
+    # method "lorp-fold" = lorp-loss with both corrections: the same result
+    fold_body = {k: v for k, v in body.items() if k not in ("method", "compensate", "temperature")}
+    resp = client_a.post("/jobs", json={**fold_body, "method": "lorp-fold"})
+    assert resp.status_code == 202, resp.text
+    assert resp.json()["spec"]["method"] == "lorp-fold"
+    fold = service.wait(client_a, resp.json()["id"])
+    assert fold["state"] == "succeeded", fold
+    fold_report = client_a.get(f"/jobs/{fold['id']}/report").raise_for_status().json()
+    fold_comp = fold_report["extra"]["compensation"]
+    assert fold_report["extra"]["config"]["compensate"] is True
+    assert fold_report["extra"]["config"]["temperature"] is True
+    assert sorted(fold["summary"]["removed_blocks"]) == removed
+    assert fold_comp["strength"] == comp["strength"]
+    assert fold_comp["temperature"]["scale"] == pytest.approx(temp["scale"], rel=1e-6)

@@ -300,6 +300,38 @@ def test_console_script_has_no_traceback(tmp_path: Path) -> None:
     assert proc.stderr.startswith("lorp: error:") and "Traceback" not in proc.stderr
 
 
+def test_prune_lorp_fold_is_lorp_loss_with_both_corrections(
+    capsys: pytest.CaptureFixture[str], tiny_dir: Path, text_file: Path, tmp_path: Path
+) -> None:
+    """--method lorp-fold: lorp-loss's blocks, the tuned fold and the logit temperature, the
+    same as --method lorp-loss --compensate --temperature."""
+    args = [
+        "prune", "--model", str(tiny_dir), "--calibration", str(text_file), "--remove", "2",
+        "--windows", "4", "--seq-len", "32", "--score-windows", "2", "--score-seq-len", "32",
+        "--compensation-windows", "3", "--compensation-tune-windows", "1",
+        "--temperature-windows", "2", "--no-bench", "--quiet",
+    ]  # fmt: skip
+    reports = []
+    for name, extra in [
+        ("fold", ["--method", "lorp-fold"]),
+        ("explicit", ["--method", "lorp-loss", "--compensate", "--temperature"]),
+    ]:
+        code, _, err = run(capsys, *args, *extra, "--out", str(tmp_path / name))
+        assert code == 0, err
+        reports.append(json.loads((tmp_path / name / "report.json").read_text()))
+    fold, explicit = reports
+    assert fold["extra"]["config"]["method"] == "lorp-fold"
+    assert fold["extra"]["config"]["compensate"] is fold["extra"]["config"]["temperature"] is True
+    assert fold["selection"]["method"] == "lorp-loss"
+    assert fold["selection"]["removed"] == explicit["selection"]["removed"]
+    a, b = fold["extra"]["compensation"], explicit["extra"]["compensation"]
+    assert a["strength"] == b["strength"] and a["stored_inputs"] is True
+    assert a["temperature"]["scale"] == pytest.approx(b["temperature"]["scale"], rel=1e-6)
+    assert fold["quality"]["pruned"]["ppl"] == pytest.approx(
+        explicit["quality"]["pruned"]["ppl"], rel=1e-6
+    )
+
+
 def test_prune_compensate(
     capsys: pytest.CaptureFixture[str], tiny_dir: Path, text_file: Path, tmp_path: Path
 ) -> None:
@@ -357,6 +389,7 @@ def test_prune_compensate(
     tiny_tokenizer().save_pretrained(gpt2)
     for model, extra, needle in [
         (gpt2, ["--compensate"], "down_proj"),
+        (gpt2, ["--method", "lorp-fold"], "use 'lorp-loss'"),
         (tiny_dir, ["--compensate", "--compensation-windows", "0"], "compensation-windows"),
         (tiny_dir, ["--compensate", "--compensation-tune-windows", "-1"], "tune-windows"),
         (tiny_dir, ["--temperature", "--temperature-windows", "0"], "temperature-windows"),

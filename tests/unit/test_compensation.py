@@ -381,3 +381,38 @@ def test_window_scorer_forget_measures_a_set_again() -> None:
         assert not scorer.cached([2, 3])
         refolded = scorer.score([2, 3], changed=1)
     assert refolded.nll != pytest.approx(first.nll, rel=1e-6)
+
+
+def test_lorp_fold_is_lorp_loss_with_the_tuned_fold_and_the_temperature() -> None:
+    """method="lorp-fold" turns on both corrections and chooses with lorp-loss: the same blocks,
+    strength, logit scale and quality as lorp-loss + compensate + temperature; a model whose
+    blocks cannot take the fold is refused before the calibration, naming lorp-loss."""
+    tok = tiny_tokenizer()
+    calib, evaluation = _windows(10, 32, seed=4), _windows(3, 32, seed=5)
+    shared = dict(
+        num_remove=2, windows=10, seq_len=32, score_windows=2, score_seq_len=32,
+        compensation_windows=5, compensation_tune_windows=2, temperature_windows=3,
+    )  # fmt: skip
+    config = PruneConfig(method="lorp-fold", **shared)
+    assert config.compensate and config.temperature and config.selection_method == "lorp-loss"
+    scoring = _windows(2, 32, seed=6)
+    fold = prune(build_tiny("qwen2"), tok, calib, config, evaluation=evaluation, scoring=scoring)
+    explicit = prune(
+        build_tiny("qwen2"),
+        tok,
+        calib,
+        PruneConfig(method="lorp-loss", compensate=True, temperature=True, **shared),
+        evaluation=evaluation,
+        scoring=scoring,
+    )
+    assert fold.selection.method == "lorp-loss" and fold.removed == explicit.removed
+    a, b = fold.compensation, explicit.compensation
+    assert a is not None and b is not None and a.temperature and b.temperature
+    assert a.strength == b.strength and a.temperature.scale == b.temperature.scale
+    assert fold.quality is not None and explicit.quality is not None
+    assert fold.quality.pruned.ppl == explicit.quality.pruned.ppl
+    model = build_tiny("gemma3")
+    before = snapshot(model)
+    with pytest.raises(UnsupportedModelError, match="use 'lorp-loss'"):
+        prune(model, tok, calib, config, evaluation=evaluation, scoring=scoring)
+    assert all(a.equal(before[k]) for k, a in snapshot(model).items())

@@ -412,7 +412,7 @@ def test_num_clusters_only_with_lorp_methods(settings: Settings, method: str) ->
         library_accepts = False
     else:
         library_accepts = True
-    assert library_accepts == (method in ("lorp", "lorp-kl", "lorp-loss"))
+    assert library_accepts == (method in ("lorp", "lorp-kl", "lorp-loss", "lorp-fold"))
     if library_accepts:
         assert validate_job(data, settings, TENANT).num_clusters == 2
     else:
@@ -524,6 +524,7 @@ def test_openapi_examples_validate() -> None:
     examples = JobCreate.model_config["json_schema_extra"]["examples"]  # type: ignore[index]
     assert any(e.get("method") == "auto" and e.get("quality_gate") for e in examples)
     assert any(e.get("compensate") is True and e.get("temperature") is True for e in examples)
+    assert any(e.get("method") == "lorp-fold" for e in examples)
     for example in examples:
         JobCreate.model_validate(example)
 
