@@ -258,7 +258,8 @@ def fit_compensation(
                     )
                 st.y = h - st.m
                 if stored is not None:
-                    st.add(_flat(stored[index][batch_rows[0] : batch_rows[1]]))
+                    target = stored[index][batch_rows[0] : batch_rows[1]]
+                    st.add(_flat(target).to(h.device))
             for run in kept_runs:
                 if run[-1] == index and stored is None:
                     stats[run[0] - 1].add(h)

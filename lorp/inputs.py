@@ -42,8 +42,9 @@ def hidden_bytes(model: nn.Module) -> int:
 class BlockInputs:
     """The dense input of every block for the calibration windows at ``indices`` of a capture
     (filled by :func:`lorp.similarity.capture_similarity`). ``states[b]``: ``[W, T, d]`` for
-    block b, in the order of ``indices``; ``tokens``: those windows' ids ``[W, T]``;
-    ``seconds``: the time spent copying them during the capture."""
+    block b, in the order of ``indices``, kept in host memory (an accelerator's memory is left
+    to the model; :func:`fed` moves each batch to where its block runs); ``tokens``: those
+    windows' ids ``[W, T]``; ``seconds``: the time spent copying them during the capture."""
 
     def __init__(self, indices: Sequence[int]) -> None:
         if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in indices):
@@ -103,7 +104,7 @@ class BlockInputs:
         t = time.perf_counter()
         rows = [i - first_window for i in self.indices if 0 <= i - first_window < hidden.shape[0]]
         if rows:
-            self._parts[block].append(hidden.detach()[rows].clone())
+            self._parts[block].append(hidden.detach()[rows].to("cpu", copy=True))
         self.seconds += time.perf_counter() - t
 
     def finish(self) -> None:
@@ -146,11 +147,13 @@ def fed(
         ) -> tuple[tuple[Any, ...], dict[str, Any]]:
             given = args[0] if args else kwargs.get("hidden_states")
             hidden = feed()
-            if isinstance(given, torch.Tensor) and given.shape != hidden.shape:
-                raise InvalidInputError(
-                    f"stored hidden states {tuple(hidden.shape)} do not match the forward's "
-                    f"{tuple(given.shape)}"
-                )
+            if isinstance(given, torch.Tensor):
+                if given.shape != hidden.shape:
+                    raise InvalidInputError(
+                        f"stored hidden states {tuple(hidden.shape)} do not match the "
+                        f"forward's {tuple(given.shape)}"
+                    )
+                hidden = hidden.to(given.device, given.dtype)
             if args:
                 return (hidden, *args[1:]), kwargs
             return args, {**kwargs, "hidden_states": hidden}

@@ -18,6 +18,7 @@ from lorp.pipeline import PruneConfig, prune, run_pipeline
 from lorp.quality import compare_pruned, perplexity
 from lorp.search import (
     ALL_METHODS,
+    FOLD_METHODS,
     SEARCH_METHODS,
     WindowScorer,
     _swap_moves,
@@ -64,7 +65,8 @@ def deep() -> tuple[PreTrainedModel, torch.Tensor, torch.Tensor]:
 def test_method_names() -> None:
     assert set(METHODS) < set(ALL_METHODS)
     assert set(SEARCH_METHODS) == {"sleb", "lorp-kl", "lorp-loss", "auto"}
-    assert set(ALL_METHODS) == set(METHODS) | set(SEARCH_METHODS)
+    assert FOLD_METHODS == {"lorp-fold": "lorp-loss"}
+    assert set(ALL_METHODS) == set(METHODS) | set(SEARCH_METHODS) | set(FOLD_METHODS)
     with pytest.raises(InvalidInputError):
         select_layers([[1, 0.5, 0.2], [0.5, 1, 0.5], [0.2, 0.5, 1]], 1, method="auto")
 
