@@ -222,22 +222,21 @@ def fit_compensation(
     downs = {run[0] - 1: _down_proj(blocks[run[0] - 1], run[0] - 1) for run in kept_runs}
     d = int(next(iter(downs.values())).out_features) if downs else 0
     stats = {run[0] - 1: _Stats(d) for run in kept_runs}
-    stored = _stored_targets(inputs, windows, kept_runs, len(blocks))
-    if stored is None:  # a dense pass up to the last removed block
+    rows = _stored_rows(inputs, windows, kept_runs, len(blocks))
+    # per run's block before it: the stored dense input of the block after the run
+    stored: dict[int, torch.Tensor] | None = None
+    if rows is None:  # a dense pass up to the last removed block
         last = max((run[-1] for run in kept_runs), default=-1)
         hooked = sorted({*downs, *(run[-1] for run in kept_runs)})
         bypassed: list[int] = []
         feeds: dict[int, Callable[[], torch.Tensor]] = {}
     else:  # only the blocks before the runs, each fed its stored dense input
         assert inputs is not None
+        stored = {run[0] - 1: inputs.states[run[-1] + 1][rows] for run in kept_runs}
         last = max(downs)
         hooked = sorted(downs)
         bypassed = [b for b in range(len(blocks)) if b not in downs]
-        feeds = {}
-        for b in downs:
-            kept = inputs.of(b, windows)
-            assert kept is not None
-            feeds[b] = batched_feed(kept, batch_size)
+        feeds = {b: batched_feed(inputs.states[b][rows], batch_size) for b in downs}
     batch_rows = [0, 0]  # windows of the current batch (stored targets)
     handles: list[Any] = []
 
@@ -326,24 +325,17 @@ def fit_compensation(
     )
 
 
-def _stored_targets(
+def _stored_rows(
     inputs: BlockInputs | None,
     windows: torch.Tensor,
     runs: Sequence[Sequence[int]],
     num_blocks: int,
-) -> dict[int, torch.Tensor] | None:
-    """Per run's block before it: the stored dense input of the block after the run (what the
-    dense model feeds it), when ``inputs`` hold it and the block before the run for
-    ``windows``; else None."""
+) -> list[int] | None:
+    """Where ``inputs`` keep ``windows`` (every block's input), when they serve the fit: some
+    run to fit and none ending at the last block (whose output is not stored); else None."""
     if inputs is None or not runs or any(run[-1] + 1 >= num_blocks for run in runs):
         return None
-    out: dict[int, torch.Tensor] = {}
-    for run in runs:
-        target = inputs.of(run[-1] + 1, windows)
-        if target is None or inputs.of(run[0] - 1, windows) is None:
-            return None
-        out[run[0] - 1] = target
-    return out
+    return inputs.rows(windows)
 
 
 def _vertex(points: Sequence[tuple[float, float]]) -> float | None:
