@@ -32,7 +32,7 @@ with ``summary.status = "refused"`` and the gate result) so the refusal can be e
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -349,10 +349,14 @@ def prune(
     evaluation: str | Path | torch.Tensor | None = None,
     scoring: torch.Tensor | None = None,
     progress: ProgressCallback | None = None,
+    source_names: Mapping[str, str] | None = None,
     _stages: _Stages | None = None,
     _on_refused: Callable[[PruneResult], None] | None = None,
 ) -> PruneResult:
     """Select and remove blocks of ``model`` in place; measure what it cost and gained.
+
+    ``source_names``: how the report names the ``"calibration"`` and ``"evaluation"`` texts
+    (e.g. the URIs a service user submitted) instead of their local paths.
 
     ``calibration``: a UTF-8 text file or token windows ``[W, T]``. ``evaluation``: a held-out text
     (or windows) for dense-vs-pruned quality; without it, ``config.holdout_windows`` windows of the
@@ -397,8 +401,10 @@ def prune(
         "seq_len": int(calib.shape[1]),
         "tokens": int(calib.numel()),
     }
+    names = dict(source_names or {})
+    text_name = names.get("calibration", str(text))
     if text is not None:
-        calib_info["source"] = str(text)
+        calib_info["source"] = text_name
     body = config.seq_len - 1 if bos else config.seq_len
     used_tokens = int(calib.shape[0]) * body  # text tokens consumed so far (text calibration)
 
@@ -417,7 +423,7 @@ def prune(
                 if score_w is not None:
                     scoring_info = {
                         "kind": "calibration text after the calibration windows",
-                        "source": str(text),
+                        "source": text_name,
                         "held_out": True,
                     }
             if score_w is None:
@@ -484,14 +490,16 @@ def prune(
         eval_windows = _windows_of(evaluation, tokenizer, config.eval_seq_len, config.eval_windows)
         eval_info = {
             "kind": "evaluation text",
-            "source": None if isinstance(evaluation, torch.Tensor) else str(evaluation),
+            "source": None
+            if isinstance(evaluation, torch.Tensor)
+            else names.get("evaluation", str(evaluation)),
         }
     elif config.holdout_windows > 0 and text is not None:
         eval_windows, _ = _windows_after(
             tokenizer, text, config.seq_len, config.holdout_windows, used_tokens, bos
         )
         if eval_windows is not None:  # else the calibration text has no windows left over
-            eval_info = {"kind": "held-out calibration windows", "source": str(text)}
+            eval_info = {"kind": "held-out calibration windows", "source": text_name}
     quality = None
     if eval_windows is not None and eval_info is not None:
         eval_info.update(windows=int(eval_windows.shape[0]), seq_len=int(eval_windows.shape[1]))
@@ -565,9 +573,14 @@ def run_pipeline(
     trust_remote_code: bool = False,
     allow_hub: bool = False,
     progress: ProgressCallback | None = None,
+    source_names: Mapping[str, str] | None = None,
 ) -> PipelineResult:
     """Load ``model_source``, prune it, and write ``out_dir/model/`` (checkpoint), ``report.json``,
     ``report.html``, ``report.md``, ``heatmap.png`` and ``similarity.npy``.
+
+    ``source_names`` (keys ``model``, ``calibration``, ``evaluation``): how the report and the
+    progress messages name the inputs, e.g. the URIs a service user submitted rather than the
+    worker's local copies.
 
     When the quality gate refuses the result, no checkpoint is written: the reports are (with
     ``summary.status = "refused"`` and ``quality.gate``) and :class:`QualityGateError` is raised.
@@ -576,7 +589,8 @@ def run_pipeline(
 
     out = Path(out_dir)
     stages = _Stages(progress)
-    report_options: dict[str, Any] = {"model_source": str(model_source), "dtype": dtype}
+    model_name = (source_names or {}).get("model", str(model_source))
+    report_options: dict[str, Any] = {"model_source": model_name, "dtype": dtype}
 
     def refused(partial: PruneResult) -> None:
         with stages.stage("report", "writing the refusal report (no checkpoint)"):
@@ -586,7 +600,7 @@ def run_pipeline(
             except (LorpError, OSError, ValueError):
                 pass  # the gate's error is what the caller must see
 
-    with stages.stage("loading", f"loading {model_source}"):
+    with stages.stage("loading", f"loading {model_name}"):
         loaded = load_model(
             model_source,
             gguf_file=gguf_file,
@@ -603,6 +617,7 @@ def run_pipeline(
         calibration,
         config,
         evaluation=evaluation,
+        source_names=source_names,
         _stages=stages,
         _on_refused=refused,
     )

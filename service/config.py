@@ -22,6 +22,12 @@ _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 
 
+def _check_bucket(name: str) -> str:
+    if not _BUCKET_RE.match(name) or ".." in name:
+        raise ValueError(f"not a valid S3 bucket name: {name!r}")
+    return name
+
+
 class Settings(BaseSettings):
     """All service and worker configuration (env prefix ``LORP_``)."""
 
@@ -35,6 +41,10 @@ class Settings(BaseSettings):
     s3_access_key_id: SecretStr
     s3_secret_access_key: SecretStr
     s3_bucket: str
+    # Where each tenant may read s3:// inputs from: ``s3://<bucket>/<tenant>/`` for the service
+    # bucket and every input bucket, plus the tenant's explicit prefixes (see ``input_prefixes``).
+    input_buckets: list[str] = Field(default_factory=list)
+    tenant_inputs: dict[str, list[str]] = Field(default_factory=dict)
     api_keys: dict[str, str] = Field(repr=False)
     local_roots: list[Path] = Field(default_factory=list)
     corpora: dict[str, Path] = Field(default_factory=dict)
@@ -72,8 +82,33 @@ class Settings(BaseSettings):
     @field_validator("s3_bucket")
     @classmethod
     def _bucket_name(cls, v: str) -> str:
-        if not _BUCKET_RE.match(v) or ".." in v:
-            raise ValueError(f"not a valid S3 bucket name: {v!r}")
+        return _check_bucket(v)
+
+    @field_validator("input_buckets")
+    @classmethod
+    def _input_buckets(cls, v: list[str]) -> list[str]:
+        for bucket in v:
+            _check_bucket(bucket)
+        return list(dict.fromkeys(v))
+
+    @field_validator("tenant_inputs")
+    @classmethod
+    def _tenant_inputs(cls, v: dict[str, list[str]]) -> dict[str, list[str]]:
+        for tenant, prefixes in v.items():
+            for prefix in prefixes:
+                bucket, _, key = prefix.removeprefix("s3://").partition("/")
+                parts = key.split("/")[:-1]
+                if (
+                    not prefix.startswith("s3://")
+                    or not key.endswith("/")
+                    or not parts
+                    or any(p in ("", ".", "..") for p in parts)
+                ):
+                    raise ValueError(
+                        f"tenant {tenant!r}: input prefix {prefix!r} must look like "
+                        "s3://bucket/some/prefix/ (a key prefix ending in '/')"
+                    )
+                _check_bucket(bucket)
         return v
 
     @field_validator("api_keys")
@@ -126,4 +161,21 @@ class Settings(BaseSettings):
     def _defaults(self) -> Settings:
         if self.broker_url is None:
             object.__setattr__(self, "broker_url", self.redis_url)
+        unknown = sorted(set(self.tenant_inputs) - set(self.api_keys.values()))
+        if unknown:
+            raise ValueError(f"tenant_inputs names tenants without an API key: {unknown}")
         return self
+
+    def input_prefixes(self, tenant: str) -> list[str]:
+        """The ``s3://`` locations ``tenant`` may read inputs from: its own prefix
+        ``s3://<bucket>/<tenant>/`` in the service bucket and in every input bucket, and the
+        prefixes the operator granted it in ``tenant_inputs``."""
+        buckets = dict.fromkeys([self.s3_bucket, *self.input_buckets])
+        return [f"s3://{b}/{tenant}/" for b in buckets] + list(self.tenant_inputs.get(tenant, []))
+
+    def s3_input_granted(self, uri: str, tenant: str) -> bool:
+        """True when the (syntax-checked, normalised) ``s3://`` URI lies inside one of
+        :meth:`input_prefixes`. A URI naming a prefix itself (``s3://b/acme``) counts as inside
+        it. The check is on the key only, never on what exists in the store."""
+        target = uri.rstrip("/") + "/"
+        return any(target.startswith(p) for p in self.input_prefixes(tenant))

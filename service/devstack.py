@@ -872,6 +872,8 @@ class LocalStack:
             "LORP_S3_ACCESS_KEY_ID": self.s3.access_key,
             "LORP_S3_SECRET_ACCESS_KEY": self.s3.secret_key,
             "LORP_S3_BUCKET": bucket,
+            # the extra buckets hold the tenants' inputs, each under s3://<bucket>/<tenant>/
+            "LORP_INPUT_BUCKETS": json.dumps(list(extra_buckets)),
             "LORP_API_KEYS": json.dumps(self.api_keys),
             "LORP_LOCAL_ROOTS": json.dumps([str(Path(p).resolve()) for p in local_roots]),
             "LORP_CORPORA": json.dumps(

@@ -8,6 +8,7 @@ from __future__ import annotations
 # Job error codes produced by the service/worker (besides ``lorp.errors.*.code``).
 STORAGE_UNAVAILABLE = "storage_unavailable"
 INPUT_NOT_FOUND = "input_not_found"
+INPUT_NOT_ALLOWED = "input_not_allowed"
 INTERNAL = "internal"
 WORKER_LOST = "worker_lost"
 
@@ -40,6 +41,13 @@ class QueueUnavailableError(ServiceError):
     """The broker could not be reached to queue a job."""
 
     code = "queue_unavailable"
+
+
+class InputNotAllowedError(ServiceError):
+    """A job's input lies outside the locations its tenant was granted (checked again by the
+    worker right before it reads, in case the settings changed since submission)."""
+
+    code = INPUT_NOT_ALLOWED
 
 
 class StorageError(ServiceError):

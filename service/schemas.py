@@ -143,12 +143,10 @@ def _check_context(value: str, kind: Literal["model", "text"], info: ValidationI
     if settings is None:
         return value
     if value.startswith("s3://"):
-        bucket, _, key = value[5:].partition("/")
-        if bucket == settings.s3_bucket and (tenant is None or not key.startswith(f"{tenant}/")):
-            raise _reject(
-                f"objects in the service bucket must be under your tenant prefix "
-                f"s3://{bucket}/{tenant}/..."
-            )
+        # Only locations granted to the caller's tenant; one answer whatever the store holds
+        # (no existence oracle: nothing is looked up here).
+        if tenant is None or not settings.s3_input_granted(value, tenant):
+            raise _reject(s3_not_granted_message(settings, tenant))
         return value
     if value.startswith("hf:"):
         if not settings.allow_hub:
@@ -178,6 +176,12 @@ def _check_context(value: str, kind: Literal["model", "text"], info: ValidationI
                 "no .safetensors or .gguf weights in the directory (pickle weights are refused)"
             )
     return value
+
+
+def s3_not_granted_message(settings: Settings, tenant: str | None) -> str:
+    """The one refusal for an ``s3://`` input outside the tenant's granted locations."""
+    granted = ", ".join(settings.input_prefixes(tenant)) if tenant else "none"
+    return f"s3:// inputs must be inside a location granted to your tenant ({granted})"
 
 
 def resolve_local(value: str, settings: Settings) -> Path:

@@ -57,12 +57,19 @@ from service.errors import (
     INTERNAL,
     STORAGE_UNAVAILABLE,
     WORKER_LOST,
+    InputNotAllowedError,
     StorageError,
     StorageNotFoundError,
     StorageUnavailableError,
 )
 from service.jobs import JobRecord, JobStore
-from service.schemas import JobCreate, JobError, JobState, resolve_local
+from service.schemas import (
+    JobCreate,
+    JobError,
+    JobState,
+    resolve_local,
+    s3_not_granted_message,
+)
 from service.storage import Storage, job_prefix, retry_storage, split_s3_uri
 
 log = logging.getLogger(__name__)
@@ -211,6 +218,15 @@ def _refusal_summary(out: Path) -> dict[str, Any] | None:
         return None
 
 
+def public_message(message: str, names: dict[str, str]) -> str:
+    """``message`` with every worker path in ``names`` replaced by the user's name for it
+    (longest paths first, so a file inside a replaced directory keeps its own name)."""
+    for path in sorted(names, key=len, reverse=True):
+        if path != names[path]:
+            message = message.replace(path, names[path])
+    return message
+
+
 def _retry_redis(fn: Callable[[], T], *, deadline_s: float = 90.0) -> T:
     """Keep trying a store write across a Redis restart (the client retries ~15 s itself)."""
     end = time.monotonic() + deadline_s
@@ -305,14 +321,20 @@ class JobRunner:
             return "skipped"
         rec = self.store.get_any(job_id) or rec
         progress = _Progress(self.store, rec)
+        names: dict[str, str] = {}  # worker paths -> what the user submitted (for messages)
+
+        def fail(code: str, message: str, summary: dict[str, Any] | None = None) -> str:
+            return self._fail(rec, code, public_message(message, names), summary=summary)
+
         try:
             # A redelivered job starts clean: drop whatever an interrupted attempt uploaded.
             self._storage_call(lambda: self.storage.delete_prefix(job_prefix(rec.tenant, rec.id)))
             shutil.rmtree(work, ignore_errors=True)
             work.mkdir(parents=True)
             spec = JobCreate.model_validate(rec.spec)
+            names.update(self._input_names(spec, work))
             progress("downloading", 0.0, "fetching inputs")
-            inputs = self._fetch_inputs(spec, work / "inputs")
+            inputs = self._fetch_inputs(spec, work / "inputs", rec.tenant)
             self._check_memory(inputs, spec.dtype.value)
             progress("downloading", 1.0, "inputs ready")
             out = work / "out"
@@ -324,18 +346,18 @@ class JobRunner:
             self._finish(rec, JobState.cancelled, message="cancelled")
             return "cancelled"
         except QualityGateError as e:
-            return self._fail(rec, e.code, str(e), summary=_refusal_summary(work / "out"))
+            return fail(e.code, str(e), summary=_refusal_summary(work / "out"))
         except LorpError as e:
-            return self._fail(rec, e.code, str(e))
-        except StorageNotFoundError as e:
-            return self._fail(rec, e.code, str(e))
+            return fail(e.code, str(e))
+        except (StorageNotFoundError, InputNotAllowedError) as e:
+            return fail(e.code, str(e))
         except StorageUnavailableError as e:
-            return self._fail(rec, STORAGE_UNAVAILABLE, f"object store unavailable: {e}")
+            return fail(STORAGE_UNAVAILABLE, f"object store unavailable: {e}")
         except StorageError as e:
-            return self._fail(rec, e.code, str(e))
+            return fail(e.code, str(e))
         except Exception as e:
             log.exception("job %s: unexpected error", job_id)
-            return self._fail(rec, INTERNAL, f"internal error ({type(e).__name__}): {e}"[:500])
+            return fail(INTERNAL, f"internal error ({type(e).__name__}): {e}"[:500])
         self._finish(rec, JobState.succeeded, summary=summary, artifacts=artifacts)
         return "succeeded"
 
@@ -384,7 +406,32 @@ class JobRunner:
         need = estimate_weight_bytes(inputs.model, gguf_file=inputs.gguf_file, dtype=dtype)
         self._check_size(need, f"the model's weights in {dtype}")
 
-    def _fetch_inputs(self, spec: JobCreate, dest: Path) -> Inputs:
+    def _input_names(self, spec: JobCreate, work: Path) -> dict[str, str]:
+        """Where this worker keeps each input -> how the user named it (messages and reports
+        never show the worker's file system)."""
+        inputs = work / "inputs"
+        names = {str(path): f"corpus:{n}" for n, path in self.settings.corpora.items()}
+        if spec.model.startswith("s3://") and spec.model.endswith(".gguf"):
+            names[str(inputs / "model" / spec.model.rsplit("/", 1)[-1])] = spec.model
+        names[str(inputs / "model")] = spec.model
+        names[str(inputs / "calibration.txt")] = spec.calibration
+        if spec.evaluation is not None:
+            names[str(inputs / "evaluation.txt")] = spec.evaluation
+        for uri in (spec.model, spec.calibration, spec.evaluation):
+            if uri is not None and uri.startswith("/"):
+                names[os.path.realpath(uri)] = uri
+        names[str(work)] = "<job work dir>"
+        return names
+
+    def _check_granted(self, spec: JobCreate, tenant: str) -> None:
+        """Defence in depth: every ``s3://`` input must lie in a location granted to the job's
+        tenant (the API checked it at submission; the settings may have changed since)."""
+        for uri in (spec.model, spec.calibration, spec.evaluation or ""):
+            if uri.startswith("s3://") and not self.settings.s3_input_granted(uri, tenant):
+                raise InputNotAllowedError(s3_not_granted_message(self.settings, tenant))
+
+    def _fetch_inputs(self, spec: JobCreate, dest: Path, tenant: str) -> Inputs:
+        self._check_granted(spec, tenant)
         model, gguf_file = self._fetch_model(spec.model, spec.gguf_file, dest / "model")
         calibration = self._fetch_text(spec.calibration, dest / "calibration.txt")
         evaluation = (
@@ -523,6 +570,15 @@ class JobRunner:
             trust_remote_code=self.settings.trust_remote_code,
             allow_hub=self.settings.allow_hub,
             progress=progress,
+            source_names={
+                k: v
+                for k, v in (
+                    ("model", spec.model),
+                    ("calibration", spec.calibration),
+                    ("evaluation", spec.evaluation),
+                )
+                if v is not None
+            },
         )
 
     def _upload(self, rec: JobRecord, out: Path, progress: _Progress) -> list[dict[str, Any]]:

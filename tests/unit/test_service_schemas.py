@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,7 @@ def settings(roots: dict[str, Path], tmp_path: Path) -> Settings:
         s3_access_key_id="ak",
         s3_secret_access_key="sk",
         s3_bucket="lorp-artifacts",
+        input_buckets=["inputs"],
         api_keys={"k" * 16: TENANT},
         local_roots=[roots["root"]],
         corpora={"wiki": roots["corpus"]},
@@ -118,6 +120,74 @@ def test_service_bucket_needs_own_tenant_prefix(settings: Settings) -> None:
     assert validate_job(ok, settings, TENANT).model.startswith("s3://lorp-artifacts/acme/")
     for uri in ("s3://lorp-artifacts/other/jobs/abc/model", "s3://lorp-artifacts/acmex/m"):
         assert field_of(errors_of(body(model=uri), settings)) == {"model"}
+
+
+def test_s3_inputs_only_in_locations_granted_to_the_tenant(settings: Settings) -> None:
+    """Issue 18: an s3:// input outside the caller's granted locations is refused with one
+    message, whatever the bucket or key (nothing is looked up: no existence oracle)."""
+    granted = [
+        "s3://inputs/acme/models/tiny",
+        "s3://inputs/acme",
+        "s3://lorp-artifacts/acme/jobs/abc/model",
+    ]
+    for uri in granted:
+        assert validate_job(body(model=uri, calibration=uri + "/c.txt"), settings, TENANT)
+    refused = [
+        "s3://inputs/beta/models/tiny-llama",  # another tenant's prefix in an input bucket
+        "s3://inputs/acmex/models/tiny",  # a tenant whose name starts like ours
+        "s3://inputs/models/acme/tiny",
+        "s3://no-such-bucket/m",  # a bucket that does not exist
+        "s3://other-bucket/acme/secret",  # a bucket that exists but is not an input bucket
+    ]
+    messages = set()
+    for uri in refused:
+        for field in ("model", "calibration", "evaluation"):
+            errors = errors_of(body(**{field: uri}), settings)
+            assert field_of(errors) == {field}, (uri, field)
+            messages.add(errors[0]["msg"])
+    assert messages == {
+        "Value error, s3:// inputs must be inside a location granted to your tenant "
+        "(s3://lorp-artifacts/acme/, s3://inputs/acme/)"
+    }
+    # without a tenant in the context nothing s3:// is granted
+    with pytest.raises(ValidationError):
+        JobCreate.model_validate(body(), context={"settings": settings, "tenant": None})
+
+
+def test_explicit_per_tenant_input_prefixes(settings: Settings) -> None:
+    shared = settings.model_copy(update={"tenant_inputs": {TENANT: ["s3://shared/base/llama/"]}})
+    assert validate_job(body(model="s3://shared/base/llama/8b"), shared, TENANT)
+    for uri in ("s3://shared/base/llamax", "s3://shared/base/other/8b", "s3://shared/acme/m"):
+        assert field_of(errors_of(body(model=uri), shared)) == {"model"}
+    assert shared.input_prefixes(TENANT)[-1] == "s3://shared/base/llama/"
+    assert shared.input_prefixes("beta") == ["s3://lorp-artifacts/beta/", "s3://inputs/beta/"]
+
+
+@pytest.mark.parametrize(
+    ("update", "fragment"),
+    [
+        ({"LORP_TENANT_INPUTS": '{"nobody": ["s3://bbb/p/"]}'}, "without an API key"),
+        ({"LORP_TENANT_INPUTS": '{"acme": ["s3://bbb/p"]}'}, "ending in '/'"),
+        ({"LORP_TENANT_INPUTS": '{"acme": ["s3://bbb/"]}'}, "ending in '/'"),
+        ({"LORP_TENANT_INPUTS": '{"acme": ["s3://bbb/../p/"]}'}, "ending in '/'"),
+        ({"LORP_TENANT_INPUTS": '{"acme": ["s3://B_ad/p/"]}'}, "not a valid S3 bucket"),
+        ({"LORP_INPUT_BUCKETS": '["Bad_Bucket"]'}, "not a valid S3 bucket"),
+    ],
+)
+def test_input_grant_settings_fail_fast(
+    update: dict[str, str], fragment: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    env = {
+        "LORP_S3_ACCESS_KEY_ID": "ak",
+        "LORP_S3_SECRET_ACCESS_KEY": "sk",
+        "LORP_S3_BUCKET": "lorp-artifacts",
+        "LORP_API_KEYS": '{"kkkkkkkkkkkkkkkk": "acme"}',
+        **update,
+    }
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ValidationError, match=re.escape(fragment)):
+        Settings()  # type: ignore[call-arg]
 
 
 # -- refused forms -------------------------------------------------------------------------
