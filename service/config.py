@@ -53,10 +53,21 @@ class Settings(BaseSettings):
     work_dir: Path = Field(default_factory=lambda: Path(tempfile.gettempdir()) / "lorp-work")
     presign_ttl_seconds: Annotated[int, Field(ge=1, le=7 * 24 * 3600)] = 3600
     max_model_bytes: Annotated[int, Field(gt=0)] | None = None
+    # Admission control: the most token positions one job may feed through the model (capture,
+    # scoring, fits, evaluation, benchmark; ``JobCreate.estimated_tokens``), per tenant or for all.
+    max_job_tokens: Annotated[int, Field(gt=0)] = 50_000_000
+    tenant_max_job_tokens: dict[str, Annotated[int, Field(gt=0)]] = Field(default_factory=dict)
     visibility_timeout: Annotated[int, Field(ge=60)] = 21600
     max_request_bytes: Annotated[int, Field(ge=1024, le=16 * 1024 * 1024)] = 64 * 1024
     idempotency_ttl_seconds: Annotated[int, Field(ge=60)] = 24 * 3600
     api_workers: Annotated[int, Field(ge=1, le=64)] = 1  # API processes (``service.serve``)
+    # HTTP limits of ``service.serve`` (its uvicorn protocol; the body timeout also in the app):
+    # request line + headers over this many bytes -> 431; a head not complete this many seconds
+    # after the connection opened (or after its first byte, on a kept-alive connection) -> 408;
+    # a body not complete this many seconds after its head -> 408. The connection is closed.
+    max_header_bytes: Annotated[int, Field(ge=4 * 1024, le=1024 * 1024)] = 32 * 1024
+    header_timeout_seconds: Annotated[float, Field(ge=1, le=600)] = 10.0
+    body_timeout_seconds: Annotated[float, Field(ge=1, le=3600)] = 30.0
 
     @field_validator("redis_url", "broker_url")
     @classmethod
@@ -161,10 +172,16 @@ class Settings(BaseSettings):
     def _defaults(self) -> Settings:
         if self.broker_url is None:
             object.__setattr__(self, "broker_url", self.redis_url)
-        unknown = sorted(set(self.tenant_inputs) - set(self.api_keys.values()))
-        if unknown:
-            raise ValueError(f"tenant_inputs names tenants without an API key: {unknown}")
+        tenants = set(self.api_keys.values())
+        for name in ("tenant_inputs", "tenant_max_job_tokens"):
+            unknown = sorted(set(getattr(self, name)) - tenants)
+            if unknown:
+                raise ValueError(f"{name} names tenants without an API key: {unknown}")
         return self
+
+    def job_token_limit(self, tenant: str) -> int:
+        """The most token positions one job of ``tenant`` may cost."""
+        return self.tenant_max_job_tokens.get(tenant, self.max_job_tokens)
 
     def input_prefixes(self, tenant: str) -> list[str]:
         """The ``s3://`` locations ``tenant`` may read inputs from: its own prefix

@@ -32,7 +32,7 @@ from pydantic import (
     model_validator,
 )
 
-from lorp.search import ALL_METHODS
+from lorp.search import ALL_METHODS, FOLD_METHODS, SEARCH_METHODS
 from lorp.search import CLUSTER_METHODS as LORP_CLUSTER_METHODS
 from service.config import Settings
 
@@ -43,6 +43,8 @@ _CORPUS_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _GGUF_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,200}\.gguf$")
 _WEIGHT_SUFFIXES = (".safetensors", ".gguf")
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+#: Passes over the scoring windows that admission control charges a model-in-the-loop method.
+NOMINAL_PASSES = 32
 
 
 #: Layer-selection methods the worker's lorp accepts: the S-only ones (``lorp``, ``shortgpt``,
@@ -446,18 +448,55 @@ class JobCreate(BaseModel):
                 f"num_clusters only applies to methods {' and '.join(CLUSTER_METHODS)}, "
                 f"not {self.method.value!r}"
             )
-        if (
-            self.budget.blocks is not None
-            and info.context
-            and info.context.get("settings") is not None
-            and self.model.startswith("/")
-        ):
+        settings: Settings | None = (info.context or {}).get("settings")
+        tenant: str | None = (info.context or {}).get("tenant")
+        if settings is not None and tenant is not None:
+            cost = self.estimated_tokens()
+            limit = settings.job_token_limit(tenant)
+            if cost["total"] > limit:
+                parts = ", ".join(f"{k} {v:,}" for k, v in cost.items() if k != "total" and v)
+                raise ValueError(
+                    f"job too costly: about {cost['total']:,} token positions through the model "
+                    f"({parts}); the limit for your tenant is {limit:,}. Use fewer or shorter "
+                    "windows or benchmark repetitions"
+                )
+        if self.budget.blocks is not None and settings is not None and self.model.startswith("/"):
             depth = _local_depth(Path(os.path.realpath(self.model)))
             if depth is not None and self.budget.blocks >= depth:
                 raise ValueError(
                     f"budget removes {self.budget.blocks} blocks but the model has only {depth}"
                 )
         return self
+
+    def estimated_tokens(self) -> dict[str, int]:
+        """Admission-control estimate of the token positions this job feeds through the model,
+        by stage, and their ``total``. Selection passes are counted as :data:`NOMINAL_PASSES`
+        passes over the scoring windows (the methods cap their passes near one capture's
+        worth; ``sleb`` grows with depth, which is unknown before the model is read)."""
+        scoring = 0
+        if self.method.value in SEARCH_METHODS or self.method.value in FOLD_METHODS:
+            scoring = NOMINAL_PASSES * (self.score_windows or 8) * (self.score_seq_len or 512)
+        fits = 0
+        if self.compensate or self.method.value in FOLD_METHODS:
+            fits += (self.compensation_windows + 4 * self.compensation_tune_windows) * self.seq_len
+        if self.temperature or self.method.value in FOLD_METHODS:
+            fits += self.temperature_windows * self.seq_len
+        held_out = self.eval_windows if self.evaluation is not None else self.holdout_windows
+        bench = 0
+        if self.benchmark is not None:
+            runs = 2 * (self.benchmark.warmup + self.benchmark.repetitions)  # dense and pruned
+            bench = runs * (
+                sum(b * p for b, p in self.benchmark.prefill)
+                + sum(b * (p + n) for b, p, n in self.benchmark.decode)
+            )
+        cost = {
+            "calibration": self.windows * self.seq_len,
+            "selection": scoring,
+            "fits": fits,
+            "evaluation": 2 * held_out * self.seq_len,
+            "benchmark": bench,
+        }
+        return {**cost, "total": sum(cost.values())}
 
     def fingerprint(self) -> str:
         """Canonical JSON of the spec (what 'same body' means for idempotency keys)."""

@@ -149,3 +149,27 @@ def test_errors_and_reports_name_inputs_as_submitted(
     assert report["extra"]["calibration"]["source"] == body["calibration"]
     assert report["quality"]["dataset"] == body["evaluation"]
     assert work not in json.dumps(report)
+
+
+def test_job_at_every_cap_is_refused_with_its_estimate(
+    service: Service, client_a: httpx.Client
+) -> None:
+    before = _job_ids(client_a)
+    body = service.job_body(
+        windows=1024,
+        seq_len=8192,
+        batch_size=64,
+        eval_windows=1024,
+        benchmark={
+            "prefill": [[64, 8192 - i] for i in range(8)],
+            "decode": [[64, 8192 - i, 2048] for i in range(8)],
+            "warmup": 20,
+            "repetitions": 200,
+        },
+    )
+    resp = client_a.post("/jobs", json=body)
+    assert resp.status_code == 422, resp.text
+    (error,) = resp.json()["detail"]
+    assert error["loc"] == ["body"]
+    assert "job too costly: about" in error["msg"] and "limit for your tenant is" in error["msg"]
+    assert _job_ids(client_a) == before

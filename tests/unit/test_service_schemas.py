@@ -630,3 +630,63 @@ def test_summary_carries_quality_and_refusal() -> None:
     # an older report without these keys: gate from report["quality"], the rest empty
     legacy = JobSummary.model_validate(summarize({"summary": {}, "quality": {"gate": gate}}))
     assert legacy.quality_gate == gate and legacy.flags == [] and legacy.kl is None
+
+
+# -- admission control (issue 18 item 8) ---------------------------------------------------
+
+AT_EVERY_CAP: dict[str, Any] = {
+    "windows": 1024,
+    "seq_len": 8192,
+    "batch_size": 64,
+    "eval_windows": 1024,
+    "benchmark": {
+        "prefill": [[64, 8192 - i] for i in range(8)],
+        "decode": [[64, 8192 - i, 2048] for i in range(8)],
+        "warmup": 20,
+        "repetitions": 200,
+    },
+}
+
+
+def test_estimated_tokens_by_stage(settings: Settings) -> None:
+    job = validate_job(
+        body(
+            method="lorp-fold",
+            windows=16,
+            seq_len=128,
+            evaluation="corpus:wiki",
+            eval_windows=8,
+            score_windows=4,
+            score_seq_len=64,
+            benchmark={"prefill": [[2, 16]], "decode": [[1, 8, 4]], "warmup": 1, "repetitions": 10},
+        ),
+        settings,
+        TENANT,
+    )
+    # by hand: capture 16*128; 32 passes over 4x64; fold: (12 fit + 4*2 tune) + 4 temperature
+    # windows of 128; dense + pruned over 8x128; benchmark 2*(1+10)*(2*16 + 1*(8+4))
+    assert job.estimated_tokens() == {
+        "calibration": 2048,
+        "selection": 8192,
+        "fits": 3072,
+        "evaluation": 2048,
+        "benchmark": 968,
+        "total": 2048 + 8192 + 3072 + 2048 + 968,
+    }
+    plain = validate_job(body(), settings, TENANT).estimated_tokens()
+    assert plain["selection"] == plain["fits"] == plain["benchmark"] == 0
+    assert plain["evaluation"] == 2 * 8 * 512  # the held-out calibration windows
+
+
+def test_job_over_the_token_limit_is_refused_with_the_estimate(settings: Settings) -> None:
+    errors = errors_of(body(**AT_EVERY_CAP), settings)
+    assert len(errors) == 1 and errors[0]["loc"] == ()
+    msg = errors[0]["msg"]
+    assert "job too costly: about 4,159,303,680 token positions" in msg, msg
+    assert "the limit for your tenant is 50,000,000" in msg
+    # the operator's default admits a default job; a tenant may get its own limit
+    small = settings.model_copy(update={"tenant_max_job_tokens": {TENANT: 10_000}})
+    assert validate_job(body(windows=4, seq_len=256, holdout_windows=0), small, TENANT)
+    assert "limit for your tenant is 10,000" in errors_of(body(), small)[0]["msg"]
+    # without the operator's context (the worker re-reading a stored spec) nothing is refused
+    assert JobCreate.model_validate(body(**AT_EVERY_CAP)).estimated_tokens()["total"] > 50_000_000
