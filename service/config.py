@@ -40,6 +40,10 @@ class Settings(BaseSettings):
     s3_region: str = "us-east-1"
     s3_access_key_id: SecretStr
     s3_secret_access_key: SecretStr
+    # Optional read-only credential that signs presigned download URLs (its access key ID is in
+    # every URL); without it they are signed with the read-write one above.
+    s3_presign_access_key_id: SecretStr | None = None
+    s3_presign_secret_access_key: SecretStr | None = None
     s3_bucket: str
     # Where each tenant may read s3:// inputs from: ``s3://<bucket>/<tenant>/`` for the service
     # bucket and every input bucket, plus the tenant's explicit prefixes (see ``input_prefixes``).
@@ -83,10 +87,20 @@ class Settings(BaseSettings):
             raise ValueError(f"must be an http(s):// URL, got {v!r}")
         return v
 
-    @field_validator("s3_access_key_id", "s3_secret_access_key")
+    @field_validator("s3_presign_access_key_id", "s3_presign_secret_access_key", mode="before")
     @classmethod
-    def _nonempty_secret(cls, v: SecretStr) -> SecretStr:
-        if not v.get_secret_value().strip():
+    def _unset_when_empty(cls, v: object) -> object:
+        return None if v == "" else v  # compose passes unset optional variables as ""
+
+    @field_validator(
+        "s3_access_key_id",
+        "s3_secret_access_key",
+        "s3_presign_access_key_id",
+        "s3_presign_secret_access_key",
+    )
+    @classmethod
+    def _nonempty_secret(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None and not v.get_secret_value().strip():
             raise ValueError("S3 credentials must not be empty")
         return v
 
@@ -172,6 +186,10 @@ class Settings(BaseSettings):
     def _defaults(self) -> Settings:
         if self.broker_url is None:
             object.__setattr__(self, "broker_url", self.redis_url)
+        if (self.s3_presign_access_key_id is None) != (self.s3_presign_secret_access_key is None):
+            raise ValueError(
+                "set both s3_presign_access_key_id and s3_presign_secret_access_key, or neither"
+            )
         tenants = set(self.api_keys.values())
         for name in ("tenant_inputs", "tenant_max_job_tokens"):
             unknown = sorted(set(getattr(self, name)) - tenants)

@@ -544,6 +544,9 @@ class SeaweedS3(ManagedProcess):
         self.store_dir.mkdir(parents=True, exist_ok=True)
         self.access_key = access_key or "LORP" + secrets.token_hex(8).upper()
         self.secret_key = secret_key or secrets.token_urlsafe(30)
+        # a second identity that can only read: the API signs presigned download URLs with it
+        self.read_access_key = "LORPREAD" + secrets.token_hex(6).upper()
+        self.read_secret_key = secrets.token_urlsafe(30)
         self.buckets = list(buckets)
         for bucket in self.buckets:
             if not _BUCKET_RE.fullmatch(bucket):
@@ -573,7 +576,14 @@ class SeaweedS3(ManagedProcess):
                     "name": "lorp",
                     "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}],
                     "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-                }
+                },
+                {
+                    "name": "lorp-presign",
+                    "credentials": [
+                        {"accessKey": self.read_access_key, "secretKey": self.read_secret_key}
+                    ],
+                    "actions": ["Read"],
+                },
             ]
         }
         self.config_path.write_text(json.dumps(identities, indent=2))
@@ -871,6 +881,8 @@ class LocalStack:
             "LORP_S3_REGION": self.s3.region,
             "LORP_S3_ACCESS_KEY_ID": self.s3.access_key,
             "LORP_S3_SECRET_ACCESS_KEY": self.s3.secret_key,
+            "LORP_S3_PRESIGN_ACCESS_KEY_ID": self.s3.read_access_key,
+            "LORP_S3_PRESIGN_SECRET_ACCESS_KEY": self.s3.read_secret_key,
             "LORP_S3_BUCKET": bucket,
             # the extra buckets hold the tenants' inputs, each under s3://<bucket>/<tenant>/
             "LORP_INPUT_BUCKETS": json.dumps(list(extra_buckets)),

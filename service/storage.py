@@ -120,10 +120,17 @@ class Storage:
             "s3", endpoint_url=settings.s3_endpoint_url, config=cfg, **common
         )
         public = settings.s3_public_endpoint_url or settings.s3_endpoint_url
+        signer = dict(common)
+        if settings.s3_presign_access_key_id and settings.s3_presign_secret_access_key:
+            # a read-only identity signs what leaves the service (its key ID is in every URL)
+            signer["aws_access_key_id"] = settings.s3_presign_access_key_id.get_secret_value()
+            signer["aws_secret_access_key"] = (
+                settings.s3_presign_secret_access_key.get_secret_value()
+            )
         self._presigner = (
             self.client
-            if public == settings.s3_endpoint_url
-            else boto3.client("s3", endpoint_url=public, config=cfg, **common)
+            if public == settings.s3_endpoint_url and signer == common
+            else boto3.client("s3", endpoint_url=public, config=cfg, **signer)
         )
         self.transfer = TransferConfig(
             multipart_threshold=multipart_threshold,

@@ -13,6 +13,7 @@ from typing import Any
 
 import httpx
 import pytest
+from botocore.exceptions import ClientError
 
 from service.config import Settings
 from service.jobs import JobStore
@@ -173,3 +174,30 @@ def test_job_at_every_cap_is_refused_with_its_estimate(
     assert error["loc"] == ["body"]
     assert "job too costly: about" in error["msg"] and "limit for your tenant is" in error["msg"]
     assert _job_ids(client_a) == before
+
+
+def test_presigned_urls_are_signed_by_a_read_only_identity(
+    service: Service, client_a: httpx.Client
+) -> None:
+    """Item 9: the access key ID in every download URL is the read-only identity's, never the
+    service's read-write one, and that identity cannot write or delete."""
+    seaweed = service.stack.s3
+    job = service.wait(
+        client_a, client_a.post("/jobs", json=service.job_body(budget={"blocks": 1})).json()["id"]
+    )
+    assert job["state"] == "succeeded", job
+    items = client_a.get(f"/jobs/{job['id']}/artifacts").raise_for_status().json()["items"]
+    url = next(a["url"] for a in items if a["name"] == "report.json")
+    assert f"X-Amz-Credential={seaweed.read_access_key}" in url
+    assert seaweed.access_key not in url
+    assert httpx.get(url, timeout=30).raise_for_status().json()["summary"]
+    reader = seaweed.client(access_key=seaweed.read_access_key, secret_key=seaweed.read_secret_key)
+    key = f"{TENANT_A}/jobs/{job['id']}/report.json"
+    for attempt in (
+        lambda: reader.put_object(Bucket=ARTIFACT_BUCKET, Key=key, Body=b"{}"),
+        lambda: reader.delete_object(Bucket=ARTIFACT_BUCKET, Key=key),
+    ):
+        with pytest.raises(ClientError) as info:
+            attempt()
+        assert info.value.response["Error"]["Code"] == "AccessDenied"
+    assert service.s3().get_object(Bucket=ARTIFACT_BUCKET, Key=key)["ContentLength"] > 2
