@@ -3,7 +3,9 @@
 Settings are read once when the app starts (a bad configuration stops the start-up). Errors are
 mapped at this edge: job store or queue down -> 503 with ``Retry-After``; object store down ->
 503; unknown jobs -> 404; conflicts -> 409; bodies over ``LORP_MAX_REQUEST_BYTES`` -> 413;
-anything unexpected -> a 500 with a generic message (tracebacks go to the log only).
+bodies not complete ``LORP_BODY_TIMEOUT_SECONDS`` after reading began -> 408; anything
+unexpected -> a 500 with a generic message (tracebacks go to the log only). The access log never
+shows credentials passed in a query string (``service.serve.RedactQueryFilter``).
 
 Run it with ``python -m service.serve`` (``LORP_API_WORKERS`` processes). With more than one,
 ``PROMETHEUS_MULTIPROC_DIR`` is set and ``/metrics`` sums the request metrics of all processes.
@@ -11,6 +13,7 @@ Run it with ``python -m service.serve`` (``LORP_API_WORKERS`` processes). With m
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 import math
@@ -44,6 +47,7 @@ from service.errors import (
 from service.jobs import JobStore
 from service.queue import JobQueue
 from service.routes import health, jobs
+from service.serve import install_log_redaction
 from service.storage import Storage
 
 log = logging.getLogger("service")
@@ -82,11 +86,14 @@ async def _send_error(send: Send, status_code: int, detail: str, code: str) -> N
 
 
 class BodyLimitMiddleware:
-    """Refuse request bodies over ``max_bytes`` with 413 (by Content-Length or while reading)."""
+    """Refuse request bodies over ``max_bytes`` with 413 (by Content-Length or while reading),
+    and bodies not complete ``timeout`` seconds after reading began with 408 (slow clients must
+    not hold an API process's connections; ``None``: no limit)."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout: float | None = None) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.timeout = timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
@@ -108,19 +115,27 @@ class BodyLimitMiddleware:
         chunks: list[bytes] = []
         size = 0
         more = True
-        while more:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_bytes:
-                await _send_error(
-                    send, 413, f"body larger than {self.max_bytes} bytes", "payload_too_large"
-                )
-                return
-            chunks.append(chunk)
-            more = bool(message.get("more_body", False))
+        try:
+            async with asyncio.timeout(self.timeout):
+                while more:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        return
+                    chunk = message.get("body", b"")
+                    size += len(chunk)
+                    if size > self.max_bytes:
+                        break
+                    chunks.append(chunk)
+                    more = bool(message.get("more_body", False))
+        except TimeoutError:
+            detail = f"request body not received within {self.timeout:g} s"
+            await _send_error(send, 408, detail, "request_timeout")
+            return
+        if size > self.max_bytes:
+            await _send_error(
+                send, 413, f"body larger than {self.max_bytes} bytes", "payload_too_large"
+            )
+            return
         body = b"".join(chunks)
         replayed = False
 
@@ -321,7 +336,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(jobs.router)
     _install_error_handlers(app)
     max_bytes = settings.max_request_bytes if settings else _env_max_bytes()
-    app.add_middleware(BodyLimitMiddleware, max_bytes=max_bytes)
+    timeout = settings.body_timeout_seconds if settings else _env_body_timeout()
+    app.add_middleware(BodyLimitMiddleware, max_bytes=max_bytes, timeout=timeout)
+    install_log_redaction()  # also under a plain uvicorn (service.serve configures it itself)
     app.add_middleware(MetricsMiddleware, registry=None if multiprocess else registry)
     return app
 
@@ -361,6 +378,15 @@ def _env_max_bytes() -> int:
         return int(os.environ.get("LORP_MAX_REQUEST_BYTES", default))
     except ValueError:
         return int(default)
+
+
+def _env_body_timeout() -> float:
+    """``LORP_BODY_TIMEOUT_SECONDS``, read like :func:`_env_max_bytes`."""
+    default = Settings.model_fields["body_timeout_seconds"].default
+    try:
+        return float(os.environ.get("LORP_BODY_TIMEOUT_SECONDS", default))
+    except ValueError:
+        return float(default)
 
 
 app = create_app()
