@@ -28,7 +28,7 @@ bench-quality: setup
 
 # run redis + SeaweedFS + API + worker in the foreground until Ctrl-C (for poking with lorp-jobs)
 stack: setup
-	$(PY) -m service.devstack
+	$(PY) -m devstack
 
 clean:
 	rm -rf .stack demo-out .pytest_cache .mypy_cache .ruff_cache

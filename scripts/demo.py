@@ -24,10 +24,10 @@ from typing import Any
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
+from devstack import LocalStack, StackError, install_signal_handlers  # noqa: E402
 from lorp.search import ALL_METHODS  # noqa: E402
 from service.client import ClientError, Job, LorpClient  # noqa: E402
 from service.client_cli import ProgressBar, format_summary  # noqa: E402
-from service.devstack import LocalStack, StackError, install_signal_handlers  # noqa: E402
 
 SHARED = REPO_ROOT.parent / "shared"
 CALIBRATION = SHARED / "data" / "calibration" / "debian-handbook.en.txt"

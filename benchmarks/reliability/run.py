@@ -48,7 +48,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from benchmarks._common import machine, table, write_result  # noqa: E402
-from service.devstack import LocalStack  # noqa: E402
+from devstack import LocalStack  # noqa: E402
 from tests.integration.conftest import (  # noqa: E402
     ARTIFACT_BUCKET,
     INPUT_BUCKET,

@@ -17,7 +17,7 @@ import pytest
 
 from lorp.loading import bundled_model_path
 from service.client import STAGES, Job, LorpClient
-from service.devstack import LocalStack
+from devstack import LocalStack
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -1,5 +1,5 @@
 """Fixtures for service integration tests: one real stack per session (redis-server, SeaweedFS,
-uvicorn, a prefork Celery worker from ``service.devstack``), a tiny random Llama saved as
+uvicorn, a prefork Celery worker from ``devstack``), a tiny random Llama saved as
 safetensors and uploaded to S3, and small calibration/evaluation texts."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
-from service.devstack import LocalStack
+from devstack import LocalStack
 from tests.tiny_models import build_tiny, tiny_tokenizer
 
 SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"

@@ -18,7 +18,7 @@ import pytest
 import redis
 from botocore.exceptions import ClientError
 
-from service.devstack import (
+from devstack.stack import (
     CeleryWorker,
     LocalStack,
     ManagedProcess,
@@ -227,7 +227,7 @@ def test_children_die_with_the_parent(tmp_path: Path, how: str) -> None:
         f"""
         import os, sys
         from pathlib import Path
-        from service.devstack import RedisServer
+        from devstack import RedisServer
         server = RedisServer(Path({str(tmp_path / "redis")!r}))
         server.start()
         print(server.pgid, server.port, flush=True)
@@ -339,8 +339,10 @@ def test_free_port_is_bindable() -> None:
     import socket
 
     port = free_port()
+    assert 1024 <= port < 65536
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", port))
+        sock.bind(("127.0.0.1", port))  # raises OSError when the port is taken
+        assert sock.getsockname() == ("127.0.0.1", port)
 
 
 _PROBE_APP = """
@@ -424,10 +426,10 @@ def _is_zombie(pid: int) -> bool:
 
 
 def test_ctrl_c_twice_still_stops_everything(tmp_path: Path) -> None:
-    """``python -m service.devstack`` (what the demo uses) under Ctrl-C, pressed twice."""
+    """``python -m devstack`` (what the demo uses) under Ctrl-C, pressed twice."""
     root = tmp_path / "sigstack"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "service.devstack", str(root), "--no-api", "--workers", "0"],
+        [sys.executable, "-m", "devstack", str(root), "--no-api", "--workers", "0"],
         cwd=REPO_ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from service.devstack import ApiServer, free_port
+from devstack import ApiServer, free_port
 
 pytestmark = pytest.mark.integration
 

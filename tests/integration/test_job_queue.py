@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 import redis
 
+from devstack import RedisServer
 from service.config import Settings
-from service.devstack import RedisServer
 from service.errors import IdempotencyConflictError
 from service.jobs import JobStore
 from service.queue import JobQueue

@@ -20,7 +20,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from service.devstack import ApiServer
+from devstack import ApiServer
 from tests.integration.conftest import (
     INPUT_BUCKET,
     MAX_MODEL_BYTES,

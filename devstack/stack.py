@@ -964,8 +964,8 @@ class LocalStack:
         self.stop()
 
 
-def _main(argv: Sequence[str] | None = None) -> int:
-    """``python -m service.devstack [DIR]``: run the full stack until Ctrl-C (for manual poking)."""
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m devstack [DIR]``: run the full stack until Ctrl-C (for manual poking)."""
     import argparse
     import tempfile
 
@@ -996,5 +996,3 @@ def _main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
-if __name__ == "__main__":
-    raise SystemExit(_main())
