@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .errors import InvalidInputError
@@ -37,3 +38,9 @@ def batches(windows: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
         raise InvalidInputError(f"batch_size must be at least 1, got {batch_size}")
     for start in range(0, windows.shape[0], batch_size):
         yield windows[start : start + batch_size]
+
+
+def log_probs(model: nn.Module, batch: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Next-token log-probabilities for positions 0..T-2, float32 ``[B, T-1, V]``."""
+    logits = model(input_ids=batch.to(device), use_cache=False).logits
+    return F.log_softmax(logits[:, :-1].float(), dim=-1)

@@ -62,9 +62,8 @@ from torch import nn
 from ._blocks import locate_blocks
 from ._forward import input_device
 from .errors import InvalidInputError
+from .progress import ProgressCallback
 from .surgery import pruned_view, validate_removed
-
-ProgressCallback = Callable[[str, float, str], None]
 
 STAGE = "benchmark"
 MIN_REPETITIONS = 10

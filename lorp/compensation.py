@@ -62,11 +62,10 @@ from ._blocks import get_blocks
 from ._forward import batches, check_windows, input_device
 from .errors import InvalidInputError, UnsupportedModelError
 from .inputs import BlockInputs, batched_feed, fed, resumed
-from .search import WindowScorer, _runs
-from .surgery import pruned_view, validate_removed
+from .progress import ProgressCallback
+from .scoring import WindowScorer
+from .surgery import block_runs, pruned_view, validate_removed
 from .temperature import Temperature, apply_temperature, fit_temperature
-
-ProgressCallback = Callable[[str, float, str], None]
 
 DEFAULT_RIDGE = 0.03
 #: Strengths :func:`tune_strength` measures first (0: plain removal, 1: the least-squares map).
@@ -217,8 +216,8 @@ def fit_compensation(
     if windows.shape[1] < 2:
         raise InvalidInputError("compensation windows need at least 2 tokens")
     blocks = get_blocks(model)
-    kept_runs = [run for run in _runs(validate_removed(len(blocks), removed)) if run[0] > 0]
-    skipped = [run for run in _runs(removed) if run[0] == 0]
+    kept_runs = [run for run in block_runs(validate_removed(len(blocks), removed)) if run[0] > 0]
+    skipped = [run for run in block_runs(removed) if run[0] == 0]
     downs = {run[0] - 1: _down_proj(blocks[run[0] - 1], run[0] - 1) for run in kept_runs}
     d = int(next(iter(downs.values())).out_features) if downs else 0
     stats = {run[0] - 1: _Stats(d) for run in kept_runs}

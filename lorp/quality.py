@@ -13,20 +13,16 @@ perplexity of each, the mean KL divergence KL(dense || pruned) of the next-token
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ._forward import batches, check_windows, input_device
-
-if TYPE_CHECKING:
-    from .compensation import Compensation
-
-ProgressCallback = Callable[[str, float, str], None]
+from ._forward import batches, check_windows, input_device, log_probs
+from .compensation import Compensation, compensated_view
+from .progress import ProgressCallback
+from .surgery import pruned_view
 
 
 @dataclass(frozen=True)
@@ -62,12 +58,6 @@ class QualityComparison:
         }
 
 
-def _log_probs(model: nn.Module, batch: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Next-token log-probabilities for positions 0..T-2, float32 ``[B, T-1, V]``."""
-    logits = model(input_ids=batch.to(device), use_cache=False).logits
-    return F.log_softmax(logits[:, :-1].float(), dim=-1)
-
-
 def _nll_sum(logp: torch.Tensor, batch: torch.Tensor) -> float:
     target = batch[:, 1:].to(logp.device)
     return float(-logp.gather(-1, target.unsqueeze(-1)).sum())
@@ -92,7 +82,7 @@ def perplexity(
     device = input_device(model)
     nll, tokens, done = 0.0, 0, 0
     for batch in batches(windows, batch_size):
-        nll += _nll_sum(_log_probs(model, batch, device), batch)
+        nll += _nll_sum(log_probs(model, batch, device), batch)
         tokens += batch.shape[0] * (batch.shape[1] - 1)
         done += batch.shape[0]
         if progress is not None:
@@ -115,17 +105,14 @@ def compare_pruned(
 ) -> QualityComparison:
     """Dense vs pruned (``removed`` blocks skipped, ``compensation`` folded in when given) on
     the same windows: ppl, KL, top-1."""
-    from .compensation import compensated_view
-    from .surgery import pruned_view
-
     windows = check_windows(windows)
     device = input_device(model)
     nll_d = nll_p = kl = 0.0
     agree = tokens = done = 0
     for batch in batches(windows, batch_size):
-        logp_d = _log_probs(model, batch, device)
+        logp_d = log_probs(model, batch, device)
         with compensated_view(model, compensation), pruned_view(model, removed):
-            logp_p = _log_probs(model, batch, device).to(logp_d.device)
+            logp_p = log_probs(model, batch, device).to(logp_d.device)
         nll_d += _nll_sum(logp_d, batch)
         nll_p += _nll_sum(logp_p, batch)
         kl += float((logp_d.exp() * (logp_d - logp_p)).sum())

@@ -25,8 +25,7 @@ from ._blocks import get_blocks
 from ._forward import batches, check_windows, input_device
 from .errors import InvalidInputError
 from .inputs import BlockInputs
-
-ProgressCallback = Callable[[str, float, str], None]
+from .progress import ProgressCallback
 
 _EPS = 1e-8
 

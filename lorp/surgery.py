@@ -35,7 +35,7 @@ from torch import nn
 from ._blocks import BlockLocation, locate_blocks
 from .errors import InvalidInputError, UnsupportedModelError
 
-__all__ = ["REMOVED_LAYERS_ATTR", "pruned_view", "remove_blocks", "validate_removed"]
+__all__ = ["REMOVED_LAYERS_ATTR", "block_runs", "pruned_view", "remove_blocks", "validate_removed"]
 
 #: Config attribute recording the original indices of every block removed so far (it survives
 #: ``save_pretrained`` / ``from_pretrained`` as a plain extra config field).
@@ -99,6 +99,17 @@ class _Plan:
             else:
                 setattr(change.obj, change.attr, change.old)
         setattr(self.location.parent, self.location.attr, self.original_blocks)
+
+
+def block_runs(blocks: Sequence[int]) -> list[list[int]]:
+    """Maximal runs of consecutive block indices, in order (``[1, 2, 5]`` -> ``[[1, 2], [5]]``)."""
+    out: list[list[int]] = []
+    for b in sorted(blocks):
+        if out and b == out[-1][-1] + 1:
+            out[-1].append(b)
+        else:
+            out.append([b])
+    return out
 
 
 def validate_removed(num_layers: int, removed: Sequence[int]) -> list[int]:

@@ -26,8 +26,7 @@ from torch import nn
 
 from ._forward import batches, check_windows, input_device
 from .errors import InvalidInputError, UnsupportedModelError
-
-ProgressCallback = Callable[[str, float, str], None]
+from .progress import ProgressCallback
 
 # Where common architectures keep the norm right before the output head.
 _FINAL_NORMS = (

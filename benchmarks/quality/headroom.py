@@ -36,7 +36,7 @@ if str(REPO) not in sys.path:
 from benchmarks._common import CALIBRATION, HELDOUT, RESULTS, WIKITEXT, machine, table  # noqa: E402
 from benchmarks.quality.models import DEFAULT_CACHE, MODELS, ModelSpec, load  # noqa: E402
 from lorp.data import text_windows  # noqa: E402
-from lorp.search import WindowScorer  # noqa: E402
+from lorp.scoring import WindowScorer  # noqa: E402
 
 OUT = RESULTS / "quality-headroom.json"
 TEXTS = {"wikitext2": WIKITEXT, "heldout": HELDOUT}

@@ -209,7 +209,7 @@ def test_quality_gate_refusal_leaves_the_weights_untouched() -> None:
 def test_window_scorer_measures_a_compensated_set_from_a_valid_prefix() -> None:
     """With the dense prefix stored at the compensated block and after it, ``changed`` makes the
     pass start at the compensated block: the same NLL as the pruned, folded model run whole."""
-    from lorp.search import WindowScorer
+    from lorp.scoring import WindowScorer
 
     model = build_tiny("llama")
     windows, calib = _windows(4, 24, seed=6), _windows(6, 24, seed=7)
@@ -368,7 +368,7 @@ def test_prune_tunes_the_strength_on_the_windows_after_the_fit_windows() -> None
 
 
 def test_window_scorer_forget_measures_a_set_again() -> None:
-    from lorp.search import WindowScorer
+    from lorp.scoring import WindowScorer
 
     model = build_tiny("llama")
     windows = _windows(2, 16, seed=3)

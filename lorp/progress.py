@@ -1,0 +1,15 @@
+"""The progress callback every long-running step of the library accepts.
+
+Kept apart (and free of heavy imports) so any module, including the torch-free method registry
+(:mod:`lorp.methods`), can name the type.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+__all__ = ["ProgressCallback"]
+
+#: ``progress(stage, fraction, message)``: ``stage`` is one of the pipeline's stage names
+#: (:data:`lorp.pipeline.STAGES`), ``fraction`` the share of that stage done (0..1).
+ProgressCallback = Callable[[str, float, str], None]
