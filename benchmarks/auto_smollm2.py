@@ -7,9 +7,9 @@ Protocol (the same windows as ``lorp prune`` would draw):
   out from calibration, never the evaluation text); auto, lorp-kl and SLEB choose with them, and
   every method's selection is scored on them (KL(dense || pruned), NLL, top-1) for the table;
 - auto chooses as the pipeline does: by held-out loss (NLL) on its own scoring windows, 8 x 512
-  tokens right after the calibration windows (lorp.pipeline.SCORING_DEFAULTS), no dense pass;
-  its pass budget (for lorp-kl, which needs a dense reference and so never joins here):
-  lorp.search.affordable_passes;
+  tokens right after the calibration windows (its scoring defaults in lorp.methods), no dense
+  pass; its pass budget (for lorp-kl, which needs a dense reference and so never joins here):
+  lorp.scoring.affordable_passes;
 - WikiText-2 test perplexity, first 64 non-overlapping windows x 512, of every distinct
   selection, blocks skipped with lorp.pruned_view;
 - selection time = capture + the method's own selection/search (SLEB needs no S: its time is
@@ -33,16 +33,13 @@ from _common import CALIBRATION, WIKITEXT, machine, table, write_result
 
 from lorp import bundled_model_path, capture_similarity, load_model
 from lorp.data import text_windows
-from lorp.pipeline import SCORING_DEFAULTS
-from lorp.search import (
-    WindowScorer,
-    affordable_passes,
-    auto_select,
-    lorp_kl_select,
-    lorp_loss_select,
-    pass_budget,
-    sleb_select,
-)
+from lorp.methods import get_method
+from lorp.methods.auto import auto_select
+from lorp.methods.lorp_kl import lorp_kl_select
+from lorp.methods.lorp_loss import lorp_loss_select
+from lorp.methods.sleb import sleb_select
+from lorp.scoring import WindowScorer, affordable_passes
+from lorp.search import pass_budget
 from lorp.selection import select_layers
 
 NAME = "auto_smollm2"
@@ -54,8 +51,9 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--score-windows", type=int, default=4)
     ap.add_argument("--score-seq-len", type=int, default=256)
-    ap.add_argument("--auto-score-windows", type=int, default=SCORING_DEFAULTS["auto"][0])
-    ap.add_argument("--auto-score-seq-len", type=int, default=SCORING_DEFAULTS["auto"][1])
+    auto_windows, auto_len = get_method("auto").scoring_shape
+    ap.add_argument("--auto-score-windows", type=int, default=auto_windows)
+    ap.add_argument("--auto-score-seq-len", type=int, default=auto_len)
     ap.add_argument("--eval-windows", type=int, default=64)
     ap.add_argument("--eval-batch", type=int, default=4, help="WikiText-2 windows per forward")
     ap.add_argument("--budgets", default="3,6,9")
@@ -85,7 +83,7 @@ def main() -> None:
         args.auto_score_windows,
         skip_windows=-(-calib.shape[0] * args.seq_len // args.auto_score_seq_len),
     )
-    loss_windows, loss_len = SCORING_DEFAULTS["lorp-loss"]
+    loss_windows, loss_len = get_method("lorp-loss").scoring_shape
     loss_scoring = text_windows(
         tok,
         CALIBRATION,
@@ -98,7 +96,7 @@ def main() -> None:
     capture_s = time.perf_counter() - t
     evalw = text_windows(tok, WIKITEXT, 512, args.eval_windows)
     # untimed: WikiText-2 loss of every selection, each pass resuming from the dense block input
-    # at its first removed block (lorp.search.WindowScorer's prefix cache; same numbers)
+    # at its first removed block (lorp.scoring.WindowScorer's prefix cache; same numbers)
     wiki_scorer = WindowScorer(model, evalw, batch_size=args.eval_batch, reference=False)
     dense = wiki_scorer.score(())
     print(f"dense WikiText-2 ppl {dense.ppl:.2f}; capture {capture_s:.1f}s", flush=True)

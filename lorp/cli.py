@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from .errors import InvalidInputError, LorpError
+from .methods import MethodInfo, all_methods, method_names
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 BUNDLED = "bundled"
@@ -413,10 +414,38 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------- parser
-def build_parser() -> argparse.ArgumentParser:
-    from .search import ALL_METHODS
-    from .selection import METHODS
+def _method_help(methods: Sequence[MethodInfo]) -> str:
+    """``--method`` help from the registry: every method's name and description."""
+    parts = []
+    for m in methods:
+        text = f"{m.name}: {m.description}"
+        if m.fold is not None:
+            flags = [
+                flag
+                for flag, on in (
+                    ("--compensate", m.fold.compensate),
+                    ("--temperature", m.fold.temperature),
+                )
+                if on
+            ]
+            text += f" (the same as --method {' '.join([m.fold.of, *flags])})"
+        parts.append(text)
+    return "; ".join(parts).replace("%", "%%")  # argparse formats help with %
 
+
+def _scoring_help(methods: Sequence[MethodInfo], which: int, what: str) -> str:
+    """Help of --score-windows (``which`` 0) / --score-seq-len (1): the methods that run the
+    model and their defaults."""
+    defaults: dict[int, list[str]] = {}
+    for m in methods:
+        defaults.setdefault(m.scoring_shape[which], []).append(m.name)
+    listed = "; ".join(f"{value} for {', '.join(names)}" for value, names in defaults.items())
+    return f"{what} (default: {listed})"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    s_only = [m for m in all_methods() if not m.needs_model and m.fold is None]
+    searching = [m for m in all_methods() if m.needs_model and m.fold is None]
     parser = _Parser(prog="lorp", description="Training-free depth pruning of LLMs (LoRP).")
     sub = parser.add_subparsers(
         dest="command", required=True, metavar="COMMAND", parser_class=_Parser
@@ -446,8 +475,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--remove", type=_budget, required=True, help="blocks to remove: a count or a fraction"
     )
-    p.add_argument("--method", default="lorp", choices=METHODS)
-    p.add_argument("--clusters", type=_positive_int, help="force the number of phases K (lorp)")
+    p.add_argument(
+        "--method",
+        default="lorp",
+        choices=[m.name for m in s_only],
+        help=_method_help(s_only),
+    )
+    p.add_argument(
+        "--clusters",
+        type=_positive_int,
+        help="force the number of phases K "
+        f"({', '.join(m.name for m in s_only if m.takes_clusters)})",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_select)
 
@@ -460,15 +499,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--method",
         default="lorp",
-        choices=ALL_METHODS,
-        help="lorp, shortgpt, streamline (from S alone); sleb, lorp-kl, lorp-loss, auto (also "
-        "run the model on scoring windows of the calibration text; see lorp.search); "
-        "lorp-fold (lorp-loss with --compensate and --temperature)",
+        choices=method_names(),
+        help=_method_help(all_methods()),
     )
     p.add_argument(
         "--clusters",
         type=_positive_int,
-        help="force the number of phases K (lorp, lorp-kl, lorp-loss)",
+        help=f"force the number of phases K ({', '.join(method_names(takes_clusters=True))})",
     )
     p.add_argument("--windows", type=_positive_int, default=32)
     p.add_argument("--seq-len", type=_positive_int, default=512)
@@ -477,14 +514,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--score-windows",
         type=_positive_int,
         default=None,
-        help="scoring windows for sleb/lorp-kl/lorp-loss/auto, after the calibration windows "
-        "(default: 8 for auto and lorp-loss, 4 otherwise)",
+        help=_scoring_help(
+            searching,
+            0,
+            f"scoring windows for {'/'.join(m.name for m in searching)}, after the "
+            "calibration windows",
+        ),
     )
     p.add_argument(
         "--score-seq-len",
         type=_positive_int,
         default=None,
-        help="scoring window length (default: 512 for auto and lorp-loss, 256 otherwise)",
+        help=_scoring_help(searching, 1, "scoring window length"),
     )
     p.add_argument(
         "--search-candidates",

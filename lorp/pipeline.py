@@ -5,8 +5,8 @@ saving the checkpoint and writing the reports (the CLI's ``lorp prune`` and the 
 
 Token windows drawn from a calibration *text* (never overlapping, in this order):
 1. ``windows`` × ``seq_len`` calibration windows (similarity matrix S);
-2. for the model-in-the-loop methods (``sleb``, ``lorp-kl``, ``lorp-loss``, ``auto``;
-   :mod:`lorp.search`)
+2. for the model-in-the-loop methods (the registry's methods with ``needs_model``:
+   ``sleb``, ``lorp-kl``, ``lorp-loss``, ``auto``; :mod:`lorp.methods`, :mod:`lorp.search`)
    ``score_windows`` × ``score_seq_len`` scoring windows that follow them;
 3. when no evaluation text is given, ``holdout_windows`` × ``seq_len`` held-out windows after
    those, on which dense and pruned quality are measured.
@@ -56,33 +56,15 @@ from .data import prepends_bos, text_windows
 from .errors import InvalidInputError, LorpError, QualityGateError, UnsupportedModelError
 from .gate import FLAG_THRESHOLDS, GateResult, QualityGate, quality_flags
 from .inputs import BlockInputs, hidden_bytes
+from .methods import get_method, method_names, selector
+from .progress import ProgressCallback
 from .quality import QualityComparison, compare_pruned
-from .report import _json_safe, build_report, write_reports
-from .search import (
-    ALL_METHODS,
-    CLUSTER_METHODS,
-    FOLD_METHODS,
-    SEARCH_METHODS,
-    pass_budget,
-    search_layers,
-)
+from .report import build_report, json_safe, write_reports
+from .search import pass_budget, search_layers
 from .selection import Selection, resolve_budget, select_layers
 from .similarity import capture_similarity
 from .surgery import remove_blocks
 from .temperature import check_temperature
-
-ProgressCallback = Callable[[str, float, str], None]
-
-# Scoring windows (count, tokens) per model-in-the-loop method when the config leaves them unset.
-# auto compares a handful of whole candidate sets whose losses can be close (SmolLM2, 3 of 30
-# blocks: ShortGPT vs LLM-Streamline differ by 0.3% in NLL), so it measures more tokens; lorp-kl
-# and sleb run many more passes and use fewer tokens per pass.
-SCORING_DEFAULTS: dict[str, tuple[int, int]] = {
-    "auto": (8, 512),
-    "lorp-kl": (4, 256),
-    "lorp-loss": (8, 512),
-    "sleb": (4, 256),
-}
 
 # The capture keeps the calibration windows' block inputs that the compensation and temperature
 # fits start from (lorp.inputs.BlockInputs) within this many bytes (the groups that fit).
@@ -118,8 +100,7 @@ class PruneConfig:
     holdout_windows: int = 8  # calibration windows held out for quality when no evaluation text
     benchmark: BenchmarkConfig | None = None
     # model-in-the-loop methods (sleb, lorp-kl, lorp-loss, auto): scoring windows after the
-    # calibration ones;
-    # None takes the method's default (SCORING_DEFAULTS)
+    # calibration ones; None takes the method's default (its ``scoring`` in lorp.methods)
     score_windows: int | None = None
     score_seq_len: int | None = None
     search_candidates: int = 3  # lorp-kl: candidates measured per removal slot
@@ -137,14 +118,11 @@ class PruneConfig:
     temperature_windows: int = 4
 
     def __post_init__(self) -> None:
-        if self.method not in ALL_METHODS:
+        info = get_method(self.method)  # unknown: lists the valid ones
+        if self.num_clusters is not None and not info.takes_clusters:
+            takes = ", ".join(method_names(takes_clusters=True))
             raise InvalidInputError(
-                f"unknown method {self.method!r}; choose one of {', '.join(ALL_METHODS)}"
-            )
-        if self.num_clusters is not None and self.method not in CLUSTER_METHODS:
-            raise InvalidInputError(
-                f"num_clusters only applies to methods {', '.join(CLUSTER_METHODS)}, "
-                f"not {self.method!r}"
+                f"num_clusters only applies to methods {takes}, not {self.method!r}"
             )
         if (self.num_remove is None) == (self.fraction is None):
             raise InvalidInputError("give exactly one budget: num_remove (blocks) or fraction")
@@ -184,9 +162,9 @@ class PruneConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise InvalidInputError(f"{name} must be an integer >= 0, got {value!r}")
-        if self.method in FOLD_METHODS:  # a selection with the corrections on
-            self.compensate = True
-            self.temperature = True
+        if info.fold is not None:  # a selection with corrections on
+            self.compensate = self.compensate or info.fold.compensate
+            self.temperature = self.temperature or info.fold.temperature
         if isinstance(self.benchmark, dict):
             self.benchmark = BenchmarkConfig.from_dict(self.benchmark)
         if isinstance(self.quality_gate, dict):
@@ -198,13 +176,15 @@ class PruneConfig:
 
     @property
     def selection_method(self) -> str:
-        """The method that chooses the blocks (``lorp-fold``: ``lorp-loss``)."""
-        return FOLD_METHODS.get(self.method, self.method)
+        """The method that chooses the blocks (a fold's: the method it folds; ``lorp-fold``:
+        ``lorp-loss``)."""
+        return selector(self.method).name
 
     @property
     def scoring_shape(self) -> tuple[int, int]:
-        """(windows, tokens) of the scoring windows: the given ones, else the method's default."""
-        windows, seq_len = SCORING_DEFAULTS.get(self.selection_method, SCORING_DEFAULTS["lorp-kl"])
+        """(windows, tokens) of the scoring windows: the given ones, else the method's default
+        (:attr:`lorp.methods.MethodInfo.scoring_shape`)."""
+        windows, seq_len = selector(self.method).scoring_shape
         return (self.score_windows or windows, self.score_seq_len or seq_len)
 
     @property
@@ -297,7 +277,7 @@ def _windows_of(
     return text_windows(tokenizer, source, seq_len, count, skip_windows=skip)
 
 
-def _windows_after(
+def windows_after(
     tokenizer: Any, path: str | Path, seq_len: int, count: int, after_tokens: int, bos: bool
 ) -> tuple[torch.Tensor | None, int]:
     """Up to ``count`` windows of ``path`` starting at or after text token ``after_tokens``;
@@ -316,7 +296,7 @@ def _where(info: dict[str, Any]) -> str:
     return f"{info['kind']}, {info['windows']} x {info['seq_len']} tokens"
 
 
-def _inputs_to_keep(
+def inputs_to_keep(
     model: nn.Module, calib: torch.Tensor, config: PruneConfig
 ) -> BlockInputs | None:
     """Which calibration windows' block inputs the capture keeps for the compensation fit, its
@@ -381,7 +361,8 @@ def prune(
         try:
             check_compensable(model)  # fail before the calibration, not after it
         except UnsupportedModelError as exc:
-            if config.method not in FOLD_METHODS:
+            fold = get_method(config.method).fold
+            if fold is None or not fold.compensate:
                 raise
             raise UnsupportedModelError(
                 f"{exc}. Method {config.method!r} folds a linear map into every block before "
@@ -392,7 +373,7 @@ def prune(
 
     with stages.stage("calibration", "capturing block-input similarity"):
         calib = _windows_of(calibration, tokenizer, config.seq_len, config.windows)
-        inputs = _inputs_to_keep(model, calib, config)
+        inputs = inputs_to_keep(model, calib, config)
         similarity = capture_similarity(
             model, calib, batch_size=config.batch_size, progress=stages.report, keep=inputs
         )
@@ -411,13 +392,13 @@ def prune(
     scoring_info: dict[str, Any] | None = None
     method = config.selection_method
     with stages.stage("selection", f"selecting {num_remove} of {depth} blocks ({method})"):
-        if method in SEARCH_METHODS:
+        if get_method(method).needs_model:
             score_count, score_len = config.scoring_shape
             score_w: torch.Tensor | None = scoring
             if score_w is not None:
                 scoring_info = {"kind": "scoring windows given by the caller", "held_out": True}
             elif text is not None:
-                score_w, used_tokens = _windows_after(
+                score_w, used_tokens = windows_after(
                     tokenizer, text, score_len, score_count, used_tokens, bos
                 )
                 if score_w is not None:
@@ -495,7 +476,7 @@ def prune(
             else names.get("evaluation", str(evaluation)),
         }
     elif config.holdout_windows > 0 and text is not None:
-        eval_windows, _ = _windows_after(
+        eval_windows, _ = windows_after(
             tokenizer, text, config.seq_len, config.holdout_windows, used_tokens, bos
         )
         if eval_windows is not None:  # else the calibration text has no windows left over
@@ -696,15 +677,18 @@ def make_report(
     summary["top1_agreement"] = None if result.quality is None else result.quality.top1_agreement
     summary["flags"] = [f["message"] for f in result.flags]
     summary["quality_gate"] = gate
-    return dict(_json_safe(report))
+    return dict(json_safe(report))
 
 
 __all__ = [
     "STAGES",
+    "STORED_INPUT_BYTES",
     "PipelineResult",
     "PruneConfig",
     "PruneResult",
+    "inputs_to_keep",
     "make_report",
     "prune",
     "run_pipeline",
+    "windows_after",
 ]

@@ -23,33 +23,30 @@ import numpy as np
 
 from .bench import BenchmarkResult, environment_info
 from .errors import InvalidInputError, SimilarityMatrixError
+from .methods import find_method, generic_explain
 
 REPORT_SCHEMA_VERSION = "1.0"
 SCHEMA_PATH = Path(__file__).parent / "schemas" / "report.schema.json"
 
-_METHOD_NAMES = {
-    "lorp": "LoRP",
-    "shortgpt": "ShortGPT",
-    "streamline": "LLM-Streamline",
-    "sleb": "SLEB (iterative, by calibration loss)",
-    "lorp-kl": "LoRP-KL",
-    "lorp-loss": "LoRP-loss (LoRP phases, greedy by calibration loss)",
-    "auto": "auto",
-}
+
+def method_label(method: str) -> str:
+    """The name the report prints for ``method`` (the registry's label; else the name itself)."""
+    info = find_method(method)
+    return method if info is None else info.label
 
 
 # --------------------------------------------------------------------------------------------
 # Building the JSON document
 
 
-def _json_safe(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
     """Plain JSON types only; non-finite floats become None."""
     if isinstance(value, Mapping):
-        return {str(k): _json_safe(v) for k, v in value.items()}
+        return {str(k): json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
+        return [json_safe(v) for v in value]
     if isinstance(value, np.ndarray):
-        return _json_safe(value.tolist())
+        return json_safe(value.tolist())
     if isinstance(value, (bool, np.bool_)):
         return bool(value)
     if isinstance(value, (int, np.integer)):
@@ -93,97 +90,14 @@ def _phases(labels: Sequence[int] | None, removed: Sequence[int]) -> list[dict[s
     return out
 
 
-def _explain(sel: Mapping[str, Any]) -> str:
+def explain(sel: Mapping[str, Any]) -> str:
+    """The report's prose for a selection dict: its method's ``explain`` in the registry
+    (:mod:`lorp.methods`); a method the registry does not know gets a plain summary."""
     method = str(sel.get("method", ""))
-    name = _METHOD_NAMES.get(method, method)
-    rls = sel.get("rls")
-    n = sel.get("num_layers")
-    k = len(sel.get("removed") or [])
-    rls_text = "n/a" if rls is None else f"{rls:.3f}"
-    if method == "lorp":
-        kind = "n/a"
-        if rls is not None:
-            kind = (
-                "localised (similarity decays fast with depth)"
-                if rls >= 1.0
-                else "intermediate"
-                if rls >= 0.7
-                else "distributed (blocks similar across depth)"
-            )
-        clusters = sel.get("num_clusters")
-        return (
-            f"{name}: the Representation Locality Score RLS = {rls_text} marks this model's "
-            f"representations as {kind}; it was split into K = {clusters} phases by spectral "
-            f"clustering of S. Every phase first loses its most redundant block (coverage), the "
-            f"rest of the budget goes to the phases whose remaining blocks are most alike, "
-            f"giving {k} of {n} blocks removed. The first and the last block are never removed."
-        )
-    if method == "shortgpt":
-        return (
-            f"{name}: the {k} blocks whose input and output are most alike (highest cosine "
-            f"S[i, i+1], Block Influence) were removed. RLS = {rls_text} (for information)."
-        )
-    if method == "streamline":
-        return (
-            f"{name}: one contiguous run of {k} blocks was removed where the input before the "
-            f"run and the input after it are most alike. RLS = {rls_text} (for information)."
-        )
-    details = sel.get("details") or {}
-    scoring = details.get("scoring") or {}
-    windows = (
-        f"{scoring.get('windows', '?')} scoring windows x {scoring.get('seq_len', '?')} tokens"
-    )
-    if method == "sleb":
-        return (
-            f"{name}: starting from the full model, {k} times the block whose removal gave the "
-            f"lowest loss on {windows} of calibration text was removed "
-            f"({details.get('passes', '?')} forward passes). RLS = {rls_text} (for information)."
-        )
-    if method == "lorp-kl":
-        return (
-            f"{name}: LoRP's phases (K = {sel.get('num_clusters')}, RLS = {rls_text}) and its "
-            f"per-phase budget; within each phase the block to remove was chosen among the "
-            f"{details.get('candidates_per_slot', '?')} most redundant by the lowest KL "
-            f"divergence from the full model on {windows} of calibration text "
-            f"({details.get('passes', '?')} forward passes; plain LoRP would remove "
-            f"{details.get('lorp_removed')})."
-        )
-    if method == "lorp-loss":
-        search = details.get("search") or {}
-        outcome = (
-            f"a local search of {search.get('passes', '?')} swaps found a better set, confirmed "
-            "on the scoring windows"
-            if details.get("improved")
-            else f"no swap tried by the local search ({search.get('passes', '?')} passes) did "
-            "better, so it was kept"
-        )
-        return (
-            f"{name}: LoRP's phases (K = {sel.get('num_clusters')}, RLS = {rls_text}). The "
-            f"S-based selections were measured by their loss on {windows} of calibration text; "
-            f"the best, {details.get('start')}, was the start, and {outcome} ({k} of {n} "
-            f"blocks; plain LoRP would remove {details.get('lorp_removed')})."
-        )
-    if method == "auto":
-        cands = details.get("candidates") or []
-        objective = (
-            "KL divergence of its next-token predictions from the full model's"
-            if details.get("objective") == "kl"
-            else "next-token loss"
-        )
-        race = details.get("race") or {}
-        dropped = sum(1 for c in cands if isinstance(c, Mapping) and c.get("eliminated"))
-        raced = (
-            f" ({dropped} dropped after the first {race.get('first_windows')} windows for being "
-            f"more than {race.get('margin')} nats behind the best there)"
-            if dropped
-            else ""
-        )
-        return (
-            f"{name}: {len(cands)} candidate selections were built and each was scored by its "
-            f"{objective} on {windows} held out from the calibration windows{raced}; the "
-            f"lowest, {details.get('chosen')}, was kept ({k} of {n} blocks). RLS = {rls_text}."
-        )
-    return f"{name}: {k} of {n} blocks removed. RLS = {rls_text}."
+    info = find_method(method)
+    if info is None:
+        return generic_explain(sel, method)
+    return info.explain(sel)
 
 
 def _selection_dict(selection: Any) -> dict[str, Any]:
@@ -193,7 +107,7 @@ def _selection_dict(selection: Any) -> dict[str, Any]:
     for key in ("method", "num_layers", "removed"):
         if key not in data:
             raise InvalidInputError(f"selection is missing {key!r}")
-    out = dict(_json_safe(data))
+    out = dict(json_safe(data))
     out["removed"] = sorted(int(i) for i in out["removed"])
     n = int(out["num_layers"])
     out.setdefault("num_removed", len(out["removed"]))
@@ -202,7 +116,7 @@ def _selection_dict(selection: Any) -> dict[str, Any]:
     out.setdefault("num_clusters", None)
     out.setdefault("labels", None)
     out["phases"] = _phases(out["labels"], out["removed"])
-    out["explanation"] = _explain(out)
+    out["explanation"] = explain(out)
     return out
 
 
@@ -210,7 +124,7 @@ def _benchmark_dict(benchmark: BenchmarkResult | Mapping[str, Any] | None) -> di
     if benchmark is None:
         return None
     data = benchmark.to_dict() if isinstance(benchmark, BenchmarkResult) else benchmark
-    return dict(_json_safe(data))
+    return dict(json_safe(data))
 
 
 def _speed_summary(bench: Mapping[str, Any] | None) -> list[dict[str, Any]]:
@@ -294,7 +208,7 @@ def build_report(
             f"{sel['num_layers']} layers"
         )
     bench = _benchmark_dict(benchmark)
-    qual = None if quality is None else dict(_json_safe(quality))
+    qual = None if quality is None else dict(json_safe(quality))
     n = s.shape[0]
     off = s[~np.eye(n, dtype=bool)]
     env = (
@@ -344,7 +258,7 @@ def build_report(
         "environment": env,
         "extra": None if extra is None else dict(extra),
     }
-    return dict(_json_safe(report))
+    return dict(json_safe(report))
 
 
 def load_schema() -> dict[str, Any]:
@@ -457,7 +371,7 @@ def plot_heatmap(report: Mapping[str, Any], similarity: Any, path: Path) -> Path
     top.set_title("phase", fontsize=8, loc="left", pad=2)
     rls = sel.get("rls")
     k_text = sel.get("num_clusters")
-    method = _METHOD_NAMES.get(str(sel.get("method")), str(sel.get("method")))
+    method = method_label(str(sel.get("method")))
     model_name = str(
         report.get("model", {}).get("name") or report.get("model", {}).get("source") or ""
     )
@@ -580,7 +494,7 @@ def _headline(report: Mapping[str, Any]) -> list[str]:
     sel = report["selection"]
     n = summ["num_layers"]
     removed = summ["removed"]
-    method = _METHOD_NAMES.get(summ["method"], summ["method"])
+    method = method_label(summ["method"])
     lines = [
         f"Removed {len(removed)} of {n} blocks ({', '.join(map(str, removed)) or 'none'}) "
         f"with {method}; {summ['kept_layers']} blocks remain."
@@ -940,7 +854,7 @@ def write_reports(report: Mapping[str, Any], similarity: Any, out_dir: str | Pat
     paths: list[Path] = []
     json_path = out / "report.json"
     json_path.write_text(
-        json.dumps(_json_safe(report), indent=2, allow_nan=False) + "\n", encoding="utf-8"
+        json.dumps(json_safe(report), indent=2, allow_nan=False) + "\n", encoding="utf-8"
     )
     paths.append(json_path)
     npy = out / "similarity.npy"
@@ -965,7 +879,10 @@ __all__ = [
     "REPORT_SCHEMA_VERSION",
     "SCHEMA_PATH",
     "build_report",
+    "explain",
+    "json_safe",
     "load_schema",
+    "method_label",
     "plot_heatmap",
     "plot_speedup",
     "render_html",

@@ -1,16 +1,17 @@
 """Which blocks to remove, decided from the block-input similarity matrix S alone.
 
-Three methods share one entry point, :func:`select_layers`:
+The S-only methods of the registry (:mod:`lorp.methods`: ``lorp``, ``shortgpt``,
+``streamline``) share one entry point, :func:`select_layers`; this module holds what they and
+the model-in-the-loop methods build on:
 
-``lorp``
-    Locality-Aware Redundancy Pruning: the Representation Locality Score (RLS) picks a number of
-    phases K, spectral clustering splits the layers into K phases, and a two-stage allocation
-    removes the most redundant layers phase by phase (see ``docs/LORP_METHOD.md``).
-``shortgpt``
-    Block Influence: remove the k layers whose input and output are most alike, ``S[i, i+1]``.
-``streamline``
-    LLM-Streamline: remove the contiguous run ``[s, s+k)`` whose boundary inputs are most alike,
-    ``S[s, s+k]``.
+- LoRP's pieces: the Representation Locality Score (RLS) and its policy for the number of
+  phases K, spectral clustering into K phases, and the two-stage allocation that removes the
+  most redundant layers phase by phase (see ``docs/LORP_METHOD.md``);
+- ShortGPT's Block Influence (the k layers whose input and output are most alike,
+  ``S[i, i+1]``) and LLM-Streamline's run ``[s, s+k)`` whose boundary inputs are most alike,
+  ``S[s, s+k]``;
+- :class:`Selection` (every method's result), :func:`validate_similarity` and
+  :func:`resolve_budget`.
 
 Everything here is a pure function of S (an N×N float matrix, N = number of blocks, ``S[i, j]``
 = mean per-token cosine between the inputs of blocks i and j). Layers 0 and N−1 are never removed
@@ -36,12 +37,15 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from .errors import BudgetError, InvalidInputError, SimilarityMatrixError
+from .methods import SelectionRequest, find_method, method_names
 
 __all__ = [
     "METHODS",
     "Allocation",
     "Selection",
     "allocate",
+    "check_num_clusters",
+    "mean_and_rls",
     "policy_num_clusters",
     "representation_locality_score",
     "resolve_budget",
@@ -52,7 +56,8 @@ __all__ = [
     "validate_similarity",
 ]
 
-METHODS: tuple[str, ...] = ("lorp", "shortgpt", "streamline")
+#: The S-only methods of the registry (:mod:`lorp.methods`), in order.
+METHODS: tuple[str, ...] = method_names(needs_model=False, fold=False)
 
 # A cosine-similarity matrix computed in float32 is symmetric and inside [-1, 1] only up to
 # rounding; these are the slacks validate_similarity allows.
@@ -236,17 +241,17 @@ def resolve_budget(num_layers: int, budget: int | float) -> int:
 # --------------------------------------------------------------------------------------------
 
 
-def _off_diagonal_mean(matrix: np.ndarray) -> float:
+def mean_and_rls(matrix: np.ndarray) -> tuple[float, float]:
+    """(mean_{i<j} S_ij, RLS) of a validated S (:func:`validate_similarity`); the RLS is
+    ``inf`` when the mean is ≤ 0."""
     n = matrix.shape[0]
-    return float(matrix[np.triu_indices(n, k=1)].mean())
+    mean = float(matrix[np.triu_indices(n, k=1)].mean())
+    return mean, (math.inf if mean <= 0.0 else -math.log2(mean))
 
 
 def representation_locality_score(similarity: ArrayLike) -> float:
     """RLS = −log2(mean_{i<j} S_ij); ``inf`` if that mean is ≤ 0 (similarity fully decayed)."""
-    mean = _off_diagonal_mean(validate_similarity(similarity))
-    if mean <= 0.0:
-        return math.inf
-    return -math.log2(mean)
+    return mean_and_rls(validate_similarity(similarity))[1]
 
 
 def policy_num_clusters(rls: float) -> int:
@@ -260,7 +265,8 @@ def policy_num_clusters(rls: float) -> int:
     return 4
 
 
-def _check_num_clusters(num_clusters: Any, num_layers: int) -> int:
+def check_num_clusters(num_clusters: Any, num_layers: int) -> int:
+    """A forced number of LoRP phases: an integer from 2 to ``num_layers``."""
     if isinstance(num_clusters, bool) or not isinstance(num_clusters, numbers.Integral):
         raise InvalidInputError(f"num_clusters must be an integer, got {num_clusters!r}")
     k = int(num_clusters)
@@ -292,7 +298,7 @@ def spectral_phases(similarity: ArrayLike, num_clusters: int) -> list[int]:
 
     matrix = validate_similarity(similarity)
     n = matrix.shape[0]
-    k = _check_num_clusters(num_clusters, n)
+    k = check_num_clusters(num_clusters, n)
     if k == n:
         return list(range(n))
     affinity = np.clip((matrix + 1.0) / 2.0, 0.0, None)
@@ -442,62 +448,28 @@ def select_layers(
     method: str = "lorp",
     num_clusters: int | None = None,
 ) -> Selection:
-    """Choose the blocks to remove with ``method`` (one of :data:`METHODS`).
+    """Choose the blocks to remove with the S-only ``method`` (one of :data:`METHODS`).
 
     ``num_remove`` is a block count or a fraction of the layers (see :func:`resolve_budget`).
     ``num_clusters`` forces LoRP's K (2..N) instead of the RLS policy; it is an error for the
-    other methods. Raises :class:`InvalidInputError` (unknown method, bad ``num_clusters``),
-    :class:`SimilarityMatrixError` or :class:`BudgetError`.
+    methods that take no K. Raises :class:`InvalidInputError` (unknown method, bad
+    ``num_clusters``), :class:`SimilarityMatrixError` or :class:`BudgetError`.
     """
-    if method not in METHODS:
+    info = find_method(method)
+    if info is None or info.needs_model or info.fold is not None:
+        valid = method_names(needs_model=False, fold=False)
         raise InvalidInputError(
-            f"unknown selection method {method!r}; valid methods: {', '.join(METHODS)}"
+            f"unknown selection method {method!r}; valid methods: {', '.join(valid)}"
         )
     matrix = validate_similarity(similarity)
-    n = matrix.shape[0]
-    k = resolve_budget(n, num_remove)
-    mean = _off_diagonal_mean(matrix)
-    rls = math.inf if mean <= 0.0 else -math.log2(mean)
-    details: dict[str, Any] = {"mean_similarity": mean}
-
-    if method != "lorp":
-        if num_clusters is not None:
-            raise InvalidInputError(f"num_clusters only applies to method 'lorp', not {method!r}")
-        if method == "shortgpt":
-            removed = shortgpt_layers(matrix, k)
-            details["scores"] = [
-                float(matrix[i, i + 1]) if 1 <= i <= n - 2 else None for i in range(n)
-            ]
-        else:
-            removed = streamline_layers(matrix, k)
-            details["scores"] = [
-                float(matrix[s, s + k]) if 1 <= s <= n - k - 1 else None for s in range(n)
-            ]
-            details["start"] = removed[0]
-            details["end"] = removed[-1] + 1
-        return Selection(method=method, num_layers=n, removed=removed, rls=rls, details=details)
-
-    if num_clusters is None:
-        num_k = policy_num_clusters(rls)
-        details["num_clusters_source"] = "policy"
-    else:
-        num_k = _check_num_clusters(num_clusters, n)
-        details["num_clusters_source"] = "forced"
-    labels = spectral_phases(matrix, num_k)
-    alloc = allocate(matrix, labels, k)
-    details["scores"] = [r if math.isfinite(r) else None for r in alloc.redundancy]
-    details["removal_order"] = list(alloc.order)
-    details["stages"] = list(alloc.stages)
-    details["candidates"] = [list(alloc.candidates.get(c, [])) for c in range(num_k)]
-    return Selection(
-        method=method,
-        num_layers=n,
-        removed=alloc.removed,
-        rls=rls,
-        num_clusters=num_k,
-        labels=labels,
-        details=details,
-    )
+    k = resolve_budget(matrix.shape[0], num_remove)
+    if num_clusters is not None and not info.takes_clusters:
+        takes = method_names(needs_model=False, fold=False, takes_clusters=True)
+        raise InvalidInputError(
+            f"num_clusters only applies to method{'s' if len(takes) > 1 else ''} "
+            f"{', '.join(repr(m) for m in takes)}, not {method!r}"
+        )
+    return info.select(SelectionRequest(similarity=matrix, num_remove=k, num_clusters=num_clusters))
 
 
 def _json_safe(value: Any) -> Any:

@@ -21,16 +21,11 @@ import matplotlib.pyplot as plt
 from matplotlib import ticker
 
 from benchmarks._common import table
+from lorp.methods import method_names
 
-#: Methods in table / plot order (also run.py's default method list).
-METHOD_ORDER: tuple[str, ...] = (
-    "lorp",
-    "shortgpt",
-    "streamline",
-    "sleb",
-    "lorp-kl",
-    "auto",
-    "lorp-loss",
+#: Corrected variants measured besides the methods: a method's selection with a correction
+#: (suffixes below) on top, in table / plot order.
+VARIANTS: tuple[str, ...] = (
     "lorp+fit",
     "shortgpt+fit",
     "streamline+fit",
@@ -42,6 +37,10 @@ METHOD_ORDER: tuple[str, ...] = (
     "streamline+temp",
     "lorp-loss+temp",
 )
+#: Methods in table / plot order (also run.py's default method list): the registry's selection
+#: methods (lorp.methods, in its order; a fold such as lorp-fold is measured under the name of
+#: what it does, a variant below), then the variants.
+METHOD_ORDER: tuple[str, ...] = (*method_names(fold=False), *VARIANTS)
 #: Suffix of a compensated method (the base's selection + lorp.compensation's fitted fold) and
 #: the prefix of its evaluation key.
 FIT = "+fit"

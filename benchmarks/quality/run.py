@@ -7,13 +7,14 @@ Per model (``models.py``; loaded once, float32, CPU):
   resumed run selects from the same matrix;
 - budgets k = round(f x N) for f in ``--fractions`` (0.1, 0.2, 0.3): SmolLM2 3/6/9, Gemma-3 2/4/5,
   Qwen2.5 2/5/7;
-- S-only methods (lorp, shortgpt, streamline): ``lorp.selection.select_layers``;
-  model-in-the-loop methods (sleb, lorp-kl, auto, lorp-loss): ``lorp.search.search_layers`` on
+- the methods of the registry (``lorp.methods``; folds such as lorp-fold are measured under the
+  name of what they do, ``lorp-loss+tfit+temp``), in its order:
+  S-only methods (lorp, shortgpt, streamline): ``lorp.selection.select_layers``;
+  model-in-the-loop methods (sleb, lorp-kl, lorp-loss, auto): ``lorp.search.search_layers`` on
   scoring windows of the calibration text right after the calibration windows, shaped as
   ``lorp.pipeline.PruneConfig.scoring_shape`` gives for the method (or ``--score-windows`` /
   ``--score-seq-len``), with ``max_passes = lorp.search.pass_budget(...)`` as the pipeline does
-  (a limit for auto and lorp-loss); a method missing from ``lorp.search.ALL_METHODS`` is skipped
-  with a note;
+  (a limit for auto and lorp-loss); a method missing from the registry is skipped with a note;
 - selection time = capture + the method's own selection, except SLEB (needs no S): SLEB is greedy
   and deterministic, so it runs once at the largest budget and a smaller budget k takes its first
   k removals, with time = the elapsed time at step k;
@@ -34,7 +35,7 @@ Per model (``models.py``; loaded once, float32, CPU):
 - quality of every distinct removal set (and the dense model) on WikiText-2 test and on the
   held-out text (``eval/debian-reference.en.txt``): ``--eval-windows`` non-overlapping windows of
   ``--eval-seq-len`` tokens from the start of each, perplexity and top-1 next-token agreement
-  with the dense model (``lorp.search.WindowScorer`` with the dense arg-max as reference).
+  with the dense model (``lorp.scoring.WindowScorer`` with the dense arg-max as reference).
 
 Results go to ``benchmarks/results/quality/<model>.json`` as they finish (a re-run skips finished
 work; ``--force`` recomputes), then Markdown tables, ``summary.md`` and plots (``report.py``).
@@ -79,17 +80,10 @@ from lorp.compensation import (  # noqa: E402
 from lorp.data import prepends_bos, text_windows  # noqa: E402
 from lorp.errors import UnsupportedModelError  # noqa: E402
 from lorp.inputs import BlockInputs  # noqa: E402
-from lorp.pipeline import PruneConfig, _inputs_to_keep, _windows_after  # noqa: E402
-from lorp.search import (  # noqa: E402
-    ALL_METHODS,
-    FOLD_METHODS,
-    SEARCH_METHODS,
-    WindowScore,
-    WindowScorer,
-    pass_budget,
-    search_layers,
-)
-from lorp.selection import METHODS as S_METHODS  # noqa: E402
+from lorp.methods import find_method  # noqa: E402
+from lorp.pipeline import PruneConfig, inputs_to_keep, windows_after  # noqa: E402
+from lorp.scoring import WindowScore, WindowScorer  # noqa: E402
+from lorp.search import pass_budget, search_layers  # noqa: E402
 from lorp.selection import Selection, select_layers  # noqa: E402
 from lorp.similarity import capture_similarity  # noqa: E402
 
@@ -151,7 +145,17 @@ def set_key(removed: Sequence[int]) -> str:
 def known(method: str) -> bool:
     """Whether this checkout can run ``method`` here (``lorp-fold`` is measured under the
     name of what it does, ``lorp-loss+tfit+temp``)."""
-    return (report.base_of(method) or method) in ALL_METHODS and method not in FOLD_METHODS
+    own = find_method(method)
+    return find_method(report.base_of(method) or method) is not None and (
+        own is None or own.fold is None
+    )
+
+
+def _selects(method: str, *, needs_model: bool) -> bool:
+    """Whether ``method`` is a selection method of the registry (not a fold) that runs the
+    model on scoring windows (``needs_model``) or decides from S alone."""
+    info = find_method(method)
+    return info is not None and info.fold is None and info.needs_model == needs_model
 
 
 def make_scorer(model: nn.Module, windows: torch.Tensor, batch_size: int) -> WindowScorer:
@@ -271,8 +275,8 @@ def run_model(
         else:
             data["skipped"][m] = (
                 "measured as lorp-loss+tfit+temp (the same selection and corrections)"
-                if m in FOLD_METHODS
-                else "not in lorp.search.ALL_METHODS of this checkout"
+                if (info := find_method(m)) is not None and info.fold is not None
+                else "not in the method registry (lorp.methods) of this checkout"
             )
             _log(f"{spec.key}: skipping {m!r}: {data['skipped'][m]}")
     texts = list(settings.texts)
@@ -354,7 +358,7 @@ def _select(
     similarity = np.asarray(data["similarity"], dtype=np.float64)
     capture_s = float(data["capture_s"])
     fresh: float | None = None
-    if any(m in SEARCH_METHODS for m, _ in todo) and not captured_here:
+    if any(_selects(m, needs_model=True) for m, _ in todo) and not captured_here:
         # S comes from an earlier process: time the capture again here so that a search
         # method's time and LoRP's (this capture + LoRP's own selection) share a machine state
         t = time.perf_counter()
@@ -393,7 +397,7 @@ def _select(
             score_seq_len=settings.score_seq_len,
         ).scoring_shape
         if shape not in scoring:
-            windows, _ = _windows_after(tok, settings.calibration, shape[1], shape[0], after, bos)
+            windows, _ = windows_after(tok, settings.calibration, shape[1], shape[0], after, bos)
             if windows is None:
                 raise SystemExit(f"{settings.calibration} has no text left for scoring windows")
             scoring[shape] = windows
@@ -411,7 +415,7 @@ def _select(
     for method in dict.fromkeys(m for m, _ in todo):
         budgets = [k for m, k in todo if m == method]
         try:
-            if method in S_METHODS:
+            if _selects(method, needs_model=False):
                 for k in budgets:
                     t = time.perf_counter()
                     sel = select_layers(similarity, k, method=method)
@@ -432,7 +436,7 @@ def _select(
             elif report.base_of(method) is not None:
                 if not _fit(store, model, calib, settings, method, budgets, fits, inputs):
                     continue
-            elif method in SEARCH_METHODS:
+            elif _selects(method, needs_model=True):
                 windows = windows_for(method)
                 for k in budgets:
                     max_passes = pass_budget(
@@ -493,7 +497,7 @@ def _inputs_for(
         temperature=True,
         temperature_windows=settings.temp_windows,
     )
-    return _inputs_to_keep(model, calib, config)
+    return inputs_to_keep(model, calib, config)
 
 
 def _fold(

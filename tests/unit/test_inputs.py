@@ -230,7 +230,7 @@ def test_windows_kept_follow_the_groups_and_the_byte_budget(
         compensation_windows=5, compensation_tune_windows=2, temperature=True,
         temperature_windows=3,
     )  # fmt: skip
-    keep = lorp.pipeline._inputs_to_keep
+    keep = lorp.pipeline.inputs_to_keep
     per_window = DEPTH * 32 * 32 * 4  # blocks x tokens x hidden x float32
     got = keep(model, calib, config)
     assert got is not None and got.indices == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]

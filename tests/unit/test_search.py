@@ -1,4 +1,5 @@
-"""Model-in-the-loop selection (lorp.search): sleb, lorp-kl, auto, and their pipeline wiring."""
+"""Model-in-the-loop selection (lorp.search, lorp.scoring, lorp.methods): sleb, lorp-kl, lorp-loss,
+auto, and their pipeline wiring."""
 
 from __future__ import annotations
 
@@ -14,22 +15,14 @@ from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedModel
 from lorp._blocks import get_blocks
 from lorp.cli import main
 from lorp.errors import InvalidInputError
+from lorp.methods.auto import auto_select
+from lorp.methods.lorp_kl import lorp_kl_select
+from lorp.methods.lorp_loss import lorp_loss_select, swap_moves
+from lorp.methods.sleb import sleb_select
 from lorp.pipeline import PruneConfig, prune, run_pipeline
 from lorp.quality import compare_pruned, perplexity
-from lorp.search import (
-    ALL_METHODS,
-    FOLD_METHODS,
-    SEARCH_METHODS,
-    WindowScorer,
-    _swap_moves,
-    affordable_passes,
-    auto_select,
-    lorp_kl_select,
-    lorp_loss_select,
-    race,
-    search_layers,
-    sleb_select,
-)
+from lorp.scoring import WindowScorer, affordable_passes, race
+from lorp.search import ALL_METHODS, FOLD_METHODS, SEARCH_METHODS, search_layers
 from lorp.selection import METHODS, select_layers
 from lorp.similarity import capture_similarity
 from lorp.surgery import pruned_view
@@ -276,7 +269,7 @@ def test_lorp_loss_starts_from_the_best_s_selection_and_only_keeps_real_gains(
     names = [st["name"] for st in d["starts"]]
     assert names[0] == f"lorp (K={lorp.num_clusters})" and "streamline" in names
     assert {"shortgpt", "streamline"} <= set(names)
-    # ... raced (lorp.search.race): each score is on the windows it reports
+    # ... raced (lorp.scoring.race): each score is on the windows it reports
     for st in d["starts"]:
         w = windows[: st["windows"]]
         assert st["nll"] == pytest.approx(loss(st["removed"], w), rel=1e-5)
@@ -313,7 +306,7 @@ def test_swap_moves_trade_one_block_at_run_ends() -> None:
         s[i, i + 1] = s[i + 1, i] = 0.5 + 0.01 * i  # deeper blocks look more redundant
     labels = [0] * 6 + [1] * 6
     current = (3, 4, 5, 9)
-    moves = _swap_moves(current, labels, s, 1)
+    moves = swap_moves(current, labels, s, 1)
     assert moves and len(set(moves)) == len(moves)
     for m in moves:
         assert len(m) == 4 and 0 not in m and n - 1 not in m
@@ -507,7 +500,6 @@ def test_strided_scorer_scores_every_stride_th_prediction_from_the_prefix() -> N
     """stride=3: the NLL is the mean over positions 0, 3, 6, ... of the pruned model's own
     log-probabilities (the head runs only there), with and without the dense prefix cache; a
     stride needs reference=False."""
-    from lorp.search import WindowScorer
     from lorp.surgery import remove_blocks
     from tests.tiny_models import build_tiny
 
