@@ -19,8 +19,8 @@ from lorp.compensation import (
 )
 from lorp.data import text_windows
 from lorp.loading import load_model
+from lorp.methods import method_names
 from lorp.quality import perplexity
-from lorp.search import ALL_METHODS, SEARCH_METHODS
 from lorp.surgery import pruned_view, remove_blocks
 from lorp.temperature import fit_temperature, temperature_view
 
@@ -90,19 +90,31 @@ def test_end_to_end_resume_and_report(tmp_path: Path, tiny_dir: Path, text_file:
     assert run.main(argv, registry={"tiny": _spec(tiny_dir)}) == 0
 
     data = json.loads((out / "tiny.json").read_text())
-    expected = [m for m in report.METHOD_ORDER if run.known(m)]
-    assert "lorp-loss+fit" in expected and "lorp-loss+temp" in expected
-    assert "lorp-loss+tfit" in expected and "lorp-loss+tfit+temp" in expected
+    # by default: every selection method of the library's registry in its order (lorp-fold, a
+    # fold, is measured as lorp-loss+tfit+temp), then these corrected variants in this order
+    methods = list(method_names(fold=False))
+    assert methods[:7] == ["lorp", "shortgpt", "streamline", "sleb", "lorp-kl", "lorp-loss", "auto"]
+    assert "lorp-fold" not in methods
+    expected = [
+        *methods,
+        "lorp+fit",
+        "shortgpt+fit",
+        "streamline+fit",
+        "sleb+fit",
+        "lorp-loss+fit",
+        "streamline+tfit",
+        "lorp-loss+tfit",
+        "lorp-loss+tfit+temp",
+        "streamline+temp",
+        "lorp-loss+temp",
+    ]
     assert list(data["selections"]) == expected
-    if "lorp-loss" in ALL_METHODS:
-        assert "lorp-loss" not in data["skipped"]
-    else:
-        assert "lorp-loss" in data["skipped"]
+    assert data["skipped"] == {}
     assert data["errors"] == {}
     assert data["budgets"] == {"1": pytest.approx(1 / 6), "2": pytest.approx(2 / 6)}
     assert data["calibration"]["windows"] == 4 and data["calibration"]["seq_len"] == 32
     assert {m: s["windows"] for m, s in data["scoring"].items()} == {
-        m: 2 for m in expected if m in SEARCH_METHODS
+        m: 2 for m in method_names(needs_model=True, fold=False)
     }
     assert data["evaluation"]["wikitext2"]["windows"] == 3
     assert data["evaluation"]["heldout"]["predictions"] == 3 * 23

@@ -13,7 +13,14 @@ import pytest
 
 from lorp.bench import BenchmarkConfig, benchmark
 from lorp.errors import InvalidInputError, SimilarityMatrixError
-from lorp.report import REPORT_SCHEMA_VERSION, build_report, load_schema, write_reports
+from lorp.report import (
+    REPORT_SCHEMA_VERSION,
+    build_report,
+    explain,
+    load_schema,
+    method_label,
+    write_reports,
+)
 from lorp.selection import select_layers
 from tests.tiny_models import DEPTH, build_tiny
 
@@ -224,3 +231,187 @@ def test_every_string_is_escaped(tmp_path: Path, bench_dict: dict[str, Any]) -> 
         assert "&lt;script&gt;" in text
     html_text = (tmp_path / "report.html").read_text()
     assert "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt; &amp; co" in html_text
+
+
+#: Selection dicts and the prose the report prints for them (the text is part of the report).
+EXPLAINED: dict[str, tuple[dict[str, Any], str]] = {
+    "lorp": (
+        {"method": "lorp", "num_layers": 12, "removed": [3, 7, 8], "rls": 0.85, "num_clusters": 3},
+        (
+            "LoRP: the Representation Locality Score RLS = 0.850 marks this model's "
+            "representations as intermediate; it was split into K = 3 phases by spectral "
+            "clustering of S. Every phase first loses its most redundant block (coverage), "
+            "the rest of the budget goes to the phases whose remaining blocks are most "
+            "alike, giving 3 of 12 blocks removed. The first and the last block are never "
+            "removed."
+        ),
+    ),
+    "shortgpt": (
+        {"method": "shortgpt", "num_layers": 12, "removed": [5, 6], "rls": 1.2},
+        (
+            "ShortGPT: the 2 blocks whose input and output are most alike (highest cosine "
+            "S[i, i+1], Block Influence) were removed. RLS = 1.200 (for information)."
+        ),
+    ),
+    "streamline": (
+        {"method": "streamline", "num_layers": 12, "removed": [4, 5, 6], "rls": None},
+        (
+            "LLM-Streamline: one contiguous run of 3 blocks was removed where the input "
+            "before the run and the input after it are most alike. RLS = n/a (for "
+            "information)."
+        ),
+    ),
+    "sleb": (
+        {
+            "method": "sleb",
+            "num_layers": 12,
+            "removed": [2, 9],
+            "rls": 0.5,
+            "details": {"passes": 19, "scoring": {"windows": 4, "seq_len": 256}},
+        },
+        (
+            "SLEB (iterative, by calibration loss): starting from the full model, 2 times "
+            "the block whose removal gave the lowest loss on 4 scoring windows x 256 tokens "
+            "of calibration text was removed (19 forward passes). RLS = 0.500 (for "
+            "information)."
+        ),
+    ),
+    "lorp-kl": (
+        {
+            "method": "lorp-kl",
+            "num_layers": 12,
+            "removed": [3, 8],
+            "rls": 0.9,
+            "num_clusters": 3,
+            "details": {
+                "passes": 7,
+                "candidates_per_slot": 3,
+                "lorp_removed": [3, 7],
+                "scoring": {"windows": 4, "seq_len": 256},
+            },
+        },
+        (
+            "LoRP-KL: LoRP's phases (K = 3, RLS = 0.900) and its per-phase budget; within "
+            "each phase the block to remove was chosen among the 3 most redundant by the "
+            "lowest KL divergence from the full model on 4 scoring windows x 256 tokens of "
+            "calibration text (7 forward passes; plain LoRP would remove [3, 7])."
+        ),
+    ),
+    "lorp-loss": (
+        {
+            "method": "lorp-loss",
+            "num_layers": 12,
+            "removed": [3, 8],
+            "rls": 0.9,
+            "num_clusters": 2,
+            "details": {
+                "start": "shortgpt",
+                "improved": True,
+                "search": {"passes": 11},
+                "lorp_removed": [3, 7],
+                "scoring": {"windows": 8, "seq_len": 512},
+            },
+        },
+        (
+            "LoRP-loss (LoRP phases, greedy by calibration loss): LoRP's phases (K = 2, RLS "
+            "= 0.900). The S-based selections were measured by their loss on 8 scoring "
+            "windows x 512 tokens of calibration text; the best, shortgpt, was the start, "
+            "and a local search of 11 swaps found a better set, confirmed on the scoring "
+            "windows (2 of 12 blocks; plain LoRP would remove [3, 7])."
+        ),
+    ),
+    "lorp-loss-kept": (
+        {
+            "method": "lorp-loss",
+            "num_layers": 12,
+            "removed": [3, 7],
+            "rls": 0.9,
+            "num_clusters": 2,
+            "details": {
+                "start": "lorp (K=2)",
+                "improved": False,
+                "search": {"passes": 4},
+                "lorp_removed": [3, 7],
+            },
+        },
+        (
+            "LoRP-loss (LoRP phases, greedy by calibration loss): LoRP's phases (K = 2, RLS "
+            "= 0.900). The S-based selections were measured by their loss on ? scoring "
+            "windows x ? tokens of calibration text; the best, lorp (K=2), was the start, "
+            "and no swap tried by the local search (4 passes) did better, so it was kept (2 "
+            "of 12 blocks; plain LoRP would remove [3, 7])."
+        ),
+    ),
+    "auto": (
+        {
+            "method": "auto",
+            "num_layers": 12,
+            "removed": [5, 6],
+            "rls": 0.7,
+            "details": {
+                "objective": "nll",
+                "chosen": "shortgpt",
+                "race": {"first_windows": 2, "margin": 0.25},
+                "candidates": [{"eliminated": True}, {"eliminated": False}, {"eliminated": True}],
+                "scoring": {"windows": 8, "seq_len": 512},
+            },
+        },
+        (
+            "auto: 3 candidate selections were built and each was scored by its next-token "
+            "loss on 8 scoring windows x 512 tokens held out from the calibration windows (2 "
+            "dropped after the first 2 windows for being more than 0.25 nats behind the best "
+            "there); the lowest, shortgpt, was kept (2 of 12 blocks). RLS = 0.700."
+        ),
+    ),
+    "auto-kl": (
+        {
+            "method": "auto",
+            "num_layers": 12,
+            "removed": [5, 6],
+            "rls": 0.7,
+            "details": {
+                "objective": "kl",
+                "chosen": "lorp (K=3, policy)",
+                "candidates": [{"eliminated": False}],
+                "scoring": {"windows": 4, "seq_len": 256},
+            },
+        },
+        (
+            "auto: 1 candidate selections were built and each was scored by its KL "
+            "divergence of its next-token predictions from the full model's on 4 scoring "
+            "windows x 256 tokens held out from the calibration windows; the lowest, lorp "
+            "(K=3, policy), was kept (2 of 12 blocks). RLS = 0.700."
+        ),
+    ),
+    "unknown": (
+        {"method": "magic", "num_layers": 12, "removed": [1], "rls": 0.7},
+        ("magic: 1 of 12 blocks removed. RLS = 0.700."),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(EXPLAINED))
+def test_explanation_prose_per_method(case: str) -> None:
+    selection, expected = EXPLAINED[case]
+    assert explain(selection) == expected
+    n = selection["num_layers"]
+    doc = build_report(
+        model={"source": "x", "num_layers": n},
+        budget={"num_remove": len(selection["removed"])},
+        selection=selection,
+        similarity=_similarity(n),
+        timings={},
+    )
+    assert doc["selection"]["explanation"] == expected
+
+
+def test_method_labels() -> None:
+    assert [method_label(m) for m in ("lorp", "shortgpt", "streamline", "lorp-kl", "magic")] == [
+        "LoRP",
+        "ShortGPT",
+        "LLM-Streamline",
+        "LoRP-KL",
+        "magic",
+    ]
+    assert method_label("sleb") == "SLEB (iterative, by calibration loss)"
+    assert method_label("lorp-loss") == "LoRP-loss (LoRP phases, greedy by calibration loss)"
