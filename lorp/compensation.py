@@ -427,7 +427,7 @@ def tune_strength(
     extra = _vertex(list(measured.items())) if refine else None
     if extra is not None:
         measure(extra)
-    chosen, best, se = _choose(losses, rule)
+    chosen, best, se = choose_strength(losses, rule)
     tuning = {
         "windows": int(windows.shape[0]),
         "seq_len": int(windows.shape[1]),
@@ -442,7 +442,7 @@ def tune_strength(
     return replace(compensation, strength=chosen, tuning=tuning)
 
 
-def _choose(
+def choose_strength(
     losses: Mapping[float, torch.Tensor], rule: str
 ) -> tuple[float, float, dict[float, float]]:
     """(chosen strength, lowest-NLL strength, each strength's paired standard error against
@@ -599,6 +599,7 @@ __all__ = [
     "Compensation",
     "apply_compensation",
     "check_compensable",
+    "choose_strength",
     "compensated_view",
     "first_changed",
     "fit_compensation",

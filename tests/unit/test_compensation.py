@@ -313,7 +313,7 @@ def per_se(per: dict[float, torch.Tensor], s: float, best: float) -> float:
 def test_one_se_rule_prefers_the_smaller_strength_within_the_noise() -> None:
     """1.0 lower than 0.5 by less than one paired standard error: "one-se" keeps 0.5, "min"
     1.0; by many standard errors: both keep 1.0; 0 (plain removal) far behind either way."""
-    from lorp.compensation import _choose
+    from lorp.compensation import choose_strength
 
     g = torch.Generator().manual_seed(0)
     plain = 3.5 + torch.randn(400, generator=g)
@@ -322,11 +322,11 @@ def test_one_se_rule_prefers_the_smaller_strength_within_the_noise() -> None:
     close = half - 0.002 + (wide - wide.mean())  # 0.002 lower, SE of the difference ~0.025
     far = half - 0.2 + (narrow - narrow.mean())  # 0.2 lower, SE ~0.0025
     assert float(close.mean()) < float(half.mean())
-    chosen, best, se = _choose({0.0: plain, 0.5: half, 1.0: close}, "one-se")
+    chosen, best, se = choose_strength({0.0: plain, 0.5: half, 1.0: close}, "one-se")
     assert (chosen, best) == (0.5, 1.0) and se[1.0] == 0.0 and 0.01 < se[0.5] < 0.05
-    assert _choose({0.0: plain, 0.5: half, 1.0: close}, "min")[0] == 1.0
-    assert _choose({0.0: plain, 0.5: half, 1.0: far}, "one-se")[:2] == (1.0, 1.0)
-    assert _choose({0.0: plain, 0.5: half}, "one-se")[0] == 0.5
+    assert choose_strength({0.0: plain, 0.5: half, 1.0: close}, "min")[0] == 1.0
+    assert choose_strength({0.0: plain, 0.5: half, 1.0: far}, "one-se")[:2] == (1.0, 1.0)
+    assert choose_strength({0.0: plain, 0.5: half}, "one-se")[0] == 0.5
 
 
 @pytest.mark.parametrize("strengths", [[], [-0.1], [float("nan")], [True], [3.0], ["0.5"]])
