@@ -397,9 +397,12 @@ class JobRunner:
 
     def _check_memory(self, inputs: Inputs, dtype: str) -> None:
         """Refuse, before loading, a model whose weights would exceed ``max_model_bytes`` in
-        memory as ``dtype`` (from file headers: a quantised GGUF or a float16 checkpoint is
-        bigger once loaded in float32 than its files). Corrupt headers fail here too."""
-        if self.settings.max_model_bytes is None or not inputs.local:
+        memory as ``dtype`` (the larger of the file headers' and the config's size: a quantised
+        GGUF or a float16 checkpoint is bigger once loaded in float32 than its files, and a
+        config claiming huge dimensions beside tiny weights would be allocated as claimed).
+        Runs for every local model, limit or not: malformed headers and configs that are not
+        positive integers / absurd fail here as ``model_load_failed``, before any allocation."""
+        if not inputs.local:
             return
         from lorp.loading import estimate_weight_bytes
 
@@ -442,10 +445,17 @@ class JobRunner:
         )
 
     def _local(self, uri: str) -> Path:
+        """The real path of a local input; ``invalid_input`` when it, or any file under it
+        (a model folder is walked recursively, symlinks resolved), lies outside the local roots
+        or is not a regular file or folder (``lorp.loading.check_confined``)."""
+        from lorp.loading import check_confined
+
         try:
-            return resolve_local(uri, self.settings)
+            path = resolve_local(uri, self.settings)
         except ValueError as e:
             raise InvalidInputError(str(e)) from None
+        check_confined(uri, self.settings.local_roots)
+        return path
 
     def _fetch_model(self, uri: str, gguf_file: str | None, dest: Path) -> tuple[str, str | None]:
         if uri.startswith("hf:"):
@@ -454,6 +464,12 @@ class JobRunner:
             return uri[3:], gguf_file
         if uri.startswith("/"):
             path = self._local(uri)
+            if path.is_file():
+                # transformers treats a GGUF file's folder as the repo and reads files beside it
+                # (tokenizer_config.json, generation_config.json...): confine those too.
+                from lorp.loading import check_confined
+
+                check_confined(path.parent, self.settings.local_roots)
             if path.is_dir():
                 total = sum(
                     p.stat().st_size
