@@ -17,6 +17,7 @@ from ..errors import InvalidInputError
 from ..progress import ProgressCallback
 
 if TYPE_CHECKING:
+    from ..scoring import WindowScorer
     from ..selection import Selection
 
 __all__ = [
@@ -28,6 +29,7 @@ __all__ = [
     "check_per_slot",
     "generic_explain",
     "selection_facts",
+    "similarity_facts",
     "windows_text",
 ]
 
@@ -60,6 +62,19 @@ class SelectionRequest:
     candidates_per_slot: int = 3
     max_passes: int | None = None
     progress: ProgressCallback | None = None
+
+    def scorer(self, *, reference: bool = False) -> WindowScorer:
+        """A :class:`lorp.scoring.WindowScorer` over this request's model and windows
+        (``reference``: keep the dense log-probabilities, for KL; the loss needs none)."""
+        from ..scoring import WindowScorer
+
+        return WindowScorer(
+            self.model,
+            self.windows,
+            batch_size=self.batch_size,
+            reference=reference,
+            progress=self.progress,
+        )
 
 
 #: ``pass_budget(model, calibration_tokens, (windows, tokens), num_remove)``: the ``max_passes``
@@ -140,6 +155,18 @@ def check_per_slot(candidates_per_slot: int) -> int:
             f"candidates_per_slot must be at least 1, got {candidates_per_slot}"
         )
     return candidates_per_slot
+
+
+def similarity_facts(request: SelectionRequest) -> tuple[Any, int, int, dict[str, Any], float]:
+    """What every S-only method starts from: the validated matrix S, its size N, the number of
+    blocks to remove k, ``details`` holding S's mean similarity, and the RLS."""
+    from ..selection import mean_and_rls, resolve_budget, validate_similarity
+
+    matrix = validate_similarity(request.similarity)
+    n = matrix.shape[0]
+    k = resolve_budget(n, request.num_remove)
+    mean, rls = mean_and_rls(matrix)
+    return matrix, n, k, {"mean_similarity": mean}, rls
 
 
 def selection_facts(sel: Mapping[str, Any]) -> tuple[str, Any, int]:

@@ -230,15 +230,7 @@ def auto_select(
 
 
 def select(request: SelectionRequest) -> Selection:
-    from ..scoring import WindowScorer
-
-    scorer = WindowScorer(
-        request.model,
-        request.windows,
-        batch_size=request.batch_size,
-        reference=False,  # ranks by loss: no dense pass
-        progress=request.progress,
-    )
+    scorer = request.scorer()  # ranks by loss: no dense pass
     return auto_select(
         request.similarity,
         request.num_remove,

@@ -11,7 +11,7 @@ import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from ._base import MethodInfo, SelectionRequest, selection_facts
+from ._base import MethodInfo, SelectionRequest, selection_facts, similarity_facts
 
 if TYPE_CHECKING:
     from ..selection import Selection
@@ -26,18 +26,11 @@ def select(request: SelectionRequest) -> Selection:
         Selection,
         allocate,
         check_num_clusters,
-        mean_and_rls,
         policy_num_clusters,
-        resolve_budget,
         spectral_phases,
-        validate_similarity,
     )
 
-    matrix = validate_similarity(request.similarity)
-    n = matrix.shape[0]
-    k = resolve_budget(n, request.num_remove)
-    mean, rls = mean_and_rls(matrix)
-    details: dict[str, Any] = {"mean_similarity": mean}
+    matrix, n, k, details, rls = similarity_facts(request)
     if request.num_clusters is None:
         num_k = policy_num_clusters(rls)
         details["num_clusters_source"] = "policy"

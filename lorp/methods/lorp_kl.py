@@ -134,15 +134,7 @@ def lorp_kl_select(
 
 
 def select(request: SelectionRequest) -> Selection:
-    from ..scoring import WindowScorer
-
-    scorer = WindowScorer(
-        request.model,
-        request.windows,
-        batch_size=request.batch_size,
-        reference=True,  # measures KL against the dense model
-        progress=request.progress,
-    )
+    scorer = request.scorer(reference=True)  # measures KL against the dense model
     return lorp_kl_select(
         request.similarity,
         request.num_remove,

@@ -239,15 +239,7 @@ def lorp_loss_select(
 
 
 def select(request: SelectionRequest) -> Selection:
-    from ..scoring import WindowScorer
-
-    scorer = WindowScorer(
-        request.model,
-        request.windows,
-        batch_size=request.batch_size,
-        reference=False,  # ranks by loss: no dense pass
-        progress=request.progress,
-    )
+    scorer = request.scorer()  # ranks by loss: no dense pass
     return lorp_loss_select(
         request.similarity,
         request.num_remove,

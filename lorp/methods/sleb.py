@@ -87,15 +87,7 @@ def sleb_select(
 
 
 def select(request: SelectionRequest) -> Selection:
-    from ..scoring import WindowScorer
-
-    scorer = WindowScorer(
-        request.model,
-        request.windows,
-        batch_size=request.batch_size,
-        reference=False,  # ranks by loss: no dense pass
-        progress=request.progress,
-    )
+    scorer = request.scorer()  # ranks by loss: no dense pass
     return sleb_select(scorer, request.num_remove, similarity=request.similarity)
 
 

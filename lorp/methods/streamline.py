@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from ._base import MethodInfo, SelectionRequest, selection_facts
+from ._base import MethodInfo, SelectionRequest, selection_facts, similarity_facts
 
 if TYPE_CHECKING:
     from ..selection import Selection
@@ -19,19 +19,9 @@ LABEL = "LLM-Streamline"
 
 
 def select(request: SelectionRequest) -> Selection:
-    from ..selection import (
-        Selection,
-        mean_and_rls,
-        resolve_budget,
-        streamline_layers,
-        validate_similarity,
-    )
+    from ..selection import Selection, streamline_layers
 
-    matrix = validate_similarity(request.similarity)
-    n = matrix.shape[0]
-    k = resolve_budget(n, request.num_remove)
-    mean, rls = mean_and_rls(matrix)
-    details: dict[str, Any] = {"mean_similarity": mean}
+    matrix, n, k, details, rls = similarity_facts(request)
     removed = streamline_layers(matrix, k)
     details["scores"] = [float(matrix[s, s + k]) if 1 <= s <= n - k - 1 else None for s in range(n)]
     details["start"] = removed[0]
