@@ -5,30 +5,7 @@ imports nothing of the service: they get their configuration through ``LORP_*`` 
 ``python -m devstack [DIR]`` runs the whole stack until Ctrl-C (``make stack``).
 """
 
-from .stack import (
-    ApiServer,
-    CeleryWorker,
-    LocalStack,
-    ManagedProcess,
-    RedisServer,
-    SeaweedS3,
-    StackError,
-    find_weed,
-    free_port,
-    install_signal_handlers,
-    process_group_alive,
-)
+from . import stack
+from .stack import *  # noqa: F403  (the public names are stack.__all__)
 
-__all__ = [
-    "ApiServer",
-    "CeleryWorker",
-    "LocalStack",
-    "ManagedProcess",
-    "RedisServer",
-    "SeaweedS3",
-    "StackError",
-    "find_weed",
-    "free_port",
-    "install_signal_handlers",
-    "process_group_alive",
-]
+__all__ = stack.__all__
