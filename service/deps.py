@@ -10,10 +10,10 @@ from typing import Annotated
 
 from fastapi import Depends, Header, HTTPException, Request, status
 
-from service.config import Settings
-from service.jobs import JobStore
+from jobcore.config import Settings
+from jobcore.storage import Storage
+from jobcore.store import JobStore
 from service.queue import JobQueue
-from service.storage import Storage
 
 
 async def get_settings(request: Request) -> Settings:

@@ -33,8 +33,8 @@ from redis.exceptions import RedisError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.config import Settings
-from service.errors import (
+from jobcore.config import Settings
+from jobcore.errors import (
     IdempotencyConflictError,
     InvalidTransitionError,
     JobNotFoundError,
@@ -44,11 +44,11 @@ from service.errors import (
     StorageNotFoundError,
     StorageUnavailableError,
 )
-from service.jobs import JobStore
+from jobcore.storage import Storage
+from jobcore.store import JobStore
 from service.queue import JobQueue
 from service.routes import health, jobs
 from service.serve import install_log_redaction
-from service.storage import Storage
 
 log = logging.getLogger("service")
 

@@ -1,6 +1,6 @@
 """Sending the ``run_job`` task of a new job to the workers.
 
-The message is the one ``celery.send_task`` would publish (:func:`worker.factory.run_job_message`),
+The message is the one ``celery.send_task`` would publish (:func:`jobcore.queue.run_job_message`),
 pushed onto the broker's Redis list without Celery's publish machinery. When the broker is the job
 store's Redis (``LORP_BROKER_URL`` unset or equal to ``LORP_REDIS_URL``), the script that stores a
 job pushes its message too: the job is stored and queued together or not at all, in one round trip.
@@ -15,10 +15,10 @@ from collections.abc import Callable
 
 from redis.exceptions import RedisError
 
-from service.config import Settings
-from service.errors import QueueUnavailableError
-from service.jobs import JobStore, make_redis
-from worker.factory import QUEUE, make_celery, run_job_message
+from jobcore.config import Settings
+from jobcore.errors import QueueUnavailableError
+from jobcore.queue import QUEUE, make_celery, run_job_message
+from jobcore.store import JobStore, make_redis
 
 
 class JobQueue:

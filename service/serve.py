@@ -76,7 +76,7 @@ import uvicorn
 from uvicorn.config import LOGGING_CONFIG, STARTUP_FAILURE
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
-from service.config import Settings
+from jobcore.config import Settings
 
 METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 STOP_TIMEOUT_S = 30.0

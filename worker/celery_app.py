@@ -1,4 +1,4 @@
-"""The Celery application, configured from the same :class:`service.config.Settings` as the API.
+"""The Celery application, configured from the same :class:`jobcore.config.Settings` as the API.
 
 Start a worker with ``celery -A worker.celery_app worker --pool prefork --concurrency 1``.
 Delivery is at-least-once: ``acks_late`` + ``task_reject_on_worker_lost`` put a job whose worker
@@ -7,10 +7,10 @@ process died back on the queue, and the task itself is idempotent (see ``worker.
 
 from __future__ import annotations
 
-from service.config import Settings
-from worker.factory import QUEUE, RUN_JOB_TASK, make_celery
+from jobcore.config import Settings
+from jobcore.queue import QUEUE, RUN_JOB_TASK, make_celery
 
 __all__ = ["QUEUE", "RUN_JOB_TASK", "app", "settings"]
 
 settings = Settings()  # type: ignore[call-arg]  # fields come from LORP_* (fails fast when bad)
-app = make_celery(settings)
+app = make_celery(settings, include=["worker.tasks"])

@@ -44,16 +44,8 @@ from typing import Any, TypeVar
 
 from redis.exceptions import RedisError
 
-from lorp.errors import (
-    CancelledError,
-    InvalidInputError,
-    LorpError,
-    ModelTooLargeError,
-    QualityGateError,
-    UnsafeWeightsError,
-)
-from service.config import Settings
-from service.errors import (
+from jobcore.config import Settings
+from jobcore.errors import (
     INTERNAL,
     STORAGE_UNAVAILABLE,
     WORKER_LOST,
@@ -62,15 +54,23 @@ from service.errors import (
     StorageNotFoundError,
     StorageUnavailableError,
 )
-from service.jobs import JobRecord, JobStore
-from service.schemas import (
+from jobcore.spec import (
     JobCreate,
     JobError,
     JobState,
     resolve_local,
     s3_not_granted_message,
 )
-from service.storage import Storage, job_prefix, retry_storage, split_s3_uri
+from jobcore.storage import Storage, job_prefix, retry_storage, split_s3_uri
+from jobcore.store import JobRecord, JobStore
+from lorp.errors import (
+    CancelledError,
+    InvalidInputError,
+    LorpError,
+    ModelTooLargeError,
+    QualityGateError,
+    UnsafeWeightsError,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

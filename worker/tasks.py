@@ -11,8 +11,8 @@ from celery import Task
 from celery.signals import worker_init, worker_ready
 from redis.exceptions import RedisError
 
-from service.jobs import JobStore
-from service.storage import Storage
+from jobcore.storage import Storage
+from jobcore.store import JobStore
 from worker.celery_app import RUN_JOB_TASK, app, settings
 from worker.runner import JobRunner
 

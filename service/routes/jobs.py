@@ -10,9 +10,8 @@ from fastapi import APIRouter, Body, Header, Query, Response, status
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 
-from service.deps import QueueDep, SettingsDep, StorageDep, StoreDep, TenantDep
-from service.errors import INTERNAL, InvalidTransitionError
-from service.schemas import (
+from jobcore.errors import INTERNAL, InvalidTransitionError
+from jobcore.spec import (
     ArtifactPublic,
     ArtifactsPublic,
     ErrorResponse,
@@ -23,7 +22,8 @@ from service.schemas import (
     JobState,
     validate_job,
 )
-from service.storage import job_prefix
+from jobcore.storage import job_prefix
+from service.deps import QueueDep, SettingsDep, StorageDep, StoreDep, TenantDep
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/jobs", tags=["jobs"])

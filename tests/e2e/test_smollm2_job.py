@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from devstack import LocalStack
 from lorp.loading import bundled_model_path
 from service.client import STAGES, Job, LorpClient
-from devstack import LocalStack
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -273,7 +273,7 @@ def test_local_stack_settings_and_teardown(tmp_path: Path) -> None:
         groups = [p.pgid for p in procs]
         ports = [stack.redis.port, *stack.s3.ports.values()]
         if importlib.util.find_spec("pydantic_settings") is not None:
-            from service.config import Settings
+            from jobcore.config import Settings
 
             names = {f"LORP_{name.upper()}" for name in Settings.model_fields}
             assert set(env) <= names, set(env) - names

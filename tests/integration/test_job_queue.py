@@ -12,12 +12,12 @@ import pytest
 import redis
 
 from devstack import RedisServer
-from service.config import Settings
-from service.errors import IdempotencyConflictError
-from service.jobs import JobStore
+from jobcore.config import Settings
+from jobcore.errors import IdempotencyConflictError
+from jobcore.queue import QUEUE, RUN_JOB_TASK, make_celery, run_job_message
+from jobcore.spec import JobCreate
+from jobcore.store import JobStore
 from service.queue import JobQueue
-from service.schemas import JobCreate
-from worker.factory import QUEUE, RUN_JOB_TASK, make_celery, run_job_message
 
 pytestmark = pytest.mark.integration
 

@@ -15,10 +15,10 @@ import httpx
 import pytest
 from botocore.exceptions import ClientError
 
-from service.config import Settings
-from service.jobs import JobStore
+from jobcore.config import Settings
+from jobcore.spec import JobCreate
+from jobcore.store import JobStore
 from service.queue import JobQueue
-from service.schemas import JobCreate
 from tests.integration.conftest import (
     ARTIFACT_BUCKET,
     INPUT_BUCKET,

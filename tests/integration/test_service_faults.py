@@ -13,11 +13,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from service.config import Settings
-from service.errors import StorageNotFoundError
-from service.jobs import JobStore
-from service.schemas import validate_job
-from service.storage import MiB, Storage
+from jobcore.config import Settings
+from jobcore.errors import StorageNotFoundError
+from jobcore.spec import validate_job
+from jobcore.storage import MiB, Storage
+from jobcore.store import JobStore
 from tests.integration.conftest import ARTIFACT_BUCKET, TENANT_A, Service
 from worker.runner import MAX_ATTEMPTS, JobRunner
 

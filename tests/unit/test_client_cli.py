@@ -512,7 +512,7 @@ def test_quality_gate_flags_build_the_gate(tmp_path: Path) -> None:
     spec = build_spec(parse("submit", *_MIN, "--spec", str(spec_file), "--max-ppl-ratio", "2"))
     assert spec["quality_gate"] == {"max_kl": 0.5, "max_ppl_ratio": 2.0}
     # the result is a valid job spec
-    from service.schemas import JobCreate
+    from jobcore.spec import JobCreate
 
     job = JobCreate.model_validate(build_spec(parse("submit", *_MIN, "--max-kl", "0.25")))
     assert job.quality_gate is not None and job.quality_gate.max_kl == 0.25

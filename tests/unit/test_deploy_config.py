@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
-from service.config import Settings
+from jobcore.config import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
@@ -184,7 +184,7 @@ def test_minio_credentials_match_the_service(compose: dict[str, Any]) -> None:
 
 
 def test_workers_run_one_prefork_job_on_the_task_queue(compose: dict[str, Any]) -> None:
-    from worker.factory import QUEUE
+    from jobcore.queue import QUEUE
 
     for name in ("worker-cpu", "worker-gpu"):
         cmd = services(compose)[name]["command"]

@@ -17,11 +17,11 @@ from typing import Any, cast
 
 import pytest
 
+from jobcore.config import Settings
+from jobcore.spec import JobState
+from jobcore.store import JobRecord
 from lorp.errors import InvalidInputError
 from lorp.loading import check_confined
-from service.config import Settings
-from service.jobs import JobRecord
-from service.schemas import JobState
 from tests.tiny_models import TINY_TEXT
 from worker.runner import JobRunner
 

@@ -13,12 +13,12 @@ import pytest
 from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
+from jobcore.config import Settings
+from jobcore.spec import JobCreate, JobSummary, Method, resolve_local, validate_job
 from lorp.errors import InvalidInputError
 from lorp.gate import QualityGate
 from lorp.pipeline import PruneConfig
 from lorp.search import ALL_METHODS
-from service.config import Settings
-from service.schemas import JobCreate, JobSummary, Method, resolve_local, validate_job
 from worker.runner import summarize
 
 TENANT = "acme"
@@ -441,8 +441,8 @@ def test_summary_from_report() -> None:
 
 
 def test_download_targets_stay_in_the_directory(tmp_path: Path) -> None:
-    from service.errors import StorageError
-    from service.storage import safe_target
+    from jobcore.errors import StorageError
+    from jobcore.storage import safe_target
 
     root = tmp_path / "dl"
     root.mkdir()

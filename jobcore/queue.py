@@ -1,8 +1,14 @@
-"""Celery app factory (no side effects on import; ``worker.celery_app`` builds the app)."""
+"""The queue message of a job: the Celery app both sides configure, and the ``run_job`` message.
+
+The API builds the message (:func:`run_job_message`) and pushes it (``service.queue``); the
+worker builds its Celery app here too (``worker.celery_app``, which adds its task module) and
+consumes it. No side effects on import.
+"""
 
 from __future__ import annotations
 
 import base64
+from collections.abc import Sequence
 
 from celery import Celery
 from kombu import serialization
@@ -10,15 +16,16 @@ from kombu.entity import maybe_delivery_mode
 from kombu.utils.json import dumps
 from kombu.utils.uuid import uuid
 
-from service.config import Settings
+from jobcore.config import Settings
 
 RUN_JOB_TASK = "lorp.run_job"
 QUEUE = "lorp"
 
 
-def make_celery(settings: Settings) -> Celery:
-    """A Celery app on ``LORP_BROKER_URL`` (the API uses one only to send tasks)."""
-    app = Celery("lorp", broker=settings.broker_url, include=["worker.tasks"])
+def make_celery(settings: Settings, *, include: Sequence[str] = ()) -> Celery:
+    """A Celery app on ``LORP_BROKER_URL`` (the API uses one only to build task messages; the
+    worker's names its task modules in ``include``)."""
+    app = Celery("lorp", broker=settings.broker_url, include=list(include))
     app.conf.update(
         task_default_queue=QUEUE,
         task_acks_late=True,

@@ -1,4 +1,5 @@
-"""Service settings: one pydantic-settings class read from ``LORP_*`` environment variables.
+"""Settings of the API and the worker: one pydantic-settings class read from ``LORP_*``
+environment variables (both processes build it from the same environment).
 
 Bad configuration is refused when the settings are built (at process start), never at the first
 request: malformed JSON, missing S3 credentials, no API keys, local roots or corpora that do not

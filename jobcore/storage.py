@@ -28,8 +28,8 @@ from botocore.exceptions import (
     ReadTimeoutError,
 )
 
-from service.config import Settings
-from service.errors import StorageError, StorageNotFoundError, StorageUnavailableError
+from jobcore.config import Settings
+from jobcore.errors import StorageError, StorageNotFoundError, StorageUnavailableError
 
 T = TypeVar("T")
 MiB = 1024 * 1024

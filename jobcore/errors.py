@@ -1,4 +1,5 @@
-"""Service-side errors (job store, object storage) and the job error codes the API reports.
+"""Errors of the job core (job store, queue, object storage) and the job error codes the API
+reports besides the library's.
 
 ``lorp.errors`` classes carry their own ``.code``; the codes below are the service's own.
 """

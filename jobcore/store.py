@@ -33,9 +33,9 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
-from service.config import Settings
-from service.errors import IdempotencyConflictError, InvalidTransitionError, JobNotFoundError
-from service.schemas import (
+from jobcore.config import Settings
+from jobcore.errors import IdempotencyConflictError, InvalidTransitionError, JobNotFoundError
+from jobcore.spec import (
     TERMINAL_STATES,
     JobCreate,
     JobError,

@@ -1,4 +1,4 @@
-"""Request and response schemas of the REST API (pydantic), in families: ``JobCreate`` (what a
+"""Request and response schemas of the jobs API (pydantic), in families: ``JobCreate`` (what a
 client sends), ``JobPublic`` / ``JobsPublic`` (what it gets back), artifacts and errors.
 
 Source URIs are checked in two layers. Syntax (scheme, bucket name, no ``..``, no control
@@ -32,9 +32,9 @@ from pydantic import (
     model_validator,
 )
 
+from jobcore.config import Settings
 from lorp.search import ALL_METHODS, FOLD_METHODS, SEARCH_METHODS
 from lorp.search import CLUSTER_METHODS as LORP_CLUSTER_METHODS
-from service.config import Settings
 
 MAX_URI_LEN = 1024
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
