@@ -1,5 +1,7 @@
-"""Request and response schemas of the jobs API (pydantic), in families: ``JobCreate`` (what a
-client sends), ``JobPublic`` / ``JobsPublic`` (what it gets back), artifacts and errors.
+"""The job spec (pydantic), shared by the API and the worker: ``JobCreate`` (what a client sends,
+what the job record stores, what the worker runs), its parts and checks, the job's life cycle
+(``JobState``) and what the record says of its outcome (``JobError``, ``JobSummary``). The API's
+response models are in ``service.schemas``.
 
 Source URIs are checked in two layers. Syntax (scheme, bucket name, no ``..``, no control
 characters) is always checked. Checks that need the operator's configuration and the caller's
@@ -14,7 +16,6 @@ import ipaddress
 import json
 import os
 import re
-from datetime import datetime
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -522,15 +523,7 @@ def validate_job(data: Any, settings: Settings, tenant: str) -> JobCreate:
 
 
 # --------------------------------------------------------------------------------------------
-# Responses
-
-
-class Progress(BaseModel):
-    """Where a job is: stage name, fraction done within that stage, a human message."""
-
-    stage: str | None = Field(default=None, examples=["calibration"])
-    fraction: float = Field(default=0.0, ge=0.0, le=1.0, examples=[0.5])
-    message: str = Field(default="", examples=["window 16/32"])
+# The job record's error and summary (written by the worker, shown by the API)
 
 
 class JobError(BaseModel):
@@ -579,122 +572,3 @@ class JobSummary(BaseModel):
     quality_gate: dict[str, Any] | None = Field(
         default=None, description="the gate's limits, measured values, violations and verdict"
     )
-
-
-_JOB_EXAMPLE: dict[str, Any] = {
-    "id": "4f6c2e1a9b8d4c3e8f7a6b5c4d3e2f1a",
-    "state": "running",
-    "created_at": "2026-01-01T12:00:00Z",
-    "started_at": "2026-01-01T12:00:01Z",
-    "finished_at": None,
-    "progress": {"stage": "calibration", "fraction": 0.5, "message": "window 16/32"},
-    "error": None,
-    "summary": None,
-    "cancel_requested": False,
-    "attempts": 1,
-    "spec": JobCreate.model_config["json_schema_extra"]["examples"][0],  # type: ignore[index]
-}
-
-
-class JobPublic(BaseModel):
-    """A job as the API shows it."""
-
-    model_config = ConfigDict(json_schema_extra={"examples": [_JOB_EXAMPLE]})
-
-    id: str
-    state: JobState
-    created_at: datetime
-    started_at: datetime | None = None
-    finished_at: datetime | None = None
-    progress: Progress = Field(default_factory=Progress)
-    error: JobError | None = None
-    summary: JobSummary | None = None
-    cancel_requested: bool = False
-    attempts: int = 0
-    spec: JobCreate
-
-
-class JobsPublic(BaseModel):
-    """One page of jobs, newest first; pass ``next_cursor`` back as ``cursor`` for the next."""
-
-    model_config = ConfigDict(
-        json_schema_extra={"examples": [{"items": [_JOB_EXAMPLE], "next_cursor": "17"}]}
-    )
-
-    items: list[JobPublic]
-    next_cursor: str | None = None
-
-
-class ArtifactPublic(BaseModel):
-    """One file of a succeeded job, with a presigned download URL."""
-
-    model_config = ConfigDict(
-        json_schema_extra={
-            "examples": [
-                {
-                    "name": "model/model.safetensors",
-                    "size": 1048576,
-                    "sha256": "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08",
-                    "url": "https://s3.example.com/lorp/acme/jobs/4f6c/model/model.safetensors?X-Amz-...",
-                }
-            ]
-        }
-    )
-
-    name: str
-    size: int
-    sha256: str
-    url: str
-
-
-class ArtifactsPublic(BaseModel):
-    """Every artifact of a job (from its manifest); URLs expire after ``expires_in`` seconds."""
-
-    model_config = ConfigDict(
-        json_schema_extra={
-            "examples": [
-                {
-                    "items": [
-                        {
-                            "name": "report.json",
-                            "size": 18234,
-                            "sha256": "2c26b46b68ffc68ff99b453c1d30413413422d70"
-                            "6483bfa0f98a5e886266e7ae",
-                            "url": "https://s3.example.com/lorp/acme/jobs/4f6c/report.json?X-Amz-...",
-                        }
-                    ],
-                    "expires_in": 3600,
-                }
-            ]
-        }
-    )
-
-    items: list[ArtifactPublic]
-    expires_in: int
-
-
-class ErrorResponse(BaseModel):
-    """Body of every non-validation error response."""
-
-    model_config = ConfigDict(
-        json_schema_extra={"examples": [{"detail": "job not found", "code": "not_found"}]}
-    )
-
-    detail: str
-    code: str
-
-
-class HealthResponse(BaseModel):
-    """Liveness/readiness answer; ``checks`` names each dependency and whether it answered."""
-
-    model_config = ConfigDict(
-        json_schema_extra={
-            "examples": [
-                {"status": "ok", "checks": {"redis": True, "s3": True}},
-                {"status": "unavailable", "checks": {"redis": False, "s3": True}},
-            ]
-        }
-    )
-
-    status: Literal["ok", "unavailable"]
-    checks: dict[str, bool] = Field(default_factory=dict)

@@ -1,4 +1,5 @@
-"""Job store in Redis.
+"""Job store in Redis, shared by the API (create, read, list, cancel) and the worker (start,
+progress, finish, run lock).
 
 Key layout (all keys start with ``lorp:``)::
 
@@ -11,7 +12,8 @@ Key layout (all keys start with ``lorp:``)::
 
 Creation and every state transition run as Lua scripts, so a record, its indexes and its
 idempotency key change together or not at all; when the Celery broker is this Redis, creation
-pushes the job's run message onto the broker's list in the same script (``service.queue``).
+pushes the job's run message (:mod:`jobcore.queue`) onto the broker's list in the same script
+(``service.queue``).
 Reads through the API always name the tenant; a job of another tenant is reported exactly like a
 missing one.
 """
@@ -35,15 +37,7 @@ from redis.retry import Retry
 
 from jobcore.config import Settings
 from jobcore.errors import IdempotencyConflictError, InvalidTransitionError, JobNotFoundError
-from jobcore.spec import (
-    TERMINAL_STATES,
-    JobCreate,
-    JobError,
-    JobPublic,
-    JobState,
-    JobSummary,
-    Progress,
-)
+from jobcore.spec import TERMINAL_STATES, JobCreate, JobError, JobState
 
 STATES: tuple[JobState, ...] = tuple(JobState)
 _ID_RE = re.compile(r"^[0-9a-f]{32}$")
@@ -180,22 +174,6 @@ class JobRecord:
             cancel_requested=h.get("cancel_requested") == "1",
             attempts=int(h.get("attempts", "0")),
             enqueued=h.get("enqueued") == "1",
-        )
-
-    def to_public(self) -> JobPublic:
-        """The API view of the record (no tenant, no internals)."""
-        return JobPublic(
-            id=self.id,
-            state=self.state,
-            created_at=datetime.fromisoformat(self.created_at),
-            started_at=datetime.fromisoformat(self.started_at) if self.started_at else None,
-            finished_at=datetime.fromisoformat(self.finished_at) if self.finished_at else None,
-            progress=Progress.model_validate(self.progress) if self.progress else Progress(),
-            error=JobError.model_validate(self.error) if self.error else None,
-            summary=JobSummary.model_validate(self.summary) if self.summary else None,
-            cancel_requested=self.cancel_requested,
-            attempts=self.attempts,
-            spec=JobCreate.model_validate(self.spec),
         )
 
 

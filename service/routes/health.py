@@ -7,8 +7,8 @@ import logging
 from fastapi import APIRouter, Request, Response, status
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from jobcore.spec import HealthResponse
 from service.deps import StorageDep, StoreDep
+from service.schemas import HealthResponse
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["health"])

@@ -11,19 +11,10 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 
 from jobcore.errors import INTERNAL, InvalidTransitionError
-from jobcore.spec import (
-    ArtifactPublic,
-    ArtifactsPublic,
-    ErrorResponse,
-    JobCreate,
-    JobError,
-    JobPublic,
-    JobsPublic,
-    JobState,
-    validate_job,
-)
+from jobcore.spec import JobCreate, JobError, JobState, validate_job
 from jobcore.storage import job_prefix
 from service.deps import QueueDep, SettingsDep, StorageDep, StoreDep, TenantDep
+from service.schemas import ArtifactPublic, ArtifactsPublic, ErrorResponse, JobPublic, JobsPublic
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/jobs", tags=["jobs"])
@@ -143,7 +134,7 @@ def create_job(
                 )
             raise
     headers = None if created else {"Idempotent-Replayed": "true"}
-    return _json(rec.to_public(), status.HTTP_202_ACCEPTED, headers)
+    return _json(JobPublic.from_record(rec), status.HTTP_202_ACCEPTED, headers)
 
 
 @router.get(
@@ -168,7 +159,7 @@ def list_jobs(
         raise RequestValidationError(
             [{"type": "value_error", "loc": ("query", "cursor"), "msg": str(e), "input": cursor}]
         ) from None
-    return JobsPublic(items=[r.to_public() for r in records], next_cursor=next_cursor)
+    return JobsPublic(items=[JobPublic.from_record(r) for r in records], next_cursor=next_cursor)
 
 
 @router.get(
@@ -179,7 +170,7 @@ def list_jobs(
 )
 def get_job(job_id: str, tenant: TenantDep, store: StoreDep) -> Response:
     """State, progress, timestamps, error and (once succeeded) the summary."""
-    return _json(store.get(tenant, job_id).to_public())
+    return _json(JobPublic.from_record(store.get(tenant, job_id)))
 
 
 @router.post(
@@ -195,7 +186,7 @@ def get_job(job_id: str, tenant: TenantDep, store: StoreDep) -> Response:
 def cancel_job(job_id: str, tenant: TenantDep, store: StoreDep) -> JobPublic:
     """A queued job is cancelled at once; a running one stops at its next progress report
     (``cancel_requested`` is true until the worker confirms). No artifacts are kept."""
-    return store.request_cancel(tenant, job_id).to_public()
+    return JobPublic.from_record(store.request_cancel(tenant, job_id))
 
 
 def _require_succeeded(state: JobState) -> None:
