@@ -4,7 +4,8 @@ bundled SmolLM2-135M at 3, 6 and 9 removed blocks.
 Protocol (the same windows as ``lorp prune`` would draw):
 - S from the shared calibration corpus, 32 windows x 512 tokens (timed once: "capture");
 - scoring windows: 4 x 256 tokens of the same text right after the calibration windows (held
-  out from calibration, never the evaluation text); auto, lorp-kl and SLEB choose with them, and
+  out from calibration, never the evaluation text; drawn by ``lorp.pipeline.draw_scoring``);
+  auto, lorp-kl and SLEB choose with them, and
   every method's selection is scored on them (KL(dense || pruned), NLL, top-1) for the table;
 - auto chooses as the pipeline does: by held-out loss (NLL) on its own scoring windows, 8 x 512
   tokens right after the calibration windows (its scoring defaults in lorp.methods), no dense
@@ -28,16 +29,19 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import CALIBRATION, WIKITEXT, machine, table, write_result
 
 from lorp import bundled_model_path, capture_similarity, load_model
-from lorp.data import text_windows
+from lorp.data import prepends_bos, text_windows
 from lorp.methods import get_method
 from lorp.methods.auto import auto_select
 from lorp.methods.lorp_kl import lorp_kl_select
 from lorp.methods.lorp_loss import lorp_loss_select
 from lorp.methods.sleb import sleb_select
+from lorp.pipeline import Calibration, PruneConfig, draw_scoring
 from lorp.scoring import WindowScorer, affordable_passes
 from lorp.search import pass_budget
 from lorp.selection import select_layers
@@ -71,29 +75,26 @@ def main() -> None:
     loaded = load_model(bundled_model_path())
     model, tok = loaded.model, loaded.tokenizer
     calib = text_windows(tok, CALIBRATION, args.seq_len, args.windows)
-    # the tokenizer adds no BOS: window i of length L starts at token i * L
-    skip = -(-calib.shape[0] * args.seq_len // args.score_seq_len)
-    scoring = text_windows(
-        tok, CALIBRATION, args.score_seq_len, args.score_windows, skip_windows=skip
-    )
-    auto_scoring = text_windows(
-        tok,
-        CALIBRATION,
-        args.auto_score_seq_len,
-        args.auto_score_windows,
-        skip_windows=-(-calib.shape[0] * args.seq_len // args.auto_score_seq_len),
-    )
-    loss_windows, loss_len = get_method("lorp-loss").scoring_shape
-    loss_scoring = text_windows(
-        tok,
-        CALIBRATION,
-        loss_len,
-        loss_windows,
-        skip_windows=-(-calib.shape[0] * args.seq_len // loss_len),
-    )
     t = time.perf_counter()
     s = capture_similarity(model, calib)
     capture_s = time.perf_counter() - t
+    # scoring windows as the pipeline draws them: the calibration text right after the
+    # calibration windows (lorp.pipeline.draw_scoring)
+    calibration = Calibration(windows=calib, similarity=s, text=CALIBRATION, bos=prepends_bos(tok))
+
+    def scoring_windows(method: str, shape: tuple[int, int]) -> torch.Tensor:
+        config = PruneConfig(
+            method=method, num_remove=1, score_windows=shape[0], score_seq_len=shape[1]
+        )
+        drawn = draw_scoring(tok, calibration, config)
+        if not drawn.info["held_out"]:
+            raise SystemExit(f"{CALIBRATION} has no text left for {shape} scoring windows")
+        return drawn.windows
+
+    scoring = scoring_windows("sleb", (args.score_windows, args.score_seq_len))
+    auto_scoring = scoring_windows("auto", (args.auto_score_windows, args.auto_score_seq_len))
+    loss_windows, loss_len = get_method("lorp-loss").scoring_shape
+    loss_scoring = scoring_windows("lorp-loss", (loss_windows, loss_len))
     evalw = text_windows(tok, WIKITEXT, 512, args.eval_windows)
     # untimed: WikiText-2 loss of every selection, each pass resuming from the dense block input
     # at its first removed block (lorp.scoring.WindowScorer's prefix cache; same numbers)
@@ -122,7 +123,7 @@ def main() -> None:
                 "file": CALIBRATION.name,
                 "windows": int(scoring.shape[0]),
                 "seq_len": int(scoring.shape[1]),
-                "skip_windows": skip,
+                "after_text_tokens": calibration.text_tokens,
             },
             "evaluation": {
                 "file": "wikitext-2-raw/wiki.test.raw",

@@ -57,18 +57,17 @@ def _choose(
     if source is not None:
         s = _load_similarity(Path(source))
         how = {"source": f"LoRP on S from {source}"}
-    else:
-        from lorp.data import text_windows
-        from lorp.similarity import capture_similarity
+    else:  # the pipeline's calibration stage (its time: the windows' tokenisation + capture)
+        from lorp.pipeline import PruneConfig, StageTimer, calibrate
 
-        t0 = time.perf_counter()
-        windows = text_windows(tokenizer, CALIBRATION, args.seq_len, args.windows)
-        s = capture_similarity(model, windows)
+        config = PruneConfig(num_remove=args.remove, windows=args.windows, seq_len=args.seq_len)
+        timer = StageTimer()
+        s = calibrate(model, tokenizer, CALIBRATION, config, timer=timer).similarity
         how = {
             "source": f"LoRP on S captured from {CALIBRATION.name}",
             "windows": args.windows,
             "seq_len": args.seq_len,
-            "capture_s": time.perf_counter() - t0,
+            "capture_s": timer.timings["calibration"],
         }
     selection = select_layers(s, args.remove)
     how.update(rls=selection.rls, num_clusters=selection.num_clusters, labels=selection.labels)

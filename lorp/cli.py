@@ -338,7 +338,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
     except QualityGateError as exc:
         report = args.out / "report.json"
         where = f" (no checkpoint written; see {report})" if report.is_file() else ""
-        raise QualityGateError(f"{exc}{where}") from exc
+        raise QualityGateError(
+            f"{exc}{where}", result=exc.result, report=exc.report, summary=exc.summary
+        ) from exc
     res = out.result
     lines = [
         f"removed {len(res.removed)} of {res.num_layers_before} blocks: {res.removed} "

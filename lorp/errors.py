@@ -3,6 +3,8 @@ exit messages and HTTP/job error codes; nothing else in lorp defines exception c
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class LorpError(Exception):
     """Base class of all lorp errors."""
@@ -59,6 +61,26 @@ class CancelledError(LorpError):
 
 
 class QualityGateError(LorpError):
-    """The pruned model broke a quality limit the caller set."""
+    """The pruned model broke a quality limit the caller set.
+
+    ``result``: the refused prune (a :class:`lorp.pipeline.PruneResult` with ``pruned`` False:
+    the selection and everything measured, the model still whole). ``report``: the refusal
+    report (the report.json document, ``summary.status`` "refused") and ``summary``: its job
+    summary (:func:`lorp.report.job_summary`), both set by :func:`lorp.pipeline.run_pipeline`
+    (None from :func:`lorp.pipeline.prune`, or when the report could not be built).
+    """
 
     code = "quality_gate"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        result: Any = None,
+        report: dict[str, Any] | None = None,
+        summary: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.result = result
+        self.report = report
+        self.summary = summary

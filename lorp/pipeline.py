@@ -3,6 +3,17 @@
 ``prune`` works on a model already in memory (the Python API); ``run_pipeline`` adds loading,
 saving the checkpoint and writing the reports (the CLI's ``lorp prune`` and the service worker).
 
+Stages (:data:`STAGES`; each but loading, saving and report is a public function here, which
+the benchmarks call too, and ``prune`` is their sequence): :func:`preflight` (budget and
+corrections checked before any forward pass), :func:`calibrate` (calibration windows, S and
+the dense block inputs kept for the corrections: :class:`Calibration`), :func:`select_blocks`
+(the method's choice, with :func:`draw_scoring`'s scoring windows for a model-in-the-loop
+method: :class:`Choice`), :func:`compensate` and :func:`fit_logit_scale` (the corrections:
+:class:`~lorp.compensation.Compensation`), :func:`evaluate` (dense vs pruned, flags and the
+quality gate: :class:`Evaluation`), :func:`measure_speed` (the benchmark) and :func:`remove`
+(the surgery). A :class:`StageTimer` times them and forwards their progress
+(:data:`lorp.progress.ProgressCallback`).
+
 Token windows drawn from a calibration *text* (never overlapping, in this order):
 1. ``windows`` × ``seq_len`` calibration windows (similarity matrix S);
 2. for the model-in-the-loop methods (the registry's methods with ``needs_model``:
@@ -26,13 +37,15 @@ Quality guard (:mod:`lorp.gate`): every prune that could measure quality reports
 the dense model. With ``config.quality_gate`` set, a broken limit raises
 :class:`~lorp.errors.QualityGateError` right after the measurement: ``prune`` leaves the model
 unpruned, ``run_pipeline`` writes no checkpoint but still writes the reports (``report.json``
-with ``summary.status = "refused"`` and the gate result) so the refusal can be explained.
+with ``summary.status = "refused"`` and the gate result) so the refusal can be explained. The
+error carries the refused result (``.result``) and, from ``run_pipeline``, the refusal report
+and its job summary (``.report``, ``.summary``).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -42,7 +55,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ._blocks import get_blocks, num_blocks
+from ._blocks import num_blocks
 from .bench import BenchmarkConfig, BenchmarkResult, benchmark
 from .compensation import (
     Compensation,
@@ -54,12 +67,12 @@ from .compensation import (
 )
 from .data import prepends_bos, text_windows
 from .errors import InvalidInputError, LorpError, QualityGateError, UnsupportedModelError
-from .gate import FLAG_THRESHOLDS, GateResult, QualityGate, quality_flags
+from .gate import GateResult, QualityGate, quality_flags
 from .inputs import BlockInputs, hidden_bytes
 from .methods import get_method, method_names, selector
 from .progress import ProgressCallback
 from .quality import QualityComparison, compare_pruned
-from .report import build_report, json_safe, write_reports
+from .report import job_summary, make_report, write_reports
 from .search import pass_budget, search_layers
 from .selection import Selection, resolve_budget, select_layers
 from .similarity import capture_similarity
@@ -249,24 +262,37 @@ class PipelineResult:
     files: list[Path]
 
 
-class _Stages:
-    """Times stages and forwards progress to the caller's callback."""
+# --------------------------------------------------------------------------------------------
+# Stages
 
-    def __init__(self, progress: ProgressCallback | None) -> None:
-        self.progress = progress
+
+class StageTimer:
+    """Times the pipeline's stages (:data:`STAGES`) and forwards progress to a callback.
+
+    Every stage function takes one (``timer=``; None: a silent one of its own), times itself in
+    it (``timings``: seconds per stage name, summed when a stage runs twice) and reports to
+    ``callback`` through :meth:`progress`: ``(stage, 0.0, message)`` when it starts, the work's
+    own progress, ``(stage, 1.0, "<stage> done")`` when it ends. :func:`prune` and
+    :func:`run_pipeline` time every stage of one job in one timer.
+    """
+
+    def __init__(self, callback: ProgressCallback | None = None) -> None:
+        self.callback = callback
         self.timings: dict[str, float] = {}
 
-    def report(self, stage: str, fraction: float, message: str) -> None:
-        if self.progress is not None:
-            self.progress(stage, fraction, message)
+    def progress(self, stage: str, fraction: float, message: str) -> None:
+        """A :data:`lorp.progress.ProgressCallback` forwarding to ``callback``."""
+        if self.callback is not None:
+            self.callback(stage, fraction, message)
 
     @contextmanager
     def stage(self, name: str, message: str) -> Iterator[None]:
-        self.report(name, 0.0, message)
+        """Time the body as stage ``name`` (``message``: what its start reports)."""
+        self.progress(name, 0.0, message)
         start = time.perf_counter()
         yield
         self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
-        self.report(name, 1.0, f"{name} done")
+        self.progress(name, 1.0, f"{name} done")
 
 
 def _windows_of(
@@ -290,10 +316,6 @@ def windows_after(
     except InvalidInputError:
         return None, after_tokens
     return windows, (skip + int(windows.shape[0])) * body
-
-
-def _where(info: dict[str, Any]) -> str:
-    return f"{info['kind']}, {info['windows']} x {info['seq_len']} tokens"
 
 
 def inputs_to_keep(
@@ -320,6 +342,387 @@ def inputs_to_keep(
     return BlockInputs(sorted(chosen)) if chosen else None
 
 
+def preflight(model: nn.Module, config: PruneConfig) -> int:
+    """The number of blocks to remove; fails before any forward pass when the budget does not
+    fit the model (:class:`~lorp.errors.BudgetError`) or the model cannot take the corrections
+    ``config`` asks for (:class:`~lorp.errors.UnsupportedModelError`)."""
+    num_remove = resolve_budget(num_blocks(model), config.budget)
+    if config.compensate:
+        try:
+            check_compensable(model)
+        except UnsupportedModelError as exc:
+            fold = get_method(config.method).fold
+            if fold is None or not fold.compensate:
+                raise
+            raise UnsupportedModelError(
+                f"{exc}. Method {config.method!r} folds a linear map into every block before "
+                f"a removed run; use {config.selection_method!r} (with temperature) instead"
+            ) from exc
+    if config.temperature:
+        check_temperature(model)
+    return num_remove
+
+
+@dataclass
+class Calibration:
+    """What the calibration stage measured, and where in the calibration text it stopped.
+
+    ``windows``: the calibration token windows ``[W, T]``; ``similarity``: the block-input
+    similarity matrix S captured on them; ``inputs``: the dense block inputs kept for the
+    corrections (:func:`inputs_to_keep`; set to None once they are fitted); ``text``: the
+    calibration text (None when the caller gave windows), which the scoring and held-out windows
+    continue; ``source``: how the report names it (default: its path); ``bos``: whether the
+    tokenizer starts every window with a BOS token.
+    """
+
+    windows: torch.Tensor
+    similarity: np.ndarray
+    inputs: BlockInputs | None = None
+    text: str | Path | None = None
+    source: str | None = None
+    bos: bool = False
+
+    def __post_init__(self) -> None:
+        if self.text is not None and self.source is None:
+            self.source = str(self.text)
+
+    @property
+    def text_tokens(self) -> int:
+        """Text tokens the calibration windows consumed (0 without a text)."""
+        if self.text is None:
+            return 0
+        body = int(self.windows.shape[1]) - (1 if self.bos else 0)
+        return int(self.windows.shape[0]) * body
+
+    @property
+    def info(self) -> dict[str, Any]:
+        """The report's ``extra.calibration``: windows, seq_len, tokens (and source)."""
+        info: dict[str, Any] = {
+            "windows": int(self.windows.shape[0]),
+            "seq_len": int(self.windows.shape[1]),
+            "tokens": int(self.windows.numel()),
+        }
+        if self.text is not None:
+            info["source"] = self.source
+        return info
+
+
+def calibrate(
+    model: nn.Module,
+    tokenizer: Any,
+    calibration: str | Path | torch.Tensor,
+    config: PruneConfig,
+    *,
+    source_name: str | None = None,
+    timer: StageTimer | None = None,
+) -> Calibration:
+    """Stage "calibration": ``config.windows`` × ``config.seq_len`` windows of the calibration
+    text (or the windows given) and S captured on them, keeping the dense block inputs the
+    corrections will start from. ``source_name``: how the report names the text (default: its
+    path)."""
+    timer = timer or StageTimer()
+    text = None if isinstance(calibration, torch.Tensor) else calibration
+    with timer.stage("calibration", "capturing block-input similarity"):
+        windows = _windows_of(calibration, tokenizer, config.seq_len, config.windows)
+        inputs = inputs_to_keep(model, windows, config)
+        similarity = capture_similarity(
+            model, windows, batch_size=config.batch_size, progress=timer.progress, keep=inputs
+        )
+    return Calibration(
+        windows=windows,
+        similarity=similarity,
+        inputs=inputs,
+        text=text,
+        source=None if text is None else source_name,
+        bos=False if text is None else prepends_bos(tokenizer),
+    )
+
+
+@dataclass
+class Scoring:
+    """The scoring windows of a model-in-the-loop method: ``windows`` ``[W, T]``, ``info`` (the
+    report's ``extra.scoring``: kind, source, held_out, windows, seq_len; ``passes`` once the
+    search ran) and ``text_tokens``, the calibration text consumed up to their end."""
+
+    windows: torch.Tensor
+    info: dict[str, Any]
+    text_tokens: int
+
+
+def draw_scoring(
+    tokenizer: Any,
+    calibration: Calibration,
+    config: PruneConfig,
+    *,
+    scoring: torch.Tensor | None = None,
+) -> Scoring:
+    """The scoring windows (``config.scoring_shape``): ``scoring`` when given, else the
+    calibration text's windows right after the calibration windows; when there is no text (or
+    none left), the last calibration windows cut to the scoring length (``held_out`` False)."""
+    count, seq_len = config.scoring_shape
+    used = calibration.text_tokens
+    windows: torch.Tensor | None = scoring
+    info: dict[str, Any] | None = None
+    if windows is not None:
+        info = {"kind": "scoring windows given by the caller", "held_out": True}
+    elif calibration.text is not None:
+        windows, used = windows_after(
+            tokenizer, calibration.text, seq_len, count, used, calibration.bos
+        )
+        if windows is not None:
+            info = {
+                "kind": "calibration text after the calibration windows",
+                "source": calibration.source,
+                "held_out": True,
+            }
+    if windows is None or info is None:
+        windows = calibration.windows[-count:, :seq_len]
+        info = {
+            "kind": "last calibration windows (no calibration text left over)",
+            "held_out": False,
+        }
+    info.update(windows=int(windows.shape[0]), seq_len=int(windows.shape[1]))
+    return Scoring(windows=windows, info=info, text_tokens=used)
+
+
+@dataclass
+class Choice:
+    """What the selection stage chose: ``selection``, and the ``scoring`` windows a
+    model-in-the-loop method ran the model on (None for an S-only method)."""
+
+    selection: Selection
+    scoring: Scoring | None = None
+
+    @property
+    def removed(self) -> list[int]:
+        return list(self.selection.removed)
+
+
+def select_blocks(
+    model: nn.Module,
+    tokenizer: Any,
+    calibration: Calibration,
+    config: PruneConfig,
+    *,
+    scoring: torch.Tensor | None = None,
+    timer: StageTimer | None = None,
+) -> Choice:
+    """Stage "selection": the blocks ``config.selection_method`` removes within the budget. An
+    S-only method decides from ``calibration.similarity``
+    (:func:`lorp.selection.select_layers`); a model-in-the-loop method runs the model on the
+    scoring windows (:func:`draw_scoring`; ``scoring``: the caller's) within its pass budget
+    (:func:`lorp.search.pass_budget`, :func:`lorp.search.search_layers`)."""
+    timer = timer or StageTimer()
+    depth = num_blocks(model)
+    num_remove = resolve_budget(depth, config.budget)
+    method = config.selection_method
+    with timer.stage("selection", f"selecting {num_remove} of {depth} blocks ({method})"):
+        if not get_method(method).needs_model:
+            selection = select_layers(
+                calibration.similarity, num_remove, method=method, num_clusters=config.num_clusters
+            )
+            return Choice(selection)
+        drawn = draw_scoring(tokenizer, calibration, config, scoring=scoring)
+        shape = (int(drawn.windows.shape[0]), int(drawn.windows.shape[1]))
+        max_passes = pass_budget(method, model, int(calibration.windows.numel()), shape, num_remove)
+        selection = search_layers(
+            model,
+            calibration.similarity,
+            num_remove,
+            method,
+            drawn.windows,
+            num_clusters=config.num_clusters,
+            batch_size=config.batch_size,
+            candidates_per_slot=config.search_candidates,
+            max_passes=max_passes,
+            progress=timer.progress,
+        )
+        drawn.info["passes"] = selection.details.get("passes")
+    return Choice(selection, drawn)
+
+
+def compensate(
+    model: nn.Module,
+    removed: Sequence[int],
+    windows: torch.Tensor,
+    config: PruneConfig,
+    *,
+    inputs: BlockInputs | None = None,
+    timer: StageTimer | None = None,
+) -> Compensation | None:
+    """Stage "compensation" (only with ``config.compensate``; else None): a linear stand-in for
+    every removed run, fitted on the first ``config.compensation_windows`` of the calibration
+    ``windows`` and folded at the strength tuned on the next ``config.compensation_tune_windows``
+    (:func:`lorp.compensation.fit_tuned_compensation`), starting from the dense block inputs
+    ``inputs`` holds (:attr:`Calibration.inputs`). The model is left as it was."""
+    if not config.compensate:
+        return None
+    timer = timer or StageTimer()
+    with timer.stage("compensation", f"fitting linear maps for {list(removed)}"):
+        return fit_tuned_compensation(
+            model,
+            removed,
+            windows,
+            fit_windows=config.compensation_windows,
+            tune_windows=config.compensation_tune_windows,
+            batch_size=config.batch_size,
+            progress=timer.progress,
+            inputs=inputs,
+        )
+
+
+def fit_logit_scale(
+    model: nn.Module,
+    removed: Sequence[int],
+    windows: torch.Tensor,
+    config: PruneConfig,
+    compensation: Compensation | None = None,
+    *,
+    inputs: BlockInputs | None = None,
+    timer: StageTimer | None = None,
+) -> Compensation | None:
+    """Stage "temperature" (only with ``config.temperature``; else ``compensation`` unchanged):
+    the pruned (and compensated) model's logit scale, fitted on the last
+    ``config.temperature_windows`` of the calibration ``windows`` (from the dense block inputs
+    ``inputs`` holds), added to ``compensation`` (:func:`lorp.compensation.fit_folded_temperature`).
+    The model is left as it was."""
+    if not config.temperature:
+        return compensation
+    timer = timer or StageTimer()
+    with timer.stage("temperature", "fitting the pruned model's logit scale"):
+        return fit_folded_temperature(
+            model,
+            compensation or temperature_only(removed),
+            windows[-config.temperature_windows :],
+            batch_size=config.batch_size,
+            progress=timer.progress,
+            inputs=inputs,
+        )
+
+
+@dataclass
+class Evaluation:
+    """What the evaluation stage measured and concluded: ``quality`` (dense vs pruned; None when
+    there was nothing to measure on), ``info`` (which windows: kind, source, windows, seq_len),
+    ``flags`` (:func:`lorp.gate.quality_flags`) and ``gate`` (the quality gate's result when
+    ``config.quality_gate`` has limits)."""
+
+    quality: QualityComparison | None
+    info: dict[str, Any] | None
+    flags: list[dict[str, Any]]
+    gate: GateResult | None = None
+
+    @property
+    def refused(self) -> bool:
+        """The quality gate broke a limit."""
+        return self.gate is not None and not self.gate.passed
+
+
+def evaluate(
+    model: nn.Module,
+    tokenizer: Any,
+    removed: Sequence[int],
+    config: PruneConfig,
+    *,
+    evaluation: str | Path | torch.Tensor | None = None,
+    calibration: Calibration | None = None,
+    scoring: Scoring | None = None,
+    compensation: Compensation | None = None,
+    source_name: str | None = None,
+    timer: StageTimer | None = None,
+) -> Evaluation:
+    """Stage "evaluation": dense vs pruned (``removed`` skipped, ``compensation`` folded in)
+    on ``config.eval_windows`` × ``config.eval_seq_len`` windows of the ``evaluation`` text (or
+    the windows given); without it, on ``config.holdout_windows`` windows of the calibration
+    text after those the ``calibration`` and ``scoring`` windows used (:attr:`Choice.scoring`),
+    when ``calibration`` has a text with windows left. Then the flags and the quality gate
+    (:mod:`lorp.gate`). The model is left as it was. ``source_name``: how the report names the
+    evaluation text (default: its path)."""
+    timer = timer or StageTimer()
+    windows: torch.Tensor | None = None
+    info: dict[str, Any] | None = None
+    if evaluation is not None:
+        windows = _windows_of(evaluation, tokenizer, config.eval_seq_len, config.eval_windows)
+        info = {
+            "kind": "evaluation text",
+            "source": None
+            if isinstance(evaluation, torch.Tensor)
+            else (str(evaluation) if source_name is None else source_name),
+        }
+    elif config.holdout_windows > 0 and calibration is not None and calibration.text is not None:
+        after = calibration.text_tokens if scoring is None else scoring.text_tokens
+        windows, _ = windows_after(
+            tokenizer,
+            calibration.text,
+            config.seq_len,
+            config.holdout_windows,
+            after,
+            calibration.bos,
+        )
+        if windows is not None:  # else the calibration text has no windows left over
+            info = {"kind": "held-out calibration windows", "source": calibration.source}
+    quality = None
+    if windows is not None and info is not None:
+        info.update(windows=int(windows.shape[0]), seq_len=int(windows.shape[1]))
+        with timer.stage("evaluation", "dense vs pruned quality"):
+            quality = compare_pruned(
+                model,
+                removed,
+                windows,
+                batch_size=config.batch_size,
+                progress=timer.progress,
+                compensation=compensation,
+            )
+    gate = None
+    if config.quality_gate is not None and config.quality_gate.active:
+        where = (
+            "" if info is None else f"{info['kind']}, {info['windows']} x {info['seq_len']} tokens"
+        )
+        gate = config.quality_gate.check(quality, where)
+    return Evaluation(quality=quality, info=info, flags=quality_flags(quality), gate=gate)
+
+
+def measure_speed(
+    model: nn.Module,
+    removed: Sequence[int],
+    config: PruneConfig,
+    *,
+    timer: StageTimer | None = None,
+) -> BenchmarkResult | None:
+    """Stage "benchmark" (only with ``config.benchmark``; else None): the model and its pruned
+    view timed in this process (:func:`lorp.bench.benchmark`). The model is left as it was."""
+    if config.benchmark is None:
+        return None
+    timer = timer or StageTimer()
+    with timer.stage("benchmark", "timing original vs pruned"):
+        return benchmark(model, removed, config.benchmark, progress=timer.progress)
+
+
+def remove(
+    model: nn.Module,
+    removed: Sequence[int],
+    compensation: Compensation | None = None,
+    *,
+    timer: StageTimer | None = None,
+) -> None:
+    """Stage "pruning": fold ``compensation`` into the weights and take the ``removed`` blocks
+    out of ``model`` in place (:func:`lorp.surgery.remove_blocks`); when that fails the model
+    is left whole and unchanged."""
+    timer = timer or StageTimer()
+    with timer.stage("pruning", f"removing blocks {list(removed)}"):
+        restore = None if compensation is None else apply_compensation(model, compensation)
+        try:
+            remove_blocks(model, removed)
+        except BaseException:
+            if restore is not None:
+                restore()  # the model stays whole and unchanged
+            raise
+
+
+# --------------------------------------------------------------------------------------------
+# The whole job
+
+
 def prune(
     model: nn.Module,
     tokenizer: Any,
@@ -330,8 +733,7 @@ def prune(
     scoring: torch.Tensor | None = None,
     progress: ProgressCallback | None = None,
     source_names: Mapping[str, str] | None = None,
-    _stages: _Stages | None = None,
-    _on_refused: Callable[[PruneResult], None] | None = None,
+    timer: StageTimer | None = None,
 ) -> PruneResult:
     """Select and remove blocks of ``model`` in place; measure what it cost and gained.
 
@@ -348,196 +750,72 @@ def prune(
     ``result.scoring["held_out"]`` is False).
 
     With ``config.quality_gate`` set and broken, raises :class:`QualityGateError` after the
-    measurement and before anything is removed (the model stays whole).
-    Progress stages: calibration, selection, compensation (``config.compensate``), temperature
-    (``config.temperature``), evaluation, benchmark, pruning.
+    measurement and before anything is removed (the model stays whole); its ``result`` is the
+    refused :class:`PruneResult` (``pruned`` False, no benchmark), from which
+    :func:`lorp.report.make_report` builds the refusal report.
+
+    The stages, in order (each a public function of this module): :func:`preflight`,
+    :func:`calibrate`, :func:`select_blocks`, :func:`compensate` (``config.compensate``),
+    :func:`fit_logit_scale` (``config.temperature``), :func:`evaluate`, :func:`measure_speed`
+    (``config.benchmark``), :func:`remove`. ``progress`` gets their progress; ``timer``
+    (instead of ``progress``): a :class:`StageTimer` to time them in, e.g. one that already
+    timed the loading.
     """
-    stages = _stages or _Stages(progress)
-    depth = num_blocks(model)
-    num_remove = resolve_budget(depth, config.budget)
-    text = None if isinstance(calibration, torch.Tensor) else calibration
-    bos = False if text is None else prepends_bos(tokenizer)
-    if config.compensate:
-        try:
-            check_compensable(model)  # fail before the calibration, not after it
-        except UnsupportedModelError as exc:
-            fold = get_method(config.method).fold
-            if fold is None or not fold.compensate:
-                raise
-            raise UnsupportedModelError(
-                f"{exc}. Method {config.method!r} folds a linear map into every block before "
-                f"a removed run; use {config.selection_method!r} (with temperature) instead"
-            ) from exc
-    if config.temperature:
-        check_temperature(model)
-
-    with stages.stage("calibration", "capturing block-input similarity"):
-        calib = _windows_of(calibration, tokenizer, config.seq_len, config.windows)
-        inputs = inputs_to_keep(model, calib, config)
-        similarity = capture_similarity(
-            model, calib, batch_size=config.batch_size, progress=stages.report, keep=inputs
-        )
-    calib_info: dict[str, Any] = {
-        "windows": int(calib.shape[0]),
-        "seq_len": int(calib.shape[1]),
-        "tokens": int(calib.numel()),
-    }
+    if timer is not None and progress is not None:
+        raise InvalidInputError("give prune a progress callback or a StageTimer, not both")
+    timer = timer or StageTimer(progress)
     names = dict(source_names or {})
-    text_name = names.get("calibration", str(text))
-    if text is not None:
-        calib_info["source"] = text_name
-    body = config.seq_len - 1 if bos else config.seq_len
-    used_tokens = int(calib.shape[0]) * body  # text tokens consumed so far (text calibration)
-
-    scoring_info: dict[str, Any] | None = None
-    method = config.selection_method
-    with stages.stage("selection", f"selecting {num_remove} of {depth} blocks ({method})"):
-        if get_method(method).needs_model:
-            score_count, score_len = config.scoring_shape
-            score_w: torch.Tensor | None = scoring
-            if score_w is not None:
-                scoring_info = {"kind": "scoring windows given by the caller", "held_out": True}
-            elif text is not None:
-                score_w, used_tokens = windows_after(
-                    tokenizer, text, score_len, score_count, used_tokens, bos
-                )
-                if score_w is not None:
-                    scoring_info = {
-                        "kind": "calibration text after the calibration windows",
-                        "source": text_name,
-                        "held_out": True,
-                    }
-            if score_w is None:
-                score_w = calib[-score_count:, :score_len]
-                scoring_info = {
-                    "kind": "last calibration windows (no calibration text left over)",
-                    "held_out": False,
-                }
-            assert scoring_info is not None
-            scoring_info.update(windows=int(score_w.shape[0]), seq_len=int(score_w.shape[1]))
-            max_passes = pass_budget(
-                method,
-                model,
-                int(calib.numel()),
-                (int(score_w.shape[0]), int(score_w.shape[1])),
-                num_remove,
-            )
-            selection = search_layers(
-                model,
-                similarity,
-                num_remove,
-                method,
-                score_w,
-                num_clusters=config.num_clusters,
-                batch_size=config.batch_size,
-                candidates_per_slot=config.search_candidates,
-                max_passes=max_passes,
-                progress=stages.report,
-            )
-            scoring_info["passes"] = selection.details.get("passes")
-        else:
-            selection = select_layers(
-                similarity, num_remove, method=method, num_clusters=config.num_clusters
-            )
-
-    compensation = None
-    if config.compensate:
-        with stages.stage("compensation", f"fitting linear maps for {selection.removed}"):
-            compensation = fit_tuned_compensation(
-                model,
-                selection.removed,
-                calib,
-                fit_windows=config.compensation_windows,
-                tune_windows=config.compensation_tune_windows,
-                batch_size=config.batch_size,
-                progress=stages.report,
-                inputs=inputs,
-            )
-    if config.temperature:
-        with stages.stage("temperature", "fitting the pruned model's logit scale"):
-            compensation = fit_folded_temperature(
-                model,
-                compensation or temperature_only(selection.removed),
-                calib[-config.temperature_windows :],
-                batch_size=config.batch_size,
-                progress=stages.report,
-                inputs=inputs,
-            )
-    inputs = None  # the stored block inputs are not needed any more
-
-    eval_windows: torch.Tensor | None = None
-    eval_info: dict[str, Any] | None = None
-    if evaluation is not None:
-        eval_windows = _windows_of(evaluation, tokenizer, config.eval_seq_len, config.eval_windows)
-        eval_info = {
-            "kind": "evaluation text",
-            "source": None
-            if isinstance(evaluation, torch.Tensor)
-            else names.get("evaluation", str(evaluation)),
-        }
-    elif config.holdout_windows > 0 and text is not None:
-        eval_windows, _ = windows_after(
-            tokenizer, text, config.seq_len, config.holdout_windows, used_tokens, bos
+    depth = num_blocks(model)
+    preflight(model, config)
+    calib = calibrate(
+        model, tokenizer, calibration, config, source_name=names.get("calibration"), timer=timer
+    )
+    choice = select_blocks(model, tokenizer, calib, config, scoring=scoring, timer=timer)
+    removed = choice.removed
+    compensation = compensate(
+        model, removed, calib.windows, config, inputs=calib.inputs, timer=timer
+    )
+    compensation = fit_logit_scale(
+        model, removed, calib.windows, config, compensation, inputs=calib.inputs, timer=timer
+    )
+    calib.inputs = None  # the stored block inputs are not needed any more
+    measured = evaluate(
+        model,
+        tokenizer,
+        removed,
+        config,
+        evaluation=evaluation,
+        calibration=calib,
+        scoring=choice.scoring,
+        compensation=compensation,
+        source_name=names.get("evaluation"),
+        timer=timer,
+    )
+    result = PruneResult(
+        selection=choice.selection,
+        similarity=calib.similarity,
+        model=model,
+        tokenizer=tokenizer,
+        quality=measured.quality,
+        benchmark=None,
+        timings=timer.timings,
+        calibration=calib.info,
+        evaluation=measured.info,
+        num_layers_before=depth,
+        flags=measured.flags,
+        gate=measured.gate,
+        scoring=None if choice.scoring is None else choice.scoring.info,
+        pruned=False,
+        compensation=compensation,
+    )
+    if measured.gate is not None and not measured.gate.passed:
+        raise QualityGateError(
+            f"{measured.gate.message}; blocks {removed} were not removed", result=result
         )
-        if eval_windows is not None:  # else the calibration text has no windows left over
-            eval_info = {"kind": "held-out calibration windows", "source": text_name}
-    quality = None
-    if eval_windows is not None and eval_info is not None:
-        eval_info.update(windows=int(eval_windows.shape[0]), seq_len=int(eval_windows.shape[1]))
-        with stages.stage("evaluation", "dense vs pruned quality"):
-            quality = compare_pruned(
-                model,
-                selection.removed,
-                eval_windows,
-                batch_size=config.batch_size,
-                progress=stages.report,
-                compensation=compensation,
-            )
-
-    flags = quality_flags(quality)
-    gate = None
-    if config.quality_gate is not None and config.quality_gate.active:
-        gate = config.quality_gate.check(quality, "" if eval_info is None else _where(eval_info))
-
-    def result(bench: BenchmarkResult | None, pruned: bool) -> PruneResult:
-        return PruneResult(
-            selection=selection,
-            similarity=similarity,
-            model=model,
-            tokenizer=tokenizer,
-            quality=quality,
-            benchmark=bench,
-            timings=stages.timings,
-            calibration=calib_info,
-            evaluation=eval_info,
-            num_layers_before=depth,
-            flags=flags,
-            gate=gate,
-            scoring=scoring_info,
-            pruned=pruned,
-            compensation=compensation,
-        )
-
-    if gate is not None and not gate.passed:
-        if _on_refused is not None:
-            _on_refused(result(None, pruned=False))
-        raise QualityGateError(f"{gate.message}; blocks {selection.removed} were not removed")
-
-    bench = None
-    if config.benchmark is not None:
-        with stages.stage("benchmark", "timing original vs pruned"):
-            bench = benchmark(model, selection.removed, config.benchmark, progress=stages.report)
-
-    with stages.stage("pruning", f"removing blocks {selection.removed}"):
-        restore = None if compensation is None else apply_compensation(model, compensation)
-        try:
-            remove_blocks(model, selection.removed)
-        except BaseException:
-            if restore is not None:
-                restore()  # the model stays whole and unchanged
-            raise
-
-    return result(bench, pruned=True)
+    result.benchmark = measure_speed(model, removed, config, timer=timer)
+    remove(model, removed, compensation, timer=timer)
+    result.pruned = True
+    return result
 
 
 def run_pipeline(
@@ -564,24 +842,17 @@ def run_pipeline(
     worker's local copies.
 
     When the quality gate refuses the result, no checkpoint is written: the reports are (with
-    ``summary.status = "refused"`` and ``quality.gate``) and :class:`QualityGateError` is raised.
+    ``summary.status = "refused"`` and ``quality.gate``) and :class:`QualityGateError` is raised
+    carrying the refusal report (``.report``) and its job summary (``.summary``,
+    :func:`lorp.report.job_summary`); both None when the report could not be built.
+    Stages: loading, then :func:`prune`'s, then saving and report.
     """
     from .loading import load_model, save_pruned
 
     out = Path(out_dir)
-    stages = _Stages(progress)
+    timer = StageTimer(progress)
     model_name = (source_names or {}).get("model", str(model_source))
-    report_options: dict[str, Any] = {"model_source": model_name, "dtype": dtype}
-
-    def refused(partial: PruneResult) -> None:
-        with stages.stage("report", "writing the refusal report (no checkpoint)"):
-            try:
-                report = make_report(partial, config, **report_options)
-                write_reports(report, partial.similarity, out)
-            except (LorpError, OSError, ValueError):
-                pass  # the gate's error is what the caller must see
-
-    with stages.stage("loading", f"loading {model_name}"):
+    with timer.stage("loading", f"loading {model_name}"):
         loaded = load_model(
             model_source,
             gguf_file=gguf_file,
@@ -591,21 +862,36 @@ def run_pipeline(
             trust_remote_code=trust_remote_code,
             allow_hub=allow_hub,
         )
-    report_options.update(gguf_file=loaded.gguf_file, device=str(loaded.device))
-    result = prune(
-        loaded.model,
-        loaded.tokenizer,
-        calibration,
-        config,
-        evaluation=evaluation,
-        source_names=source_names,
-        _stages=stages,
-        _on_refused=refused,
-    )
-    with stages.stage("saving", "saving the pruned checkpoint"):
+    report_options: dict[str, Any] = {
+        "model_source": model_name,
+        "gguf_file": loaded.gguf_file,
+        "dtype": dtype,
+        "device": str(loaded.device),
+    }
+    try:
+        result = prune(
+            loaded.model,
+            loaded.tokenizer,
+            calibration,
+            config,
+            evaluation=evaluation,
+            source_names=source_names,
+            timer=timer,
+        )
+    except QualityGateError as refusal:
+        if isinstance(refusal.result, PruneResult):
+            with timer.stage("report", "writing the refusal report (no checkpoint)"):
+                try:
+                    refusal.report = make_report(refusal.result, config, **report_options)
+                    refusal.summary = job_summary(refusal.report)
+                    write_reports(refusal.report, refusal.result.similarity, out)
+                except (LorpError, OSError, ValueError):
+                    pass  # the gate's error is what the caller must see
+        raise
+    with timer.stage("saving", "saving the pruned checkpoint"):
         checkpoint = out / "model"
         save_pruned(result.model, result.tokenizer, checkpoint)
-    with stages.stage("report", "writing reports"):
+    with timer.stage("report", "writing reports"):
         report = make_report(result, config, **report_options)
         files = write_reports(report, result.similarity, out)
     return PipelineResult(
@@ -613,82 +899,29 @@ def run_pipeline(
     )
 
 
-def make_report(
-    result: PruneResult,
-    config: PruneConfig,
-    *,
-    model_source: str,
-    gguf_file: str | None = None,
-    dtype: str = "float32",
-    device: str = "cpu",
-) -> dict[str, Any]:
-    """The report.json content of a prune (see lorp/schemas/report.schema.json).
-
-    Beyond :func:`lorp.report.build_report`: ``quality`` carries ``flags`` and ``gate``;
-    ``summary`` carries ``status`` ("pruned" or "refused" by the quality gate), ``kl``,
-    ``top1_agreement``, ``flags`` (messages) and ``quality_gate`` (None, or the gate result);
-    ``extra.scoring`` describes the scoring windows of a model-in-the-loop method.
-    """
-    model = result.model
-    params = sum(p.numel() for p in model.parameters())
-    layers_after = num_blocks(model)
-    if not result.pruned:  # refused: report what the pruned model would have been
-        blocks = get_blocks(model)
-        params -= sum(p.numel() for i in result.selection.removed for p in blocks[i].parameters())
-        layers_after -= len(result.selection.removed)
-    gate = None if result.gate is None else result.gate.to_dict()
-    quality = None
-    if result.quality is not None and result.evaluation is not None:
-        quality = {
-            "dataset": result.evaluation.get("source") or result.evaluation["kind"],
-            **result.evaluation,
-            **result.quality.to_dict(),
-            "flags": result.flags,
-            "flag_thresholds": dict(FLAG_THRESHOLDS),
-            "gate": gate,
-        }
-    report = build_report(
-        model={
-            "source": model_source,
-            "gguf_file": gguf_file,
-            "architecture": type(model).__name__,
-            "num_layers": result.num_layers_before,
-            "num_layers_after": layers_after,
-            "parameters_after": int(params),
-            "dtype": dtype,
-            "device": device,
-        },
-        budget={"requested": config.budget, "num_remove": len(result.selection.removed)},
-        selection=result.selection,
-        similarity=result.similarity,
-        timings=dict(result.timings),
-        benchmark=result.benchmark,
-        quality=quality,
-        extra={
-            "calibration": result.calibration,
-            "scoring": result.scoring,
-            "compensation": None if result.compensation is None else result.compensation.to_dict(),
-            "config": config.to_dict(),
-        },
-    )
-    summary = report["summary"]
-    summary["status"] = "pruned" if result.pruned else "refused"
-    summary["kl"] = None if result.quality is None else result.quality.kl
-    summary["top1_agreement"] = None if result.quality is None else result.quality.top1_agreement
-    summary["flags"] = [f["message"] for f in result.flags]
-    summary["quality_gate"] = gate
-    return dict(json_safe(report))
-
-
 __all__ = [
     "STAGES",
     "STORED_INPUT_BYTES",
+    "Calibration",
+    "Choice",
+    "Evaluation",
     "PipelineResult",
     "PruneConfig",
     "PruneResult",
+    "Scoring",
+    "StageTimer",
+    "calibrate",
+    "compensate",
+    "draw_scoring",
+    "evaluate",
+    "fit_logit_scale",
     "inputs_to_keep",
     "make_report",
+    "measure_speed",
+    "preflight",
     "prune",
+    "remove",
     "run_pipeline",
+    "select_blocks",
     "windows_after",
 ]

@@ -8,29 +8,31 @@ Per model (``models.py``; loaded once, float32, CPU):
 - budgets k = round(f x N) for f in ``--fractions`` (0.1, 0.2, 0.3): SmolLM2 3/6/9, Gemma-3 2/4/5,
   Qwen2.5 2/5/7;
 - the methods of the registry (``lorp.methods``; folds such as lorp-fold are measured under the
-  name of what they do, ``lorp-loss+tfit+temp``), in its order:
-  S-only methods (lorp, shortgpt, streamline): ``lorp.selection.select_layers``;
-  model-in-the-loop methods (sleb, lorp-kl, lorp-loss, auto): ``lorp.search.search_layers`` on
-  scoring windows of the calibration text right after the calibration windows, shaped as
-  ``lorp.pipeline.PruneConfig.scoring_shape`` gives for the method (or ``--score-windows`` /
-  ``--score-seq-len``), with ``max_passes = lorp.search.pass_budget(...)`` as the pipeline does
-  (a limit for auto and lorp-loss); a method missing from the registry is skipped with a note;
+  name of what they do, ``lorp-loss+tfit+temp``), in its order, each chosen by the pipeline's
+  selection stage (``lorp.pipeline.select_blocks``): S-only methods (lorp, shortgpt,
+  streamline) from S; model-in-the-loop methods (sleb, lorp-kl, lorp-loss, auto) on scoring
+  windows of the calibration text right after the calibration windows
+  (``lorp.pipeline.draw_scoring``), shaped as ``lorp.pipeline.PruneConfig.scoring_shape`` gives
+  for the method (or ``--score-windows`` / ``--score-seq-len``), within the pipeline's pass
+  budget (``lorp.search.pass_budget``: a limit for auto and lorp-loss); a method missing from
+  the registry is skipped with a note;
 - selection time = capture + the method's own selection, except SLEB (needs no S): SLEB is greedy
   and deterministic, so it runs once at the largest budget and a smaller budget k takes its first
   k removals, with time = the elapsed time at step k;
 - compensated methods ``<method>+fit`` (``report.FIT``): the base method's selection at the same
-  budget with a linear stand-in for every removed run folded into the block before it
-  (``lorp.compensation.fit_compensation`` on the first ``--fit-windows`` calibration windows, as
-  the pipeline's ``compensate`` does); time = the base's time + the fit's; evaluated under the
-  key ``fit:<blocks>``; models whose blocks cannot take the fold (Gemma-3) are skipped with the
+  budget with a linear stand-in for every removed run folded into the block before it (the
+  pipeline's compensation stage, ``lorp.pipeline.compensate``, on the first ``--fit-windows``
+  calibration windows, not tuned); time = the base's time + the fit's; evaluated under the key
+  ``fit:<blocks>``; models whose blocks cannot take the fold (Gemma-3) are skipped with the
   reason; ``<method>+tfit`` (``report.TFIT``): the same maps folded at the strength with the
   lowest loss on the next ``--tune-windows`` calibration windows
   (``lorp.compensation.tune_strength``, the pipeline's default), key ``tfit:<blocks>``;
   ``<method>+tfit+temp``: then the logit temperature of the folded, pruned model on the last
-  ``--temp-windows`` (the pipeline's ``compensate`` + ``temperature``), key ``tfit+temp:<blocks>``;
+  ``--temp-windows`` (the pipeline's ``compensate`` + ``fit_logit_scale``), key
+  ``tfit+temp:<blocks>``;
 - ``<method>+temp`` (``report.TEMP``): the base method's selection with the pruned model's logit
-  scale (``lorp.temperature.fit_temperature`` on the last ``--temp-windows`` calibration windows,
-  as the pipeline's ``temperature`` does) folded into the final norm; time = the base's + the
+  scale (the pipeline's temperature stage, ``lorp.pipeline.fit_logit_scale``, on the last
+  ``--temp-windows`` calibration windows) folded into the final norm; time = the base's + the
   fit's; evaluated under ``temp:<blocks>``;
 - quality of every distinct removal set (and the dense model) on WikiText-2 test and on the
   held-out text (``eval/debian-reference.en.txt``): ``--eval-windows`` non-overlapping windows of
@@ -69,21 +71,23 @@ if str(REPO) not in sys.path:
 from benchmarks._common import CALIBRATION, HELDOUT, RESULTS, WIKITEXT, machine  # noqa: E402
 from benchmarks.quality import report  # noqa: E402
 from benchmarks.quality.models import DEFAULT_CACHE, MODELS, ModelSpec, install, load  # noqa: E402
-from lorp.compensation import (  # noqa: E402
-    Compensation,
-    check_compensable,
-    compensated_view,
-    fit_folded_temperature,
-    fit_tuned_compensation,
-    temperature_only,
-)
+from lorp.compensation import Compensation, check_compensable, compensated_view  # noqa: E402
 from lorp.data import prepends_bos, text_windows  # noqa: E402
 from lorp.errors import UnsupportedModelError  # noqa: E402
 from lorp.inputs import BlockInputs  # noqa: E402
 from lorp.methods import find_method  # noqa: E402
-from lorp.pipeline import PruneConfig, inputs_to_keep, windows_after  # noqa: E402
+from lorp.pipeline import (  # noqa: E402
+    Calibration,
+    PruneConfig,
+    StageTimer,
+    compensate,
+    draw_scoring,
+    fit_logit_scale,
+    inputs_to_keep,
+    select_blocks,
+)
 from lorp.scoring import WindowScore, WindowScorer  # noqa: E402
-from lorp.search import pass_budget, search_layers  # noqa: E402
+from lorp.search import pass_budget  # noqa: E402
 from lorp.selection import Selection, select_layers  # noqa: E402
 from lorp.similarity import capture_similarity  # noqa: E402
 
@@ -384,23 +388,21 @@ def _select(
     if inputs is not None:
         capture_similarity(model, calib, keep=inputs)
         _log(f"kept block inputs of calibration windows {inputs.indices} ({inputs.seconds:.2f}s)")
-    body = settings.seq_len - 1 if bos else settings.seq_len
-    after = int(calib.shape[0]) * body
+    calibration = Calibration(
+        windows=calib, similarity=similarity, inputs=inputs, text=settings.calibration, bos=bos
+    )
+    after = calibration.text_tokens
     scoring: dict[tuple[int, int], torch.Tensor] = {}
     data.setdefault("scoring", {})
 
     def windows_for(method: str) -> torch.Tensor:
-        shape = PruneConfig(
-            method=method,
-            num_remove=1,
-            score_windows=settings.score_windows,
-            score_seq_len=settings.score_seq_len,
-        ).scoring_shape
+        config = _config(method, 1, settings)
+        shape = config.scoring_shape
         if shape not in scoring:
-            windows, _ = windows_after(tok, settings.calibration, shape[1], shape[0], after, bos)
-            if windows is None:
+            drawn = draw_scoring(tok, calibration, config)
+            if not drawn.info["held_out"]:
                 raise SystemExit(f"{settings.calibration} has no text left for scoring windows")
-            scoring[shape] = windows
+            scoring[shape] = drawn.windows
         windows = scoring[shape]
         data["scoring"][method] = {
             "windows": int(windows.shape[0]),
@@ -418,7 +420,8 @@ def _select(
             if _selects(method, needs_model=False):
                 for k in budgets:
                     t = time.perf_counter()
-                    sel = select_layers(similarity, k, method=method)
+                    config = _config(method, k, settings)
+                    sel = select_blocks(model, tok, calibration, config).selection
                     own = time.perf_counter() - t
                     selections.setdefault(method, {})[str(k)] = {
                         "removed": sel.removed,
@@ -428,11 +431,9 @@ def _select(
                         "selection": _compact(sel),
                     }
             elif method == "sleb":
-                _sleb(store, model, similarity, max(budgets), windows_for(method), fresh)
+                _sleb(store, model, tok, calibration, max(budgets), windows_for(method), fresh)
             elif report.correction_of(method) == report.TEMP:
-                _temperature(
-                    store, model, calib[-settings.temp_windows :], method, budgets, fits, inputs
-                )
+                _temperature(store, model, calib, settings, method, budgets, fits, inputs)
             elif report.base_of(method) is not None:
                 if not _fit(store, model, calib, settings, method, budgets, fits, inputs):
                     continue
@@ -447,16 +448,16 @@ def _select(
                         k,
                     )
                     _log(f"{method} k={k}: searching")
+                    timer = StageTimer(_progress(f"{method} k={k}"))
                     t = time.perf_counter()
-                    sel = search_layers(
+                    sel = select_blocks(
                         model,
-                        similarity,
-                        k,
-                        method,
-                        windows,
-                        max_passes=max_passes,
-                        progress=_progress(f"{method} k={k}"),
-                    )
+                        tok,
+                        calibration,
+                        _config(method, k, settings),
+                        scoring=windows,
+                        timer=timer,
+                    ).selection
                     own = time.perf_counter() - t
                     selections.setdefault(method, {})[str(k)] = {
                         "removed": sel.removed,
@@ -478,6 +479,34 @@ def _select(
             _log(f"{method} FAILED: {data['errors'][method]}")
             traceback.print_exc()
         store.save()
+
+
+def _config(method: str, k: int, settings: Settings) -> PruneConfig:
+    """The pipeline's config for choosing ``k`` blocks with ``method`` (the scoring windows as
+    ``--score-windows`` / ``--score-seq-len`` say, else the method's default)."""
+    return PruneConfig(
+        method=method,
+        num_remove=k,
+        score_windows=settings.score_windows,
+        score_seq_len=settings.score_seq_len,
+    )
+
+
+def _correction(
+    removed: Sequence[int], settings: Settings, *, fit: bool, tune: bool, temperature: bool
+) -> PruneConfig:
+    """The pipeline's config for the corrections of ``removed``: the maps fitted on the first
+    ``--fit-windows`` calibration windows (``fit``), tuned on the next ``--tune-windows``
+    (``tune``), the logit temperature on the last ``--temp-windows`` (``temperature``)."""
+    return PruneConfig(
+        method="lorp",
+        num_remove=len(removed),
+        compensate=fit,
+        compensation_windows=settings.fit_windows,
+        compensation_tune_windows=settings.tune_windows if tune else 0,
+        temperature=temperature,
+        temperature_windows=settings.temp_windows,
+    )
 
 
 def _inputs_for(
@@ -512,17 +541,16 @@ def _fold(
     strength with the lowest loss on the next ``--tune-windows``, ``+tfit+temp``: then the
     logit temperature on the last ``--temp-windows`` (as the pipeline does, reading the dense
     block inputs from ``inputs`` where it holds them)."""
-    tuned = suffix in (report.TFIT, report.TFIT_TEMP)
-    comp = fit_tuned_compensation(
-        model,
+    config = _correction(
         removed,
-        calib,
-        fit_windows=settings.fit_windows,
-        tune_windows=settings.tune_windows if tuned else 0,
-        inputs=inputs,
+        settings,
+        fit=True,
+        tune=suffix in (report.TFIT, report.TFIT_TEMP),
+        temperature=suffix == report.TFIT_TEMP,
     )
-    if suffix == report.TFIT_TEMP:
-        comp = fit_folded_temperature(model, comp, calib[-settings.temp_windows :], inputs=inputs)
+    comp = compensate(model, removed, calib, config, inputs=inputs)
+    comp = fit_logit_scale(model, removed, calib, config, comp, inputs=inputs)
+    assert comp is not None
     return comp
 
 
@@ -603,6 +631,7 @@ def _temperature(
     store: Store,
     model: nn.Module,
     calib: torch.Tensor,
+    settings: Settings,
     method: str,
     budgets: Sequence[int],
     fits: dict[str, Compensation],
@@ -618,22 +647,36 @@ def _temperature(
         if entry is None:
             raise RuntimeError(f"{base} has no selection at k={k}; add {base} to --methods")
         t = time.perf_counter()
-        comp = _fit_temperature(model, entry["removed"], calib, inputs)
+        comp = _fit_temperature(model, entry["removed"], calib, settings, inputs)
         fit_s = time.perf_counter() - t + _store_s(inputs)
         key = report.TEMP_KEY + set_key(entry["removed"])
         fits[key] = comp
         assert comp.temperature is not None
         data["selections"].setdefault(method, {})[str(k)] = _corrected(
-            entry, base, key, comp, fit_s, temp_windows=int(calib.shape[0])
+            entry,
+            base,
+            key,
+            comp,
+            fit_s,
+            temp_windows=int(calib[-settings.temp_windows :].shape[0]),
         )
         _log(f"{method} k={k}: logit scale {comp.temperature.scale:.4f} in {fit_s:.1f}s")
         store.save()
 
 
 def _fit_temperature(
-    model: nn.Module, removed: list[int], calib: torch.Tensor, inputs: BlockInputs | None = None
+    model: nn.Module,
+    removed: list[int],
+    calib: torch.Tensor,
+    settings: Settings,
+    inputs: BlockInputs | None = None,
 ) -> Compensation:
-    return fit_folded_temperature(model, temperature_only(removed), calib, inputs=inputs)
+    """The pruned model's logit scale on the last ``--temp-windows`` calibration windows (the
+    pipeline's temperature stage without compensation)."""
+    config = _correction(removed, settings, fit=False, tune=False, temperature=True)
+    comp = fit_logit_scale(model, removed, calib, config, inputs=inputs)
+    assert comp is not None
+    return comp
 
 
 def _store_s(inputs: BlockInputs | None) -> float:
@@ -644,17 +687,18 @@ def _store_s(inputs: BlockInputs | None) -> float:
 def _sleb(
     store: Store,
     model: nn.Module,
-    similarity: np.ndarray,
+    tok: Any,
+    calibration: Calibration,
     k_max: int,
     windows: torch.Tensor,
     capture_s: float | None,
 ) -> None:
     """SLEB once at ``k_max``; every budget up to it from the same removal order."""
     _log(f"sleb k={k_max}: searching (smaller budgets are its first steps)")
+    config = PruneConfig(method="sleb", num_remove=k_max)
+    timer = StageTimer(_progress(f"sleb k={k_max}"))
     t = time.perf_counter()
-    sel = search_layers(
-        model, similarity, k_max, "sleb", windows, progress=_progress(f"sleb k={k_max}")
-    )
+    sel = select_blocks(model, tok, calibration, config, scoring=windows, timer=timer).selection
     own = time.perf_counter() - t
     order = list(sel.details["removal_order"])
     steps = sel.details["steps"]
@@ -737,7 +781,7 @@ def _evaluate(
                 removed = [int(i) for i in blocks.split(",")]
                 suffix = next(s for s, p in report.CORRECTIONS.items() if p == prefix + ":")
                 if suffix == report.TEMP:
-                    fits[key] = _fit_temperature(model, removed, calib[-settings.temp_windows :])
+                    fits[key] = _fit_temperature(model, removed, calib, settings)
                 else:
                     fits[key] = _fold(model, removed, calib, settings, suffix)
         for prefix in corrected:  # a scorer per kind: two kinds may correct the same set

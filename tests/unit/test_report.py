@@ -17,6 +17,7 @@ from lorp.report import (
     REPORT_SCHEMA_VERSION,
     build_report,
     explain,
+    job_summary,
     load_schema,
     method_label,
     write_reports,
@@ -415,3 +416,155 @@ def test_method_labels() -> None:
     ]
     assert method_label("sleb") == "SLEB (iterative, by calibration loss)"
     assert method_label("lorp-loss") == "LoRP-loss (LoRP phases, greedy by calibration loss)"
+
+
+# --------------------------------------------------------------------------------------------
+# A prune's quality guard, and the job summary
+
+
+FLAG = {"code": "kl_high", "metric": "kl", "value": 1.5, "threshold": 1.0, "message": "KL high"}
+GATE = {
+    "passed": False,
+    "limits": {"max_kl": 0.5},
+    "measured": {"kl": 0.4},
+    "violations": ["mean KL 0.4000 nats > max 0.5"],
+    "where": "held-out text",
+}
+
+
+def test_status_writes_the_quality_guard_into_summary_and_quality() -> None:
+    s = _similarity()
+    doc = build_report(
+        model={"source": "m", "num_layers": DEPTH},
+        budget={"num_remove": 2},
+        selection=select_layers(s, 2),
+        similarity=s,
+        timings={},
+        quality=QUALITY,
+        status="refused",
+        flags=[FLAG],
+        gate=GATE,
+    )
+    _validate(doc)
+    summary = doc["summary"]
+    assert list(summary)[-5:] == ["status", "kl", "top1_agreement", "flags", "quality_gate"]
+    assert summary["status"] == "refused"
+    assert summary["kl"] == 0.4 and summary["top1_agreement"] == 0.7
+    assert summary["flags"] == ["KL high"] and summary["quality_gate"] == GATE
+    assert list(doc["quality"])[-3:] == ["flags", "flag_thresholds", "gate"]
+    assert doc["quality"]["flags"] == [FLAG] and doc["quality"]["gate"] == GATE
+    assert doc["quality"]["flag_thresholds"] == {"ppl_ratio": 2.0, "kl": 1.0, "top1_agreement": 0.5}
+    # without a measurement: no kl, the flags and the gate still in the summary
+    bare = build_report(
+        model={"source": "m"},
+        budget={},
+        selection=select_layers(s, 2),
+        similarity=s,
+        timings={},
+        status="pruned",
+        flags=[FLAG],
+    )
+    _validate(bare)
+    assert bare["quality"] is None
+    assert bare["summary"]["kl"] is None and bare["summary"]["flags"] == ["KL high"]
+    assert bare["summary"]["quality_gate"] is None
+    # without a status: none of the guard's keys (a document that is no prune's)
+    plain = _report(quality=QUALITY)
+    assert "status" not in plain["summary"] and "flags" not in plain["quality"]
+    with pytest.raises(InvalidInputError, match="status"):
+        build_report(
+            model={},
+            budget={},
+            selection=select_layers(s, 2),
+            similarity=s,
+            timings={},
+            status="ok",
+        )
+
+
+def test_job_summary_from_a_hand_built_report() -> None:
+    report = {
+        "summary": {
+            "method": "lorp-loss",
+            "num_layers": 30,
+            "removed": [4, 9, 21],
+            "kept_layers": 27,
+            "rls": 0.81,
+            "num_clusters": 3,
+            "speedups": {"prefill_a": 1.2, "prefill_b": 1.6, "decode_a": 1.1},
+            "weights_saved_bytes": 2_000_000,
+            "weights_saved_fraction": 0.08,
+            "ppl_dense": 10.0,
+            "ppl_pruned": 12.5,
+            "ppl_ratio": 1.25,
+            "status": "pruned",
+            "kl": 0.3,
+            "top1_agreement": 0.77,
+            "flags": ["one", "two"],
+            "quality_gate": None,
+        },
+        "speed": [
+            {"name": "prefill_a", "kind": "prefill", "speedup": 1.2},
+            {"name": "prefill_b", "kind": "prefill", "speedup": 1.6},
+            {"name": "prefill_c", "kind": "prefill", "speedup": None},
+            {"name": "decode_a", "kind": "decode", "speedup": 1.1},
+        ],
+        "quality": {"gate": GATE},
+    }
+    assert job_summary(report) == {
+        "method": "lorp-loss",
+        "num_layers": 30,
+        "kept_layers": 27,
+        "removed_blocks": [4, 9, 21],
+        "rls": 0.81,
+        "num_clusters": 3,
+        "speedups": {"prefill_a": 1.2, "prefill_b": 1.6, "decode_a": 1.1},
+        "prefill_speedup": pytest.approx(1.4),
+        "decode_speedup": 1.1,
+        "memory_reduction": 0.08,
+        "weights_saved_bytes": 2_000_000,
+        "perplexity_before": 10.0,
+        "perplexity_after": 12.5,
+        "perplexity_ratio": 1.25,
+        "status": "pruned",
+        "kl": 0.3,
+        "top1_agreement": 0.77,
+        "flags": ["one", "two"],
+        "quality_gate": GATE,  # summary.quality_gate is None: quality.gate is read instead
+    }
+    assert job_summary({}) == {
+        "method": None,
+        "num_layers": None,
+        "kept_layers": None,
+        "removed_blocks": [],
+        "rls": None,
+        "num_clusters": None,
+        "speedups": {},
+        "prefill_speedup": None,
+        "decode_speedup": None,
+        "memory_reduction": None,
+        "weights_saved_bytes": None,
+        "perplexity_before": None,
+        "perplexity_after": None,
+        "perplexity_ratio": None,
+        "status": None,
+        "kl": None,
+        "top1_agreement": None,
+        "flags": [],
+        "quality_gate": None,
+    }
+
+
+def test_report_package_keeps_its_public_names() -> None:
+    import lorp
+    import lorp.report as package
+    from lorp.report import document, files, html, plots, prose
+
+    assert lorp.build_report is build_report is document.build_report
+    assert lorp.write_reports is write_reports is files.write_reports
+    assert lorp.REPORT_SCHEMA_VERSION == REPORT_SCHEMA_VERSION
+    assert package.explain is explain is prose.explain
+    assert package.render_html is html.render_html and package.plot_heatmap is plots.plot_heatmap
+    assert package.SCHEMA_PATH.is_file()
+    for name in package.__all__:
+        assert getattr(package, name) is not None

@@ -1,0 +1,412 @@
+"""The ``report.json`` document, and the job summary read from it.
+
+:func:`build_report` assembles the document (documented by ``lorp/schemas/report.schema.json``,
+JSON Schema draft 2020-12, version :data:`REPORT_SCHEMA_VERSION`); :func:`make_report` is the
+document of one prune (:class:`lorp.pipeline.PruneResult`), quality guard included;
+:func:`job_summary` is the summary the service stores with a job, read from a document. Every
+key of ``summary`` is written here and read back here, in one module.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import statistics
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .._blocks import get_blocks, num_blocks
+from ..bench import BenchmarkResult, environment_info
+from ..errors import InvalidInputError, SimilarityMatrixError
+from ..gate import FLAG_THRESHOLDS
+from .prose import explain
+
+if TYPE_CHECKING:
+    from ..pipeline import PruneConfig, PruneResult
+
+__all__ = [
+    "REPORT_SCHEMA_VERSION",
+    "SCHEMA_PATH",
+    "STATUSES",
+    "build_report",
+    "check_similarity",
+    "job_summary",
+    "json_safe",
+    "load_schema",
+    "make_report",
+]
+
+REPORT_SCHEMA_VERSION = "1.0"
+SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schemas" / "report.schema.json"
+
+#: ``summary.status`` of a prune's report: the blocks were removed, or the quality gate refused.
+STATUSES = ("pruned", "refused")
+
+
+def json_safe(value: Any) -> Any:
+    """Plain JSON types only; non-finite floats become None."""
+    if isinstance(value, Mapping):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return json_safe(value.tolist())
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        f = float(value)
+        return f if math.isfinite(f) else None
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, Path):
+        return str(value)
+    return str(value)
+
+
+def check_similarity(similarity: Any) -> np.ndarray:
+    """``similarity`` as a finite, square float64 matrix (:class:`SimilarityMatrixError` else)."""
+    try:
+        s = np.asarray(similarity, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise SimilarityMatrixError(f"similarity matrix is not numeric: {exc}") from exc
+    if s.ndim != 2 or s.shape[0] != s.shape[1] or s.shape[0] < 1:
+        raise SimilarityMatrixError(f"similarity matrix must be square, got shape {s.shape}")
+    if not np.all(np.isfinite(s)):
+        raise SimilarityMatrixError("similarity matrix has NaN or infinite entries")
+    return s
+
+
+def load_schema() -> dict[str, Any]:
+    """The report's JSON Schema (draft 2020-12)."""
+    schema: dict[str, Any] = json.loads(SCHEMA_PATH.read_text(encoding="utf-8"))
+    return schema
+
+
+# --------------------------------------------------------------------------------------------
+# Sections
+
+
+def _phases(labels: Sequence[int] | None, removed: Sequence[int]) -> list[dict[str, Any]]:
+    if labels is None:
+        return []
+    gone = set(removed)
+    out = []
+    for phase in sorted(set(labels)):
+        layers = [i for i, c in enumerate(labels) if c == phase]
+        out.append(
+            {
+                "phase": int(phase),
+                "layers": layers,
+                "removed": [i for i in layers if i in gone],
+            }
+        )
+    return out
+
+
+def _selection_dict(selection: Any) -> dict[str, Any]:
+    data = selection.to_dict() if hasattr(selection, "to_dict") else selection
+    if not isinstance(data, Mapping):
+        raise InvalidInputError("selection must be a lorp.selection.Selection or its dict")
+    for key in ("method", "num_layers", "removed"):
+        if key not in data:
+            raise InvalidInputError(f"selection is missing {key!r}")
+    out = dict(json_safe(data))
+    out["removed"] = sorted(int(i) for i in out["removed"])
+    n = int(out["num_layers"])
+    out.setdefault("num_removed", len(out["removed"]))
+    out.setdefault("kept", [i for i in range(n) if i not in set(out["removed"])])
+    out.setdefault("rls", None)
+    out.setdefault("num_clusters", None)
+    out.setdefault("labels", None)
+    out["phases"] = _phases(out["labels"], out["removed"])
+    out["explanation"] = explain(out)
+    return out
+
+
+def _benchmark_dict(benchmark: BenchmarkResult | Mapping[str, Any] | None) -> dict | None:
+    if benchmark is None:
+        return None
+    data = benchmark.to_dict() if isinstance(benchmark, BenchmarkResult) else benchmark
+    return dict(json_safe(data))
+
+
+def _speed_summary(bench: Mapping[str, Any] | None) -> list[dict[str, Any]]:
+    if bench is None:
+        return []
+    out = []
+    for w in bench.get("workloads", []):
+        out.append(
+            {
+                "name": w["name"],
+                "kind": w["kind"],
+                "batch": w["batch"],
+                "prompt_len": w["prompt_len"],
+                "new_tokens": w.get("new_tokens"),
+                "original_median_s": w["original"]["median_s"],
+                "pruned_median_s": w["pruned"]["median_s"],
+                "original_tokens_per_s": w["original"].get("tokens_per_s"),
+                "pruned_tokens_per_s": w["pruned"].get("tokens_per_s"),
+                "speedup": w.get("speedup"),
+                "ideal_speedup": w.get("ideal_speedup"),
+                "measured_over_ideal": w.get("measured_over_ideal"),
+            }
+        )
+    return out
+
+
+def _memory_summary(bench: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    if bench is None:
+        return None
+    weights = bench.get("weights", {})
+    per_workload = {}
+    for w in bench.get("workloads", []):
+        per_workload[w["name"]] = {
+            "original": w["original"].get("memory", {}),
+            "pruned": w["pruned"].get("memory", {}),
+        }
+    return {
+        "weights_original_bytes": weights.get("original_bytes"),
+        "weights_pruned_bytes": weights.get("pruned_bytes"),
+        "weights_saved_bytes": weights.get("saved_bytes"),
+        "weights_saved_fraction": weights.get("saved_fraction"),
+        "method": bench.get("memory_method"),
+        "per_workload": per_workload,
+    }
+
+
+def _perplexities(quality: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    if not quality:
+        return None
+    dense = quality.get("dense") or {}
+    pruned = quality.get("pruned") or {}
+    d, p = dense.get("ppl"), pruned.get("ppl")
+    if not isinstance(d, (int, float)) or not isinstance(p, (int, float)) or d <= 0:
+        return None
+    return {"ppl_dense": d, "ppl_pruned": p, "ppl_ratio": p / d}
+
+
+def _summary(
+    sel: Mapping[str, Any],
+    speed: Sequence[Mapping[str, Any]],
+    memory: Mapping[str, Any] | None,
+    quality: Mapping[str, Any] | None,
+    guard: Mapping[str, Any] | None,
+) -> dict[str, Any]:
+    """The ten-second summary; with ``guard`` (a prune's status, flags and gate) the quality
+    guard's keys too."""
+    ppl = _perplexities(quality) or {}
+    summary = {
+        "method": sel["method"],
+        "num_layers": sel["num_layers"],
+        "removed": sel["removed"],
+        "kept_layers": sel["num_layers"] - len(sel["removed"]),
+        "rls": sel.get("rls"),
+        "num_clusters": sel.get("num_clusters"),
+        "speedups": {w["name"]: w["speedup"] for w in speed},
+        "weights_saved_bytes": None if memory is None else memory["weights_saved_bytes"],
+        "weights_saved_fraction": None if memory is None else memory["weights_saved_fraction"],
+        "ppl_dense": ppl.get("ppl_dense"),
+        "ppl_pruned": ppl.get("ppl_pruned"),
+        "ppl_ratio": ppl.get("ppl_ratio"),
+    }
+    if guard is not None:
+        summary.update(
+            status=guard["status"],
+            kl=None if quality is None else quality.get("kl"),
+            top1_agreement=None if quality is None else quality.get("top1_agreement"),
+            flags=[str(f["message"]) for f in guard["flags"]],
+            quality_gate=guard["gate"],
+        )
+    return summary
+
+
+# --------------------------------------------------------------------------------------------
+# The document
+
+
+def build_report(
+    *,
+    model: Mapping[str, Any],
+    budget: Mapping[str, Any],
+    selection: Any,
+    similarity: Any,
+    timings: Mapping[str, float],
+    benchmark: BenchmarkResult | Mapping[str, Any] | None = None,
+    quality: Mapping[str, Any] | None = None,
+    extra: Mapping[str, Any] | None = None,
+    status: str | None = None,
+    flags: Sequence[Mapping[str, Any]] = (),
+    gate: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The report.json document (schema ``lorp/schemas/report.schema.json``, version
+    :data:`REPORT_SCHEMA_VERSION`).
+
+    ``selection`` is a :class:`lorp.selection.Selection` or its ``to_dict()``; ``quality`` is
+    open-ended but, when perplexity was measured, holds ``dense``/``pruned`` dicts with ``ppl``
+    (and ``tokens``), plus e.g. ``dataset``, ``kl``, ``top1_agreement``.
+
+    ``status`` (one of :data:`STATUSES`) marks the document of a prune, which carries its quality
+    guard: ``flags`` (:func:`lorp.gate.quality_flags`) and ``gate`` (the quality gate's result as
+    a dict, or None) go into ``quality`` (with ``flag_thresholds``) and into ``summary`` with
+    ``status``, ``kl`` and ``top1_agreement``. Without ``status`` neither section has those keys
+    (``flags`` and ``gate`` are not used).
+    """
+    s = check_similarity(similarity)
+    sel = _selection_dict(selection)
+    if s.shape[0] != sel["num_layers"]:
+        raise SimilarityMatrixError(
+            f"similarity matrix is {s.shape[0]}x{s.shape[0]} but the selection is over "
+            f"{sel['num_layers']} layers"
+        )
+    guard = None
+    if status is not None:
+        if status not in STATUSES:
+            raise InvalidInputError(f"status must be one of {', '.join(STATUSES)}, got {status!r}")
+        guard = {"status": status, "flags": list(flags), "gate": gate}
+    bench = _benchmark_dict(benchmark)
+    qual = None if quality is None else dict(json_safe(quality))
+    if qual is not None and guard is not None:
+        qual.update(flags=guard["flags"], flag_thresholds=dict(FLAG_THRESHOLDS), gate=gate)
+    n = s.shape[0]
+    off = s[~np.eye(n, dtype=bool)]
+    env = (
+        dict(bench["environment"])
+        if bench is not None and isinstance(bench.get("environment"), dict)
+        else environment_info(model.get("device") if isinstance(model.get("device"), str) else None)
+    )
+    env["device"] = (bench or {}).get("device") or model.get("device")
+    env["dtype"] = (bench or {}).get("dtype") or model.get("dtype")
+    speed = _speed_summary(bench)
+    memory = _memory_summary(bench)
+    report = {
+        "schema_version": REPORT_SCHEMA_VERSION,
+        "created_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "summary": _summary(sel, speed, memory, qual, guard),
+        "model": dict(model),
+        "budget": dict(budget),
+        "method": sel["method"],
+        "selection": sel,
+        "similarity": {
+            "num_layers": n,
+            "mean_off_diagonal": float(off.mean()) if off.size else None,
+            "min": float(s.min()),
+            "max": float(s.max()),
+            "matrix": s.tolist(),
+        },
+        "timings_s": {str(k): float(v) for k, v in timings.items()},
+        "speed": speed,
+        "memory": memory,
+        "quality": qual,
+        "benchmark": bench,
+        "environment": env,
+        "extra": None if extra is None else dict(extra),
+    }
+    return dict(json_safe(report))
+
+
+def make_report(
+    result: PruneResult,
+    config: PruneConfig,
+    *,
+    model_source: str,
+    gguf_file: str | None = None,
+    dtype: str = "float32",
+    device: str = "cpu",
+) -> dict[str, Any]:
+    """The report.json document of a prune (:func:`lorp.pipeline.prune`'s result, or the result
+    a quality gate refused, ``result.pruned`` False: then ``summary.status`` is "refused" and
+    ``model`` describes the pruned model it would have been).
+
+    ``quality`` holds the evaluation data (``dataset``, ``kind``, ``source``, ``windows``,
+    ``seq_len``) and the measurement; ``extra`` the calibration and scoring windows, the
+    compensation and the config.
+    """
+    model = result.model
+    params = sum(p.numel() for p in model.parameters())
+    layers_after = num_blocks(model)
+    if not result.pruned:  # refused: report what the pruned model would have been
+        blocks = get_blocks(model)
+        params -= sum(p.numel() for i in result.selection.removed for p in blocks[i].parameters())
+        layers_after -= len(result.selection.removed)
+    quality = None
+    if result.quality is not None and result.evaluation is not None:
+        quality = {
+            "dataset": result.evaluation.get("source") or result.evaluation["kind"],
+            **result.evaluation,
+            **result.quality.to_dict(),
+        }
+    return build_report(
+        model={
+            "source": model_source,
+            "gguf_file": gguf_file,
+            "architecture": type(model).__name__,
+            "num_layers": result.num_layers_before,
+            "num_layers_after": layers_after,
+            "parameters_after": int(params),
+            "dtype": dtype,
+            "device": device,
+        },
+        budget={"requested": config.budget, "num_remove": len(result.selection.removed)},
+        selection=result.selection,
+        similarity=result.similarity,
+        timings=dict(result.timings),
+        benchmark=result.benchmark,
+        quality=quality,
+        extra={
+            "calibration": result.calibration,
+            "scoring": result.scoring,
+            "compensation": None if result.compensation is None else result.compensation.to_dict(),
+            "config": config.to_dict(),
+        },
+        status="pruned" if result.pruned else "refused",
+        flags=result.flags,
+        gate=None if result.gate is None else result.gate.to_dict(),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# The job summary
+
+
+def _median_speedup(speed: Sequence[Mapping[str, Any]], kind: str) -> float | None:
+    vals = [float(r["speedup"]) for r in speed if r.get("kind") == kind and r.get("speedup")]
+    return statistics.median(vals) if vals else None
+
+
+def job_summary(report: Mapping[str, Any]) -> dict[str, Any]:
+    """The summary a service job stores (the API's ``JobSummary`` fields), from a report.json
+    document (:func:`make_report`; a refused prune's too: ``status`` "refused").
+
+    ``prefill_speedup`` / ``decode_speedup``: the median speedup of the workloads of that kind;
+    ``memory_reduction``: the share of weight bytes saved; ``quality_gate``: the gate's result
+    (``summary.quality_gate``, else ``quality.gate``). Keys the report lacks are None.
+    """
+    s = report.get("summary") or {}
+    speed = report.get("speed") or []
+    return {
+        "method": s.get("method"),
+        "num_layers": s.get("num_layers"),
+        "kept_layers": s.get("kept_layers"),
+        "removed_blocks": list(s.get("removed") or []),
+        "rls": s.get("rls"),
+        "num_clusters": s.get("num_clusters"),
+        "speedups": dict(s.get("speedups") or {}),
+        "prefill_speedup": _median_speedup(speed, "prefill"),
+        "decode_speedup": _median_speedup(speed, "decode"),
+        "memory_reduction": s.get("weights_saved_fraction"),
+        "weights_saved_bytes": s.get("weights_saved_bytes"),
+        "perplexity_before": s.get("ppl_dense"),
+        "perplexity_after": s.get("ppl_pruned"),
+        "perplexity_ratio": s.get("ppl_ratio"),
+        "status": s.get("status"),
+        "kl": s.get("kl"),
+        "top1_agreement": s.get("top1_agreement"),
+        "flags": [str(f) for f in s.get("flags") or []],
+        "quality_gate": s.get("quality_gate") or (report.get("quality") or {}).get("gate"),
+    }
