@@ -49,22 +49,20 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks._common import machine, table, write_result  # noqa: E402
 from devstack import LocalStack  # noqa: E402
-from tests.integration.conftest import (  # noqa: E402
+from devstack.testbed import (  # noqa: E402
     ARTIFACT_BUCKET,
+    CANCEL_POINTS,
+    HELD_PREFIX,
+    HOLD_KEY,
     INPUT_BUCKET,
     KEY_A,
     KEY_B,
     MAX_MODEL_BYTES,
+    SMALL_BENCH,
     TENANT_A,
     TENANT_B,
     Service,
-    _text,
-)
-from tests.integration.holdpoint import (  # noqa: E402
-    CANCEL_POINTS,
-    HELD_PREFIX,
-    HOLD_KEY,
-    SMALL_BENCH,
+    sample_text,
 )
 from tests.tiny_models import build_tiny, tiny_tokenizer  # noqa: E402
 
@@ -554,7 +552,9 @@ def _setup(root: Path) -> tuple[LocalStack, Path, Path]:
     local_root = root / "local-root"
     local_root.mkdir(parents=True)
     corpus = local_root / "corpus.txt"
-    corpus.write_text(_text("calibration/debian-handbook.en.txt", "calibration text. ", 20_000))
+    corpus.write_text(
+        sample_text("calibration/debian-handbook.en.txt", "calibration text. ", 20_000)
+    )
     model_dir = local_root / "tiny-llama"
     build_tiny("llama").save_pretrained(model_dir)
     tiny_tokenizer().save_pretrained(model_dir)
@@ -583,7 +583,7 @@ def _upload_inputs(stack: LocalStack, local_root: Path, model_dir: Path) -> Serv
         s3.put_object(
             Bucket=INPUT_BUCKET,
             Key=f"{TENANT_A}/texts/{name}.txt",
-            Body=_text(src, seed, size).encode(),
+            Body=sample_text(src, seed, size).encode(),
         )
     return Service(
         stack=stack,

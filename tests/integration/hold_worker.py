@@ -18,8 +18,8 @@ from collections import Counter
 from redis import Redis
 from redis.exceptions import RedisError
 
+from devstack.testbed import HELD_PREFIX, HOLD_KEY
 from lorp.errors import CancelledError
-from tests.integration.holdpoint import HELD_PREFIX, HOLD_KEY
 from worker import tasks as _tasks  # noqa: F401  (registers the task and worker signals)
 from worker.celery_app import app, settings
 from worker.runner import _Progress

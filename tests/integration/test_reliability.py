@@ -21,13 +21,16 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from devstack import ApiServer
-from tests.integration.conftest import (
+from devstack.testbed import (
+    CANCEL_POINTS,
+    HELD_PREFIX,
+    HOLD_KEY,
     INPUT_BUCKET,
     MAX_MODEL_BYTES,
+    SMALL_BENCH,
     TENANT_A,
     Service,
 )
-from tests.integration.holdpoint import CANCEL_POINTS, HELD_PREFIX, HOLD_KEY, SMALL_BENCH
 from tests.tiny_models import _COMMON, build_tiny, tiny_tokenizer
 
 pytestmark = pytest.mark.integration
