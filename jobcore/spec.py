@@ -34,28 +34,47 @@ from pydantic import (
 )
 
 from jobcore.config import Settings
-from lorp.search import ALL_METHODS, FOLD_METHODS, SEARCH_METHODS
-from lorp.search import CLUSTER_METHODS as LORP_CLUSTER_METHODS
+from lorp.errors import InvalidInputError
+from lorp.methods import all_methods, get_method, method_names, selector
+from lorp.paths import check_confined
 
 MAX_URI_LEN = 1024
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _HUB_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}(/[A-Za-z0-9][A-Za-z0-9_.-]{0,95})?$")
 _CORPUS_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _GGUF_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,200}\.gguf$")
-_WEIGHT_SUFFIXES = (".safetensors", ".gguf")
+#: Weight files the service loads (never pickle); a model folder must hold one of them.
+WEIGHT_SUFFIXES = (".safetensors", ".gguf")
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 #: Passes over the scoring windows that admission control charges a model-in-the-loop method.
 NOMINAL_PASSES = 32
+#: Scoring windows (count, tokens) admission control charges when the job gives none: at least
+#: every registered method's default (a unit test checks it), so the estimate never undercounts.
+NOMINAL_SCORING = (8, 512)
 
 
-#: Layer-selection methods the worker's lorp accepts: the S-only ones (``lorp``, ``shortgpt``,
-#: ``streamline``), the model-in-the-loop ones (``sleb``, ``lorp-kl``, ``lorp-loss``,
-#: ``auto``) and ``lorp-fold`` (lorp-loss with ``compensate`` and ``temperature`` on); see
-#: ``lorp.search``. Taken from the library so the API never drifts from it.
-Method = StrEnum("Method", [(m, m) for m in ALL_METHODS])  # type: ignore[misc]
-Method.__doc__ = "Layer-selection method (see ``lorp.search.ALL_METHODS``)."
-#: Methods that take ``num_clusters`` (the library's rule, ``lorp.pipeline.PruneConfig``).
-CLUSTER_METHODS = LORP_CLUSTER_METHODS
+#: Layer-selection methods: every method of the library's registry (:mod:`lorp.methods`, which
+#: imports neither torch nor numpy), in its order, so the API never drifts from the worker's lorp.
+Method = StrEnum("Method", [(m, m) for m in method_names()])  # type: ignore[misc]
+Method.__doc__ = "Layer-selection method (the methods registered in ``lorp.methods``)."
+#: Methods that take ``num_clusters`` (the registry's ``takes_clusters``, as ``PruneConfig``).
+CLUSTER_METHODS = method_names(takes_clusters=True)
+
+
+def _method_help() -> str:
+    """The ``method`` field's description: every registered method's name and description."""
+    return "; ".join(f"{m.name}: {m.description}" for m in all_methods())
+
+
+def _scoring_help(which: int, what: str) -> str:
+    """Description of ``score_windows`` (``which`` 0) / ``score_seq_len`` (1): the methods that
+    run the model and their defaults, from the registry."""
+    defaults: dict[int, list[str]] = {}
+    for m in all_methods():
+        if m.needs_model:
+            defaults.setdefault(selector(m.name).scoring_shape[which], []).append(m.name)
+    listed = "; ".join(f"{value} for {', '.join(names)}" for value, names in defaults.items())
+    return f"{what}; null: the method's default ({listed})"
 
 
 class DType(StrEnum):
@@ -167,13 +186,21 @@ def _check_context(value: str, kind: Literal["model", "text"], info: ValidationI
         raise _reject("path is not under an allowed local root (after resolving symlinks)")
     if not real.exists():
         raise _reject("path does not exist")
+    try:
+        # every file under it stays inside the roots, links resolved (the worker checks again
+        # right before it reads); a GGUF file's folder too: transformers reads files beside it
+        check_confined(value, settings.local_roots)
+        if kind == "model" and real.is_file():
+            check_confined(real.parent, settings.local_roots)
+    except InvalidInputError as e:
+        raise _reject(str(e)) from None
     if kind == "text" and not real.is_file():
         raise _reject("text source must be a file")
     if kind == "model":
         if real.is_file() and real.suffix != ".gguf":
             raise _reject("a model file must be .gguf; give the directory of a safetensors model")
         if real.is_dir() and not any(
-            p.name.endswith(_WEIGHT_SUFFIXES) for p in real.iterdir() if p.is_file()
+            p.name.endswith(WEIGHT_SUFFIXES) for p in real.iterdir() if p.is_file()
         ):
             raise _reject(
                 "no .safetensors or .gguf weights in the directory (pickle weights are refused)"
@@ -358,17 +385,11 @@ class JobCreate(BaseModel):
     evaluation: StrictStr | None = Field(
         default=None, description="held-out text for perplexity (same forms as calibration)"
     )
-    method: Method = Field(
-        default=Method("lorp"),
-        description="lorp, shortgpt, streamline (from S only); sleb, lorp-kl, lorp-loss "
-        "(measure candidate removals with the model); auto (score every S-based candidate, "
-        "keep the best); lorp-fold (lorp-loss with compensate and temperature on)",
-    )
+    method: Method = Field(default=Method("lorp"), description=_method_help())
     budget: Budget
     num_clusters: Annotated[StrictInt, Field(ge=1, le=256)] | None = Field(
         default=None,
-        description="force the number of phases K (methods lorp, lorp-kl, lorp-loss and "
-        "lorp-fold only)",
+        description=f"force the number of phases K (methods {', '.join(CLUSTER_METHODS)} only)",
     )
     windows: Annotated[StrictInt, Field(ge=1, le=1024)] = 32
     seq_len: Annotated[StrictInt, Field(ge=8, le=8192)] = 512
@@ -381,14 +402,11 @@ class JobCreate(BaseModel):
     )
     score_windows: Annotated[StrictInt, Field(ge=1, le=256)] | None = Field(
         default=None,
-        description="scoring windows of the model-in-the-loop methods (sleb, lorp-kl, "
-        "lorp-loss, auto, lorp-fold); "
-        "null: the method's default (8 for auto, lorp-loss and lorp-fold, 4 otherwise)",
+        description=_scoring_help(0, "scoring windows of the methods that run the model"),
     )
     score_seq_len: Annotated[StrictInt, Field(ge=8, le=8192)] | None = Field(
         default=None,
-        description="scoring window length in tokens; null: the method's default "
-        "(512 for auto, lorp-loss and lorp-fold, 256 otherwise)",
+        description=_scoring_help(1, "scoring window length in tokens"),
     )
     search_candidates: Annotated[StrictInt, Field(ge=1, le=16)] = Field(
         default=3,
@@ -474,13 +492,18 @@ class JobCreate(BaseModel):
         by stage, and their ``total``. Selection passes are counted as :data:`NOMINAL_PASSES`
         passes over the scoring windows (the methods cap their passes near one capture's
         worth; ``sleb`` grows with depth, which is unknown before the model is read)."""
+        info = get_method(self.method.value)
+        fold = info.fold
         scoring = 0
-        if self.method.value in SEARCH_METHODS or self.method.value in FOLD_METHODS:
-            scoring = NOMINAL_PASSES * (self.score_windows or 8) * (self.score_seq_len or 512)
+        if selector(info.name).needs_model:
+            windows, seq_len = NOMINAL_SCORING
+            scoring = (
+                NOMINAL_PASSES * (self.score_windows or windows) * (self.score_seq_len or seq_len)
+            )
         fits = 0
-        if self.compensate or self.method.value in FOLD_METHODS:
+        if self.compensate or (fold is not None and fold.compensate):
             fits += (self.compensation_windows + 4 * self.compensation_tune_windows) * self.seq_len
-        if self.temperature or self.method.value in FOLD_METHODS:
+        if self.temperature or (fold is not None and fold.temperature):
             fits += self.temperature_windows * self.seq_len
         held_out = self.eval_windows if self.evaluation is not None else self.holdout_windows
         bench = 0

@@ -25,7 +25,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from devstack import LocalStack, StackError, install_signal_handlers  # noqa: E402
-from lorp.search import ALL_METHODS  # noqa: E402
+from lorp.methods import method_names  # noqa: E402
 from service.client import ClientError, Job, LorpClient  # noqa: E402
 from service.client_cli import ProgressBar, format_summary  # noqa: E402
 
@@ -253,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--method",
         default="auto",
-        choices=ALL_METHODS,
+        choices=method_names(),
         help="selection method (default auto: the best of the S-based candidates on held-out "
         "calibration windows; plain lorp removes blocks SmolLM2 needs at 6 of 30)",
     )

@@ -55,6 +55,7 @@ from jobcore.errors import (
     StorageUnavailableError,
 )
 from jobcore.spec import (
+    WEIGHT_SUFFIXES,
     JobCreate,
     JobError,
     JobState,
@@ -71,12 +72,12 @@ from lorp.errors import (
     QualityGateError,
     UnsafeWeightsError,
 )
+from lorp.paths import check_confined
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
-WEIGHT_SUFFIXES = (".safetensors", ".gguf")
 MAX_TEXT_BYTES = 2 * 1024**3
 MANIFEST = "manifest.json"
 MAX_ATTEMPTS = 3  # runs of one job before a redelivered job is failed with WORKER_LOST
@@ -447,9 +448,8 @@ class JobRunner:
     def _local(self, uri: str) -> Path:
         """The real path of a local input; ``invalid_input`` when it, or any file under it
         (a model folder is walked recursively, symlinks resolved), lies outside the local roots
-        or is not a regular file or folder (``lorp.loading.check_confined``)."""
-        from lorp.loading import check_confined
-
+        or is not a regular file or folder (``lorp.paths.check_confined``; the API checked it at
+        submission, and the files may have changed since)."""
         try:
             path = resolve_local(uri, self.settings)
         except ValueError as e:
@@ -467,8 +467,6 @@ class JobRunner:
             if path.is_file():
                 # transformers treats a GGUF file's folder as the repo and reads files beside it
                 # (tokenizer_config.json, generation_config.json...): confine those too.
-                from lorp.loading import check_confined
-
                 check_confined(path.parent, self.settings.local_roots)
             if path.is_dir():
                 total = sum(

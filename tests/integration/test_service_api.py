@@ -181,6 +181,8 @@ BAD_REQUESTS: list[Bad] = [
     Bad("encoded dotdot", _body(model="/%2e%2e/%2e%2e/etc"), ("body", "model")),
     Bad("outside root", _body(calibration="/etc/hostname"), ("body", "calibration")),
     Bad("symlink escape", _body(calibration=_root("/escape")), ("body", "calibration")),
+    Bad("link in model folder", _body(model=_root("/linked-model")), ("body", "model")),
+    Bad("link beside gguf", _body(model=_root("/linked-gguf/m.gguf")), ("body", "model")),
     Bad("relative", _body(model="models/tiny"), ("body", "model")),
     Bad("hub disabled", _body(model="hf:org/name"), ("body", "model")),
     Bad("unknown corpus", _body(calibration="corpus:nope"), ("body", "calibration")),
@@ -249,6 +251,17 @@ def hostile_files(service: Service) -> Iterator[None]:
     pickle_dir.mkdir(exist_ok=True)
     (pickle_dir / "pytorch_model.bin").write_bytes(b"\x80\x04not really")
     (pickle_dir / "config.json").write_text("{}")
+    # a model folder inside the root whose tokenizer leaves it; a GGUF beside such a link
+    linked = service.local_root / "linked-model"
+    linked.mkdir(exist_ok=True)
+    (linked / "model.safetensors").write_bytes(b"\0" * 8)
+    if not (linked / "tokenizer.json").is_symlink():
+        (linked / "tokenizer.json").symlink_to("/etc/hostname")
+    gguf_dir = service.local_root / "linked-gguf"
+    gguf_dir.mkdir(exist_ok=True)
+    (gguf_dir / "m.gguf").write_bytes(b"GGUF")
+    if not (gguf_dir / "tokenizer_config.json").is_symlink():
+        (gguf_dir / "tokenizer_config.json").symlink_to("/etc/hostname")
     yield
 
 
@@ -289,7 +302,14 @@ def test_bad_request_is_4xx_with_message(
 
 def test_idempotency_keys(service: Service, client_a: httpx.Client, client_b: httpx.Client) -> None:
     key = f"idem-{uuid.uuid4()}"
-    body = service.job_body(budget={"blocks": 1}, windows=2)
+    # local inputs: every tenant may read them (s3:// inputs are granted per tenant)
+    body = service.job_body(
+        model=str(service.model_local),
+        calibration="corpus:handbook",
+        evaluation=None,
+        budget={"blocks": 1},
+        windows=2,
+    )
     first = client_a.post("/jobs", json=body, headers={"Idempotency-Key": key})
     assert first.status_code == 202
     again = client_a.post("/jobs", json=body, headers={"Idempotency-Key": key})
@@ -301,10 +321,9 @@ def test_idempotency_keys(service: Service, client_a: httpx.Client, client_b: ht
     )
     assert other.status_code == 409
     assert other.json()["code"] == "idempotency_conflict"
-    # Keys are per tenant: the same key for tenant B makes B's own job.
-    b_body = {**body, "model": "s3://lorp-inputs/alpha/models/tiny-llama"}
-    b_job = client_b.post("/jobs", json=b_body, headers={"Idempotency-Key": key})
-    assert b_job.status_code == 202 and b_job.json()["id"] != first.json()["id"]
+    # Keys are per tenant: the same key and body from tenant B make B's own job.
+    b_job = client_b.post("/jobs", json=body, headers={"Idempotency-Key": key})
+    assert b_job.status_code == 202 and b_job.json()["id"] != first.json()["id"], b_job.text
     # A new key is a new job.
     fresh = client_a.post("/jobs", json=body, headers={"Idempotency-Key": key + "-2"})
     assert fresh.json()["id"] != first.json()["id"]

@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import re
 import shlex
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -219,14 +221,67 @@ def _dockerfiles(compose: dict[str, Any]) -> dict[str, Path]:
     return out
 
 
+API_DOCKERFILE = ROOT / "deploy" / "Dockerfile.api"
+API_REQUIREMENTS = ROOT / "deploy" / "requirements-api.txt"
+WORKER_DOCKERFILES = (
+    ROOT / "deploy" / "Dockerfile.worker",
+    ROOT / "deploy" / "Dockerfile.worker-cuda",
+)
+#: Packages of pyproject's ``service`` extra the API process does not need, and why.
+NOT_IN_API = {"httpx": "the lorp-jobs client's HTTP library; the API never imports it"}
+#: The library's dependencies: none may reach the API image.
+LIBRARY_ONLY = (
+    "torch",
+    "transformers",
+    "numpy",
+    "scikit-learn",
+    "safetensors",
+    "gguf",
+    "accelerate",
+    "matplotlib",
+)
+
+
+def _installs(path: Path) -> list[str]:
+    """The ``pip install`` commands of a Dockerfile (continuation lines joined)."""
+    text = path.read_text().replace("\\\n", " ")
+    return [line for line in text.splitlines() if "pip install" in line]
+
+
+def _copied(path: Path) -> set[str]:
+    return {
+        src.rstrip("/")
+        for line in path.read_text().splitlines()
+        if line.startswith("COPY ")
+        for src in line.split()[1:-1]
+    }
+
+
+def _requirement_names(lines: list[str]) -> dict[str, str]:
+    """Normalised distribution name -> the requirement as written."""
+    out = {}
+    for line in lines:
+        line = line.split("#", 1)[0].strip()
+        if line:
+            name = re.split(r"[\[<>=!~; ]", line, maxsplit=1)[0]
+            out[re.sub(r"[-_.]+", "-", name).lower()] = line.replace(" ", "")
+    return out
+
+
+def _pyproject() -> dict[str, Any]:
+    import tomllib
+
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
 def test_referenced_dockerfiles_exist_and_pin_torch(compose: dict[str, Any]) -> None:
     dockerfiles = _dockerfiles(compose)
     assert set(dockerfiles) == set(LORP_SERVICES)
     all_files = set(dockerfiles.values()) | set((ROOT / "deploy").glob("Dockerfile*"))
-    for path in all_files:
+    assert all_files == {API_DOCKERFILE, *WORKER_DOCKERFILES}
+    for path in WORKER_DOCKERFILES:
         assert path.is_file(), f"missing {path}"
-        text = path.read_text()
-        installs = [line for line in text.splitlines() if "pip install" in line]
+        installs = _installs(path)
         torch_installs = [line for line in installs if re.search(r"\btorch\b", line)]
         assert torch_installs, f"{path.name}: torch must be installed explicitly (pinned) first"
         for line in torch_installs:
@@ -235,6 +290,108 @@ def test_referenced_dockerfiles_exist_and_pin_torch(compose: dict[str, Any]) -> 
         assert installs.index(torch_installs[0]) < first_project, f"{path.name}: torch first"
     cpu = (ROOT / "deploy" / "Dockerfile.worker").read_text()
     assert "download.pytorch.org/whl/cpu" in cpu
+
+
+def test_api_image_installs_no_torch() -> None:
+    """The API image installs the project without its dependencies plus the API's own list;
+    nothing there names the library's dependencies or pulls them through an extra."""
+    installs = _installs(API_DOCKERFILE)
+    assert installs, "Dockerfile.api installs nothing"
+    for line in installs:
+        args = shlex.split(line.split("pip install", 1)[1].split("&&", 1)[0])
+        if "-r" in args:
+            assert args == ["-r", "requirements-api.txt"], line
+        else:
+            assert args == ["--no-deps", "."], f"the project must be installed --no-deps: {line}"
+        assert not any(re.search(rf"\b{dep}\b", line) for dep in LIBRARY_ONLY), line
+    assert "COPY deploy/requirements-api.txt ./" in API_DOCKERFILE.read_text()
+    names = _requirement_names(API_REQUIREMENTS.read_text().splitlines())
+    assert names and not set(names) & set(LIBRARY_ONLY), names
+
+
+def test_api_requirements_are_the_service_extra_minus_the_client() -> None:
+    extra = _requirement_names(_pyproject()["project"]["optional-dependencies"]["service"])
+    api = _requirement_names(API_REQUIREMENTS.read_text().splitlines())
+    assert set(NOT_IN_API) <= set(extra)
+    assert api == {k: v for k, v in extra.items() if k not in NOT_IN_API}
+
+
+def test_api_requirements_cover_what_the_api_imports() -> None:
+    """Every third-party package imported by the API's code (service/ but its client, jobcore/,
+    and the lorp modules it may use) comes with deploy/requirements-api.txt: it is one of them or
+    one of their dependencies (installed metadata, extras and markers followed)."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+
+    def closure(requirements: list[str]) -> set[str]:
+        seen: set[str] = set()
+        todo = [(Requirement(r), "") for r in requirements]
+        while todo:
+            req, extra = todo.pop()
+            if req.marker is not None and not req.marker.evaluate({"extra": extra}):
+                continue
+            name = re.sub(r"[-_.]+", "-", req.name).lower()
+            for wanted in req.extras or {""}:
+                key = f"{name}[{wanted}]"
+                if key in seen:
+                    continue
+                seen.add(key)
+                for sub in metadata.requires(name) or []:
+                    todo.append((Requirement(sub), wanted))
+        return {k.split("[")[0] for k in seen}
+
+    lines = [line.split("#", 1)[0].strip() for line in API_REQUIREMENTS.read_text().splitlines()]
+    installed = closure([line for line in lines if line])
+    files = [
+        *(p for p in (ROOT / "service").rglob("*.py") if not p.name.startswith("client")),
+        *(ROOT / "jobcore").rglob("*.py"),
+        *(ROOT / "lorp" / "methods").rglob("*.py"),
+        *(ROOT / "lorp" / n for n in ("__init__.py", "errors.py", "paths.py", "progress.py")),
+    ]
+    own = {"lorp", "jobcore", "service", "worker", "devstack", "tests"}
+    top_level: set[str] = set()
+    for path in files:
+        tree = ast.parse(path.read_text())
+        # the library's files: what importing them runs (a method's select imports torch when
+        # called, never in the API); the API's own files: every import but typing-only ones
+        nodes = tree.body if path.is_relative_to(ROOT / "lorp") else list(ast.walk(tree))
+        typing_only = {
+            id(inner)
+            for node in ast.walk(tree)
+            if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+            for inner in ast.walk(node)
+        }
+        for node in nodes:
+            if id(node) in typing_only:
+                continue
+            if isinstance(node, ast.Import):
+                top_level |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                top_level.add(node.module.split(".")[0])
+    third_party = sorted(top_level - own - set(sys.stdlib_module_names))
+    assert "fastapi" in third_party and "torch" not in third_party, third_party
+    distributions = metadata.packages_distributions()
+    missing = [
+        module
+        for module in third_party
+        if not {re.sub(r"[-_.]+", "-", d).lower() for d in distributions.get(module, [])}
+        & installed
+    ]
+    assert not missing, f"imported by the API but not installed in its image: {missing}"
+
+
+@pytest.mark.parametrize("path", [API_DOCKERFILE, *WORKER_DOCKERFILES], ids=lambda p: p.name)
+def test_images_copy_their_packages(path: Path) -> None:
+    """The API image holds lorp, jobcore and service; a worker image lorp, jobcore and worker:
+    neither carries the other's package, nor the dev stack."""
+    copied = _copied(path)
+    assert {"lorp", "jobcore"} <= copied, copied
+    assert "devstack" not in copied
+    if path == API_DOCKERFILE:
+        assert "service" in copied and "worker" not in copied, copied
+    else:
+        assert "worker" in copied and "service" not in copied, copied
 
 
 def test_dockerfiles_copy_only_existing_paths(compose: dict[str, Any]) -> None:

@@ -1,5 +1,5 @@
 """Issue 18, items 3 and 4, at the worker's door: local inputs stay inside the allowed roots once
-every symlink under them is resolved (``lorp.loading.check_confined``), and a model whose
+every symlink under them is resolved (``lorp.paths.check_confined``), and a model whose
 headers or config are malformed, or whose config claims more than the worker accepts, ends its
 job with a stable code before anything is loaded (``JobRunner._check_memory``).
 
@@ -21,7 +21,7 @@ from jobcore.config import Settings
 from jobcore.spec import JobState
 from jobcore.store import JobRecord
 from lorp.errors import InvalidInputError
-from lorp.loading import check_confined
+from lorp.paths import check_confined
 from tests.tiny_models import TINY_TEXT
 from worker.runner import JobRunner
 

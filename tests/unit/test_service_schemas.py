@@ -3,6 +3,7 @@ fail-fast configuration, the job summary built from a report."""
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import re
@@ -14,14 +15,22 @@ from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
 from jobcore.config import Settings
-from jobcore.spec import JobCreate, JobSummary, Method, resolve_local, validate_job
+from jobcore.spec import (
+    NOMINAL_SCORING,
+    JobCreate,
+    JobSummary,
+    Method,
+    resolve_local,
+    validate_job,
+)
 from lorp.errors import InvalidInputError
 from lorp.gate import QualityGate
+from lorp.methods import all_methods, method_names, selector
 from lorp.pipeline import PruneConfig
-from lorp.search import ALL_METHODS
 from worker.runner import summarize
 
 TENANT = "acme"
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -31,7 +40,8 @@ def roots(tmp_path: Path) -> dict[str, Path]:
     model.mkdir(parents=True)
     (model / "model.safetensors").write_bytes(b"\0" * 8)
     (model / "config.json").write_text(json.dumps({"num_hidden_layers": 6}))
-    (root / "m.gguf").write_bytes(b"GGUF")
+    (root / "gguf").mkdir()
+    (root / "gguf" / "m.gguf").write_bytes(b"GGUF")  # its folder is confined too
     (root / "notes.bin").write_bytes(b"\x80\x04")
     pickled = root / "pickled"
     pickled.mkdir()
@@ -95,7 +105,7 @@ def test_defaults_and_normalisation(settings: Settings, roots: dict[str, Path]) 
         TENANT,
     )
     assert local.model == str(roots["root"] / "model")
-    gguf = validate_job(body(model=str(roots["root"] / "m.gguf")), settings, TENANT)
+    gguf = validate_job(body(model=str(roots["root"] / "gguf" / "m.gguf")), settings, TENANT)
     assert gguf.model.endswith("m.gguf")
     frac = validate_job(body(budget={"fraction": 0.25}), settings, TENANT)
     assert frac.budget.value() == 0.25
@@ -253,6 +263,34 @@ def test_local_paths_must_stay_under_roots(settings: Settings, roots: dict[str, 
     with pytest.raises(ValueError):
         resolve_local(str(root / "escape.txt"), settings)
     assert resolve_local(str(root / "calib.txt"), settings) == root / "calib.txt"
+
+
+def test_links_under_a_local_input_are_confined_at_submit(
+    settings: Settings, roots: dict[str, Path]
+) -> None:
+    """Issue 19: ``lorp.paths.check_confined`` runs at submission (422), not only in the worker:
+    a model folder holding a link that leaves the roots, a GGUF file beside one (transformers
+    reads its folder), a text that is a FIFO. The refusal never says where a link points."""
+    root, outside = roots["root"], roots["outside"]
+    model = root / "model"
+    assert validate_job(body(model=str(model)), settings, TENANT)
+    (model / "tokenizer.json").symlink_to(outside / "secret.txt")
+    (msg,) = (e["msg"] for e in errors_of(body(model=str(model)), settings))
+    assert "'tokenizer.json' resolves outside the allowed local roots" in msg
+    assert str(outside) not in msg
+
+    gguf = root / "gguf" / "m.gguf"
+    assert validate_job(body(model=str(gguf)), settings, TENANT)
+    (gguf.parent / "tokenizer_config.json").symlink_to(outside / "secret.txt")
+    (msg,) = (e["msg"] for e in errors_of(body(model=str(gguf)), settings))
+    assert "'tokenizer_config.json' resolves outside the allowed local roots" in msg
+    assert str(outside) not in msg
+
+    fifo = root / "calib.fifo"
+    os.mkfifo(fifo)
+    errors = errors_of(body(calibration=str(fifo)), settings)
+    assert field_of(errors) == {"calibration"}
+    assert "not a regular file" in errors[0]["msg"]
 
 
 def test_symlink_escape_after_submission_is_caught_by_resolve(
@@ -456,7 +494,7 @@ def test_download_targets_stay_in_the_directory(tmp_path: Path) -> None:
 # -- methods, num_clusters rule and quality gate (issue 8) ------------------------------------
 
 
-@pytest.mark.parametrize("method", ALL_METHODS)
+@pytest.mark.parametrize("method", method_names())
 def test_every_library_method_is_accepted(settings: Settings, method: str) -> None:
     job = validate_job(body(method=method), settings, TENANT)
     assert job.method.value == method
@@ -466,13 +504,54 @@ def test_every_library_method_is_accepted(settings: Settings, method: str) -> No
     assert config.method == method
 
 
-def test_method_enum_is_the_library_tuple() -> None:
-    assert tuple(m.value for m in Method) == ALL_METHODS
+def _methods_in_source() -> list[str]:
+    """The method names of the files in ``lorp/methods/``, in ``order``, read from their text
+    (ast), not through the registry the enum is built from: each public file assigns ``METHOD``
+    a call (``MethodInfo(...)`` or ``replace(...)``) with ``name=`` (a literal or a module
+    constant) and ``order=`` (a literal)."""
+    found = []
+    for path in sorted((ROOT / "lorp" / "methods").glob("*.py")):
+        if path.name.startswith("_"):
+            continue
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        constants: dict[str, Any] = {}
+        call = None
+        for node in tree.body:
+            if not isinstance(node, ast.Assign):
+                continue
+            for target in node.targets:
+                if isinstance(target, ast.Name) and isinstance(node.value, ast.Constant):
+                    constants[target.id] = node.value.value
+                if isinstance(target, ast.Name) and target.id == "METHOD":
+                    call = node.value
+        assert isinstance(call, ast.Call), f"{path.name}: METHOD is not assigned a call"
+        keywords = {k.arg: k.value for k in call.keywords}
+        name = keywords["name"]
+        order = keywords["order"]
+        assert isinstance(order, ast.Constant), path.name
+        found.append(
+            (
+                order.value,
+                constants[name.id] if isinstance(name, ast.Name) else ast.literal_eval(name),
+            )
+        )
+    assert len(found) >= 8  # the shipped methods at least
+    return [name for _, name in sorted(found)]
+
+
+def test_method_enum_is_every_method_file_in_order() -> None:
+    """The REST enum lists the methods of lorp/methods/ (read from the files, not the registry)
+    in their order, and so does the OpenAPI schema."""
+    expected = _methods_in_source()
+    assert [m.value for m in Method] == expected
     schema = JobCreate.model_json_schema()
-    assert tuple(schema["$defs"]["Method"]["enum"]) == ALL_METHODS
+    assert schema["$defs"]["Method"]["enum"] == expected
+    # the field's description names every method (it is built from the registry's records)
+    description = schema["properties"]["method"]["description"]
+    assert all(f"{name}: " in description for name in expected), description
 
 
-@pytest.mark.parametrize("method", ALL_METHODS)
+@pytest.mark.parametrize("method", method_names())
 def test_num_clusters_only_with_lorp_methods(settings: Settings, method: str) -> None:
     """The service applies the library's rule (PruneConfig) at submission, not in the worker."""
     data = body(method=method, num_clusters=2)
@@ -676,6 +755,36 @@ def test_estimated_tokens_by_stage(settings: Settings) -> None:
     plain = validate_job(body(), settings, TENANT).estimated_tokens()
     assert plain["selection"] == plain["fits"] == plain["benchmark"] == 0
     assert plain["evaluation"] == 2 * 8 * 512  # the held-out calibration windows
+
+
+@pytest.mark.parametrize(
+    ("method", "selection", "fits"),
+    [
+        ("lorp", 0, 0),
+        ("shortgpt", 0, 0),
+        ("streamline", 0, 0),
+        ("sleb", 32 * 8 * 512, 0),
+        ("lorp-kl", 32 * 8 * 512, 0),
+        ("lorp-loss", 32 * 8 * 512, 0),
+        ("auto", 32 * 8 * 512, 0),
+        ("lorp-fold", 32 * 8 * 512, (12 + 4 * 2 + 4) * 512),
+    ],
+)
+def test_estimate_per_method_from_the_registry(
+    settings: Settings, method: str, selection: int, fits: int
+) -> None:
+    """Which methods are charged scoring passes and fits (the registry's needs_model and fold
+    flags, no longer lorp.search's lists): the same numbers as before, by hand."""
+    cost = validate_job(body(method=method), settings, TENANT).estimated_tokens()
+    assert (cost["selection"], cost["fits"]) == (selection, fits)
+
+
+def test_nominal_scoring_covers_every_method_default() -> None:
+    """Admission charges NOMINAL_SCORING windows when a job gives none: never fewer than the
+    method will use."""
+    for info in all_methods():
+        windows, seq_len = selector(info.name).scoring_shape
+        assert windows <= NOMINAL_SCORING[0] and seq_len <= NOMINAL_SCORING[1], info.name
 
 
 def test_job_over_the_token_limit_is_refused_with_the_estimate(settings: Settings) -> None:
