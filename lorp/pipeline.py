@@ -229,7 +229,7 @@ class PruneResult:
     quality gate's result when limits were set; ``scoring``: the scoring windows of a
     model-in-the-loop method; ``compensation``: the fitted maps when ``config.compensate``
     (already folded into the weights when ``pruned``); ``pruned``: whether the blocks were
-    physically removed (``False`` in the result handed to a refusal report).
+    physically removed (``False`` in the result a :class:`QualityGateError` carries).
     """
 
     selection: Selection
