@@ -49,6 +49,7 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks._common import machine, table, write_result  # noqa: E402
 from devstack import LocalStack  # noqa: E402
+from devstack.hostile import BAD_REQUESTS, make_hostile_files  # noqa: E402
 from devstack.testbed import (  # noqa: E402
     ARTIFACT_BUCKET,
     CANCEL_POINTS,
@@ -510,15 +511,7 @@ def load(b: Bench, submissions: int, clients: int) -> dict[str, Any]:
 
 
 def bad_input(b: Bench) -> dict[str, Any]:
-    from tests.integration.test_service_api import BAD_REQUESTS
-
-    escape = b.svc.local_root / "escape"
-    if not escape.exists():
-        escape.symlink_to("/etc/hostname")
-    pickle_dir = b.svc.local_root / "pickle-model"
-    pickle_dir.mkdir(exist_ok=True)
-    (pickle_dir / "pytorch_model.bin").write_bytes(b"\x80\x04not really")
-    (pickle_dir / "config.json").write_text("{}")
+    make_hostile_files(b.svc.local_root)
     counts: dict[str, int] = {}
     unexpected = []
     for bad in BAD_REQUESTS:
@@ -540,7 +533,7 @@ def bad_input(b: Bench) -> dict[str, Any]:
     return {
         "outcome": "pass" if ok else "fail",
         "figures": {"requests": len(BAD_REQUESTS), "by_class": counts, "unexpected": unexpected},
-        "notes": "the table of tests/integration/test_service_api.py",
+        "notes": "the table of devstack.hostile (tests/integration/test_service_api.py asserts it)",
     }
 
 
