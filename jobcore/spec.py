@@ -16,9 +16,11 @@ import ipaddress
 import json
 import os
 import re
+from collections.abc import Callable, Collection
+from dataclasses import fields
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 
 from pydantic import (
     BaseModel,
@@ -37,6 +39,11 @@ from jobcore.config import Settings
 from lorp.errors import InvalidInputError
 from lorp.methods import all_methods, get_method, method_names, selector
 from lorp.paths import check_confined
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+C = TypeVar("C", bound="DataclassInstance")
 
 MAX_URI_LEN = 1024
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
@@ -273,13 +280,19 @@ class BenchmarkSpec(BaseModel):
     )
 
     prefill: Annotated[list[tuple[BatchSize, PromptLen]], Field(max_length=8)] = Field(
-        default_factory=lambda: [(1, 512)]
+        default_factory=lambda: [(1, 512)],
+        description="prefill workloads [batch, prompt tokens] (time to first token)",
     )
     decode: Annotated[list[tuple[BatchSize, PromptLen, NewTokens]], Field(max_length=8)] = Field(
-        default_factory=lambda: [(1, 32, 128)]
+        default_factory=lambda: [(1, 32, 128)],
+        description="decode workloads [batch, prompt tokens, new tokens] (tokens per second)",
     )
-    warmup: Annotated[StrictInt, Field(ge=0, le=20)] = 2
-    repetitions: Annotated[StrictInt, Field(ge=10, le=200)] = 10
+    warmup: Annotated[StrictInt, Field(ge=0, le=20)] = Field(
+        default=2, description="untimed runs per model and workload"
+    )
+    repetitions: Annotated[StrictInt, Field(ge=10, le=200)] = Field(
+        default=10, description="timed runs per model and workload"
+    )
     measure_blocks: StrictBool = Field(
         default=True, description="time every block to report the ideal speedup"
     )
@@ -391,10 +404,18 @@ class JobCreate(BaseModel):
         default=None,
         description=f"force the number of phases K (methods {', '.join(CLUSTER_METHODS)} only)",
     )
-    windows: Annotated[StrictInt, Field(ge=1, le=1024)] = 32
-    seq_len: Annotated[StrictInt, Field(ge=8, le=8192)] = 512
-    batch_size: Annotated[StrictInt, Field(ge=1, le=64)] = 1
-    eval_windows: Annotated[StrictInt, Field(ge=1, le=1024)] = 64
+    windows: Annotated[StrictInt, Field(ge=1, le=1024)] = Field(
+        default=32, description="calibration windows the similarity matrix S is measured on"
+    )
+    seq_len: Annotated[StrictInt, Field(ge=8, le=8192)] = Field(
+        default=512, description="tokens per calibration and evaluation window"
+    )
+    batch_size: Annotated[StrictInt, Field(ge=1, le=64)] = Field(
+        default=1, description="windows per forward pass"
+    )
+    eval_windows: Annotated[StrictInt, Field(ge=1, le=1024)] = Field(
+        default=64, description="windows of the evaluation text the quality is measured on"
+    )
     holdout_windows: Annotated[StrictInt, Field(ge=0, le=1024)] = Field(
         default=8,
         description="calibration windows held out for the quality measurement when no "
@@ -435,9 +456,17 @@ class JobCreate(BaseModel):
         default=4,
         description="with temperature: the last calibration windows the scale is fitted on",
     )
-    quality_gate: QualityGateSpec | None = None
-    dtype: DType = DType.float32
-    benchmark: BenchmarkSpec | None = None
+    quality_gate: QualityGateSpec | None = Field(
+        default=None,
+        description="limits the pruned model must meet, or the job fails with code "
+        "quality_gate and publishes nothing (null: none)",
+    )
+    dtype: DType = Field(default=DType.float32, description="compute dtype of the model")
+    benchmark: BenchmarkSpec | None = Field(
+        default=None,
+        description="latency/memory workloads timed on the original and the pruned model "
+        "(null: no benchmark)",
+    )
 
     @field_validator("model")
     @classmethod
@@ -522,6 +551,37 @@ class JobCreate(BaseModel):
         }
         return {**cost, "total": sum(cost.values())}
 
+    def prune_config(self, config_cls: type[C]) -> C:
+        """The library's ``PruneConfig`` for this job, in one call: the worker passes
+        ``lorp.pipeline.PruneConfig`` (this module never imports the library's pipeline, which
+        loads torch). The keyword arguments are :meth:`prune_config_kwargs` of its fields."""
+        return config_cls(**self.prune_config_kwargs({f.name for f in fields(config_cls)}))
+
+    def prune_config_kwargs(self, config_fields: Collection[str]) -> dict[str, Any]:
+        """``PruneConfig``'s keyword arguments for this job, given its field names.
+
+        Declared once: an option named like a field is copied (as JSON: the method's name; the
+        ``quality_gate`` and ``benchmark`` objects as dicts, which ``PruneConfig`` turns into
+        ``QualityGate`` / ``BenchmarkConfig`` with the same field names); the options in
+        :data:`PRUNE_CONFIG_RENAMES` are mapped by it; :data:`RUN_OPTIONS` are
+        ``run_pipeline``'s arguments. An option that is none of these is a ``TypeError`` (a new
+        option must reach the library; ``tests/unit/test_job_spec.py`` checks all of them)."""
+        data = self.model_dump(mode="json")
+        out: dict[str, Any] = {}
+        for option in type(self).model_fields:
+            if option in RUN_OPTIONS:
+                continue
+            if option in PRUNE_CONFIG_RENAMES:
+                out.update(PRUNE_CONFIG_RENAMES[option](self))
+            elif option in config_fields:
+                out[option] = data[option]
+            else:
+                raise TypeError(
+                    f"job option {option!r} is not a PruneConfig field: map it in "
+                    "jobcore.spec.PRUNE_CONFIG_RENAMES or list it in RUN_OPTIONS"
+                )
+        return out
+
     def fingerprint(self) -> str:
         """Canonical JSON of the spec (what 'same body' means for idempotency keys)."""
         return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
@@ -538,6 +598,18 @@ def _local_depth(model_dir: Path) -> int | None:
         return None
     depth = data.get("num_hidden_layers") if isinstance(data, dict) else None
     return depth if isinstance(depth, int) and depth > 0 else None
+
+
+#: Options that are arguments of ``lorp.pipeline.run_pipeline``, not ``PruneConfig`` fields: the
+#: inputs (which the worker fetches first and passes as local paths) and the compute dtype.
+RUN_OPTIONS = ("model", "gguf_file", "calibration", "evaluation", "dtype")
+#: Options whose ``PruneConfig`` fields are named otherwise: option -> the fields it sets.
+PRUNE_CONFIG_RENAMES: dict[str, Callable[[JobCreate], dict[str, Any]]] = {
+    # a count or a fraction of the blocks
+    "budget": lambda spec: {"num_remove": spec.budget.blocks, "fraction": spec.budget.fraction},
+    # one window length: the service evaluates with the calibration windows' length
+    "seq_len": lambda spec: {"seq_len": spec.seq_len, "eval_seq_len": spec.seq_len},
+}
 
 
 def validate_job(data: Any, settings: Settings, tenant: str) -> JobCreate:

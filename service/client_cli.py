@@ -7,6 +7,8 @@
     lorp-jobs cancel JOB_ID
     lorp-jobs download JOB_ID -o out/
 
+``submit`` has a flag for every option of the job spec (``jobcore.spec.JobCreate``: names, types,
+choices and help come from it); an option not given is left to the server's default.
 The API URL and key come from ``--url``/``--api-key`` or ``LORP_API_URL``/``LORP_API_KEY``.
 Exit codes: 0 ok (``wait``: job succeeded), 1 error (HTTP, network, checksum), 2 usage,
 3 job failed, 4 job cancelled, 5 wait timed out, 130 interrupted.
@@ -19,10 +21,17 @@ import json
 import os
 import sys
 import time
+import types
+import typing
 from collections.abc import Callable, Sequence
+from enum import Enum
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Annotated, Any, TextIO
 
+from pydantic import BaseModel
+from pydantic.fields import FieldInfo
+
+from jobcore.spec import BenchmarkSpec, JobCreate, QualityGateSpec
 from service.client import (
     Artifact,
     ClientError,
@@ -51,18 +60,16 @@ class UsageError(Exception):
 # argument parsing
 
 
-#: ``--method`` choices. The same as ``lorp.search.ALL_METHODS`` (a unit test keeps them equal);
-#: spelled out so the client stays a thin HTTP tool that never imports torch.
-METHODS: tuple[str, ...] = (
-    "lorp",
-    "shortgpt",
-    "streamline",
-    "sleb",
-    "lorp-kl",
-    "lorp-loss",
-    "auto",
-    "lorp-fold",
-)
+# ``submit``'s flags are the job spec's options (:class:`jobcore.spec.JobCreate`, which imports
+# no torch): ``--<option>`` for each, its type, choices and help from the spec. The objects have
+# a flag per field (``--blocks`` / ``--fraction`` for the budget; ``--no-benchmark``). A flag not
+# given leaves the option out of the body (or as ``--spec`` has it): the server applies the
+# spec's default.
+
+#: Options sent as objects, each with its model (``budget`` has its own two flags).
+_OBJECTS: dict[str, type[BaseModel]] = {"quality_gate": QualityGateSpec, "benchmark": BenchmarkSpec}
+#: Other spellings of a flag (the older or shorter name), by option (``object.field``).
+_ALIASES: dict[str, tuple[str, ...]] = {"quality_gate.min_top1_agreement": ("--min-top1",)}
 
 
 def _pair(text: str) -> list[int]:
@@ -94,6 +101,76 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _flag_type(annotation: Any) -> Any:
+    """The option's type without ``None`` and ``Annotated`` (int, float, str, bool, an enum or
+    a list of workloads)."""
+    origin = typing.get_origin(annotation)
+    if origin is Annotated:
+        return _flag_type(typing.get_args(annotation)[0])
+    if origin in (typing.Union, types.UnionType):
+        (inner,) = (a for a in typing.get_args(annotation) if a is not type(None))
+        return _flag_type(inner)
+    return annotation
+
+
+def _help(field: FieldInfo) -> str:
+    text = field.description or ""
+    if field.is_required():
+        text += " (required unless in --spec)"
+    else:
+        default = field.get_default(call_default_factory=True)
+        if isinstance(default, Enum):
+            default = default.value
+        elif isinstance(default, bool):
+            default = "on" if default else "off"
+        elif isinstance(default, list):
+            default = ",".join("x".join(map(str, w)) for w in default)
+        text += f" (server default: {'none' if default is None else default})"
+    return text.strip().replace("%", "%%")  # argparse formats help with %
+
+
+def _add_option(p: argparse._ActionsContainer, dest: str, field: FieldInfo) -> None:
+    """``--<name>`` for one option of the spec (``dest``: ``option`` or ``object.field``)."""
+    name = dest.rpartition(".")[2]
+    flags = [f"--{name.replace('_', '-')}", *_ALIASES.get(dest, ())]
+    kind = _flag_type(field.annotation)
+    kw: dict[str, Any] = {"dest": dest, "help": _help(field), "default": None}
+    if kind is bool:
+        kw["action"] = argparse.BooleanOptionalAction
+    elif isinstance(kind, type) and issubclass(kind, Enum):
+        kw["choices"] = [member.value for member in kind]
+    elif typing.get_origin(kind) is list:  # benchmark workloads, one flag per workload
+        width = len(typing.get_args(typing.get_args(kind)[0]))
+        kw.update(action="append", type=_pair if width == 2 else _triple)
+        kw["metavar"] = "BxL" if width == 2 else "BxLxN"
+        kw["help"] = kw["help"].replace(" (server default", ", repeat the flag (server default")
+    else:
+        kw["type"] = kind
+        kw["metavar"] = name.upper()
+    p.add_argument(*flags, **kw)
+
+
+def _add_spec_options(p: argparse.ArgumentParser) -> None:
+    """One flag per option of the job spec, in the spec's order."""
+    for option, field in JobCreate.model_fields.items():
+        if option == "budget":
+            budget = p.add_mutually_exclusive_group()
+            budget.add_argument("--blocks", type=int, help="number of blocks to remove")
+            budget.add_argument(
+                "--fraction", type=float, help="fraction of blocks to remove (0..1)"
+            )
+        elif option in _OBJECTS:
+            group = p.add_argument_group(option, field.description)
+            for name, inner in _OBJECTS[option].model_fields.items():
+                _add_option(group, f"{option}.{name}", inner)
+            if option == "benchmark":
+                group.add_argument(
+                    "--no-benchmark", action="store_true", help="send benchmark: null"
+                )
+        else:
+            _add_option(p, option, field)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lorp-jobs",
@@ -116,42 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("submit", help="submit a job (spec from flags and/or a JSON file)")
     p.add_argument("--spec", help="JSON job spec file ('-' = stdin); flags override its fields")
-    p.add_argument("--model", help="s3://bucket/key, /abs/path under a local root, or hf:org/name")
-    p.add_argument("--gguf-file", help="GGUF file name inside a model directory/prefix")
-    p.add_argument("--calibration", help="s3://bucket/key.txt, corpus:<name> or /abs/path")
-    p.add_argument("--evaluation", help="held-out text for perplexity (same forms)")
-    p.add_argument("--method", choices=list(METHODS), help="auto: score candidates, keep best")
-    budget = p.add_mutually_exclusive_group()
-    budget.add_argument("--blocks", type=int, help="number of blocks to remove")
-    budget.add_argument("--fraction", type=float, help="fraction of blocks to remove (0..1)")
-    p.add_argument("--num-clusters", type=int)
-    p.add_argument("--windows", type=int, help="calibration windows")
-    p.add_argument("--seq-len", type=int, help="calibration window length (tokens)")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--eval-windows", type=int)
-    p.add_argument(
-        "--max-ppl-ratio",
-        type=float,
-        help="quality gate: fail the job if pruned/dense perplexity exceeds this (>= 1)",
-    )
-    p.add_argument(
-        "--max-kl", type=float, help="quality gate: highest allowed mean KL(dense || pruned)"
-    )
-    p.add_argument(
-        "--min-top1",
-        type=float,
-        help="quality gate: lowest allowed top-1 next-token agreement (0..1)",
-    )
-    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"])
-    p.add_argument(
-        "--prefill", type=_pair, action="append", metavar="BxL", help="prefill workload (repeat)"
-    )
-    p.add_argument(
-        "--decode", type=_triple, action="append", metavar="BxLxN", help="decode workload (repeat)"
-    )
-    p.add_argument("--warmup", type=int)
-    p.add_argument("--repetitions", type=int)
-    p.add_argument("--no-benchmark", action="store_true", help="send benchmark: null")
+    _add_spec_options(p)
     p.add_argument("--idempotency-key", help="makes retries of this submission safe")
     p.add_argument("--wait", action="store_true", help="wait for the job, showing progress")
     _add_wait_options(p)
@@ -206,50 +248,26 @@ def build_spec(args: argparse.Namespace) -> dict[str, Any]:
         if not isinstance(loaded, dict):
             raise UsageError(f"--spec {args.spec} must hold a JSON object")
         spec.update(loaded)
-    for flag in (
-        "model",
-        "gguf_file",
-        "calibration",
-        "evaluation",
-        "method",
-        "num_clusters",
-        "windows",
-        "seq_len",
-        "batch_size",
-        "eval_windows",
-        "dtype",
-    ):
-        value = getattr(args, flag)
-        if value is not None:
-            spec[flag] = value
-    gate_flags = {
-        "max_ppl_ratio": args.max_ppl_ratio,
-        "max_kl": args.max_kl,
-        "min_top1_agreement": args.min_top1,
-    }
-    if any(v is not None for v in gate_flags.values()):
-        gate = dict(spec.get("quality_gate") or {})
-        gate.update({k: v for k, v in gate_flags.items() if v is not None})
-        spec["quality_gate"] = gate
-    if args.blocks is not None:
-        spec["budget"] = {"blocks": args.blocks}
-    elif args.fraction is not None:
-        spec["budget"] = {"fraction": args.fraction}
-    if args.no_benchmark:
-        if args.prefill or args.decode or args.warmup is not None or args.repetitions is not None:
-            raise UsageError("--no-benchmark can't be combined with benchmark options")
-        spec["benchmark"] = None
-    elif args.prefill or args.decode or args.warmup is not None or args.repetitions is not None:
-        bench = dict(spec.get("benchmark") or {})
-        if args.prefill:
-            bench["prefill"] = args.prefill
-        if args.decode:
-            bench["decode"] = args.decode
-        if args.warmup is not None:
-            bench["warmup"] = args.warmup
-        if args.repetitions is not None:
-            bench["repetitions"] = args.repetitions
-        spec["benchmark"] = bench
+    for option in JobCreate.model_fields:
+        if option == "budget":
+            if args.blocks is not None:
+                spec["budget"] = {"blocks": args.blocks}
+            elif args.fraction is not None:
+                spec["budget"] = {"fraction": args.fraction}
+        elif option in _OBJECTS:
+            given = {
+                name: value
+                for name in _OBJECTS[option].model_fields
+                if (value := getattr(args, f"{option}.{name}")) is not None
+            }
+            if option == "benchmark" and args.no_benchmark:
+                if given:
+                    raise UsageError("--no-benchmark can't be combined with benchmark options")
+                spec["benchmark"] = None
+            elif given:  # the flags add to (and override) the object from --spec
+                spec[option] = {**(spec.get(option) or {}), **given}
+        elif (value := getattr(args, option)) is not None:
+            spec[option] = value
     missing = [k for k in ("model", "calibration", "budget") if k not in spec]
     if missing:
         flags = {

@@ -529,48 +529,10 @@ class JobRunner:
     # -- pipeline and upload ------------------------------------------------------------
 
     def _run_pipeline(self, spec: JobCreate, inputs: Inputs, out: Path, progress: _Progress) -> Any:
-        from lorp.bench import BenchmarkConfig
-        from lorp.gate import QualityGate
         from lorp.pipeline import PruneConfig, run_pipeline
 
         pipeline = self._pipeline or run_pipeline
-        bench = None
-        if spec.benchmark is not None:
-            bench = BenchmarkConfig(
-                prefill=tuple(spec.benchmark.prefill),
-                decode=tuple(spec.benchmark.decode),
-                warmup=spec.benchmark.warmup,
-                repetitions=spec.benchmark.repetitions,
-                measure_blocks=spec.benchmark.measure_blocks,
-            )
-        config = PruneConfig(
-            method=str(spec.method.value),
-            num_remove=spec.budget.blocks,
-            fraction=spec.budget.fraction,
-            num_clusters=spec.num_clusters,
-            windows=spec.windows,
-            seq_len=spec.seq_len,
-            batch_size=spec.batch_size,
-            eval_windows=spec.eval_windows,
-            eval_seq_len=spec.seq_len,
-            holdout_windows=spec.holdout_windows,
-            score_windows=spec.score_windows,
-            score_seq_len=spec.score_seq_len,
-            search_candidates=spec.search_candidates,
-            compensate=spec.compensate,
-            compensation_windows=spec.compensation_windows,
-            compensation_tune_windows=spec.compensation_tune_windows,
-            temperature=spec.temperature,
-            temperature_windows=spec.temperature_windows,
-            quality_gate=None
-            if spec.quality_gate is None
-            else QualityGate(
-                max_ppl_ratio=spec.quality_gate.max_ppl_ratio,
-                max_kl=spec.quality_gate.max_kl,
-                min_top1_agreement=spec.quality_gate.min_top1_agreement,
-            ),
-            benchmark=bench,
-        )
+        config = spec.prune_config(PruneConfig)  # the spec's RUN_OPTIONS are the arguments below
         return pipeline(
             inputs.model,
             inputs.calibration,

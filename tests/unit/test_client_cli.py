@@ -31,7 +31,6 @@ from service.client_cli import (
     EXIT_FAILED,
     EXIT_OK,
     EXIT_USAGE,
-    METHODS,
     ProgressBar,
     UsageError,
     build_parser,
@@ -489,14 +488,22 @@ def test_format_job_shows_summary() -> None:
     assert "ppl       20.50 -> 31.25" in text
 
 
-def test_method_choices_are_the_library_methods() -> None:
-    from lorp.search import ALL_METHODS
+def test_method_choices_are_the_specs_methods() -> None:
+    """``--method`` offers the spec's methods (the registry's, which test_service_schemas
+    checks against the method files), each sent as given."""
+    from jobcore.spec import Method
 
-    assert METHODS == ALL_METHODS
-    for method in ALL_METHODS:
-        assert build_spec(parse("submit", *_MIN, "--method", method))["method"] == method
+    (action,) = (a for a in _submit_parser()._actions if a.dest == "method")
+    assert action.choices == [m.value for m in Method]
+    for method in Method:
+        assert build_spec(parse("submit", *_MIN, "--method", method.value))["method"] == method
     with pytest.raises(SystemExit):
         parse("submit", *_MIN, "--method", "random")
+
+
+def _submit_parser() -> argparse.ArgumentParser:
+    (sub,) = (a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices["submit"]
 
 
 _MIN = ("--model", "s3://inputs/acme/m", "--calibration", "corpus:wiki", "--blocks", "2")

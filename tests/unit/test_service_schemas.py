@@ -650,25 +650,6 @@ def test_bad_search_and_holdout_fields(
     assert field in field_of(errors_of(body(**override), settings))
 
 
-def test_search_and_holdout_defaults_match_the_library(settings: Settings) -> None:
-    job = validate_job(body(holdout_windows=0), settings, TENANT)
-    assert job.holdout_windows == 0
-    defaults = validate_job(body(), settings, TENANT)
-    lib = PruneConfig(num_remove=2)
-    for name in (
-        "holdout_windows",
-        "score_windows",
-        "score_seq_len",
-        "search_candidates",
-        "compensate",
-        "compensation_windows",
-        "compensation_tune_windows",
-        "temperature",
-        "temperature_windows",
-    ):
-        assert getattr(defaults, name) == getattr(lib, name), name
-
-
 def test_openapi_examples_validate() -> None:
     examples = JobCreate.model_config["json_schema_extra"]["examples"]  # type: ignore[index]
     assert any(e.get("method") == "auto" and e.get("quality_gate") for e in examples)
