@@ -4,6 +4,7 @@ carries its report and job summary (built in memory, never read back from disk).
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ import torch
 
 import lorp.pipeline
 from lorp.data import prepends_bos, text_windows
-from lorp.errors import InvalidInputError, QualityGateError
+from lorp.errors import InvalidInputError, QualityGateError, UnsupportedModelError
 from lorp.gate import QualityGate
 from lorp.pipeline import (
     Calibration,
@@ -137,18 +138,24 @@ def test_stages_composed_by_hand_are_prune(case: str, dtype: str, tmp_path: Path
     torch.manual_seed(0)
     model_a = _model(dtype)
     events_a: list[tuple[str, float, str]] = []
-    result = prune(
-        model_a,
-        tiny_tokenizer(),
-        calibration,
-        config,
-        evaluation=evaluation,
-        progress=lambda *e: events_a.append(e),
-    )
     torch.manual_seed(0)
     model_b = _model(dtype)
     events_b: list[tuple[str, float, str]] = []
     timer = StageTimer(lambda *e: events_b.append(e))
+    try:
+        result = prune(
+            model_a,
+            tiny_tokenizer(),
+            calibration,
+            config,
+            evaluation=evaluation,
+            progress=lambda *e: events_a.append(e),
+        )
+    except UnsupportedModelError as exc:  # then the stages refuse it the same way
+        with pytest.raises(UnsupportedModelError, match=re.escape(str(exc))):
+            _by_hand(model_b, calibration, config, evaluation, timer)
+        assert events_a == events_b
+        return
     staged = _by_hand(model_b, calibration, config, evaluation, timer)
 
     assert result.pruned and result.removed == staged["selection"].removed
