@@ -994,5 +994,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     except StackError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-
-
