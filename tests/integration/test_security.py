@@ -128,7 +128,8 @@ def test_errors_and_reports_name_inputs_as_submitted(
     service: Service, client_a: httpx.Client
 ) -> None:
     work = str(service.stack.root / "work")
-    # A model whose weights file is not safetensors inside: the load error names the URI.
+    # A model whose weights file is not safetensors inside: refused before loading, the error
+    # names the file by its name in the model (issue 18), never by where the worker keeps it.
     s3 = service.s3()
     prefix = f"{TENANT_A}/models/broken"
     s3.put_object(Bucket=INPUT_BUCKET, Key=f"{prefix}/config.json", Body=b'{"model_type": "llama"}')
@@ -139,7 +140,7 @@ def test_errors_and_reports_name_inputs_as_submitted(
     )
     assert job["state"] == "failed" and job["error"]["code"] == "model_load_failed", job
     assert work not in job["error"]["message"] and "/inputs/" not in job["error"]["message"]
-    assert broken in job["error"]["message"], job["error"]
+    assert job["error"]["message"].startswith("model.safetensors: "), job["error"]
 
     # A pruned job's report names the model, calibration and evaluation URIs.
     body = service.job_body(budget={"blocks": 1})
