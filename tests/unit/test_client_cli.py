@@ -449,6 +449,15 @@ def test_client_stages_follow_the_pipeline_order() -> None:
     assert [s for s in STAGES if s in PIPELINE_STAGES] == list(PIPELINE_STAGES)
 
 
+def test_client_terminal_states_are_the_specs() -> None:
+    """The client spells the terminal states out (it needs only httpx); they are the job
+    spec's."""
+    from jobcore.spec import TERMINAL_STATES as SPEC_TERMINAL
+    from service.client import TERMINAL_STATES
+
+    assert {s.value for s in SPEC_TERMINAL} == TERMINAL_STATES
+
+
 def test_progress_bar_without_tty_prints_only_changes() -> None:
     stream = io.StringIO()
     bar = ProgressBar(stream, width=10)
