@@ -15,10 +15,10 @@ or ``internal`` (message only, no traceback). Cancelled and failed jobs leave no
 (best effort when the object store itself is down; without a manifest nothing is presented).
 
 Quality gate: when the job's limits are broken, ``run_pipeline`` raises ``QualityGateError``
-after the measurement, writes no checkpoint, and leaves a refusal report in the work dir. The
-job ends ``failed`` with code ``quality_gate`` and the measured numbers in the message; its
-*summary* is built from the refusal report (``status`` "refused", perplexities, KL, top-1
-agreement, flags, the gate's limits and violations) so ``GET /jobs/{id}`` explains the refusal.
+after the measurement and writes no checkpoint. The job ends ``failed`` with code
+``quality_gate`` and the measured numbers in the message; its *summary* is the one the error
+carries (``lorp.report.job_summary`` of the refusal report: ``status`` "refused", perplexities,
+KL, top-1 agreement, flags, the gate's limits and violations) so ``GET /jobs/{id}`` explains it.
 Nothing is uploaded for it — neither the (unwritten) checkpoint nor the refusal report: a failed
 job keeps the "no objects, no manifest" rule of every failed job, the summary carries what the
 user needs, and a rerun without the gate (or with looser limits) produces the full report.
@@ -33,7 +33,6 @@ import logging
 import os
 import shutil
 import socket
-import statistics
 import threading
 import time
 import uuid
@@ -177,48 +176,6 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def summarize(report: dict[str, Any]) -> dict[str, Any]:
-    """The job summary (``JobSummary`` fields) from a report.json."""
-    s = report.get("summary") or {}
-    speed = report.get("speed") or []
-
-    def median_speedup(kind: str) -> float | None:
-        vals = [float(r["speedup"]) for r in speed if r.get("kind") == kind and r.get("speedup")]
-        return statistics.median(vals) if vals else None
-
-    return {
-        "method": s.get("method"),
-        "num_layers": s.get("num_layers"),
-        "kept_layers": s.get("kept_layers"),
-        "removed_blocks": list(s.get("removed") or []),
-        "rls": s.get("rls"),
-        "num_clusters": s.get("num_clusters"),
-        "speedups": dict(s.get("speedups") or {}),
-        "prefill_speedup": median_speedup("prefill"),
-        "decode_speedup": median_speedup("decode"),
-        "memory_reduction": s.get("weights_saved_fraction"),
-        "weights_saved_bytes": s.get("weights_saved_bytes"),
-        "perplexity_before": s.get("ppl_dense"),
-        "perplexity_after": s.get("ppl_pruned"),
-        "perplexity_ratio": s.get("ppl_ratio"),
-        "status": s.get("status"),
-        "kl": s.get("kl"),
-        "top1_agreement": s.get("top1_agreement"),
-        "flags": [str(f) for f in s.get("flags") or []],
-        "quality_gate": s.get("quality_gate") or (report.get("quality") or {}).get("gate"),
-    }
-
-
-def _refusal_summary(out: Path) -> dict[str, Any] | None:
-    """The summary of a job the quality gate refused, from the refusal report the pipeline
-    wrote (None when it could not write one)."""
-    try:
-        report = json.loads((out / "report.json").read_text(encoding="utf-8"))
-        return summarize(report) if isinstance(report, dict) else None
-    except (OSError, ValueError, TypeError, KeyError, AttributeError):
-        return None
-
-
 def public_message(message: str, names: dict[str, str]) -> str:
     """``message`` with every worker path in ``names`` replaced by the user's name for it
     (longest paths first, so a file inside a replaced directory keeps its own name)."""
@@ -341,13 +298,13 @@ class JobRunner:
             out = work / "out"
             result = self._run_pipeline(spec, inputs, out, progress)
             artifacts = self._upload(rec, out, progress)
-            summary = summarize(result.report)
+            summary = self._summary(result.report)
         except CancelledError:
             self._cleanup_artifacts(rec)
             self._finish(rec, JobState.cancelled, message="cancelled")
             return "cancelled"
         except QualityGateError as e:
-            return fail(e.code, str(e), summary=_refusal_summary(work / "out"))
+            return fail(e.code, str(e), summary=e.summary)
         except LorpError as e:
             return fail(e.code, str(e))
         except (StorageNotFoundError, InputNotAllowedError) as e:
@@ -361,6 +318,12 @@ class JobRunner:
             return fail(INTERNAL, f"internal error ({type(e).__name__}): {e}"[:500])
         self._finish(rec, JobState.succeeded, summary=summary, artifacts=artifacts)
         return "succeeded"
+
+    @staticmethod
+    def _summary(report: dict[str, Any]) -> dict[str, Any]:
+        from lorp.report import job_summary  # the library's own reading of its report
+
+        return job_summary(report)
 
     def _fail(
         self, rec: JobRecord, code: str, message: str, summary: dict[str, Any] | None = None

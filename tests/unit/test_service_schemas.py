@@ -27,7 +27,7 @@ from lorp.errors import InvalidInputError
 from lorp.gate import QualityGate
 from lorp.methods import all_methods, method_names, selector
 from lorp.pipeline import PruneConfig
-from worker.runner import summarize
+from lorp.report import job_summary
 
 TENANT = "acme"
 ROOT = Path(__file__).resolve().parents[2]
@@ -468,13 +468,13 @@ def test_summary_from_report() -> None:
             {"kind": "decode", "speedup": None},
         ],
     }
-    summary = JobSummary.model_validate(summarize(report))
+    summary = JobSummary.model_validate(job_summary(report))
     assert summary.removed_blocks == [6, 17, 27] and summary.kept_layers == 27
     assert summary.prefill_speedup == pytest.approx(1.2)
     assert summary.decode_speedup == pytest.approx(1.12)
     assert summary.memory_reduction == 0.08
     assert (summary.perplexity_before, summary.perplexity_after) == (20.0, 25.0)
-    empty = JobSummary.model_validate(summarize({"summary": {}, "speed": []}))
+    empty = JobSummary.model_validate(job_summary({"summary": {}, "speed": []}))
     assert empty.removed_blocks == [] and empty.prefill_speedup is None
 
 
@@ -682,13 +682,13 @@ def test_summary_carries_quality_and_refusal() -> None:
         },
         "quality": {"gate": gate},
     }
-    summary = JobSummary.model_validate(summarize(report))
+    summary = JobSummary.model_validate(job_summary(report))
     assert summary.status == "refused"
     assert (summary.kl, summary.top1_agreement) == (0.9, 0.61)
     assert summary.flags == report["summary"]["flags"]
     assert summary.quality_gate == gate
     # an older report without these keys: gate from report["quality"], the rest empty
-    legacy = JobSummary.model_validate(summarize({"summary": {}, "quality": {"gate": gate}}))
+    legacy = JobSummary.model_validate(job_summary({"summary": {}, "quality": {"gate": gate}}))
     assert legacy.quality_gate == gate and legacy.flags == [] and legacy.kl is None
 
 
