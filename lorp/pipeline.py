@@ -70,7 +70,7 @@ from .errors import InvalidInputError, LorpError, QualityGateError, UnsupportedM
 from .gate import GateResult, QualityGate, quality_flags
 from .inputs import BlockInputs, hidden_bytes
 from .methods import get_method, method_names, selector
-from .progress import ProgressCallback
+from .progress import STAGES, ProgressCallback
 from .quality import QualityComparison, compare_pruned
 from .report import job_summary, make_report, write_reports
 from .search import pass_budget, search_layers
@@ -83,18 +83,6 @@ from .temperature import check_temperature
 # fits start from (lorp.inputs.BlockInputs) within this many bytes (the groups that fit).
 STORED_INPUT_BYTES = 1 << 30
 
-STAGES = (
-    "loading",
-    "calibration",
-    "selection",
-    "compensation",
-    "temperature",
-    "evaluation",
-    "benchmark",
-    "pruning",
-    "saving",
-    "report",
-)
 
 
 @dataclass

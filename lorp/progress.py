@@ -8,8 +8,23 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-__all__ = ["ProgressCallback"]
+__all__ = ["STAGES", "ProgressCallback"]
+
+#: The pipeline's stages in the order they run (:func:`lorp.pipeline.run_pipeline`); the name a
+#: :data:`ProgressCallback` receives. Here, free of heavy imports, so a client can follow a job.
+STAGES: tuple[str, ...] = (
+    "loading",
+    "calibration",
+    "selection",
+    "compensation",
+    "temperature",
+    "evaluation",
+    "benchmark",
+    "pruning",
+    "saving",
+    "report",
+)
 
 #: ``progress(stage, fraction, message)``: ``stage`` is one of the pipeline's stage names
-#: (:data:`lorp.pipeline.STAGES`), ``fraction`` the share of that stage done (0..1).
+#: (:data:`STAGES`), ``fraction`` the share of that stage done (0..1).
 ProgressCallback = Callable[[str, float, str], None]

@@ -25,6 +25,8 @@ from typing import Any, TypedDict, cast
 
 import httpx
 
+from lorp.progress import STAGES as PIPELINE_STAGES
+
 __all__ = [
     "STAGES",
     "TERMINAL_STATES",
@@ -41,20 +43,7 @@ __all__ = [
 
 #: job stages in execution order (the worker's fetch/upload around lorp.pipeline's stages);
 #: used for an overall progress figure
-STAGES: tuple[str, ...] = (
-    "downloading",
-    "loading",
-    "calibration",
-    "selection",
-    "compensation",
-    "temperature",
-    "evaluation",
-    "benchmark",
-    "pruning",
-    "saving",
-    "report",
-    "uploading",
-)
+STAGES: tuple[str, ...] = ("downloading", *PIPELINE_STAGES, "uploading")
 TERMINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
 _RETRY_STATUS = frozenset({502, 503, 504})
 

@@ -442,11 +442,20 @@ def test_overall_fraction_orders_stages() -> None:
     assert overall_fraction(_job("succeeded", "report", 0.2)) == 1.0
 
 
-def test_client_stages_follow_the_pipeline_order() -> None:
-    from lorp.pipeline import STAGES as PIPELINE_STAGES
+def test_client_stages_are_the_ones_a_job_reports() -> None:
+    """The client's overall progress covers the pipeline's stages (lorp.progress.STAGES, which
+    lorp.pipeline times) and exactly the stages the worker adds around them (read from the
+    worker's progress calls)."""
+    import re
+
+    from lorp.progress import STAGES as PIPELINE_STAGES
     from service.client import STAGES
 
-    assert [s for s in STAGES if s in PIPELINE_STAGES] == list(PIPELINE_STAGES)
+    runner = (Path(__file__).parents[2] / "worker" / "runner.py").read_text()
+    worker_stages = set(re.findall(r'progress\(\s*"([a-z]+)"', runner))
+    assert worker_stages == {"downloading", "uploading"}
+    assert set(STAGES) == set(PIPELINE_STAGES) | worker_stages
+    assert STAGES.index("downloading") == 0 and STAGES[-1] == "uploading"
 
 
 def test_client_terminal_states_are_the_specs() -> None:

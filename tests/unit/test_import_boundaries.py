@@ -7,7 +7,7 @@ process itself: importing it loads no torch, numpy, transformers or scikit-learn
     lorp      the library: imports none of jobcore, service, worker, devstack, nor the
               service's packages (fastapi, celery, redis, boto3)
     jobcore   the job core: no service, worker, devstack, fastapi, nothing heavy; from lorp only
-              the registry (lorp.methods), lorp.paths and lorp.errors
+              the registry (lorp.methods), lorp.paths, lorp.errors and lorp.progress
     service   the API and its client: no worker, devstack, nothing heavy; from lorp the same
               three modules
     worker    the Celery worker: no service, devstack, fastapi
@@ -43,7 +43,7 @@ HEAVY = (
     "matplotlib",
 )
 #: What the API process and the job core may use of the library (none of it loads torch).
-LIGHT_LORP = ("lorp.methods", "lorp.paths", "lorp.errors")
+LIGHT_LORP = ("lorp.methods", "lorp.paths", "lorp.errors", "lorp.progress")
 
 
 @dataclass(frozen=True)
