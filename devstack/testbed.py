@@ -36,6 +36,8 @@ __all__ = [
     "TERMINAL",
     "Service",
     "sample_text",
+    "until",
+    "upload_inputs",
 ]
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -150,3 +152,41 @@ class Service:
             if time.monotonic() > deadline:
                 raise AssertionError(f"job {job_id} still {job['state']} after {timeout}s: {job}")
             time.sleep(0.2)
+
+
+def until(what: str, probe: Callable[[], Any], timeout: float = 120.0, step: float = 0.05) -> Any:
+    """Poll ``probe`` until it returns something true (returned); :class:`TimeoutError` naming
+    ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = probe()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(step)
+
+
+def upload_inputs(stack: LocalStack, local_root: Path, model_dir: Path) -> Service:
+    """Upload tenant A's model folder and sample texts into the input bucket of a started
+    stack; the :class:`Service` handle the tests and the reliability benchmark drive."""
+    s3 = stack.s3_client()
+    for path in sorted(model_dir.iterdir()):
+        s3.upload_file(str(path), INPUT_BUCKET, f"{TENANT_A}/models/tiny-llama/{path.name}")
+    for name, src, seed, size in (
+        ("calibration", "calibration/debian-handbook.en.txt", "calibration text. ", 20_000),
+        ("evaluation", "eval/debian-reference.en.txt", "evaluation text. ", 10_000),
+    ):
+        s3.put_object(
+            Bucket=INPUT_BUCKET,
+            Key=f"{TENANT_A}/texts/{name}.txt",
+            Body=sample_text(src, seed, size).encode(),
+        )
+    return Service(
+        stack=stack,
+        local_root=local_root,
+        model_uri=f"s3://{INPUT_BUCKET}/{TENANT_A}/models/tiny-llama",
+        model_local=model_dir,
+        calibration_uri=f"s3://{INPUT_BUCKET}/{TENANT_A}/texts/calibration.txt",
+        evaluation_uri=f"s3://{INPUT_BUCKET}/{TENANT_A}/texts/evaluation.txt",
+    )

@@ -64,6 +64,8 @@ from devstack.testbed import (  # noqa: E402
     TENANT_B,
     Service,
     sample_text,
+    until,
+    upload_inputs,
 )
 from tests.tiny_models import build_tiny, tiny_tokenizer  # noqa: E402
 
@@ -75,17 +77,6 @@ P99_GOAL_MS = 100.0
 
 # --------------------------------------------------------------------------------------------
 # helpers
-
-
-def _until(what: str, probe: Callable[[], Any], timeout: float = 120.0, step: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(step)
 
 
 def _pct(values: list[float], q: float) -> float | None:
@@ -123,7 +114,7 @@ class Bench:
         self.redis.delete(HOLD_KEY)
 
     def wait_held(self, job_id: str, stage: str) -> None:
-        _until(f"{job_id} held in {stage}", lambda: self.redis.get(HELD_PREFIX + job_id) == stage)
+        until(f"{job_id} held in {stage}", lambda: self.redis.get(HELD_PREFIX + job_id) == stage)
 
     def submit(self, **overrides: Any) -> str:
         resp = self.client.post("/jobs", json=self.svc.job_body(**overrides))
@@ -217,7 +208,7 @@ def redis_restart(b: Bench) -> dict[str, Any]:
     finally:
         redis.start()
     downtime = time.monotonic() - down
-    _until("API ready", lambda: b.client.get("/readyz").status_code == 200, timeout=60)
+    until("API ready", lambda: b.client.get("/readyz").status_code == 200, timeout=60)
     ready_after = time.monotonic() - down
     b.release()
     jobs = [b.wait(running), b.wait(queued)]
@@ -565,29 +556,6 @@ def _setup(root: Path) -> tuple[LocalStack, Path, Path]:
     return stack, local_root, model_dir
 
 
-def _upload_inputs(stack: LocalStack, local_root: Path, model_dir: Path) -> Service:
-    s3 = stack.s3_client()
-    for path in sorted(model_dir.iterdir()):
-        s3.upload_file(str(path), INPUT_BUCKET, f"{TENANT_A}/models/tiny-llama/{path.name}")
-    for name, src, seed, size in (
-        ("calibration", "calibration/debian-handbook.en.txt", "calibration text. ", 20_000),
-        ("evaluation", "eval/debian-reference.en.txt", "evaluation text. ", 10_000),
-    ):
-        s3.put_object(
-            Bucket=INPUT_BUCKET,
-            Key=f"{TENANT_A}/texts/{name}.txt",
-            Body=sample_text(src, seed, size).encode(),
-        )
-    return Service(
-        stack=stack,
-        local_root=local_root,
-        model_uri=f"s3://{INPUT_BUCKET}/{TENANT_A}/models/tiny-llama",
-        model_local=model_dir,
-        calibration_uri=f"s3://{INPUT_BUCKET}/{TENANT_A}/texts/calibration.txt",
-        evaluation_uri=f"s3://{INPUT_BUCKET}/{TENANT_A}/texts/evaluation.txt",
-    )
-
-
 def _headline(name: str, figures: dict[str, Any]) -> str:
     f = figures
     if name == "worker_sigkill_mid_calibration":
@@ -659,7 +627,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         stack, local_root, model_dir = _setup(root)
         with stack:
-            bench = Bench(stack, _upload_inputs(stack, local_root, model_dir))
+            bench = Bench(stack, upload_inputs(stack, local_root, model_dir))
             for name, fn in scenarios:
                 t0 = time.monotonic()
                 print(f"-- {name}", flush=True)

@@ -22,6 +22,7 @@ from devstack.testbed import (
     TENANT_B,
     Service,
     sample_text,
+    upload_inputs,
 )
 from tests.tiny_models import build_tiny, tiny_tokenizer
 
@@ -71,29 +72,7 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
         worker_app="tests.integration.hold_worker",
     )
     with stack:
-        s3 = stack.s3_client()
-        for path in sorted(model_dir.iterdir()):
-            s3.upload_file(str(path), INPUT_BUCKET, f"{TENANT_A}/models/tiny-llama/{path.name}")
-        s3.put_object(
-            Bucket=INPUT_BUCKET,
-            Key=f"{TENANT_A}/texts/calibration.txt",
-            Body=sample_text(
-                "calibration/debian-handbook.en.txt", "calibration text. ", 20_000
-            ).encode(),
-        )
-        s3.put_object(
-            Bucket=INPUT_BUCKET,
-            Key=f"{TENANT_A}/texts/evaluation.txt",
-            Body=sample_text("eval/debian-reference.en.txt", "evaluation text. ", 10_000).encode(),
-        )
-        yield Service(
-            stack=stack,
-            local_root=local_root,
-            model_uri=f"s3://{INPUT_BUCKET}/{TENANT_A}/models/tiny-llama",
-            model_local=model_dir,
-            calibration_uri=f"s3://{INPUT_BUCKET}/{TENANT_A}/texts/calibration.txt",
-            evaluation_uri=f"s3://{INPUT_BUCKET}/{TENANT_A}/texts/evaluation.txt",
-        )
+        yield upload_inputs(stack, local_root, model_dir)
 
 
 @pytest.fixture

@@ -30,21 +30,11 @@ from devstack.testbed import (
     SMALL_BENCH,
     TENANT_A,
     Service,
+    until,
 )
 from tests.tiny_models import _COMMON, build_tiny, tiny_tokenizer
 
 pytestmark = pytest.mark.integration
-
-
-def _until(what: str, probe: Callable[[], Any], timeout: float = 90.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.1)
 
 
 @pytest.fixture
@@ -65,7 +55,7 @@ def hold(service: Service) -> Iterator[Callable[[str], None]]:
 def _wait_held(service: Service, job_id: str, stage: str) -> None:
     r = service.redis()
     try:
-        _until(f"job {job_id} held in {stage}", lambda: r.get(HELD_PREFIX + job_id) == stage)
+        until(f"job {job_id} held in {stage}", lambda: r.get(HELD_PREFIX + job_id) == stage)
     finally:
         r.close()
 
@@ -103,7 +93,7 @@ def test_redis_restart_mid_job_loses_nothing(
             assert resp.json()["code"] in {"store_unavailable", "queue_unavailable"}
     finally:
         redis.start()
-    _until("API ready again", lambda: client_a.get("/readyz").status_code == 200, timeout=30)
+    until("API ready again", lambda: client_a.get("/readyz").status_code == 200, timeout=30)
     service.redis().delete(HOLD_KEY)  # let the parked job go on
 
     first = service.wait(client_a, running, timeout=180)
@@ -407,7 +397,7 @@ def test_metrics_sum_all_api_workers(service: Service) -> None:
 def test_killed_api_worker_is_replaced(service: Service) -> None:
     victim = _api_workers(service)[0]
     os.kill(victim, signal.SIGKILL)
-    _until(
+    until(
         "a new API worker",
         lambda: len(pids := _api_workers(service)) == 2 and victim not in pids,
     )
