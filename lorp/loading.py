@@ -46,17 +46,22 @@ from .paths import check_confined
 
 __all__ = [
     "DTYPES",
+    "DTYPE_CHOICES",
     "MAX_CONFIG_PARAMETERS",
     "PICKLE_SUFFIXES",
     "REMOTE_CODE_KEYS",
     "LoadedModel",
     "bundled_model_path",
     "check_confined",
+    "checkpoint_dtype",
+    "choose_dtype",
     "estimate_weight_bytes",
     "load_model",
+    "model_name",
     "resolve_device",
     "resolve_dtype",
     "save_pruned",
+    "source_gguf",
 ]
 
 DTYPES: dict[str, torch.dtype] = {
@@ -64,6 +69,9 @@ DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16,
     "bfloat16": torch.bfloat16,
 }
+
+#: What a caller may ask for: a dtype of :data:`DTYPES`, or ``"auto"`` (:func:`choose_dtype`).
+DTYPE_CHOICES: tuple[str, ...] = ("auto", *DTYPES)
 
 #: Weight-file suffixes that are (or may be) pickles.
 PICKLE_SUFFIXES: tuple[str, ...] = (".bin", ".pt", ".pth", ".ckpt")
@@ -78,7 +86,11 @@ class LoadedModel:
     """A loaded causal LM and its tokenizer.
 
     ``source`` is the folder (or hub id) passed to ``from_pretrained``; ``gguf_file`` the GGUF file
-    name inside it, if any; ``dtype`` the dtype name; ``device`` where the input embeddings live.
+    name inside it, if any; ``dtype`` the dtype name; ``device`` where the input embeddings live;
+    ``dtype_source`` why that dtype (:func:`choose_dtype`: ``"requested"``, ``"config
+    torch_dtype"``, ``"GGUF on cpu"``...); ``weights_dtype`` the float dtype the checkpoint's
+    safetensors files store (:func:`checkpoint_dtype`; None for GGUF and hub inputs), which
+    :func:`save_pruned` keeps.
     """
 
     model: Any  # transformers PreTrainedModel
@@ -87,6 +99,8 @@ class LoadedModel:
     gguf_file: str | None
     dtype: str
     device: str
+    dtype_source: str = "requested"
+    weights_dtype: str | None = None
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -223,18 +237,140 @@ def _resolve_source(
     return _Resolved(text, gguf_file, False, None if allow_pickle else True)
 
 
+def source_gguf(source: str | Path, gguf_file: str | None = None) -> Path | None:
+    """The local GGUF file ``source`` (and ``gguf_file``) names, as :func:`load_model` resolves
+    it; None for a safetensors or pickle checkpoint and for a hub id. Raises what
+    :func:`load_model` would for a missing path or an ambiguous folder."""
+    resolved = _resolve_source(source, gguf_file, allow_pickle=True, allow_hub=True)
+    if not resolved.local or resolved.gguf_file is None:
+        return None
+    return Path(resolved.location) / resolved.gguf_file
+
+
+def _read_config(folder: Path) -> dict[str, Any] | None:
+    """``folder/config.json`` as a dict; None when absent, too large or not a JSON object."""
+    path = folder / "config.json"
+    try:
+        if not path.is_file() or path.stat().st_size > _MAX_CONFIG_BYTES:
+            return None
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _config_dtype(folder: Path) -> tuple[str, str] | None:
+    """(dtype name, config key) of ``config.json``'s ``torch_dtype`` / ``dtype`` (the text
+    config's first), when it names one of :data:`DTYPES`."""
+    config = _read_config(folder)
+    if config is None:
+        return None
+    text = config.get("text_config")
+    for source in (text, config) if isinstance(text, dict) else (config,):
+        for key in ("torch_dtype", "dtype"):
+            value = source.get(key)
+            if isinstance(value, str) and value.removeprefix("torch.") in DTYPES:
+                return value.removeprefix("torch."), key
+    return None
+
+
+_SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+
+
+def checkpoint_dtype(source: str | Path) -> str | None:
+    """The float dtype a local safetensors checkpoint stores (the one holding the most elements
+    in its files' headers, of :data:`DTYPES`); None for GGUF, pickle-only and hub sources, or
+    when no float tensor is stored. Reads headers only."""
+    path = Path(source).expanduser()
+    if not path.is_dir():
+        return None
+    counts: dict[str, int] = {}
+    for f in _weight_files(path)[0]:
+        for numel, stored in _safetensors_numels(f):
+            name = _SAFETENSORS_DTYPES.get(stored)
+            if name is not None:
+                counts[name] = counts.get(name, 0) + numel
+    return max(counts, key=lambda k: counts[k]) if counts else None
+
+
+def choose_dtype(
+    source: str | Path,
+    *,
+    gguf_file: str | None = None,
+    dtype: str | torch.dtype = "auto",
+    device: str | torch.device | None = "auto",
+) -> tuple[str, str]:
+    """The dtype a model is loaded in, and why: ``(dtype name, reason)``. The one rule for
+    ``"auto"``, used by :func:`load_model`, :func:`estimate_weight_bytes` and the service.
+
+    - a dtype given (not ``"auto"``): that one, ``"requested"``;
+    - a GGUF file (quantized; nothing says which float type it came from): bfloat16 where it is
+      computed on CUDA, float32 on CPU (bf16 matmuls are slow there), ``"GGUF on cuda"`` /
+      ``"GGUF on cpu"``; ``device`` as :func:`load_model` takes it (None: CUDA if available);
+    - a local Hugging Face folder: its config's ``torch_dtype`` (or ``dtype``), ``"config
+      torch_dtype"``; else the float dtype its safetensors store, ``"safetensors headers"``;
+    - anything else (a hub id, a config that names no dtype): float32, with the reason.
+    """
+    if not (isinstance(dtype, str) and dtype == "auto"):
+        return _dtype_name(resolve_dtype(dtype)), "requested"
+    gguf = source_gguf(source, gguf_file)
+    if gguf is not None:
+        on = resolve_device("auto" if device is None else device).type
+        return ("bfloat16" if on == "cuda" else "float32"), f"GGUF on {on}"
+    path = Path(source).expanduser()
+    if not path.is_dir():
+        return "float32", "not a local checkpoint: float32"
+    found = _config_dtype(path)
+    if found is not None:
+        return found[0], f"config {found[1]}"
+    stored = checkpoint_dtype(path)
+    if stored is not None:
+        return stored, "safetensors headers"
+    return "float32", "no dtype in the checkpoint: float32"
+
+
+def model_name(
+    source: str | Path, gguf_file: str | None = None, *, local: str | Path | None = None
+) -> str:
+    """A short name for a model, for titles and model cards: a GGUF file's stem, else the
+    ``_name_or_path`` the config.json of the ``local`` folder (default: ``source`` when it is
+    one) records when that is a hub id (``org/name``), else the last path segment of ``source``
+    (a path, ``s3://`` URI or ``hf:`` id as the user gave it, never a worker's copy)."""
+    text = str(source).rstrip("/")
+    last = text.rpartition("/")[2] or text
+    if gguf_file:
+        return Path(gguf_file).stem
+    if last.endswith(".gguf"):
+        return last[: -len(".gguf")]
+    if text.startswith("hf:"):
+        return text[3:]
+    path = Path(text if local is None else local).expanduser()
+    if path.is_dir():
+        config = _read_config(path) or {}
+        named = config.get("_name_or_path")
+        if (
+            isinstance(named, str)
+            and _HUB_ID.match(named)
+            and "/" in named
+            and not named.startswith((".", "~", "/"))
+        ):
+            return named
+    return last
+
+
 def load_model(
     source: str | Path,
     *,
     gguf_file: str | None = None,
-    dtype: str | torch.dtype = "float32",
+    dtype: str | torch.dtype = "auto",
     device: str | torch.device = "auto",
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
     allow_hub: bool = False,
     device_map: str | dict[str, Any] | None = None,
 ) -> LoadedModel:
-    """Load a causal LM and its tokenizer, in eval mode, with weights in ``dtype``.
+    """Load a causal LM and its tokenizer, in eval mode, with weights in ``dtype``
+    (``"auto"``: the checkpoint's own, :func:`choose_dtype`; the result says which and why).
 
     ``source`` is a local HF directory, a ``.gguf`` file, or (only with ``allow_hub``) a hub id.
     ``device="auto"`` picks CUDA when available; ``device_map`` (e.g. ``"auto"``) is passed to
@@ -248,9 +384,10 @@ def load_model(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    torch_dtype = resolve_dtype(dtype)
     target = None if device_map is not None else resolve_device(device)
     resolved = _resolve_source(source, gguf_file, allow_pickle, allow_hub)
+    dtype_name, dtype_source = choose_dtype(source, gguf_file=gguf_file, dtype=dtype, device=target)
+    torch_dtype = resolve_dtype(dtype_name)
 
     common: dict[str, Any] = {}
     if resolved.gguf_file is not None:
@@ -298,6 +435,8 @@ def load_model(
         gguf_file=resolved.gguf_file,
         dtype=_dtype_name(torch_dtype),
         device=device_name,
+        dtype_source=dtype_source,
+        weights_dtype=checkpoint_dtype(resolved.location) if resolved.local else None,
     )
 
 
@@ -315,8 +454,15 @@ def _is_gguf_quantized(model: nn.Module) -> bool:
     return False
 
 
-def save_pruned(model: Any, tokenizer: Any, out_dir: str | Path) -> list[Path]:
+def save_pruned(
+    model: Any, tokenizer: Any, out_dir: str | Path, *, dtype: str | torch.dtype | None = None
+) -> list[Path]:
     """Save ``model`` (safetensors, config, generation config) and ``tokenizer`` to ``out_dir``.
+
+    ``dtype`` (e.g. the input checkpoint's own, :attr:`LoadedModel.weights_dtype`): the float
+    weights are written in it, so a bf16 input computed in float32 is saved in bf16 again; the
+    model passed in is cast to it **in place** (once, after every fold was computed). None: the
+    model's dtype.
 
     The result loads with plain ``AutoModelForCausalLM.from_pretrained(out_dir)``. A GGUF-loaded
     model is already de-quantised in memory but transformers refuses to serialise it; this
@@ -339,6 +485,10 @@ def save_pruned(model: Any, tokenizer: Any, out_dir: str | Path) -> list[Path]:
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
+    if dtype is not None:
+        target = resolve_dtype(dtype)
+        if any(p.is_floating_point() and p.dtype != target for p in model.parameters()):
+            model.to(target)
     model.save_pretrained(out)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
@@ -712,9 +862,15 @@ def _gguf_estimate(path: Path, itemsize: int) -> int:
 
 
 def estimate_weight_bytes(
-    source: str | Path, *, gguf_file: str | None = None, dtype: str | torch.dtype = "float32"
+    source: str | Path,
+    *,
+    gguf_file: str | None = None,
+    dtype: str | torch.dtype = "auto",
+    device: str | torch.device | None = "auto",
 ) -> int:
     """Bytes the weights will take in memory once loaded as ``dtype``; loads nothing.
+    ``"auto"`` is resolved as :func:`load_model` resolves it (:func:`choose_dtype`, on
+    ``device``).
 
     The larger of two estimates, so neither the files nor the config can understate the size:
 
@@ -733,12 +889,17 @@ def estimate_weight_bytes(
     is not a JSON object or that transformers cannot read, a dimension that is not a positive
     integer, more than :data:`MAX_CONFIG_PARAMETERS` parameters.
     """
-    itemsize = torch.empty((), dtype=resolve_dtype(dtype)).element_size()
     path = Path(source).expanduser()
     if path.is_dir() and gguf_file is not None:
         path = path / gguf_file
     if not path.exists():
         raise ModelLoadError(f"model path {path.name!r} does not exist")
+    if isinstance(dtype, str) and dtype == "auto":
+        try:
+            dtype = choose_dtype(path, dtype="auto", device=device)[0]
+        except (LorpError, OSError):  # the checks below name what is wrong, by base name
+            dtype = "float32"
+    itemsize = torch.empty((), dtype=resolve_dtype(dtype)).element_size()
     try:
         if path.is_file() and path.suffix == ".gguf":
             return _gguf_estimate(path, itemsize)
