@@ -528,6 +528,8 @@ def fit_folded_temperature(
 
 
 def _folded(down: nn.Linear, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``T^T W`` and ``b T`` computed in float64 from the weights as they are and cast once to
+    their dtype (a bf16 weight is rounded once, not after every product)."""
     weight = (t.T @ down.weight.detach().double()).to(down.weight.dtype)
     bias = None
     if down.bias is not None:

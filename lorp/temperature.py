@@ -190,9 +190,79 @@ def fit_temperature(
     )
 
 
+#: The fold's self-check allows ``FOLD_ULPS`` machine epsilons (``torch.finfo(dtype).eps``) of
+#: error per element, relative to the terms the roundings act on (see :func:`fold_error_ok`).
+FOLD_ULPS = 4.0
+#: The factor of the probe that tells the parametrisations apart: scaling by 2 is exact in
+#: every float format, and the two forms then differ by the whole normalised input.
+_PROBE_FACTOR = 2.0
+# How the norm's output depends on its weight w (other parameters, a bias, scale with it):
+# "scaled" y = w * n(x) (+ b); "offset" y = (1 + w) * n(x) (Gemma).
+_FORMS = ("scaled", "offset")
+
+
+def rounding_eps(*dtypes: torch.dtype) -> float:
+    """Machine epsilon of the coarsest of ``dtypes`` (float32 eps 1.2e-7, bfloat16 7.8e-3,
+    float16 9.8e-4): the unit the numerical self-checks scale their tolerances by."""
+    return max(torch.finfo(d).eps for d in dtypes if d.is_floating_point)
+
+
+def fold_error_ok(
+    got: torch.Tensor, expected: torch.Tensor, magnitude: torch.Tensor, eps: float
+) -> bool:
+    """Whether ``got`` matches ``expected`` element by element within ``FOLD_ULPS * eps`` times
+    ``magnitude`` (the size of the terms whose rounding makes the error: the output itself and
+    the products of the rounded weights), plus a floor of ``1e-6 * eps`` times the largest
+    magnitude (for elements that are all but zero)."""
+    got, expected, magnitude = _wide(got), _wide(expected), _wide(magnitude)
+    if not bool(torch.isfinite(got).all()):
+        return False
+    floor = eps * float(magnitude.abs().max()) * 1e-6
+    return bool(((got - expected).abs() <= FOLD_ULPS * eps * magnitude.abs() + floor).all())
+
+
+def _wide(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in float32, or in its own dtype when that is wider (float64)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def _fold_values(
+    saved: dict[str, torch.Tensor], form: str, scale: float
+) -> dict[str, torch.Tensor]:
+    """The norm's parameters with ``scale`` folded in, computed in float32 (or the parameter's
+    dtype when wider) and cast once to each parameter's dtype."""
+    out: dict[str, torch.Tensor] = {}
+    for name, value in saved.items():
+        v = _wide(value)
+        offset = name == "weight" and form == "offset"  # s (1 + w) = 1 + (s (1 + w) - 1)
+        out[name] = (scale * (1.0 + v) - 1.0 if offset else scale * v).to(value.dtype)
+    return out
+
+
+def _identity_values(saved: dict[str, torch.Tensor], form: str) -> dict[str, torch.Tensor]:
+    """Parameters that make the norm output its normalised input n(x) (weight 1, or 0 in the
+    offset form; everything else 0)."""
+    one = 1.0 if form == "scaled" else 0.0
+    return {
+        name: torch.full_like(value, one if name == "weight" else 0.0)
+        for name, value in saved.items()
+    }
+
+
 def apply_temperature(model: nn.Module, scale: float) -> Callable[[], None]:
     """Fold the logit ``scale`` into the final norm; returns a function restoring it exactly.
-    The fold is checked on a random input (norm output times ``scale``)."""
+
+    Which parametrisation the norm has (``w * n(x) + b``, or Gemma's ``(1 + w) * n(x)``) is
+    found with a probe that doubles the output (exact in every float format, and the two forms
+    then differ by the whole normalised input, whatever ``scale`` is: a scale near 1 cannot
+    tell them apart in bfloat16). The fold itself is computed in float32 from the saved
+    parameters and written once in their dtype, then checked on a random input: the output
+    must be ``scale`` times the original within :data:`FOLD_ULPS` machine epsilons of the
+    coarsest of the weights', the output's and float32 (:func:`fold_error_ok`), relative to the
+    terms the roundings act on (the output, the folded bias; Gemma's folded weight times the
+    normalised input). In float32 that is about 5e-7 relative; in bfloat16 about 3e-2 (the
+    original output, the folded weights and the folded output are each rounded once to 8
+    significant bits, 3.9e-3 relative each: at most 1.2e-2 together)."""
     if not math.isfinite(scale) or scale <= 0:
         raise InvalidInputError(f"a temperature scale must be a positive number, got {scale!r}")
     _head(model)
@@ -202,30 +272,52 @@ def apply_temperature(model: nn.Module, scale: float) -> Callable[[], None]:
     weight = params["weight"]
     generator = torch.Generator().manual_seed(0)  # a fixed probe; the global RNG is left alone
     probe = torch.randn(4, weight.shape[-1], generator=generator).to(weight.device, weight.dtype)
-    with torch.no_grad():
-        expected = scale * norm(probe)
 
-    def restore() -> None:
+    def put(values: dict[str, torch.Tensor]) -> None:
         with torch.no_grad():
             for name, p in params.items():
-                p.copy_(saved[name])
+                p.copy_(values[name])
 
-    def check() -> bool:
+    def output(values: dict[str, torch.Tensor]) -> torch.Tensor:
+        put(values)
         with torch.no_grad():
-            got = norm(probe)
-        tol = 1e-4 * float(expected.abs().max()) + 1e-6
-        return bool((got - expected).abs().max() <= tol)
+            return norm(probe)
+
+    def restore() -> None:
+        put(saved)
+
+    def matches(form: str, factor: float, original: torch.Tensor) -> bool:
+        """Whether folding ``factor`` in ``form`` scales the output by it. The error bound
+        (one rounding of each of: the original output, the folded output, every folded
+        parameter) is taken relative to the output and the folded bias; in the offset form
+        also to the folded weight times n(x) (rounding ``w'`` moves ``1 + w'`` by ``u |w'|``).
+        The wrong form misses by ``(factor - 1) n(x)``: it passes only where every element
+        of ``1 + w`` exceeds ``1 / (2 FOLD_ULPS eps)`` (16 in bfloat16), and then folding
+        ``s w`` instead of ``s (1 + w) - 1`` is off by less than that share of ``s - 1``."""
+        expected = factor * _wide(original)
+        magnitude = expected.abs()
+        folded = _fold_values(saved, form, factor)
+        for name, value in folded.items():
+            if name != "weight":
+                magnitude = magnitude + _wide(value).abs()
+        if form == "offset":
+            normalised = _wide(output(_identity_values(saved, form)))
+            magnitude = magnitude + (_wide(folded["weight"]) * normalised).abs()
+        got = output(folded)
+        # norms compute in float32 at least, some in float32 only (Gemma's casts its float64
+        # weight to float32): the tolerance is never below float32's
+        eps = rounding_eps(weight.dtype, original.dtype, torch.float32)
+        return fold_error_ok(got, expected, magnitude, eps)
 
     with torch.no_grad():
-        for p in params.values():  # y = w * n(x) (+ b)
-            p.mul_(scale)
-    if check():
-        return restore
-    restore()
-    with torch.no_grad():  # y = (1 + w) * n(x) (Gemma)
-        weight.copy_(scale * (1 + saved["weight"]) - 1)
-    if check():
-        return restore
+        original = norm(probe)
+    try:
+        form = next((f for f in _FORMS if matches(f, _PROBE_FACTOR, original)), None)
+        if form is not None and matches(form, scale, original):
+            return restore
+    except BaseException:
+        restore()
+        raise
     restore()
     raise UnsupportedModelError(
         f"{type(norm).__name__}: scaling its parameters does not scale its output, so a logit "
@@ -247,10 +339,13 @@ def temperature_view(model: nn.Module, scale: float | None) -> Iterator[None]:
 
 
 __all__ = [
+    "FOLD_ULPS",
     "Temperature",
     "apply_temperature",
     "check_temperature",
     "final_norm",
     "fit_temperature",
+    "fold_error_ok",
+    "rounding_eps",
     "temperature_view",
 ]

@@ -130,11 +130,21 @@ CONFIGS: dict[str, Callable[[], PretrainedConfig]] = {
 FAMILIES: tuple[str, ...] = tuple(CONFIGS)
 
 
-def build_tiny(family: str, seed: int = 0) -> PreTrainedModel:
-    """A tiny random ``*ForCausalLM`` of ``family`` (see :data:`FAMILIES`), float32, eval mode."""
+def build_tiny(family: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """A tiny random ``*ForCausalLM`` of ``family`` (see :data:`FAMILIES`), eval mode.
+
+    ``dtype``: the float32 model's weights (the same for every dtype) rounded to ``dtype`` in a
+    model built in ``dtype``, as ``from_pretrained(..., dtype=dtype)`` builds it: buffers the
+    model computes itself (rotary ``inv_freq``) keep the dtype the model gives them, which
+    ``model.to(dtype)`` would round too (and a saved checkpoint would not reload with the same
+    logits)."""
     config = CONFIGS[family]()
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if dtype != torch.float32:
+        state = model.state_dict()
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model.load_state_dict(state)  # copied into the dtype's tensors
     model.eval()
     return model
 
