@@ -95,9 +95,14 @@ def _head(model: nn.Module) -> nn.Linear:
 
 
 def check_temperature(model: nn.Module) -> None:
-    """Raise :class:`UnsupportedModelError` unless a temperature can be fitted and folded."""
+    """Raise :class:`UnsupportedModelError` unless a temperature can be fitted and folded: a
+    linear head without a bias, no soft-capping, a final norm whose parameters scale its output
+    in the model's dtype (the fold and its check of :func:`apply_temperature`, at scale 1,
+    undone at once; a few norm calls on a 4-token probe), so a job is refused before its
+    calibration, not after the fit."""
     _head(model)
     final_norm(model)
+    apply_temperature(model, 1.0)()
 
 
 def _newton(logits: list[torch.Tensor], targets: list[torch.Tensor]) -> tuple[float, float, float]:

@@ -198,7 +198,8 @@ def test_gemma_form_is_told_apart_in_bf16() -> None:
 
 
 def test_norm_that_ignores_its_weight_is_refused_in_bf16() -> None:
-    """A looser tolerance does not let a fold through that does not scale the output."""
+    """A looser tolerance does not let a fold through that does not scale the output; the
+    pipeline refuses such a model before its calibration."""
     model = _bf16("llama")
     norm: Any = final_norm(model)
     weight = norm.weight.detach().clone()
@@ -211,6 +212,19 @@ def test_norm_that_ignores_its_weight_is_refused_in_bf16() -> None:
     before = snapshot(model)
     with pytest.raises(UnsupportedModelError, match="does not scale its output"):
         apply_temperature(model, 0.9)
+    assert all(v.equal(before[k]) for k, v in snapshot(model).items())
+    # and before the calibration: prune() checks the fold first
+    seen: list[str] = []
+    config = PruneConfig(method="lorp", num_remove=1, windows=4, seq_len=16, temperature=True)
+    with pytest.raises(UnsupportedModelError, match="does not scale its output"):
+        prune(
+            model,
+            tiny_tokenizer(),
+            _windows(4, 16, 1),
+            config,
+            progress=lambda s, *_: seen.append(s),
+        )
+    assert seen == []
     assert all(v.equal(before[k]) for k, v in snapshot(model).items())
 
 
