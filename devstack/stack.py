@@ -41,6 +41,9 @@ from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LOOPBACK = "127.0.0.1"
+#: The shared downstream task data (lorp.tasks' JSONL files) beside the repository: the local
+#: stack's LORP_TASKS_DIR when it exists.
+SHARED_TASKS_DIR = REPO_ROOT.parent / "shared" / "data" / "tasks"
 
 __all__ = [
     "ApiServer",
@@ -50,6 +53,7 @@ __all__ = [
     "RedisServer",
     "SeaweedS3",
     "StackError",
+    "default_tasks_dir",
     "find_weed",
     "free_port",
     "install_signal_handlers",
@@ -59,6 +63,11 @@ __all__ = [
 
 class StackError(RuntimeError):
     """A process of the local stack failed to start, died, or did not become ready in time."""
+
+
+def default_tasks_dir() -> Path | None:
+    """:data:`SHARED_TASKS_DIR` (resolved) when it exists, else None."""
+    return SHARED_TASKS_DIR.resolve() if SHARED_TASKS_DIR.is_dir() else None
 
 
 # --------------------------------------------------------------------------------------------
@@ -824,9 +833,11 @@ class LocalStack:
     """Redis + SeaweedFS S3 + (optionally) the API and Celery workers, wired by LORP_* settings.
 
     ``env`` holds the exact settings the API and workers receive; extra settings (local roots,
-    corpora, work dir ...) can be passed with ``settings``; ``api_workers`` is the number of API
-    processes (``LORP_API_WORKERS``, one per core here); ``worker_app`` is the Celery app
-    module the workers run (tests use one that adds a hold point). Use as a context manager: on
+    corpora, work dir ...) can be passed with ``settings``; ``LORP_TASKS_DIR`` is the shared
+    task data (:func:`default_tasks_dir`) when it exists, unless ``settings`` says otherwise;
+    ``api_workers`` is the number of API processes (``LORP_API_WORKERS``, one per core here);
+    ``worker_app`` is the Celery app module the workers run (tests use one that adds a hold
+    point). Use as a context manager: on
     any error during start, everything already started is stopped again.
     """
 
@@ -894,6 +905,9 @@ class LocalStack:
             "LORP_WORK_DIR": str(work_dir),
             "LORP_API_WORKERS": str(api_workers),
         }
+        tasks_dir = default_tasks_dir()
+        if tasks_dir is not None:  # jobs with tasks are scored on the shared data
+            self.env["LORP_TASKS_DIR"] = str(tasks_dir)
         self.env.update(settings or {})
         self.api: ApiServer | None = None
         self.workers: list[CeleryWorker] = []

@@ -53,6 +53,9 @@ class Settings(BaseSettings):
     api_keys: dict[str, str] = Field(repr=False)
     local_roots: list[Path] = Field(default_factory=list)
     corpora: dict[str, Path] = Field(default_factory=dict)
+    # Downstream task data (one <task>.jsonl per task, lorp.tasks; e.g. ../shared/data/tasks):
+    # jobs with ``tasks`` are scored on it; unset, such jobs are refused at submission.
+    tasks_dir: Path | None = None
     allow_hub: bool = False
     trust_remote_code: bool = False
     work_dir: Path = Field(default_factory=lambda: Path(tempfile.gettempdir()) / "lorp-work")
@@ -175,6 +178,16 @@ class Settings(BaseSettings):
                 raise ValueError(f"corpus {name!r}: {str(path)!r} is not an existing absolute file")
             out[name] = Path(os.path.realpath(path))
         return out
+
+    @field_validator("tasks_dir", mode="before")
+    @classmethod
+    def _tasks_dir(cls, v: object) -> Path | None:
+        if v is None or v == "":  # compose passes an unset variable as ""
+            return None
+        v = Path(str(v))
+        if not v.is_absolute() or not v.is_dir():
+            raise ValueError(f"tasks dir {str(v)!r} is not an existing absolute directory")
+        return Path(os.path.realpath(v))
 
     @field_validator("work_dir")
     @classmethod

@@ -58,6 +58,15 @@ NOMINAL_PASSES = 32
 #: Scoring windows (count, tokens) admission control charges when the job gives none: at least
 #: every registered method's default (a unit test checks it), so the estimate never undercounts.
 NOMINAL_SCORING = (8, 512)
+#: The downstream tasks a job can score (``lorp.tasks.TASKS``, which imports torch, so they are
+#: named here too; a unit test checks both lists are the same, in the same order).
+TASK_NAMES = ("hellaswag", "piqa", "arc_easy", "arc_challenge", "winogrande", "boolq")
+#: Token positions admission control charges per task item and model (dense or pruned): every
+#: choice's sequence of an item together. Measured on SmolLM2's tokenizer over the shared task
+#: data, an item averages about 360 (HellaSwag: 4 endings of ~90), 110 (PIQA), 150 (ARC), 60
+#: (WinoGrande) and 180 (BoolQ: one passage, " no"/" yes" share a row) tokens; 400 covers the
+#: costliest task, so the estimate never undercounts on a similar tokenizer.
+TASK_ITEM_TOKENS = 400
 
 
 #: Layer-selection methods: every method of the library's registry (:mod:`lorp.methods`, which
@@ -90,6 +99,11 @@ class DType(StrEnum):
     float32 = "float32"
     float16 = "float16"
     bfloat16 = "bfloat16"
+
+
+#: A downstream task (:data:`TASK_NAMES`).
+TaskName = StrEnum("TaskName", [(t, t) for t in TASK_NAMES])  # type: ignore[misc]
+TaskName.__doc__ = "A zero-shot downstream task (lorp.tasks), scored as lm-evaluation-harness does."
 
 
 class JobState(StrEnum):
@@ -328,13 +342,20 @@ class QualityGateSpec(BaseModel):
     min_top1_agreement: (
         Annotated[StrictFloat, Field(ge=0.0, le=1.0, allow_inf_nan=False)] | None
     ) = Field(default=None, description="lowest allowed top-1 next-token agreement (0..1)")
+    min_task_retention: (
+        Annotated[StrictFloat, Field(ge=0.0, le=1.0, allow_inf_nan=False)] | None
+    ) = Field(
+        default=None,
+        description="lowest allowed average downstream task retention, pruned / dense accuracy "
+        "averaged over the job's tasks (0..1; needs tasks)",
+    )
 
     @model_validator(mode="after")
     def _some_limit(self) -> QualityGateSpec:
-        if self.max_ppl_ratio is None and self.max_kl is None and self.min_top1_agreement is None:
+        if all(getattr(self, name) is None for name in type(self).model_fields):
             raise ValueError(
-                "give at least one of max_ppl_ratio, max_kl, min_top1_agreement "
-                "(or quality_gate: null)"
+                "give at least one of max_ppl_ratio, max_kl, min_top1_agreement, "
+                "min_task_retention (or quality_gate: null)"
             )
         return self
 
@@ -456,6 +477,15 @@ class JobCreate(BaseModel):
         default=4,
         description="with temperature: the last calibration windows the scale is fitted on",
     )
+    tasks: Annotated[list[TaskName], Field(max_length=len(TASK_NAMES))] = Field(
+        default_factory=list,
+        description="downstream tasks scored zero-shot on the dense and the pruned model "
+        "(accuracy, standard error and retention in the report and the summary); needs the "
+        "operator's task data (LORP_TASKS_DIR)",
+    )
+    task_limit: Annotated[StrictInt, Field(ge=1, le=5000)] = Field(
+        default=200, description="with tasks: the first N items of each task"
+    )
     quality_gate: QualityGateSpec | None = Field(
         default=None,
         description="limits the pruned model must meet, or the job fails with code "
@@ -480,6 +510,13 @@ class JobCreate(BaseModel):
             return None
         return _check_context(_check_syntax(v, "text"), "text", info)
 
+    @field_validator("tasks")
+    @classmethod
+    def _distinct_tasks(cls, v: list[Any]) -> list[Any]:
+        if len(set(v)) != len(v):
+            raise ValueError("tasks must not repeat")
+        return v
+
     @field_validator("gguf_file")
     @classmethod
     def _gguf_name(cls, v: str | None) -> str | None:
@@ -496,8 +533,16 @@ class JobCreate(BaseModel):
                 f"num_clusters only applies to methods {' and '.join(CLUSTER_METHODS)}, "
                 f"not {self.method.value!r}"
             )
+        gate = self.quality_gate
+        if gate is not None and gate.min_task_retention is not None and not self.tasks:
+            raise ValueError("quality_gate.min_task_retention needs tasks to score")
         settings: Settings | None = (info.context or {}).get("settings")
         tenant: str | None = (info.context or {}).get("tenant")
+        if self.tasks and settings is not None and settings.tasks_dir is None:
+            raise ValueError(
+                "tasks can't be scored: the operator has not configured task data "
+                "(LORP_TASKS_DIR) on this service"
+            )
         if settings is not None and tenant is not None:
             cost = self.estimated_tokens()
             limit = settings.job_token_limit(tenant)
@@ -520,7 +565,9 @@ class JobCreate(BaseModel):
         """Admission-control estimate of the token positions this job feeds through the model,
         by stage, and their ``total``. Selection passes are counted as :data:`NOMINAL_PASSES`
         passes over the scoring windows (the methods cap their passes near one capture's
-        worth; ``sleb`` grows with depth, which is unknown before the model is read)."""
+        worth; ``sleb`` grows with depth, which is unknown before the model is read). Tasks:
+        dense and pruned, ``task_limit`` items of each task at :data:`TASK_ITEM_TOKENS`
+        positions an item (an upper bound: a task with fewer items is charged in full)."""
         info = get_method(self.method.value)
         fold = info.fold
         scoring = 0
@@ -547,17 +594,22 @@ class JobCreate(BaseModel):
             "selection": scoring,
             "fits": fits,
             "evaluation": 2 * held_out * self.seq_len,
+            "tasks": 2 * len(self.tasks) * self.task_limit * TASK_ITEM_TOKENS,
             "benchmark": bench,
         }
         return {**cost, "total": sum(cost.values())}
 
-    def prune_config(self, config_cls: type[C]) -> C:
+    def prune_config(self, config_cls: type[C], settings: Settings | None = None) -> C:
         """The library's ``PruneConfig`` for this job, in one call: the worker passes
         ``lorp.pipeline.PruneConfig`` (this module never imports the library's pipeline, which
-        loads torch). The keyword arguments are :meth:`prune_config_kwargs` of its fields."""
-        return config_cls(**self.prune_config_kwargs({f.name for f in fields(config_cls)}))
+        loads torch) and its ``settings``. The keyword arguments are
+        :meth:`prune_config_kwargs` of its fields."""
+        fields_ = {f.name for f in fields(config_cls)}
+        return config_cls(**self.prune_config_kwargs(fields_, settings))
 
-    def prune_config_kwargs(self, config_fields: Collection[str]) -> dict[str, Any]:
+    def prune_config_kwargs(
+        self, config_fields: Collection[str], settings: Settings | None = None
+    ) -> dict[str, Any]:
         """``PruneConfig``'s keyword arguments for this job, given its field names.
 
         Declared once: an option named like a field is copied (as JSON: the method's name; the
@@ -565,9 +617,15 @@ class JobCreate(BaseModel):
         ``QualityGate`` / ``BenchmarkConfig`` with the same field names); the options in
         :data:`PRUNE_CONFIG_RENAMES` are mapped by it; :data:`RUN_OPTIONS` are
         ``run_pipeline``'s arguments. An option that is none of these is a ``TypeError`` (a new
-        option must reach the library; ``tests/unit/test_job_spec.py`` checks all of them)."""
+        option must reach the library; ``tests/unit/test_job_spec.py`` checks all of them).
+        The fields in :data:`OPERATOR_FIELDS` come from the operator's ``settings`` (None
+        without them)."""
         data = self.model_dump(mode="json")
-        out: dict[str, Any] = {}
+        out: dict[str, Any] = {
+            name: None if settings is None else value(settings)
+            for name, value in OPERATOR_FIELDS.items()
+            if name in config_fields
+        }
         for option in type(self).model_fields:
             if option in RUN_OPTIONS:
                 continue
@@ -609,6 +667,13 @@ PRUNE_CONFIG_RENAMES: dict[str, Callable[[JobCreate], dict[str, Any]]] = {
     "budget": lambda spec: {"num_remove": spec.budget.blocks, "fraction": spec.budget.fraction},
     # one window length: the service evaluates with the calibration windows' length
     "seq_len": lambda spec: {"seq_len": spec.seq_len, "eval_seq_len": spec.seq_len},
+}
+
+
+#: ``PruneConfig`` fields no job sets: the operator's settings give them (field -> its value).
+OPERATOR_FIELDS: dict[str, Callable[[Settings], Any]] = {
+    # LORP_TASKS_DIR: the task data the worker scores a job's tasks on
+    "task_data_dir": lambda settings: settings.tasks_dir,
 }
 
 
@@ -666,4 +731,21 @@ class JobSummary(BaseModel):
     )
     quality_gate: dict[str, Any] | None = Field(
         default=None, description="the gate's limits, measured values, violations and verdict"
+    )
+    task_accuracy_before: float | None = Field(
+        default=None,
+        description="the dense model's accuracy averaged over the job's downstream tasks "
+        "(each task's headline metric: acc_norm for HellaSwag, PIQA, ARC; acc for WinoGrande, "
+        "BoolQ)",
+    )
+    task_accuracy_after: float | None = Field(
+        default=None, description="the pruned model's, on the same items"
+    )
+    task_retention: float | None = Field(
+        default=None,
+        description="pruned / dense accuracy per task, averaged over the tasks (1.0 = nothing "
+        "lost; null without tasks, or when a task's dense accuracy is 0)",
+    )
+    task_retention_by_task: dict[str, float | None] = Field(
+        default_factory=dict, description="task -> pruned / dense accuracy"
     )

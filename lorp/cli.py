@@ -1,4 +1,4 @@
-"""The ``lorp`` command line: similarity, select, prune, eval ppl, bench.
+"""The ``lorp`` command line: similarity, select, prune, eval ppl, eval tasks, bench.
 
 Every failure the user can cause ends in one line on stderr (``lorp: error: ...``) and a non-zero
 exit code: 2 for bad input, 1 for anything else; never a traceback.
@@ -81,6 +81,16 @@ def _layer_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(
             f"not a comma-separated list of block indices: {text!r}"
         ) from None
+
+
+def _task_names(text: str) -> list[str]:
+    """Comma-separated task names (``all``: every task), checked against lorp.tasks' list."""
+    from .tasks import parse_tasks
+
+    try:
+        return parse_tasks(text)
+    except InvalidInputError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _shapes(width: int) -> Callable[[str], list[tuple[int, ...]]]:
@@ -298,8 +308,12 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from .pipeline import PruneConfig, run_pipeline
 
     gate = QualityGate(
-        max_ppl_ratio=args.max_ppl_ratio, max_kl=args.max_kl, min_top1_agreement=args.min_top1
+        max_ppl_ratio=args.max_ppl_ratio,
+        max_kl=args.max_kl,
+        min_top1_agreement=args.min_top1,
+        min_task_retention=args.min_task_retention,
     )
+    task_dir = _task_dir(args.task_data_dir, "--task-data-dir") if args.tasks else None
     calibration = _require_file(args.calibration, "calibration file")
     evaluation = _require_file(args.eval, "evaluation file") if args.eval else None
     budget = args.remove if args.remove is not None else args.fraction
@@ -324,6 +338,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
         temperature_windows=args.temperature_windows,
         quality_gate=gate if gate.active else None,
         benchmark=None if args.no_bench else _bench_config(args),
+        tasks=tuple(args.tasks),
+        task_limit=args.task_limit,
+        task_data_dir=task_dir,
     )
     try:
         out = run_pipeline(
@@ -354,6 +371,14 @@ def cmd_prune(args: argparse.Namespace) -> int:
         lines.append(
             f"perplexity {q.dense.ppl:.2f} -> {q.pruned.ppl:.2f}, KL {q.kl:.4f}, "
             f"top-1 agreement {q.top1_agreement:.3f} on {(res.evaluation or {}).get('kind', 'n/a')}"
+        )
+    if res.tasks is not None:
+        avg = res.tasks.to_dict()["average"]
+        ret = avg["retention"]
+        lines.append(
+            f"tasks: average accuracy {100 * avg['dense']:.1f}% -> {100 * avg['pruned']:.1f}%, "
+            + ("retention n/a" if ret is None else f"retention {100 * ret:.1f}%")
+            + f" ({', '.join(res.tasks.dense.tasks)})"
         )
     for flag in res.flags:
         lines.append(f"warning: {flag['message']}")
@@ -392,6 +417,92 @@ def cmd_eval_ppl(args: argparse.Namespace) -> int:
             f"({windows.shape[0]} windows x {windows.shape[1]})"
         ],
     )
+    return EXIT_OK
+
+
+def default_task_dir() -> Path | None:
+    """``lorp eval tasks``' default ``--data-dir``: the first of ``../shared/data/tasks`` next
+    to the repository and next to the working directory that exists (a CLI convenience: the
+    library never looks for task data)."""
+    repo = Path(__file__).resolve().parent.parent
+    for base in (repo, Path.cwd()):
+        candidate = (base.parent / "shared" / "data" / "tasks").resolve()
+        if candidate.is_dir():
+            return candidate
+    return None
+
+
+def _task_dir(given: Path | None, flag: str = "--data-dir") -> Path:
+    if given is not None:
+        if not given.is_dir():
+            raise InvalidInputError(f"task data directory not found: {given}")
+        return given
+    found = default_task_dir()
+    if found is None:
+        raise InvalidInputError(
+            f"no task data directory: give {flag}, a folder holding <task>.jsonl files "
+            "(none found at ../shared/data/tasks)"
+        )
+    return found
+
+
+def _task_lines(data: dict[str, Any], header: str) -> list[str]:
+    """Human lines for a :class:`lorp.tasks.TaskScores` / ``TaskComparison`` dict."""
+    lines = [header]
+    for name, t in data["tasks"].items():
+        if "dense" in t:  # a comparison
+            d, p = t["dense"], t["pruned"]
+            ret = t["retention"]
+            lines.append(
+                f"{name:>14} {t['metric']:>8}: dense {100 * d['score']:5.1f} "
+                f"± {100 * (d['stderr'] or 0):4.1f}  pruned {100 * p['score']:5.1f} "
+                f"± {100 * (p['stderr'] or 0):4.1f}  retention "
+                + ("n/a" if ret is None else f"{100 * ret:5.1f}%")
+                + f"  (n={t['n']})"
+            )
+        else:
+            lines.append(
+                f"{name:>14} {t['metric']:>8}: {100 * t['score']:5.1f} "
+                f"± {100 * (t['stderr'] or 0):4.1f}  acc {100 * t['acc']:5.1f}  (n={t['n']})"
+            )
+    avg = data["average"]
+    if isinstance(avg, dict):
+        ret = avg["retention"]
+        lines.append(
+            f"{'average':>14}: dense {100 * avg['dense']:5.1f}  pruned {100 * avg['pruned']:5.1f}"
+            "  retention " + ("n/a" if ret is None else f"{100 * ret:5.1f}%")
+        )
+    else:
+        lines.append(f"{'average':>14}: {100 * avg:5.1f}")
+    return lines
+
+
+def cmd_eval_tasks(args: argparse.Namespace) -> int:
+    from .tasks import compare_tasks, parse_tasks, score_tasks
+
+    tasks = parse_tasks(args.tasks)  # bad names fail before the model is loaded
+    data_dir = _task_dir(args.data_dir)
+    for name in tasks:
+        _require_file(data_dir / f"{name}.jsonl", f"task data for {name}")
+    loaded = _load(args)
+    common: dict[str, Any] = {
+        "data_dir": data_dir,
+        "limit": args.limit,
+        "batch_size": args.batch_size,
+        "progress": _Progress(not args.quiet),
+    }
+    if args.remove_layers:
+        comparison = compare_tasks(
+            loaded.model, loaded.tokenizer, args.remove_layers, tasks, **common
+        )
+        data = comparison.to_dict()
+        header = f"tasks, dense vs blocks {comparison.removed} removed (headline metric, %)"
+    else:
+        scores = score_tasks(loaded.model, loaded.tokenizer, tasks, **common)
+        data = scores.to_dict()
+        header = f"tasks ({scores.seconds:.1f} s; headline metric, %)"
+    data = {"model": args.model, "data_dir": str(data_dir), **data}
+    _emit(data, args.json, _task_lines(data, header))
     return EXIT_OK
 
 
@@ -588,6 +699,32 @@ def build_parser() -> argparse.ArgumentParser:
         type=_nonneg_float,
         help="quality gate: refuse if top-1 agreement with the dense model is below this (0..1)",
     )
+    p.add_argument(
+        "--tasks",
+        type=_task_names,
+        default=[],
+        help="also score dense vs pruned zero-shot accuracy on these downstream tasks "
+        "(comma-separated: hellaswag, piqa, arc_easy, arc_challenge, winogrande, boolq, or all)",
+    )
+    p.add_argument(
+        "--task-limit",
+        type=_positive_int,
+        default=200,
+        help="with --tasks: the first N items of each task (200)",
+    )
+    p.add_argument(
+        "--task-data-dir",
+        type=Path,
+        default=None,
+        help="with --tasks: folder of <task>.jsonl files (default: ../shared/data/tasks next to "
+        "the repository or the working directory)",
+    )
+    p.add_argument(
+        "--min-task-retention",
+        type=_nonneg_float,
+        help="quality gate: refuse if the average task retention (pruned / dense accuracy) is "
+        "below this (0..1; needs --tasks)",
+    )
     p.add_argument("--no-bench", action="store_true", help="skip the speed/memory benchmark")
     _bench_args(p)
     p.add_argument("--out", type=Path, required=True, help="output directory")
@@ -608,6 +745,37 @@ def build_parser() -> argparse.ArgumentParser:
     pe.add_argument("--json", action="store_true")
     common(pe)
     pe.set_defaults(func=cmd_eval_ppl)
+    pt = esub.add_parser(
+        "tasks",
+        help="zero-shot accuracy on downstream tasks, scored as lm-evaluation-harness does",
+    )
+    _model_args(pt)
+    pt.add_argument(
+        "--tasks",
+        default=None,
+        help="comma-separated task names or 'all' (default: all of hellaswag, piqa, arc_easy, "
+        "arc_challenge, winogrande, boolq)",
+    )
+    pt.add_argument(
+        "--limit", type=_positive_int, default=None, help="first N items per task (default: all)"
+    )
+    pt.add_argument("--batch-size", type=_positive_int, default=16, help="sequences per pass (16)")
+    pt.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help="folder of <task>.jsonl files (default: ../shared/data/tasks next to the "
+        "repository or the working directory, the first that exists)",
+    )
+    pt.add_argument(
+        "--remove-layers",
+        type=_layer_list,
+        default=None,
+        help="also score the model with these blocks removed (e.g. 3,7,9) and print retention",
+    )
+    pt.add_argument("--json", action="store_true", help="print one JSON object")
+    common(pt)
+    pt.set_defaults(func=cmd_eval_tasks)
 
     p = sub.add_parser("bench", help="time original vs pruned without saving a checkpoint")
     _model_args(p)

@@ -10,7 +10,9 @@ prediction and top-1 next-token agreement. From that measurement:
   nothing.
 * :class:`QualityGate` holds limits the caller chooses. :meth:`QualityGate.check` compares the
   measurement with them; the pipeline raises :class:`lorp.errors.QualityGateError` (code
-  ``quality_gate``) when one is broken, before any checkpoint is written.
+  ``quality_gate``) when one is broken, before any checkpoint is written. One limit,
+  ``min_task_retention``, is on the downstream task accuracy (:mod:`lorp.tasks`): the pruned
+  model's average retention (pruned / dense headline accuracy, averaged over the tasks).
 """
 
 from __future__ import annotations
@@ -18,10 +20,13 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import InvalidInputError
 from .quality import QualityComparison
+
+if TYPE_CHECKING:
+    from .tasks import TaskComparison
 
 __all__ = ["FLAG_THRESHOLDS", "GateResult", "QualityGate", "quality_flags"]
 
@@ -141,13 +146,16 @@ class QualityGate:
 
     ``max_ppl_ratio``: highest allowed pruned/dense perplexity ratio (>= 1, e.g. 1.5);
     ``max_kl``: highest allowed mean KL(dense || pruned) in nats per token (>= 0);
-    ``min_top1_agreement``: lowest allowed top-1 next-token agreement (0..1).
+    ``min_top1_agreement``: lowest allowed top-1 next-token agreement (0..1);
+    ``min_task_retention``: lowest allowed average downstream task retention (pruned / dense
+    headline accuracy averaged over the tasks, 0..1; needs tasks, :mod:`lorp.tasks`).
     ``None`` means no limit on that metric; a gate with no limit at all always passes.
     """
 
     max_ppl_ratio: float | None = None
     max_kl: float | None = None
     min_top1_agreement: float | None = None
+    min_task_retention: float | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(
@@ -158,6 +166,11 @@ class QualityGate:
             self,
             "min_top1_agreement",
             _limit("min_top1_agreement", self.min_top1_agreement, 0.0, 1.0),
+        )
+        object.__setattr__(
+            self,
+            "min_task_retention",
+            _limit("min_task_retention", self.min_task_retention, 0.0, 1.0),
         )
 
     @property
@@ -186,26 +199,43 @@ class QualityGate:
             )
         return cls(**data)
 
-    def check(self, quality: QualityComparison | None, where: str = "") -> GateResult:
+    @property
+    def needs_perplexity(self) -> bool:
+        """Whether a limit is on the held-out perplexity measurement."""
+        return any(
+            v is not None for v in (self.max_ppl_ratio, self.max_kl, self.min_top1_agreement)
+        )
+
+    def check(
+        self,
+        quality: QualityComparison | None,
+        where: str = "",
+        tasks: TaskComparison | None = None,
+    ) -> GateResult:
         """Compare a measurement with the limits. ``where`` (e.g. "held-out calibration windows,
-        8 x 512 tokens") is appended to a failure message. No measurement fails an active gate."""
+        8 x 512 tokens") is appended to a failure message; ``tasks``: the downstream task
+        comparison ``min_task_retention`` is checked on. A limit whose measurement is missing
+        fails the gate (as does an undefined retention: a task the dense model scored 0 on)."""
         limits = self.limits()
         suffix = f" (measured on {where})" if where else ""
-        if quality is None:
-            if not limits:
-                return GateResult(passed=True, limits={}, measured={})
+        violations: list[str] = []
+        m: dict[str, float] = {}
+        if self.min_task_retention is not None:
+            violations += self._check_tasks(tasks, m)
+        if not self.needs_perplexity:
             return GateResult(
-                passed=False,
-                limits=limits,
-                measured={},
-                violations=[
-                    "quality limits were set but quality could not be measured: give an "
-                    "evaluation text, or a calibration text long enough to hold out windows "
-                    "after the calibration windows (holdout_windows >= 1)"
-                ],
+                passed=not violations, limits=limits, measured=m, violations=violations
             )
-        m = _measured(quality)
-        violations = []
+        if quality is None:
+            violations.insert(
+                0,
+                "quality limits were set but quality could not be measured: give an "
+                "evaluation text, or a calibration text long enough to hold out windows "
+                "after the calibration windows (holdout_windows >= 1)",
+            )
+            return GateResult(passed=False, limits=limits, measured=m, violations=violations)
+        task_violations, violations = violations, []
+        m = {**_measured(quality), **m}
         if self.max_ppl_ratio is not None and not m["ppl_ratio"] <= self.max_ppl_ratio:
             violations.append(
                 f"perplexity ratio {m['ppl_ratio']:.3f} > max {self.max_ppl_ratio:g} "
@@ -220,4 +250,32 @@ class QualityGate:
                 f"top-1 agreement {m['top1_agreement']:.4f} < min "
                 f"{self.min_top1_agreement:g}{suffix}"
             )
+        violations += task_violations
         return GateResult(passed=not violations, limits=limits, measured=m, violations=violations)
+
+    def _check_tasks(self, tasks: TaskComparison | None, measured: dict[str, float]) -> list[str]:
+        """``min_task_retention`` against ``tasks``; adds the averages to ``measured``."""
+        if tasks is None:
+            return [
+                "min_task_retention was set but downstream task accuracy was not measured "
+                "(give tasks)"
+            ]
+        dense, pruned = tasks.dense.average, tasks.pruned.average
+        measured.update(task_accuracy_dense=dense, task_accuracy_pruned=pruned)
+        retention = tasks.average_retention
+        names = ", ".join(tasks.dense.tasks)
+        items = sorted({s.n for s in tasks.dense.tasks.values()})
+        on = f"{names}; {'/'.join(map(str, items))} items each"
+        if retention is None:
+            zero = [n for n, s in tasks.dense.tasks.items() if s.score <= 0]
+            return [
+                f"average task retention is undefined: the dense model scored 0 on "
+                f"{', '.join(zero)} (measured on {on})"
+            ]
+        measured["task_retention"] = retention
+        if retention >= float(self.min_task_retention or 0.0):
+            return []
+        return [
+            f"average task retention {retention:.3f} < min {self.min_task_retention:g} "
+            f"(dense {dense:.3f}, pruned {pruned:.3f} average accuracy on {on})"
+        ]

@@ -40,6 +40,13 @@ unpruned, ``run_pipeline`` writes no checkpoint but still writes the reports (``
 with ``summary.status = "refused"`` and the gate result) so the refusal can be explained. The
 error carries the refused result (``.result``) and, from ``run_pipeline``, the refusal report
 and its job summary (``.report``, ``.summary``).
+
+Downstream tasks (``config.tasks``, :mod:`lorp.tasks`): the evaluation stage also scores the
+dense model and the same model under the pruned (and compensated) view on the first
+``task_limit`` items of each ``<task_data_dir>/<task>.jsonl``, zero-shot as lm-evaluation-harness
+does; retention (pruned / dense headline accuracy) per task and averaged goes into the report,
+and ``quality_gate.min_task_retention`` can refuse the result. The caller gives the data
+directory (lorp never looks for one); :func:`preflight` reads the items before any forward pass.
 """
 
 from __future__ import annotations
@@ -77,12 +84,16 @@ from .search import pass_budget, search_layers
 from .selection import Selection, resolve_budget, select_layers
 from .similarity import capture_similarity
 from .surgery import remove_blocks
+from .tasks import TaskComparison, compare_tasks, load_task, parse_tasks
 from .temperature import check_temperature
 
 # The capture keeps the calibration windows' block inputs that the compensation and temperature
 # fits start from (lorp.inputs.BlockInputs) within this many bytes (the groups that fit).
 STORED_INPUT_BYTES = 1 << 30
-
+#: Task sequences per forward pass in the evaluation stage: the evaluation's token budget per
+#: pass (``batch_size`` x ``eval_seq_len``) over this many tokens (a typical task sequence;
+#: BoolQ's passages run longer), at least one.
+TASK_TOKENS_PER_ROW = 128
 
 
 @dataclass
@@ -117,6 +128,11 @@ class PruneConfig:
     # (lorp.temperature); fitted on the last temperature_windows calibration windows
     temperature: bool = False
     temperature_windows: int = 4
+    # zero-shot downstream accuracy (lorp.tasks), dense and pruned, in the evaluation stage: the
+    # first task_limit items (None: all) of each <task_data_dir>/<task>.jsonl
+    tasks: tuple[str, ...] = ()
+    task_limit: int | None = 200
+    task_data_dir: str | Path | None = None
 
     def __post_init__(self) -> None:
         info = get_method(self.method)  # unknown: lists the valid ones
@@ -174,6 +190,19 @@ class PruneConfig:
             raise InvalidInputError(
                 f"quality_gate must be a QualityGate or a dict, got {self.quality_gate!r}"
             )
+        if isinstance(self.tasks, str) or not isinstance(self.tasks, (list, tuple)):
+            raise InvalidInputError(f"tasks must be a list of task names, got {self.tasks!r}")
+        self.tasks = tuple(parse_tasks(self.tasks)) if self.tasks else ()
+        limit = self.task_limit
+        if limit is not None and (
+            isinstance(limit, bool) or not isinstance(limit, int) or limit < 1
+        ):
+            raise InvalidInputError(f"task_limit must be a positive integer or None, got {limit!r}")
+        if self.task_data_dir is not None and not isinstance(self.task_data_dir, (str, Path)):
+            raise InvalidInputError(f"task_data_dir must be a path, got {self.task_data_dir!r}")
+        gate = self.quality_gate
+        if gate is not None and gate.min_task_retention is not None and not self.tasks:
+            raise InvalidInputError("quality_gate.min_task_retention needs tasks to score")
 
     @property
     def selection_method(self) -> str:
@@ -192,9 +221,17 @@ class PruneConfig:
     def budget(self) -> int | float:
         return self.num_remove if self.num_remove is not None else float(self.fraction or 0.0)
 
+    @property
+    def task_batch_size(self) -> int:
+        """Task sequences per forward pass (:data:`TASK_TOKENS_PER_ROW`)."""
+        return max(1, self.batch_size * self.eval_seq_len // TASK_TOKENS_PER_ROW)
+
     def to_dict(self) -> dict[str, Any]:
         nested = ("benchmark", "quality_gate")
         out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in nested}
+        out["tasks"] = list(self.tasks)
+        if self.task_data_dir is not None:
+            out["task_data_dir"] = str(self.task_data_dir)
         out["benchmark"] = None if self.benchmark is None else self.benchmark.to_dict()
         out["quality_gate"] = None if self.quality_gate is None else self.quality_gate.to_dict()
         return out
@@ -216,7 +253,9 @@ class PruneResult:
     ``windows``/``seq_len``); ``flags``: :func:`lorp.gate.quality_flags` warnings; ``gate``: the
     quality gate's result when limits were set; ``scoring``: the scoring windows of a
     model-in-the-loop method; ``compensation``: the fitted maps when ``config.compensate``
-    (already folded into the weights when ``pruned``); ``pruned``: whether the blocks were
+    (already folded into the weights when ``pruned``); ``tasks``: dense vs pruned downstream
+    accuracy when ``config.tasks`` (``task_source``: how the report names the task data);
+    ``pruned``: whether the blocks were
     physically removed (``False`` in the result a :class:`QualityGateError` carries).
     """
 
@@ -235,6 +274,8 @@ class PruneResult:
     scoring: dict[str, Any] | None = None
     pruned: bool = True
     compensation: Compensation | None = None
+    tasks: TaskComparison | None = None
+    task_source: str | None = None
 
     @property
     def removed(self) -> list[int]:
@@ -348,7 +389,22 @@ def preflight(model: nn.Module, config: PruneConfig) -> int:
             ) from exc
     if config.temperature:
         check_temperature(model)
+    check_task_data(config)
     return num_remove
+
+
+def check_task_data(config: PruneConfig) -> None:
+    """With ``config.tasks``: the task data directory is given and every task's items read
+    (:func:`lorp.tasks.load_task`), so a missing or malformed file fails before any forward
+    pass (:class:`~lorp.errors.InvalidInputError`)."""
+    if not config.tasks:
+        return
+    if config.task_data_dir is None:
+        raise InvalidInputError(
+            f"tasks {', '.join(config.tasks)} need task_data_dir, the folder of <task>.jsonl files"
+        )
+    for name in config.tasks:
+        load_task(name, config.task_data_dir, limit=config.task_limit)
 
 
 @dataclass
@@ -592,13 +648,15 @@ def fit_logit_scale(
 class Evaluation:
     """What the evaluation stage measured and concluded: ``quality`` (dense vs pruned; None when
     there was nothing to measure on), ``info`` (which windows: kind, source, windows, seq_len),
-    ``flags`` (:func:`lorp.gate.quality_flags`) and ``gate`` (the quality gate's result when
-    ``config.quality_gate`` has limits)."""
+    ``flags`` (:func:`lorp.gate.quality_flags`), ``gate`` (the quality gate's result when
+    ``config.quality_gate`` has limits) and ``tasks`` (dense vs pruned downstream accuracy when
+    ``config.tasks``; :mod:`lorp.tasks`)."""
 
     quality: QualityComparison | None
     info: dict[str, Any] | None
     flags: list[dict[str, Any]]
     gate: GateResult | None = None
+    tasks: TaskComparison | None = None
 
     @property
     def refused(self) -> bool:
@@ -624,8 +682,10 @@ def evaluate(
     the windows given); without it, on ``config.holdout_windows`` windows of the calibration
     text after those the ``calibration`` and ``scoring`` windows used (:attr:`Choice.scoring`),
     when ``calibration`` has a text with windows left. Then the flags and the quality gate
-    (:mod:`lorp.gate`). The model is left as it was. ``source_name``: how the report names the
-    evaluation text (default: its path)."""
+    (:mod:`lorp.gate`). With ``config.tasks``, the downstream tasks too
+    (:func:`lorp.tasks.compare_tasks` on ``config.task_data_dir``,
+    :attr:`PruneConfig.task_batch_size` sequences per pass). The model is left as it was.
+    ``source_name``: how the report names the evaluation text (default: its path)."""
     timer = timer or StageTimer()
     windows: torch.Tensor | None = None
     info: dict[str, Any] | None = None
@@ -661,13 +721,32 @@ def evaluate(
                 progress=timer.progress,
                 compensation=compensation,
             )
+    tasks = None
+    if config.tasks:
+        check_task_data(config)
+        assert config.task_data_dir is not None
+        with timer.stage("evaluation", f"dense vs pruned on tasks {', '.join(config.tasks)}"):
+            tasks = compare_tasks(
+                model,
+                tokenizer,
+                removed,
+                config.tasks,
+                data_dir=config.task_data_dir,
+                limit=config.task_limit,
+                batch_size=config.task_batch_size,
+                compensation=compensation,
+                progress=timer.progress,
+                stage="evaluation",
+            )
     gate = None
     if config.quality_gate is not None and config.quality_gate.active:
         where = (
             "" if info is None else f"{info['kind']}, {info['windows']} x {info['seq_len']} tokens"
         )
-        gate = config.quality_gate.check(quality, where)
-    return Evaluation(quality=quality, info=info, flags=quality_flags(quality), gate=gate)
+        gate = config.quality_gate.check(quality, where, tasks=tasks)
+    return Evaluation(
+        quality=quality, info=info, flags=quality_flags(quality), gate=gate, tasks=tasks
+    )
 
 
 def measure_speed(
@@ -726,7 +805,8 @@ def prune(
     """Select and remove blocks of ``model`` in place; measure what it cost and gained.
 
     ``source_names``: how the report names the ``"calibration"`` and ``"evaluation"`` texts
-    (e.g. the URIs a service user submitted) instead of their local paths.
+    and the ``"tasks"`` data (e.g. the URIs a service user submitted) instead of their local
+    paths.
 
     ``calibration``: a UTF-8 text file or token windows ``[W, T]``. ``evaluation``: a held-out text
     (or windows) for dense-vs-pruned quality; without it, ``config.holdout_windows`` windows of the
@@ -795,6 +875,8 @@ def prune(
         scoring=None if choice.scoring is None else choice.scoring.info,
         pruned=False,
         compensation=compensation,
+        tasks=measured.tasks,
+        task_source=names.get("tasks") if measured.tasks is not None else None,
     )
     if measured.gate is not None and not measured.gate.passed:
         raise QualityGateError(
@@ -825,9 +907,9 @@ def run_pipeline(
     """Load ``model_source``, prune it, and write ``out_dir/model/`` (checkpoint), ``report.json``,
     ``report.html``, ``report.md``, ``heatmap.png`` and ``similarity.npy``.
 
-    ``source_names`` (keys ``model``, ``calibration``, ``evaluation``): how the report and the
-    progress messages name the inputs, e.g. the URIs a service user submitted rather than the
-    worker's local copies.
+    ``source_names`` (keys ``model``, ``calibration``, ``evaluation``, ``tasks``): how the report
+    and the progress messages name the inputs, e.g. the URIs a service user submitted rather than
+    the worker's local copies.
 
     When the quality gate refuses the result, no checkpoint is written: the reports are (with
     ``summary.status = "refused"`` and ``quality.gate``) and :class:`QualityGateError` is raised
@@ -890,6 +972,7 @@ def run_pipeline(
 __all__ = [
     "STAGES",
     "STORED_INPUT_BYTES",
+    "TASK_TOKENS_PER_ROW",
     "Calibration",
     "Choice",
     "Evaluation",
@@ -899,6 +982,7 @@ __all__ = [
     "Scoring",
     "StageTimer",
     "calibrate",
+    "check_task_data",
     "compensate",
     "draw_scoring",
     "evaluate",

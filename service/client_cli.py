@@ -101,6 +101,24 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _is_enum(kind: Any) -> bool:
+    return isinstance(kind, type) and issubclass(kind, Enum)
+
+
+def _choice_list(choices: list[str]) -> Callable[[str], list[str]]:
+    """A flag value that is one of ``choices`` or a comma list of them."""
+
+    def parse(text: str) -> list[str]:
+        items = [t.strip() for t in text.split(",") if t.strip()]
+        if not items or any(t not in choices for t in items):
+            raise argparse.ArgumentTypeError(
+                f"expected one of {', '.join(choices)} (or a comma list), got {text!r}"
+            )
+        return items
+
+    return parse
+
+
 def _flag_type(annotation: Any) -> Any:
     """The option's type without ``None`` and ``Annotated`` (int, float, str, bool, an enum or
     a list of workloads)."""
@@ -139,6 +157,14 @@ def _add_option(p: argparse._ActionsContainer, dest: str, field: FieldInfo) -> N
         kw["action"] = argparse.BooleanOptionalAction
     elif isinstance(kind, type) and issubclass(kind, Enum):
         kw["choices"] = [member.value for member in kind]
+    elif typing.get_origin(kind) is list and _is_enum(typing.get_args(kind)[0]):
+        choices = [member.value for member in typing.get_args(kind)[0]]
+        kw.update(
+            action="extend", type=_choice_list(choices), metavar="{" + ",".join(choices) + "}"
+        )
+        kw["help"] = kw["help"].replace(
+            " (server default", "; repeat the flag or give a comma list (server default"
+        )
     elif typing.get_origin(kind) is list:  # benchmark workloads, one flag per workload
         width = len(typing.get_args(typing.get_args(kind)[0]))
         kw.update(action="append", type=_pair if width == 2 else _triple)
@@ -398,6 +424,17 @@ def format_summary(summary: dict[str, Any]) -> list[str]:
             f"quality   KL {_fmt_float(summary.get('kl'), '.4f')} nats/token  "
             f"top-1 agreement {_fmt_float(pct, '.1f', '%')}"
         )
+    if summary.get("task_accuracy_before") is not None:
+        retention = summary.get("task_retention")
+        pct = 100 * retention if isinstance(retention, int | float) else None
+        lines.append(
+            f"tasks     accuracy {_fmt_float(100 * summary['task_accuracy_before'], '.1f', '%')}"
+            f" -> {_fmt_float(100 * (summary.get('task_accuracy_after') or 0), '.1f', '%')}"
+            f"  retention {_fmt_float(pct, '.1f', '%')}"
+        )
+        for name, value in (summary.get("task_retention_by_task") or {}).items():
+            share = 100 * value if isinstance(value, int | float) else None
+            lines.append(f"          {name}: {_fmt_float(share, '.1f', '%')}")
     gate = summary.get("quality_gate")
     if isinstance(gate, dict):
         verdict = "passed" if gate.get("passed") else "FAILED"

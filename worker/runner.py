@@ -80,6 +80,8 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 MAX_TEXT_BYTES = 2 * 1024**3
 MANIFEST = "manifest.json"
 MAX_ATTEMPTS = 3  # runs of one job before a redelivered job is failed with WORKER_LOST
+#: How a job's report names the task data (LORP_TASKS_DIR; its local path is the operator's).
+TASK_DATA_NAME = "the service's task data (lm-eval 0-shot subsets)"
 
 Pipeline = Callable[..., Any]
 
@@ -495,7 +497,8 @@ class JobRunner:
         from lorp.pipeline import PruneConfig, run_pipeline
 
         pipeline = self._pipeline or run_pipeline
-        config = spec.prune_config(PruneConfig)  # the spec's RUN_OPTIONS are the arguments below
+        # the spec's RUN_OPTIONS are the arguments below; the task data is the operator's
+        config = spec.prune_config(PruneConfig, self.settings)
         return pipeline(
             inputs.model,
             inputs.calibration,
@@ -515,6 +518,7 @@ class JobRunner:
                     ("model", spec.model),
                     ("calibration", spec.calibration),
                     ("evaluation", spec.evaluation),
+                    ("tasks", TASK_DATA_NAME if spec.tasks else None),
                 )
                 if v is not None
             },

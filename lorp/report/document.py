@@ -191,15 +191,31 @@ def _perplexities(quality: Mapping[str, Any] | None) -> dict[str, Any] | None:
     return {"ppl_dense": d, "ppl_pruned": p, "ppl_ratio": p / d}
 
 
+def _task_summary(tasks: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The summary's downstream task keys from the report's ``tasks`` section (None / {} when
+    no tasks were scored): average headline accuracy dense and pruned, average retention and
+    retention per task."""
+    average = (tasks or {}).get("average") or {}
+    return {
+        "task_accuracy_dense": average.get("dense"),
+        "task_accuracy_pruned": average.get("pruned"),
+        "task_retention": average.get("retention"),
+        "task_retention_by_task": {
+            str(name): t.get("retention") for name, t in ((tasks or {}).get("tasks") or {}).items()
+        },
+    }
+
+
 def _summary(
     sel: Mapping[str, Any],
     speed: Sequence[Mapping[str, Any]],
     memory: Mapping[str, Any] | None,
     quality: Mapping[str, Any] | None,
     guard: Mapping[str, Any] | None,
+    tasks: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The ten-second summary; with ``guard`` (a prune's status, flags and gate) the quality
-    guard's keys too."""
+    guard's keys too; the downstream task keys (:func:`_task_summary`) always."""
     ppl = _perplexities(quality) or {}
     summary = {
         "method": sel["method"],
@@ -214,6 +230,7 @@ def _summary(
         "ppl_dense": ppl.get("ppl_dense"),
         "ppl_pruned": ppl.get("ppl_pruned"),
         "ppl_ratio": ppl.get("ppl_ratio"),
+        **_task_summary(tasks),
     }
     if guard is not None:
         summary.update(
@@ -243,6 +260,7 @@ def build_report(
     status: str | None = None,
     flags: Sequence[Mapping[str, Any]] = (),
     gate: Mapping[str, Any] | None = None,
+    tasks: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The report.json document (schema ``lorp/schemas/report.schema.json``, version
     :data:`REPORT_SCHEMA_VERSION`).
@@ -256,6 +274,10 @@ def build_report(
     a dict, or None) go into ``quality`` (with ``flag_thresholds``) and into ``summary`` with
     ``status``, ``kl`` and ``top1_agreement``. Without ``status`` neither section has those keys
     (``flags`` and ``gate`` are not used).
+
+    ``tasks``: downstream accuracy, dense vs pruned (:meth:`lorp.tasks.TaskComparison.to_dict`
+    plus ``data`` and ``protocol``), the document's ``tasks`` (None when not scored; a section
+    of its own, since tasks can be scored when perplexity could not be measured).
     """
     s = check_similarity(similarity)
     sel = _selection_dict(selection)
@@ -287,7 +309,7 @@ def build_report(
     report = {
         "schema_version": REPORT_SCHEMA_VERSION,
         "created_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-        "summary": _summary(sel, speed, memory, qual, guard),
+        "summary": _summary(sel, speed, memory, qual, guard, tasks),
         "model": dict(model),
         "budget": dict(budget),
         "method": sel["method"],
@@ -303,6 +325,7 @@ def build_report(
         "speed": speed,
         "memory": memory,
         "quality": qual,
+        "tasks": None if tasks is None else dict(tasks),
         "benchmark": bench,
         "environment": env,
         "extra": None if extra is None else dict(extra),
@@ -362,12 +385,39 @@ def make_report(
             "calibration": result.calibration,
             "scoring": result.scoring,
             "compensation": None if result.compensation is None else result.compensation.to_dict(),
-            "config": config.to_dict(),
+            "config": _config_dict(result, config),
         },
         status="pruned" if result.pruned else "refused",
         flags=result.flags,
         gate=None if result.gate is None else result.gate.to_dict(),
+        tasks=_tasks_section(result, config),
     )
+
+
+#: How the report's ``tasks`` section says the accuracies were measured.
+TASK_PROTOCOL = (
+    "zero-shot, lm-evaluation-harness log-likelihood scoring (lorp.tasks); headline metric per "
+    "task (acc_norm for HellaSwag, PIQA, ARC; acc for WinoGrande, BoolQ); standard error "
+    "sqrt(p(1-p)/(n-1)); retention = pruned / dense"
+)
+
+
+def _config_dict(result: PruneResult, config: PruneConfig) -> dict[str, Any]:
+    """``config.to_dict()``, the task data directory named as the caller named it (a service
+    worker's local folder is the operator's business)."""
+    out = config.to_dict()
+    if result.task_source is not None and out.get("task_data_dir") is not None:
+        out["task_data_dir"] = result.task_source
+    return out
+
+
+def _tasks_section(result: PruneResult, config: PruneConfig) -> dict[str, Any] | None:
+    if result.tasks is None:
+        return None
+    data = result.task_source or (
+        None if config.task_data_dir is None else str(config.task_data_dir)
+    )
+    return {"data": data, "protocol": TASK_PROTOCOL, **result.tasks.to_dict()}
 
 
 # --------------------------------------------------------------------------------------------
@@ -385,7 +435,10 @@ def job_summary(report: Mapping[str, Any]) -> dict[str, Any]:
 
     ``prefill_speedup`` / ``decode_speedup``: the median speedup of the workloads of that kind;
     ``memory_reduction``: the share of weight bytes saved; ``quality_gate``: the gate's result
-    (``summary.quality_gate``, else ``quality.gate``). Keys the report lacks are None.
+    (``summary.quality_gate``, else ``quality.gate``); ``task_accuracy_before`` /
+    ``task_accuracy_after``: the average headline accuracy over the downstream tasks, dense and
+    pruned; ``task_retention``: its average retention (pruned / dense per task, averaged);
+    ``task_retention_by_task``: per task. Keys the report lacks are None (``{}``).
     """
     s = report.get("summary") or {}
     speed = report.get("speed") or []
@@ -409,4 +462,8 @@ def job_summary(report: Mapping[str, Any]) -> dict[str, Any]:
         "top1_agreement": s.get("top1_agreement"),
         "flags": [str(f) for f in s.get("flags") or []],
         "quality_gate": s.get("quality_gate") or (report.get("quality") or {}).get("gate"),
+        "task_accuracy_before": s.get("task_accuracy_dense"),
+        "task_accuracy_after": s.get("task_accuracy_pruned"),
+        "task_retention": s.get("task_retention"),
+        "task_retention_by_task": dict(s.get("task_retention_by_task") or {}),
     }

@@ -77,6 +77,14 @@ def _headline(report: Mapping[str, Any]) -> list[str]:
             )
     else:
         lines.append("Quality: not measured (no evaluation text).")
+    if summ.get("task_accuracy_dense") is not None:
+        retention = summ.get("task_retention")
+        lines.append(
+            f"Downstream tasks: average accuracy {100 * summ['task_accuracy_dense']:.1f}% → "
+            f"{100 * summ['task_accuracy_pruned']:.1f}%"
+            + (f", {100 * retention:.1f}% of dense retained" if retention is not None else "")
+            + f" ({', '.join(summ.get('task_retention_by_task') or {})})."
+        )
     lines += [f"Warning: {flag}." for flag in summ.get("flags") or []]
     if sel.get("rls") is not None:
         lines.append(
@@ -190,6 +198,9 @@ def _tables(report: Mapping[str, Any]) -> list[tuple[str, list[str], list[list[s
         if qual.get("kind"):
             note += f" ({qual['kind']}, {qual.get('windows')} x {qual.get('seq_len')} tokens)"
         tables.append(("Quality", ["metric", "original", "pruned"], rows, note))
+    tasks = report.get("tasks")
+    if isinstance(tasks, Mapping) and tasks.get("tasks"):
+        tables.append(_task_table(tasks))
     cands = (sel.get("details") or {}).get("candidates")
     if sel.get("method") == "auto" and isinstance(cands, list):
         rows = [
@@ -301,6 +312,59 @@ def _tables(report: Mapping[str, Any]) -> list[tuple[str, list[str], list[list[s
     rows = [[k, _fmt_any(v)] for k, v in env.items()]
     tables.append(("Environment", ["", ""], rows, ""))
     return tables
+
+
+def _pct(score: Any, stderr: Any = None) -> str:
+    """An accuracy in percent, with ± its standard error when known."""
+    if not isinstance(score, (int, float)) or isinstance(score, bool):
+        return "n/a"
+    if isinstance(stderr, (int, float)) and not isinstance(stderr, bool):
+        return f"{100 * score:.1f} ± {100 * stderr:.1f}"
+    return f"{100 * score:.1f}"
+
+
+def _task_table(tasks: Mapping[str, Any]) -> tuple[str, list[str], list[list[str]], str]:
+    """The downstream task table: per task the headline metric, dense and pruned accuracy (%,
+    ± standard error), retention and items; then the averages."""
+    rows = []
+    for name, t in tasks["tasks"].items():
+        if not isinstance(t, Mapping):
+            continue
+        dense, pruned = t.get("dense") or {}, t.get("pruned") or {}
+        rows.append(
+            [
+                str(name),
+                str(t.get("metric")),
+                _pct(dense.get("score"), dense.get("stderr")),
+                _pct(pruned.get("score"), pruned.get("stderr")),
+                _pct(t.get("retention")),
+                _fmt_any(t.get("n")),
+            ]
+        )
+    avg = tasks.get("average") or {}
+    rows.append(
+        [
+            "average",
+            "",
+            _pct(avg.get("dense")),
+            _pct(avg.get("pruned")),
+            _pct(avg.get("retention")),
+            "",
+        ]
+    )
+    limit = tasks.get("limit")
+    note = (
+        f"Accuracy in %, ± standard error; retention = pruned / dense, in %. "
+        f"{'First ' + str(limit) + ' items' if limit else 'All items'} of each task"
+        + (f" from {tasks['data']}" if tasks.get("data") else "")
+        + f". {tasks.get('protocol') or ''}"
+    ).strip()
+    return (
+        "Downstream tasks",
+        ["task", "metric", "original", "pruned", "retention", "items"],
+        rows,
+        note,
+    )
 
 
 def _fmt_any(value: Any) -> str:

@@ -25,6 +25,7 @@ from devstack.testbed import (
     upload_inputs,
 )
 from tests.tiny_models import build_tiny, tiny_tokenizer
+from tests.tiny_tasks import write_tiny_tasks
 
 __all__ = [  # the stack's names, for the tests that import them from here
     "ARTIFACT_BUCKET",
@@ -65,6 +66,8 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
         settings={
             "LORP_PRESIGN_TTL_SECONDS": "600",
             "LORP_MAX_MODEL_BYTES": str(MAX_MODEL_BYTES),
+            # tiny task data in the shared data's schema (not the real files: their size)
+            "LORP_TASKS_DIR": str(write_tiny_tasks(tmp_path_factory.mktemp("tasks"))),
         },
         # one thread: the tiny model gains nothing from more, and a shared CPU punishes them
         worker_env={"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"},

@@ -57,7 +57,14 @@ EVERY_OPTION: dict[str, Any] = {
     "compensation_tune_windows": 0,
     "temperature": True,
     "temperature_windows": 3,
-    "quality_gate": {"max_ppl_ratio": 1.5, "max_kl": 0.5, "min_top1_agreement": 0.8},
+    "tasks": ["piqa", "boolq"],
+    "task_limit": 50,
+    "quality_gate": {
+        "max_ppl_ratio": 1.5,
+        "max_kl": 0.5,
+        "min_top1_agreement": 0.8,
+        "min_task_retention": 0.9,
+    },
     "dtype": "bfloat16",
     "benchmark": {
         "prefill": [[1, 64], [2, 32]],
@@ -73,6 +80,7 @@ EVERY_OPTION: dict[str, Any] = {
 DEFAULT_EXCEPTIONS = {
     "budget": "required in the spec; PruneConfig's num_remove/fraction default to None and its "
     "check asks for exactly one",
+    "tasks": "none either way: [] in JSON, () in PruneConfig (which holds the names as a tuple)",
 }
 #: BenchmarkSpec fields whose BenchmarkConfig default differs, and why.
 BENCHMARK_DEFAULT_EXCEPTIONS = {
@@ -198,7 +206,12 @@ def test_every_option_reaches_prune_config_as_written_by_hand() -> None:
         score_windows=5,
         score_seq_len=128,
         search_candidates=4,
-        quality_gate=QualityGate(max_ppl_ratio=1.5, max_kl=0.5, min_top1_agreement=0.8),
+        quality_gate=QualityGate(
+            max_ppl_ratio=1.5, max_kl=0.5, min_top1_agreement=0.8, min_task_retention=0.9
+        ),
+        tasks=("piqa", "boolq"),
+        task_limit=50,
+        task_data_dir=None,  # the operator's (OPERATOR_FIELDS), not the job's
         compensate=True,
         compensation_windows=6,
         compensation_tune_windows=0,
@@ -273,6 +286,7 @@ PRUNE_ONLY = {
     "device": "the worker's device",
     "allow_pickle": "never for the service (safetensors/GGUF only)",
     "trust_remote_code": "LORP_TRUST_REMOTE_CODE, the operator's choice",
+    "task_data_dir": "LORP_TASKS_DIR, the operator's task data (OPERATOR_FIELDS)",
     "allow_hub": "LORP_ALLOW_HUB, the operator's choice",
     "eval_seq_len": "a job evaluates with seq_len (PRUNE_CONFIG_RENAMES)",
     "remove": "budget: --remove N | --fraction F",
@@ -389,8 +403,8 @@ def _argv(values: dict[str, Any]) -> list[str]:
         if isinstance(action, argparse.BooleanOptionalAction):
             argv.append(flag if value else f"--no-{flag[2:]}")
         elif isinstance(value, list):
-            for item in value:
-                argv.extend([flag, "x".join(map(str, item))])
+            for item in value:  # a workload [b, l(, n)] or a task name
+                argv.extend([flag, item if isinstance(item, str) else "x".join(map(str, item))])
         else:
             argv.extend([flag, str(value)])
 

@@ -502,6 +502,10 @@ def test_job_summary_from_a_hand_built_report() -> None:
             "top1_agreement": 0.77,
             "flags": ["one", "two"],
             "quality_gate": None,
+            "task_accuracy_dense": 0.5,
+            "task_accuracy_pruned": 0.45,
+            "task_retention": 0.9,
+            "task_retention_by_task": {"piqa": 0.95, "boolq": 0.85},
         },
         "speed": [
             {"name": "prefill_a", "kind": "prefill", "speedup": 1.2},
@@ -531,6 +535,10 @@ def test_job_summary_from_a_hand_built_report() -> None:
         "top1_agreement": 0.77,
         "flags": ["one", "two"],
         "quality_gate": GATE,  # summary.quality_gate is None: quality.gate is read instead
+        "task_accuracy_before": 0.5,
+        "task_accuracy_after": 0.45,
+        "task_retention": 0.9,
+        "task_retention_by_task": {"piqa": 0.95, "boolq": 0.85},
     }
     assert job_summary({}) == {
         "method": None,
@@ -552,6 +560,10 @@ def test_job_summary_from_a_hand_built_report() -> None:
         "top1_agreement": None,
         "flags": [],
         "quality_gate": None,
+        "task_accuracy_before": None,
+        "task_accuracy_after": None,
+        "task_retention": None,
+        "task_retention_by_task": {},
     }
 
 

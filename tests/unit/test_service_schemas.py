@@ -583,6 +583,7 @@ def test_quality_gate_accepted_and_passed_to_the_library(settings: Settings) -> 
         "max_ppl_ratio": 1.5,
         "max_kl": None,
         "min_top1_agreement": 0.8,
+        "min_task_retention": None,
     }
     gate = QualityGate.from_dict(job.quality_gate.model_dump())
     assert gate.limits() == {"max_ppl_ratio": 1.5, "min_top1_agreement": 0.8}
@@ -730,6 +731,7 @@ def test_estimated_tokens_by_stage(settings: Settings) -> None:
         "selection": 8192,
         "fits": 3072,
         "evaluation": 2048,
+        "tasks": 0,
         "benchmark": 968,
         "total": 2048 + 8192 + 3072 + 2048 + 968,
     }
@@ -766,6 +768,77 @@ def test_nominal_scoring_covers_every_method_default() -> None:
     for info in all_methods():
         windows, seq_len = selector(info.name).scoring_shape
         assert windows <= NOMINAL_SCORING[0] and seq_len <= NOMINAL_SCORING[1], info.name
+
+
+# -- downstream tasks ------------------------------------------------------------------------
+
+
+def test_task_names_are_the_librarys() -> None:
+    from jobcore.spec import TASK_NAMES, TaskName
+    from lorp.tasks import TASKS
+
+    assert TASK_NAMES == TASKS and [t.value for t in TaskName] == list(TASKS)
+
+
+def test_tasks_need_the_operators_task_data(settings: Settings, tmp_path: Path) -> None:
+    """Without LORP_TASKS_DIR a job with tasks is refused at submission, saying why; with it,
+    the worker's PruneConfig gets the folder (the job can't name one)."""
+    errors = errors_of(body(tasks=["piqa"]), settings)
+    assert len(errors) == 1
+    assert "operator has not configured task data (LORP_TASKS_DIR)" in errors[0]["msg"]
+    assert validate_job(body(), settings, TENANT).tasks == []  # no tasks: no task data needed
+    data = tmp_path / "tasks"
+    data.mkdir()
+    with_data = settings.model_copy(update={"tasks_dir": data})
+    job = validate_job(body(tasks=["piqa", "boolq"], task_limit=20), with_data, TENANT)
+    from lorp.pipeline import PruneConfig
+
+    config = job.prune_config(PruneConfig, with_data)
+    assert (config.tasks, config.task_limit, config.task_data_dir) == (
+        ("piqa", "boolq"),
+        20,
+        data,
+    )
+    assert job.prune_config(PruneConfig).task_data_dir is None  # no settings, no folder
+    with pytest.raises(ValidationError, match="not an existing absolute directory"):
+        Settings.model_validate({**settings.model_dump(), "tasks_dir": str(tmp_path / "nope")})
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field", "text"),
+    [
+        ({"tasks": ["piqa", "mmlu"]}, "tasks", "hellaswag"),
+        ({"tasks": ["piqa", "piqa"]}, "tasks", "must not repeat"),
+        ({"tasks": "piqa"}, "tasks", "valid list"),
+        ({"tasks": ["piqa"], "task_limit": 0}, "task_limit", "greater than or equal to 1"),
+        ({"tasks": ["piqa"], "task_limit": 5001}, "task_limit", "less than or equal to 5000"),
+        ({"quality_gate": {"min_task_retention": 0.9}}, "", "needs tasks"),
+        ({"tasks": ["piqa"], "quality_gate": {"min_task_retention": 1.5}}, "quality_gate", "1"),
+    ],
+)
+def test_bad_task_options_are_refused(
+    settings: Settings, tmp_path: Path, overrides: dict[str, Any], field: str, text: str
+) -> None:
+    with_data = settings.model_copy(update={"tasks_dir": tmp_path})
+    errors = errors_of(body(**overrides), with_data)
+    assert field in field_of(errors), errors
+    assert any(text in e["msg"] for e in errors), errors
+
+
+def test_estimate_charges_task_items(settings: Settings, tmp_path: Path) -> None:
+    from jobcore.spec import TASK_ITEM_TOKENS
+
+    with_data = settings.model_copy(update={"tasks_dir": tmp_path})
+    plain = validate_job(body(), with_data, TENANT).estimated_tokens()
+    cost = validate_job(
+        body(tasks=["hellaswag", "boolq", "piqa"], task_limit=100), with_data, TENANT
+    ).estimated_tokens()
+    # dense and pruned, 3 tasks x 100 items, TASK_ITEM_TOKENS positions an item
+    assert cost["tasks"] == 2 * 3 * 100 * TASK_ITEM_TOKENS
+    assert cost["total"] == plain["total"] + cost["tasks"]
+    small = with_data.model_copy(update={"tenant_max_job_tokens": {TENANT: plain["total"] + 1}})
+    (error,) = errors_of(body(tasks=["piqa"], task_limit=5), small)
+    assert "job too costly" in error["msg"] and "tasks 4,000" in error["msg"]
 
 
 def test_job_over_the_token_limit_is_refused_with_the_estimate(settings: Settings) -> None:
