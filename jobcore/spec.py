@@ -94,11 +94,19 @@ def _scoring_help(which: int, what: str) -> str:
 
 
 class DType(StrEnum):
-    """Compute dtype the worker loads the model in."""
+    """Compute dtype the worker loads the model in (``auto``: the checkpoint's own)."""
 
+    auto = "auto"
     float32 = "float32"
     float16 = "float16"
     bfloat16 = "bfloat16"
+
+
+class OutputFormat(StrEnum):
+    """A format of the pruned model the job writes (``lorp.outputs.OUTPUT_FORMATS``)."""
+
+    gguf = "gguf"
+    safetensors = "safetensors"
 
 
 #: A downstream task (:data:`TASK_NAMES`).
@@ -253,6 +261,7 @@ def resolve_local(value: str, settings: Settings) -> Path:
 BatchSize = Annotated[StrictInt, Field(ge=1, le=64)]
 PromptLen = Annotated[StrictInt, Field(ge=1, le=8192)]
 NewTokens = Annotated[StrictInt, Field(ge=1, le=2048)]
+OutputFormats = Annotated[list[OutputFormat], Field(min_length=1, max_length=len(OutputFormat))]
 
 
 class Budget(BaseModel):
@@ -491,7 +500,16 @@ class JobCreate(BaseModel):
         description="limits the pruned model must meet, or the job fails with code "
         "quality_gate and publishes nothing (null: none)",
     )
-    dtype: DType = Field(default=DType.float32, description="compute dtype of the model")
+    dtype: DType = Field(
+        default=DType.auto,
+        description="compute dtype of the model; auto: the checkpoint's own (config "
+        "torch_dtype; a GGUF: bfloat16 on a GPU worker, float32 on CPU); the report says which",
+    )
+    output_formats: OutputFormats | None = Field(
+        default=None,
+        description="formats of the pruned model: gguf (a GGUF input pruned by file "
+        "surgery, its quantization kept) and/or safetensors; null: the input's format",
+    )
     benchmark: BenchmarkSpec | None = Field(
         default=None,
         description="latency/memory workloads timed on the original and the pruned model "
@@ -509,6 +527,13 @@ class JobCreate(BaseModel):
         if v is None:
             return None
         return _check_context(_check_syntax(v, "text"), "text", info)
+
+    @field_validator("output_formats")
+    @classmethod
+    def _distinct_formats(cls, v: list[OutputFormat] | None) -> list[OutputFormat] | None:
+        if v is not None and len(set(v)) != len(v):
+            raise ValueError("output formats must not repeat")
+        return v
 
     @field_validator("tasks")
     @classmethod
@@ -659,8 +684,9 @@ def _local_depth(model_dir: Path) -> int | None:
 
 
 #: Options that are arguments of ``lorp.pipeline.run_pipeline``, not ``PruneConfig`` fields: the
-#: inputs (which the worker fetches first and passes as local paths) and the compute dtype.
-RUN_OPTIONS = ("model", "gguf_file", "calibration", "evaluation", "dtype")
+#: inputs (which the worker fetches first and passes as local paths), the compute dtype and the
+#: output formats.
+RUN_OPTIONS = ("model", "gguf_file", "calibration", "evaluation", "dtype", "output_formats")
 #: Options whose ``PruneConfig`` fields are named otherwise: option -> the fields it sets.
 PRUNE_CONFIG_RENAMES: dict[str, Callable[[JobCreate], dict[str, Any]]] = {
     # a count or a fraction of the blocks

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -146,7 +147,13 @@ def _model_args(p: argparse.ArgumentParser) -> None:
         f"'{BUNDLED}' for the bundled SmolLM2-135M",
     )
     p.add_argument("--gguf-file", help="GGUF file name inside --model when it is a directory")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "float16", "bfloat16"],
+        help="compute dtype; auto (default): the checkpoint's own (config torch_dtype; a GGUF: "
+        "bfloat16 on CUDA, float32 on CPU)",
+    )
     p.add_argument(
         "--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda, cuda:N"
     )
@@ -170,6 +177,19 @@ def _load_options(args: argparse.Namespace) -> dict[str, Any]:
         "trust_remote_code": args.trust_remote_code,
         "allow_hub": args.allow_hub,
     }
+
+
+def _output_formats(text: str) -> list[str]:
+    """``--output-format``: ``gguf``, ``safetensors`` or a comma list of them."""
+    from .outputs import OUTPUT_FORMATS
+
+    names = [t.strip().lower() for t in text.split(",") if t.strip()]
+    bad = [n for n in names if n not in OUTPUT_FORMATS]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(
+            f"expected {' or '.join(OUTPUT_FORMATS)} (or a comma list), got {text!r}"
+        )
+    return names
 
 
 def _model_source(args: argparse.Namespace) -> str:
@@ -350,6 +370,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
             config,
             evaluation=evaluation,
             progress=_Progress(not args.quiet),
+            output_formats=args.output_formats,
+            made_by="`lorp " + shlex.join(getattr(args, "command_line", None) or ["prune"]) + "`",
             **_load_options(args),
         )
     except QualityGateError as exc:
@@ -366,6 +388,14 @@ def cmd_prune(args: argparse.Namespace) -> int:
         f"checkpoint: {out.checkpoint_dir}",
         f"report: {args.out / 'report.json'}, {args.out / 'report.html'}",
     ]
+    artifacts = out.report.get("artifacts") or {}
+    gguf = artifacts.get("gguf")
+    if gguf:
+        lines.append(
+            f"gguf: {out.checkpoint_dir / gguf['file']} ({gguf['bytes_out']:,} bytes, "
+            f"{100 * gguf['size_ratio']:.1f}% of the input's {gguf['bytes_in']:,})"
+        )
+    lines += [f"note: {note}" for note in artifacts.get("notes") or []]
     if res.quality is not None:
         q = res.quality
         lines.append(
@@ -728,6 +758,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-bench", action="store_true", help="skip the speed/memory benchmark")
     _bench_args(p)
     p.add_argument("--out", type=Path, required=True, help="output directory")
+    p.add_argument(
+        "--output-format",
+        dest="output_formats",
+        action="extend",
+        type=_output_formats,
+        default=None,
+        help="what out/model/ holds: gguf (a GGUF input pruned by file surgery, its "
+        "quantization kept) and/or safetensors; repeat or give a comma list (default: the "
+        "input's format)",
+    )
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     common(p)
     p.set_defaults(func=cmd_prune)
@@ -790,6 +830,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.command_line = list(sys.argv[1:] if argv is None else argv)  # for the model card
     if getattr(args, "quiet", False) or getattr(args, "json", False):
         from transformers.utils import logging as hf_logging
 

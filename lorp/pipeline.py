@@ -896,16 +896,26 @@ def run_pipeline(
     *,
     evaluation: str | Path | None = None,
     gguf_file: str | None = None,
-    dtype: str = "float32",
+    dtype: str = "auto",
     device: str = "auto",
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
     allow_hub: bool = False,
     progress: ProgressCallback | None = None,
     source_names: Mapping[str, str] | None = None,
+    output_formats: Sequence[str] | None = None,
+    made_by: str | None = None,
 ) -> PipelineResult:
-    """Load ``model_source``, prune it, and write ``out_dir/model/`` (checkpoint), ``report.json``,
-    ``report.html``, ``report.md``, ``heatmap.png`` and ``similarity.npy``.
+    """Load ``model_source``, prune it, and write ``out_dir/model/`` (checkpoint and its model
+    card ``README.md``), ``report.json``, ``report.html``, ``report.md``, ``heatmap.png`` and
+    ``similarity.npy``.
+
+    ``dtype``: ``"auto"`` (the checkpoint's own; :func:`lorp.loading.choose_dtype`) or a dtype
+    name; the report records the one used and why (``model.dtype``, ``model.dtype_source``).
+    ``output_formats``: ``"gguf"`` and/or ``"safetensors"`` (None: the input's format), checked
+    before loading (:func:`lorp.outputs.plan_outputs`); a safetensors input is saved in its own
+    dtype; what was written is ``report["artifacts"]``. ``made_by``: how the model card names
+    what made the checkpoint (the command line, the service job).
 
     ``source_names`` (keys ``model``, ``calibration``, ``evaluation``, ``tasks``): how the report
     and the progress messages name the inputs, e.g. the URIs a service user submitted rather than
@@ -917,11 +927,21 @@ def run_pipeline(
     :func:`lorp.report.job_summary`); both None when the report could not be built.
     Stages: loading, then :func:`prune`'s, then saving and report.
     """
-    from .loading import load_model, save_pruned
+    from .loading import load_model
+    from .loading import model_name as short_name
+    from .outputs import plan_outputs, write_outputs
+    from .report.card import write_model_card
 
     out = Path(out_dir)
     timer = StageTimer(progress)
     model_name = (source_names or {}).get("model", str(model_source))
+    outputs = plan_outputs(  # before any compute: a GGUF output the surgery can't write fails here
+        model_source,
+        gguf_file=gguf_file,
+        output_formats=output_formats,
+        compensate=config.compensate,
+        temperature=config.temperature,
+    )
     with timer.stage("loading", f"loading {model_name}"):
         loaded = load_model(
             model_source,
@@ -935,8 +955,10 @@ def run_pipeline(
     report_options: dict[str, Any] = {
         "model_source": model_name,
         "gguf_file": loaded.gguf_file,
-        "dtype": dtype,
+        "dtype": loaded.dtype,
         "device": str(loaded.device),
+        "dtype_source": loaded.dtype_source,
+        "name": short_name(model_name, loaded.gguf_file, local=loaded.source),
     }
     try:
         result = prune(
@@ -958,12 +980,22 @@ def run_pipeline(
                 except (LorpError, OSError, ValueError):
                     pass  # the gate's error is what the caller must see
         raise
-    with timer.stage("saving", "saving the pruned checkpoint"):
+    with timer.stage("saving", f"saving the pruned checkpoint ({', '.join(outputs.formats)})"):
         checkpoint = out / "model"
-        save_pruned(result.model, result.tokenizer, checkpoint)
+        artifacts = write_outputs(
+            outputs,
+            result.model,
+            result.tokenizer,
+            result.removed,
+            result.compensation,
+            checkpoint,
+            save_dtype=loaded.weights_dtype,
+            source_name=model_name,
+        )
     with timer.stage("report", "writing reports"):
-        report = make_report(result, config, **report_options)
+        report = make_report(result, config, artifacts=artifacts, **report_options)
         files = write_reports(report, result.similarity, out)
+        files.append(write_model_card(report, checkpoint, made_by=made_by))
     return PipelineResult(
         result=result, out_dir=out, checkpoint_dir=checkpoint, report=report, files=files
     )

@@ -298,7 +298,7 @@ class JobRunner:
             self._check_memory(inputs, spec.dtype.value)
             progress("downloading", 1.0, "inputs ready")
             out = work / "out"
-            result = self._run_pipeline(spec, inputs, out, progress)
+            result = self._run_pipeline(spec, inputs, out, progress, job_id=rec.id)
             artifacts = self._upload(rec, out, progress)
             summary = self._summary(result.report)
         except CancelledError:
@@ -363,15 +363,22 @@ class JobRunner:
 
     def _check_memory(self, inputs: Inputs, dtype: str) -> None:
         """Refuse, before loading, a model whose weights would exceed ``max_model_bytes`` in
-        memory as ``dtype`` (the larger of the file headers' and the config's size: a quantised
+        memory as ``dtype`` (``auto`` resolved as the loader resolves it on this worker's
+        device, :func:`lorp.loading.choose_dtype`; the larger of the file headers' and the
+        config's size: a quantised
         GGUF or a float16 checkpoint is bigger once loaded in float32 than its files, and a
         config claiming huge dimensions beside tiny weights would be allocated as claimed).
         Runs for every local model, limit or not: malformed headers and configs that are not
         positive integers / absurd fail here as ``model_load_failed``, before any allocation."""
         if not inputs.local:
             return
-        from lorp.loading import estimate_weight_bytes
+        from lorp.loading import choose_dtype, estimate_weight_bytes
 
+        if dtype == "auto":
+            try:
+                dtype = choose_dtype(inputs.model, gguf_file=inputs.gguf_file, device="auto")[0]
+            except LorpError:
+                dtype = "float32"  # the estimate below names what is wrong with the files
         need = estimate_weight_bytes(inputs.model, gguf_file=inputs.gguf_file, dtype=dtype)
         self._check_size(need, f"the model's weights in {dtype}")
 
@@ -493,7 +500,15 @@ class JobRunner:
 
     # -- pipeline and upload ------------------------------------------------------------
 
-    def _run_pipeline(self, spec: JobCreate, inputs: Inputs, out: Path, progress: _Progress) -> Any:
+    def _run_pipeline(
+        self,
+        spec: JobCreate,
+        inputs: Inputs,
+        out: Path,
+        progress: _Progress,
+        *,
+        job_id: str | None = None,
+    ) -> Any:
         from lorp.pipeline import PruneConfig, run_pipeline
 
         pipeline = self._pipeline or run_pipeline
@@ -507,6 +522,10 @@ class JobRunner:
             evaluation=inputs.evaluation,
             gguf_file=inputs.gguf_file,
             dtype=spec.dtype.value,
+            output_formats=(
+                None if spec.output_formats is None else [f.value for f in spec.output_formats]
+            ),
+            made_by=f"LoRP service job {job_id or ''}".rstrip(),
             device="auto",
             allow_pickle=False,
             trust_remote_code=self.settings.trust_remote_code,

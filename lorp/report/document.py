@@ -341,6 +341,9 @@ def make_report(
     gguf_file: str | None = None,
     dtype: str = "float32",
     device: str = "cpu",
+    dtype_source: str | None = None,
+    name: str | None = None,
+    artifacts: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The report.json document of a prune (:func:`lorp.pipeline.prune`'s result, or the result
     a quality gate refused, ``result.pruned`` False: then ``summary.status`` is "refused" and
@@ -348,7 +351,9 @@ def make_report(
 
     ``quality`` holds the evaluation data (``dataset``, ``kind``, ``source``, ``windows``,
     ``seq_len``) and the measurement; ``extra`` the calibration and scoring windows, the
-    compensation and the config.
+    compensation and the config. ``name``: the model's short name (the report's title);
+    ``dtype_source``: why ``dtype`` (:func:`lorp.loading.choose_dtype`); ``artifacts``: what
+    was written (:func:`lorp.outputs.write_outputs`), as the document's ``artifacts``.
     """
     model = result.model
     params = sum(p.numel() for p in model.parameters())
@@ -364,15 +369,17 @@ def make_report(
             **result.evaluation,
             **result.quality.to_dict(),
         }
-    return build_report(
+    report = build_report(
         model={
             "source": model_source,
+            "name": name,
             "gguf_file": gguf_file,
             "architecture": type(model).__name__,
             "num_layers": result.num_layers_before,
             "num_layers_after": layers_after,
             "parameters_after": int(params),
             "dtype": dtype,
+            "dtype_source": dtype_source,
             "device": device,
         },
         budget={"requested": config.budget, "num_remove": len(result.selection.removed)},
@@ -392,6 +399,9 @@ def make_report(
         gate=None if result.gate is None else result.gate.to_dict(),
         tasks=_tasks_section(result, config),
     )
+    if artifacts is not None:
+        report["artifacts"] = json_safe(dict(artifacts))
+    return report
 
 
 #: How the report's ``tasks`` section says the accuracies were measured.

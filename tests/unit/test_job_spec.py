@@ -66,6 +66,7 @@ EVERY_OPTION: dict[str, Any] = {
         "min_task_retention": 0.9,
     },
     "dtype": "bfloat16",
+    "output_formats": ["gguf", "safetensors"],
     "benchmark": {
         "prefill": [[1, 64], [2, 32]],
         "decode": [[1, 16, 8]],
@@ -101,6 +102,7 @@ RUN_PARAMETERS = {
     "calibration": "calibration",
     "evaluation": "evaluation",
     "dtype": "dtype",
+    "output_formats": "output_formats",
 }
 
 
@@ -263,6 +265,7 @@ def test_the_worker_runs_the_pipeline_with_the_specs_config(tmp_path: Path) -> N
         "m.Q4_0.gguf",
         "bfloat16",
     )
+    assert kwargs["output_formats"] == ["gguf", "safetensors"]
 
 
 # -- lorp prune ---------------------------------------------------------------------------------
@@ -403,7 +406,7 @@ def _argv(values: dict[str, Any]) -> list[str]:
         if isinstance(action, argparse.BooleanOptionalAction):
             argv.append(flag if value else f"--no-{flag[2:]}")
         elif isinstance(value, list):
-            for item in value:  # a workload [b, l(, n)] or a task name
+            for item in value:  # a workload [b, l(, n)], a task or a format name
                 argv.extend([flag, item if isinstance(item, str) else "x".join(map(str, item))])
         else:
             argv.extend([flag, str(value)])
