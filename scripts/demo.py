@@ -3,9 +3,10 @@
 Starts a private stack (redis-server, SeaweedFS S3 with credentials, the API under uvicorn, one
 prefork Celery worker), uploads the bundled SmolLM2-135M GGUF and the shared calibration and
 evaluation texts to the object store, submits a real pruning job over HTTP, shows its progress,
-downloads and verifies the artifacts into ``demo-out/<job_id>/``, prints the summary, loads the
-pruned checkpoint in a fresh process with plain transformers and generates text, then stops
-everything it started (Ctrl-C included).
+downloads and verifies the artifacts into ``demo-out/<job_id>/``, prints the summary and the
+pruned GGUF's size against the input's (a GGUF input gives a GGUF output, same quantization),
+loads the pruned checkpoint in a fresh process with plain transformers and generates text, then
+stops everything it started (Ctrl-C included).
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ def build_spec(args: argparse.Namespace, model: str, calibration: str, evaluatio
         "seq_len": args.seq_len,
         "batch_size": 1,
         "eval_windows": args.eval_windows,
-        "dtype": "float32",
+        "dtype": "auto",  # a GGUF on a CPU worker: float32
         "benchmark": None,
     }
     if not args.no_benchmark:
@@ -115,9 +116,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 torch.set_num_threads(2)
 path = sys.argv[1]
+kw = {"gguf_file": sys.argv[2]} if len(sys.argv) > 2 else {}
 t = time.monotonic()
-tok = AutoTokenizer.from_pretrained(path)
-model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+tok = AutoTokenizer.from_pretrained(path, **kw)
+model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kw)
 model.eval()
 print(f"loaded {type(model).__name__} with {model.config.num_hidden_layers} blocks "
       f"in {time.monotonic() - t:.1f}s")
@@ -130,10 +132,14 @@ print("generated:", repr(tok.decode(out[0], skip_special_tokens=True)))
 
 
 def check_checkpoint(model_dir: Path) -> bool:
-    """Load the pruned checkpoint in a fresh process with plain transformers and generate."""
-    say(f"loading {model_dir} in a fresh process with plain transformers")
+    """Load the pruned checkpoint in a fresh process with plain transformers and generate (the
+    GGUF, with ``gguf_file=``, when the folder holds one)."""
+    ggufs = sorted(model_dir.glob("*.gguf"))
+    extra = [ggufs[0].name] if ggufs else []
+    shown = f"{model_dir / extra[0]}" if extra else str(model_dir)
+    say(f"loading {shown} in a fresh process with plain transformers")
     proc = subprocess.run(
-        [sys.executable, "-c", GENERATE, str(model_dir)],
+        [sys.executable, "-c", GENERATE, str(model_dir), *extra],
         capture_output=True,
         text=True,
         timeout=600,
@@ -217,6 +223,7 @@ def _demo_job(
         for line in format_summary(job.get("summary") or {}):
             print(f"  {line}")
         print(f"  report: {dest / 'report.html'}")
+        _print_sizes(gguf, dest / "model")
         print()
         if not (dest / "model").is_dir() or not check_checkpoint(dest / "model"):
             return 1
@@ -234,6 +241,23 @@ def _demo_job(
         say(f"API error: {exc}")
         say(f"logs: {stack.log_dir}")
         return 1
+
+
+def _print_sizes(source: Path, model_dir: Path) -> None:
+    """The pruned model's file size against the input's."""
+    before = source.stat().st_size
+    pruned = sorted(model_dir.glob("*.gguf"))
+    if pruned:
+        after = pruned[0].stat().st_size
+        what = f"pruned GGUF {pruned[0].name}"
+    else:
+        after = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
+        what = "pruned safetensors checkpoint"
+    verdict = "smaller than" if after < before else "LARGER than"
+    print(
+        f"  {what}: {after / 2**20:.1f} MiB, {verdict} its input "
+        f"({before / 2**20:.1f} MiB; {100 * after / before:.1f}%)"
+    )
 
 
 def _elapsed(job: Job) -> str:
