@@ -96,13 +96,18 @@ def test_smollm2_job_end_to_end(stack: LocalStack, tmp_path: Path) -> None:
     assert report["model"]["num_layers"] == 30 and report["model"]["num_layers_after"] == 27
     assert report["quality"]["dense"]["ppl"] > 1 and report["quality"]["pruned"]["ppl"] > 1
 
-    model_dir = next(p.parent for p in out.rglob("config.json"))
+    # a GGUF input comes back as a GGUF of the same quantization, smaller than the input
+    (pruned,) = out.rglob("*.gguf")
+    assert pruned.name == gguf.name and pruned.stat().st_size < 0.95 * gguf.stat().st_size
+    assert report["artifacts"]["gguf"]["requantized"] == []  # no fold: every tensor copied
+    model_dir = pruned.parent
     script = textwrap.dedent(
         f"""
         import json, torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
-        tok = AutoTokenizer.from_pretrained({str(model_dir)!r})
-        model = AutoModelForCausalLM.from_pretrained({str(model_dir)!r})
+        kw = dict(gguf_file={pruned.name!r})
+        tok = AutoTokenizer.from_pretrained({str(model_dir)!r}, **kw)
+        model = AutoModelForCausalLM.from_pretrained({str(model_dir)!r}, **kw)
         ids = tok("The capital of France is", return_tensors="pt").input_ids
         out = model.generate(ids, max_new_tokens=8, do_sample=False)
         print(json.dumps({{"layers": len(model.model.layers),
