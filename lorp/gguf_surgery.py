@@ -60,6 +60,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .errors import InvalidInputError, ModelLoadError, UnsupportedModelError
+from .removal import validate_removed
 
 if TYPE_CHECKING:
     from gguf import GGUFReader, ReaderField, ReaderTensor
@@ -269,28 +270,6 @@ def _scalar(reader: GGUFReader, key: str) -> Any:
     return f.contents()
 
 
-def _validate_removed(num_layers: int, removed: Iterable[Any]) -> list[int]:
-    """The checks of :func:`lorp.surgery.validate_removed` (not imported: it loads torch)."""
-    indices: list[int] = []
-    for i in removed:
-        if isinstance(i, bool) or not isinstance(i, int | np.integer):
-            raise InvalidInputError(f"block index {i!r} is not an integer")
-        indices.append(int(i))
-    if not indices:
-        raise InvalidInputError("no blocks to remove")
-    if len(set(indices)) != len(indices):
-        dupes = sorted({i for i in indices if indices.count(i) > 1})
-        raise InvalidInputError(f"duplicate block indices: {dupes}")
-    bad = [i for i in indices if not 0 <= i < num_layers]
-    if bad:
-        raise InvalidInputError(
-            f"block indices out of range for a {num_layers}-block model: {sorted(bad)}"
-        )
-    if len(indices) >= num_layers:
-        raise InvalidInputError(f"cannot remove all {num_layers} blocks")
-    return sorted(indices)
-
-
 def _is_sliding(index: int, period: int) -> bool:
     return index % period < period - 1
 
@@ -390,7 +369,7 @@ def _parse(
     removed_sorted: list[int] = []
     keep = list(range(depth))
     if removed is not None:
-        removed_sorted = _validate_removed(depth, removed)
+        removed_sorted = validate_removed(depth, list(removed))
         gone = set(removed_sorted)
         keep = [i for i in range(depth) if i not in gone]
         if swa_period:

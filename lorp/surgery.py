@@ -24,7 +24,6 @@ per-layer configs).
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -33,7 +32,8 @@ from typing import Any
 from torch import nn
 
 from ._blocks import BlockLocation, locate_blocks
-from .errors import InvalidInputError, UnsupportedModelError
+from .errors import UnsupportedModelError
+from .removal import validate_removed
 
 __all__ = ["REMOVED_LAYERS_ATTR", "block_runs", "pruned_view", "remove_blocks", "validate_removed"]
 
@@ -110,35 +110,6 @@ def block_runs(blocks: Sequence[int]) -> list[list[int]]:
         else:
             out.append([b])
     return out
-
-
-def validate_removed(num_layers: int, removed: Sequence[int]) -> list[int]:
-    """Check block indices to remove from a ``num_layers``-deep model; return them sorted.
-
-    Raises :class:`InvalidInputError` for non-integers, duplicates, out-of-range indices, an
-    empty list, or removing every block.
-    """
-    indices: list[int] = []
-    for i in removed:
-        if isinstance(i, bool):
-            raise InvalidInputError(f"block index {i!r} is not an integer")
-        try:
-            indices.append(operator.index(i))  # ints and numpy integers, not floats
-        except TypeError:
-            raise InvalidInputError(f"block index {i!r} is not an integer") from None
-    if not indices:
-        raise InvalidInputError("no blocks to remove")
-    if len(set(indices)) != len(indices):
-        dupes = sorted({i for i in indices if indices.count(i) > 1})
-        raise InvalidInputError(f"duplicate block indices: {dupes}")
-    bad = [i for i in indices if not 0 <= i < num_layers]
-    if bad:
-        raise InvalidInputError(
-            f"block indices out of range for a {num_layers}-block model: {sorted(bad)}"
-        )
-    if len(indices) >= num_layers:
-        raise InvalidInputError(f"cannot remove all {num_layers} blocks")
-    return sorted(indices)
 
 
 def _decoder_configs(model: nn.Module, location: BlockLocation, depth: int) -> list[Any]:
