@@ -20,7 +20,7 @@ import pytest
 from jobcore.config import Settings
 from jobcore.spec import JobState
 from jobcore.store import JobRecord
-from lorp.errors import InvalidInputError
+from lorp.errors import InvalidInputError, ModelLoadError
 from lorp.paths import check_confined
 from tests.tiny_models import TINY_TEXT
 from worker.runner import JobRunner
@@ -344,3 +344,53 @@ def test_gguf_file_with_a_sibling_leaving_the_root_fails_the_job(
     assert (state, code) == ("failed", "invalid_input")
     assert "'tokenizer_config.json' resolves outside the allowed local roots" in message
     assert str(secret.parent) not in message
+
+
+def test_failure_messages_name_inputs_as_submitted(
+    tiny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 18 item 6: an error that names the worker's copies of the inputs (a corpus file,
+    the job's work dir) reaches the user with the names they submitted instead."""
+    for name in list(os.environ):
+        if name.startswith("LORP_"):
+            monkeypatch.delenv(name)
+    root = tmp_path / "root"
+    model = _model_dir(tiny_dir, root / "model")
+    corpus = tmp_path / "corpora" / "handbook.txt"
+    corpus.parent.mkdir()
+    corpus.write_text(TINY_TEXT)
+    work = tmp_path / "work"
+    settings = Settings(
+        s3_access_key_id="test-access",  # type: ignore[arg-type]
+        s3_secret_access_key="test-secret",  # type: ignore[arg-type]
+        s3_bucket="lorp-test",
+        api_keys={"acme-key-0123456789": "acme"},
+        local_roots=[root],
+        corpora={"handbook": corpus},
+        work_dir=work,
+    )
+    job_id = "b" * 32
+
+    def failing(model_path: str, calibration: Path, out: Path, *args: Any, **kw: Any) -> Any:
+        assert Path(calibration) == corpus.resolve() and Path(out).is_relative_to(work)
+        raise ModelLoadError(f"cannot read {calibration} while writing {out}/model")
+
+    rec = JobRecord(
+        id=job_id,
+        tenant="acme",
+        seq=1,
+        state=JobState.queued,
+        created_at="2025-01-01T00:00:00Z",
+        spec={"budget": {"blocks": 1}, "model": str(model), "calibration": "corpus:handbook"},
+        fingerprint="",
+    )
+    store = _Store(rec)
+    runner = JobRunner(
+        settings, cast(Any, store), cast(Any, _Storage()), pipeline=failing, lock_ttl_ms=60_000
+    )
+    assert runner.run(job_id) == "failed"
+    assert store.finished is not None
+    error = store.finished[1]["error"]
+    assert error.code == "model_load_failed"
+    assert error.message == "cannot read corpus:handbook while writing <job work dir>/out/model"
+    assert str(tmp_path) not in error.message
