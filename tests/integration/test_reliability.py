@@ -242,7 +242,9 @@ def test_bad_models_fail_cleanly(
 ) -> None:
     submitted = {}
     for case, _, _ in BAD_MODEL_CASES:
-        resp = client_a.post("/jobs", json=service.job_body(model=bad_models[case]))
+        # the float16 model fits as it is stored (dtype "auto", the default) but not as float32
+        extra = {"dtype": "float32"} if case == "too_large_in_memory" else {}
+        resp = client_a.post("/jobs", json=service.job_body(model=bad_models[case], **extra))
         assert resp.status_code == 202, (case, resp.text)
         submitted[case] = resp.json()["id"]
     for case, code, words in BAD_MODEL_CASES:
@@ -258,6 +260,10 @@ def test_bad_models_fail_cleanly(
     # The refusals cost no worker time: nothing was loaded, so the next job runs normally.
     ok = client_a.post("/jobs", json=service.job_body(budget={"blocks": 1})).json()["id"]
     assert service.wait(client_a, ok, timeout=120)["state"] == "succeeded"
+    # With dtype "auto" the float16 model is loaded as stored, which fits.
+    body = service.job_body(model=bad_models["too_large_in_memory"], budget={"blocks": 1})
+    auto = service.wait(client_a, client_a.post("/jobs", json=body).json()["id"], timeout=120)
+    assert auto["state"] == "succeeded", auto
 
 
 def test_remote_code_never_runs(service: Service, client_a: httpx.Client) -> None:
