@@ -243,18 +243,6 @@ def s3_not_granted_message(settings: Settings, tenant: str | None) -> str:
     return f"s3:// inputs must be inside a location granted to your tenant ({granted})"
 
 
-def resolve_local(value: str, settings: Settings) -> Path:
-    """The real path of an allowed local source; ``ValueError`` when it escapes the roots.
-
-    The worker calls this again right before use so a symlink swapped after submission can't
-    redirect it outside the allowed roots.
-    """
-    real = Path(os.path.realpath(value))
-    if not any(real.is_relative_to(root) for root in settings.local_roots):
-        raise ValueError(f"{value!r} is not under an allowed local root")
-    return real
-
-
 # --------------------------------------------------------------------------------------------
 # Job creation
 

@@ -58,7 +58,6 @@ from jobcore.spec import (
     JobCreate,
     JobError,
     JobState,
-    resolve_local,
     s3_not_granted_message,
 )
 from jobcore.storage import Storage, job_prefix, retry_storage, split_s3_uri
@@ -422,12 +421,7 @@ class JobRunner:
         (a model folder is walked recursively, symlinks resolved), lies outside the local roots
         or is not a regular file or folder (``lorp.paths.check_confined``; the API checked it at
         submission, and the files may have changed since)."""
-        try:
-            path = resolve_local(uri, self.settings)
-        except ValueError as e:
-            raise InvalidInputError(str(e)) from None
-        check_confined(uri, self.settings.local_roots)
-        return path
+        return check_confined(uri, self.settings.local_roots)
 
     def _fetch_model(self, uri: str, gguf_file: str | None, dest: Path) -> tuple[str, str | None]:
         if uri.startswith("hf:"):

@@ -20,12 +20,12 @@ from jobcore.spec import (
     JobCreate,
     JobSummary,
     Method,
-    resolve_local,
     validate_job,
 )
 from lorp.errors import InvalidInputError
 from lorp.gate import QualityGate
 from lorp.methods import all_methods, method_names, selector
+from lorp.paths import check_confined
 from lorp.pipeline import PruneConfig
 from lorp.report import job_summary
 
@@ -260,9 +260,9 @@ def test_local_paths_must_stay_under_roots(settings: Settings, roots: dict[str, 
     for field, uris in cases.items():
         for uri in uris:
             assert field_of(errors_of(body(**{field: uri}), settings)) == {field}, uri
-    with pytest.raises(ValueError):
-        resolve_local(str(root / "escape.txt"), settings)
-    assert resolve_local(str(root / "calib.txt"), settings) == root / "calib.txt"
+    with pytest.raises(InvalidInputError):
+        check_confined(str(root / "escape.txt"), settings.local_roots)
+    assert check_confined(str(root / "calib.txt"), settings.local_roots) == root / "calib.txt"
 
 
 def test_links_under_a_local_input_are_confined_at_submit(
@@ -301,8 +301,8 @@ def test_symlink_escape_after_submission_is_caught_by_resolve(
     job = validate_job(body(calibration=str(link)), settings, TENANT)
     link.unlink()
     link.symlink_to(roots["outside"] / "secret.txt")
-    with pytest.raises(ValueError):
-        resolve_local(job.calibration, settings)
+    with pytest.raises(InvalidInputError):
+        check_confined(job.calibration, settings.local_roots)
 
 
 @pytest.mark.parametrize(
