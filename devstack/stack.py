@@ -829,6 +829,10 @@ class CeleryWorker(ManagedProcess):
 # the whole stack
 
 
+#: The queue of ``worker.notifier`` (``jobcore.webhooks.WEBHOOK_QUEUE``; a test checks they match).
+NOTIFIER_QUEUE = "lorp.webhooks"
+
+
 class LocalStack:
     """Redis + SeaweedFS S3 + (optionally) the API and Celery workers, wired by LORP_* settings.
 
@@ -859,6 +863,7 @@ class LocalStack:
         worker_env: Mapping[str, str] | None = None,
         worker_app: str = "worker.celery_app",
         redis_appendfsync: str = "everysec",
+        notifier: bool = False,
     ) -> None:
         self.root = Path(root).resolve()
         self.root.mkdir(parents=True, exist_ok=True)
@@ -872,6 +877,8 @@ class LocalStack:
         self.api_key = next(iter(self.api_keys))
         self.worker_env = dict(worker_env or {})
         self.worker_app = worker_app
+        self.want_notifier = notifier
+        self.notifier: CeleryWorker | None = None
 
         self.redis = RedisServer(
             self.root / "redis",
@@ -928,6 +935,8 @@ class LocalStack:
         if self.api is not None:
             procs.append(self.api)
         procs.extend(self.workers)
+        if self.notifier is not None:
+            procs.append(self.notifier)
         return procs
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -947,6 +956,20 @@ class LocalStack:
             worker.start()
         return worker
 
+    def start_notifier(self) -> CeleryWorker:
+        """The webhook notifier (``worker.notifier``: the ``lorp.webhooks`` queue, with the
+        sweep's beat embedded)."""
+        self.notifier = CeleryWorker(
+            {**self.env, **self.worker_env},
+            log_path=self.log_dir / "notifier.log",
+            queues=[NOTIFIER_QUEUE],
+            hostname=f"lorp-notifier-{secrets.token_hex(2)}@localhost",
+            concurrency=2,
+            app="worker.notifier",
+            extra_args=["--beat", "--schedule", str(self.root / "beat-schedule")],
+        )
+        return self.notifier.start()
+
     def start(self) -> LocalStack:
         try:
             self.redis.start()
@@ -956,6 +979,8 @@ class LocalStack:
                 self.api.start()
             for _ in range(self.num_workers):
                 self.add_worker()
+            if self.want_notifier:
+                self.start_notifier()
         except BaseException:
             self.stop()
             raise

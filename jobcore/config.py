@@ -29,6 +29,12 @@ def _check_bucket(name: str) -> str:
     return name
 
 
+_HOST_PATTERN_RE = re.compile(
+    r"^(\*\.)?[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$"
+    r"|^[0-9a-f:.]+$"
+)
+
+
 class Settings(BaseSettings):
     """All service and worker configuration (env prefix ``LORP_``)."""
 
@@ -76,6 +82,20 @@ class Settings(BaseSettings):
     max_header_bytes: Annotated[int, Field(ge=4 * 1024, le=1024 * 1024)] = 32 * 1024
     header_timeout_seconds: Annotated[float, Field(ge=1, le=600)] = 10.0
     body_timeout_seconds: Annotated[float, Field(ge=1, le=3600)] = 30.0
+    # Job-state webhooks (jobcore.webhooks): hosts a job's callback_url may name (exact, or
+    # "*.example.com"); none: callbacks are off. Private/loopback addresses and plain http only
+    # when allowed. Events are signed with the tenant's secret (webhook_secrets, else derived
+    # from webhook_secret); a failed POST is retried with doubling waits, up to
+    # webhook_max_attempts attempts in all.
+    webhook_allowed_hosts: list[str] = Field(default_factory=list)
+    webhook_allow_private: bool = False
+    webhook_allow_http: bool = False
+    webhook_secret: SecretStr | None = Field(default=None, repr=False)
+    webhook_secrets: dict[str, SecretStr] = Field(default_factory=dict, repr=False)
+    webhook_max_attempts: Annotated[int, Field(ge=1, le=50)] = 10
+    webhook_timeout_seconds: Annotated[float, Field(gt=0, le=60)] = 10.0
+    webhook_backoff_seconds: Annotated[float, Field(gt=0, le=3600)] = 2.0
+    webhook_backoff_max_seconds: Annotated[float, Field(gt=0, le=86400)] = 600.0
 
     @field_validator("redis_url", "broker_url")
     @classmethod
@@ -91,7 +111,9 @@ class Settings(BaseSettings):
             raise ValueError(f"must be an http(s):// URL, got {v!r}")
         return v
 
-    @field_validator("s3_presign_access_key_id", "s3_presign_secret_access_key", mode="before")
+    @field_validator(
+        "s3_presign_access_key_id", "s3_presign_secret_access_key", "webhook_secret", mode="before"
+    )
     @classmethod
     def _unset_when_empty(cls, v: object) -> object:
         return None if v == "" else v  # compose passes unset optional variables as ""
@@ -139,6 +161,20 @@ class Settings(BaseSettings):
                     )
                 _check_bucket(bucket)
         return v
+
+    @field_validator("webhook_allowed_hosts")
+    @classmethod
+    def _webhook_hosts(cls, v: list[str]) -> list[str]:
+        out = []
+        for host in v:
+            name = host.lower().rstrip(".")
+            if not _HOST_PATTERN_RE.match(name):
+                raise ValueError(
+                    f"webhook host {host!r}: give a host name, an IP address or *.domain "
+                    "(no scheme, port or path)"
+                )
+            out.append(name)
+        return out
 
     @field_validator("api_keys")
     @classmethod
@@ -204,8 +240,20 @@ class Settings(BaseSettings):
             raise ValueError(
                 "set both s3_presign_access_key_id and s3_presign_secret_access_key, or neither"
             )
+        if self.webhook_allowed_hosts and self.broker_url != self.redis_url:
+            raise ValueError(
+                "webhooks need the Celery broker to be the job store's Redis (LORP_BROKER_URL "
+                "unset or equal to LORP_REDIS_URL): an event is marked sent and queued in one step"
+            )
+        if self.webhook_allowed_hosts and self.webhook_secret is None:
+            missing = sorted(set(self.api_keys.values()) - set(self.webhook_secrets))
+            if missing:
+                raise ValueError(
+                    "webhook_allowed_hosts is set but tenants "
+                    f"{missing} have no signing secret: set webhook_secret (or webhook_secrets)"
+                )
         tenants = set(self.api_keys.values())
-        for name in ("tenant_inputs", "tenant_max_job_tokens"):
+        for name in ("tenant_inputs", "tenant_max_job_tokens", "webhook_secrets"):
             unknown = sorted(set(getattr(self, name)) - tenants)
             if unknown:
                 raise ValueError(f"{name} names tenants without an API key: {unknown}")

@@ -17,6 +17,7 @@ from kombu.utils.json import dumps
 from kombu.utils.uuid import uuid
 
 from jobcore.config import Settings
+from jobcore.webhooks import DELIVER_TASK, WEBHOOK_QUEUE
 
 RUN_JOB_TASK = "lorp.run_job"
 QUEUE = "lorp"
@@ -58,16 +59,28 @@ def make_celery(settings: Settings, *, include: Sequence[str] = ()) -> Celery:
 def run_job_message(app: Celery, job_id: str) -> str:
     """The message that ``app.send_task(RUN_JOB_TASK, args=[job_id])`` pushes (LPUSH) onto the
     Redis list :data:`QUEUE`: Celery's task message (protocol 2, from ``app.amqp``) in kombu's
-    Redis transport envelope, with new task id and delivery tag.
+    Redis transport envelope, with new task id and delivery tag (:func:`task_message`).
 
     Built without Celery's publish machinery (a producer from the pool, a retry wrapper, a new
     Redis client per message: 0.45 ms of CPU per job here), so the API can push it in the same
     Redis script that stores the job. ``tests/integration/test_job_queue.py`` checks that it
     equals what ``send_task`` pushes, but for the ids.
     """
+    return task_message(app, RUN_JOB_TASK, [job_id], QUEUE)
+
+
+def webhook_message(app: Celery, job_id: str, state: str) -> tuple[str, str]:
+    """The broker list and the message of the webhook delivery of a job's ``state`` event
+    (``worker.notifier`` consumes :data:`jobcore.webhooks.WEBHOOK_QUEUE`)."""
+    return WEBHOOK_QUEUE, task_message(app, DELIVER_TASK, [job_id, state], WEBHOOK_QUEUE)
+
+
+def task_message(app: Celery, task: str, args: list[str], queue: str) -> str:
+    """Celery's message for ``task(*args)`` in kombu's Redis envelope, for the list ``queue``
+    (see :func:`run_job_message`)."""
     task_id = uuid()
     headers, properties, body, _ = app.amqp.create_task_message(
-        task_id, RUN_JOB_TASK, [job_id], {}, reply_to=app.thread_oid, ignore_result=None
+        task_id, task, args, {}, reply_to=app.thread_oid, ignore_result=None
     )
     content_type, content_encoding, data = serialization.dumps(
         body, serializer=app.conf.task_serializer
@@ -82,7 +95,7 @@ def run_job_message(app: Celery, job_id: str) -> str:
                 "properties": {
                     **properties,
                     "delivery_mode": maybe_delivery_mode(app.conf.task_default_delivery_mode),
-                    "delivery_info": {"exchange": "", "routing_key": QUEUE},
+                    "delivery_info": {"exchange": "", "routing_key": queue},
                     "priority": 0,
                     "body_encoding": "base64",
                     "delivery_tag": uuid(),

@@ -35,6 +35,7 @@ from pydantic import (
     model_validator,
 )
 
+from jobcore import webhooks
 from jobcore.config import Settings
 from lorp.errors import InvalidInputError
 from lorp.methods import all_methods, get_method, method_names, selector
@@ -503,6 +504,13 @@ class JobCreate(BaseModel):
         description="latency/memory workloads timed on the original and the pruned model "
         "(null: no benchmark)",
     )
+    callback_url: Annotated[StrictStr, Field(max_length=2048)] | None = Field(
+        default=None,
+        description="https URL that gets a signed POST (X-LoRP-Signature: t=<unix>,v1=<hex "
+        "HMAC-SHA256 of '<t>.<body>'>) each time the job changes state, at least once, with "
+        "an event id (X-LoRP-Event-Id, '<job id>.<state>') to drop duplicates by; its host "
+        "must be one the operator allows and resolve to public addresses",
+    )
 
     @field_validator("model")
     @classmethod
@@ -515,6 +523,18 @@ class JobCreate(BaseModel):
         if v is None:
             return None
         return _check_context(_check_syntax(v, "text"), "text", info)
+
+    @field_validator("callback_url")
+    @classmethod
+    def _callback_url(cls, v: str | None, info: ValidationInfo) -> str | None:
+        settings: Settings | None = (info.context or {}).get("settings")
+        if v is None or settings is None:
+            return v
+        try:
+            webhooks.check_url(v, settings)
+        except webhooks.CallbackRefusedError as exc:
+            raise ValueError(str(exc)) from None
+        return v
 
     @field_validator("output_formats")
     @classmethod
@@ -640,7 +660,7 @@ class JobCreate(BaseModel):
             if name in config_fields
         }
         for option in type(self).model_fields:
-            if option in RUN_OPTIONS:
+            if option in RUN_OPTIONS or option in SERVICE_OPTIONS:
                 continue
             if option in PRUNE_CONFIG_RENAMES:
                 out.update(PRUNE_CONFIG_RENAMES[option](self))
@@ -675,6 +695,8 @@ def _local_depth(model_dir: Path) -> int | None:
 #: inputs (which the worker fetches first and passes as local paths), the compute dtype and the
 #: output formats.
 RUN_OPTIONS = ("model", "gguf_file", "calibration", "evaluation", "dtype", "output_formats")
+#: Options the service acts on around the run, which never reach the library.
+SERVICE_OPTIONS = ("callback_url",)
 #: Options whose ``PruneConfig`` fields are named otherwise: option -> the fields it sets.
 PRUNE_CONFIG_RENAMES: dict[str, Callable[[JobCreate], dict[str, Any]]] = {
     # a count or a fraction of the blocks

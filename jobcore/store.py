@@ -9,6 +9,8 @@ Key layout (all keys start with ``lorp:``)::
     lorp:tenant:{tenant}:state:{state} ZSET  seq -> id, the tenant's jobs in one state
     lorp:idem:{tenant}:{sha256(key)}   STR   {"job_id", "fingerprint"} with a TTL (Idempotency-Key)
     lorp:lock:{id}                     STR   run lock of the worker running the job (TTL, heartbeat)
+    lorp:job:{id}:deliveries           LIST  webhook delivery attempts (JSON), oldest first
+    lorp:hooks:pending                 ZSET  jobs with a callback whose final event is not sent
 
 Creation and every state transition run as Lua scripts, so a record, its indexes and its
 idempotency key change together or not at all; when the Celery broker is this Redis, creation
@@ -23,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import time
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -38,6 +41,9 @@ from redis.retry import Retry
 from jobcore.config import Settings
 from jobcore.errors import IdempotencyConflictError, InvalidTransitionError, JobNotFoundError
 from jobcore.spec import TERMINAL_STATES, JobCreate, JobError, JobState
+from jobcore.webhooks import MAX_RECORDED_ATTEMPTS
+
+_PENDING_HOOKS = "lorp:hooks:pending"
 
 STATES: tuple[JobState, ...] = tuple(JobState)
 _ID_RE = re.compile(r"^[0-9a-f]{32}$")
@@ -100,6 +106,28 @@ end
 return {1, cur}
 """
 
+_EVENTS_LUA = """
+-- KEYS: job, webhook queue list, pending zset; ARGV: now (epoch s), then state/message pairs.
+-- Marks each state's event sent (hook:<state>) and pushes its delivery message, once per state,
+-- for a job with a callback; a job stays in the pending set until a terminal event is pushed.
+if redis.call('HGET', KEYS[1], 'callback') ~= '1' then return 0 end
+local id = redis.call('HGET', KEYS[1], 'id')
+local pushed = 0
+for i = 2, #ARGV, 2 do
+  if redis.call('HSETNX', KEYS[1], 'hook:' .. ARGV[i], ARGV[1]) == 1 then
+    redis.call('LPUSH', KEYS[2], ARGV[i + 1])
+    pushed = pushed + 1
+  end
+end
+local state = redis.call('HGET', KEYS[1], 'state')
+if state == 'queued' or state == 'running' then
+  redis.call('ZADD', KEYS[3], 'NX', ARGV[1], id)
+else
+  redis.call('ZREM', KEYS[3], id)
+end
+return pushed
+"""
+
 _REFRESH_LOCK_LUA = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('PEXPIRE', KEYS[1], ARGV[2])
@@ -153,6 +181,7 @@ class JobRecord:
     cancel_requested: bool = False
     attempts: int = 0
     enqueued: bool = False
+    deliveries: list[dict[str, Any]] = field(default_factory=list)
 
     @classmethod
     def from_hash(cls, h: Mapping[str, str]) -> JobRecord:
@@ -211,14 +240,22 @@ class JobStore:
         self._transition = redis.register_script(_TRANSITION_LUA)
         self._refresh_lock = redis.register_script(_REFRESH_LOCK_LUA)
         self._release_lock = redis.register_script(_RELEASE_LOCK_LUA)
+        self._events = redis.register_script(_EVENTS_LUA)
+        self.event_message: Callable[[str, str], tuple[str, str]] | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings, *, for_worker: bool = False) -> JobStore:
         """A store on ``LORP_REDIS_URL``."""
-        return cls(
+        store = cls(
             make_redis(settings.redis_url, for_worker=for_worker),
             idempotency_ttl=settings.idempotency_ttl_seconds,
         )
+        if settings.webhook_allowed_hosts and settings.broker_url == settings.redis_url:
+            from jobcore.queue import make_celery, webhook_message
+
+            app = make_celery(settings)
+            store.event_message = lambda job_id, state: webhook_message(app, job_id, state)
+        return store
 
     def close(self) -> None:
         """Close the connection pool."""
@@ -266,6 +303,7 @@ class JobStore:
             "cancel_requested": "0",
             "attempts": "0",
             "enqueued": "1" if payload else "0",
+            "callback": "1" if spec.callback_url else "0",
         }
         args: list[Any] = [
             job_id,
@@ -288,6 +326,7 @@ class JobStore:
             args=args,
         )
         if int(created) == 1:  # the hash holds exactly these fields plus seq: no read back
+            self.send_events(job_id)
             return JobRecord.from_hash({**fields, "seq": str(value)}), True
         if json.loads(value)["fingerprint"] != fingerprint:
             raise IdempotencyConflictError(
@@ -300,11 +339,70 @@ class JobStore:
         return rec, False
 
     def get(self, tenant: str, job_id: str) -> JobRecord:
-        """The tenant's job; :class:`JobNotFoundError` when missing or another tenant's."""
+        """The tenant's job (with its webhook deliveries); :class:`JobNotFoundError` when
+        missing or another tenant's."""
         rec = self.get_any(job_id)
         if rec is None or rec.tenant != tenant:
             raise JobNotFoundError("job not found")
+        if rec.spec.get("callback_url"):
+            rec.deliveries = self.deliveries(job_id)
         return rec
+
+    # -- webhooks -------------------------------------------------------------------------
+
+    def send_events(self, job_id: str) -> int:
+        """Push the webhook delivery of every state the job has entered whose event was not
+        pushed yet (once per state, in one script with the mark); the number pushed. A job
+        without a callback, or a store without ``event_message``, sends nothing. Called after
+        every transition; :meth:`sweep_events` repeats it for jobs a crash may have left
+        between a transition and this call."""
+        if self.event_message is None:
+            return 0
+        state, started, callback = cast(
+            "list[str | None]",
+            self.redis.hmget(_job_key(job_id), ["state", "started_at", "callback"]),
+        )
+        if callback != "1" or state is None:
+            return 0
+        visited = [JobState.queued.value]
+        if started:
+            visited.append(JobState.running.value)
+        if state not in visited:
+            visited.append(state)
+        queue = ""
+        args: list[Any] = [int(time.time())]
+        for entered in visited:
+            queue, message = self.event_message(job_id, entered)
+            args += [entered, message]
+        return int(self._events(keys=[_job_key(job_id), queue, _PENDING_HOOKS], args=args))
+
+    def sweep_events(self, older_than_s: float = 60.0) -> int:
+        """:meth:`send_events` for every job with a callback whose final event has not been
+        pushed and that was last seen over ``older_than_s`` ago; the number pushed."""
+        cutoff = time.time() - older_than_s
+        ids = cast("list[str]", self.redis.zrangebyscore(_PENDING_HOOKS, "-inf", cutoff))
+        pushed = 0
+        for job_id in ids:
+            if not self.redis.exists(_job_key(job_id)):
+                self.redis.zrem(_PENDING_HOOKS, job_id)
+                continue
+            pushed += self.send_events(job_id)
+            self.redis.zadd(_PENDING_HOOKS, {job_id: time.time()}, xx=True)
+        return pushed
+
+    def record_delivery(self, job_id: str, attempt: dict[str, Any]) -> None:
+        """Append a webhook delivery attempt to the job's record (the last
+        :data:`jobcore.webhooks.MAX_RECORDED_ATTEMPTS` are kept)."""
+        key = f"{_job_key(job_id)}:deliveries"
+        pipe = self.redis.pipeline()
+        pipe.rpush(key, json.dumps(attempt, sort_keys=True))
+        pipe.ltrim(key, -MAX_RECORDED_ATTEMPTS, -1)
+        pipe.execute()
+
+    def deliveries(self, job_id: str) -> list[dict[str, Any]]:
+        """The job's webhook delivery attempts, oldest first."""
+        raw = cast("list[str]", self.redis.lrange(f"{_job_key(job_id)}:deliveries", 0, -1))
+        return [json.loads(item) for item in raw]
 
     def list_jobs(
         self,
@@ -490,4 +588,6 @@ class JobStore:
         code, cur = self._transition(keys=[_job_key(job_id), *_state_keys(tenant)], args=args)
         if int(code) == -1:
             raise JobNotFoundError("job not found")
+        if int(code) == 1 and new is not None and new.value != cur:
+            self.send_events(job_id)
         return int(code) == 1, str(cur)

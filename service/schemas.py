@@ -38,6 +38,20 @@ _JOB_EXAMPLE: dict[str, Any] = {
 }
 
 
+class WebhookDelivery(BaseModel):
+    """One attempt to post a job-state event to the job's ``callback_url``."""
+
+    event_id: str = Field(examples=["4f6c2e1a9b8d4c3e8f7a6b5c4d3e2f1a.running"])
+    state: JobState
+    attempt: int = Field(ge=1, description="1 for the first POST of this event")
+    at: datetime
+    ok: bool = Field(description="the receiver answered 2xx")
+    status: int | None = Field(default=None, description="the receiver's HTTP status")
+    error: str | None = None
+    seconds: float | None = None
+    final: bool = Field(default=False, description="the last attempt: the notifier gave up")
+
+
 class JobPublic(BaseModel):
     """A job as the API shows it."""
 
@@ -54,6 +68,10 @@ class JobPublic(BaseModel):
     cancel_requested: bool = False
     attempts: int = 0
     spec: JobCreate
+    deliveries: list[WebhookDelivery] = Field(
+        default_factory=list,
+        description="webhook delivery attempts, oldest first (jobs with a callback_url)",
+    )
 
     @classmethod
     def from_record(cls, rec: JobRecord) -> JobPublic:
@@ -70,6 +88,7 @@ class JobPublic(BaseModel):
             cancel_requested=rec.cancel_requested,
             attempts=rec.attempts,
             spec=JobCreate.model_validate(rec.spec),
+            deliveries=[WebhookDelivery.model_validate(d) for d in rec.deliveries],
         )
 
 

@@ -6,6 +6,7 @@ keys, buckets and the :class:`~devstack.testbed.Service` handle live in ``devsta
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 
 import httpx
@@ -27,6 +28,9 @@ from devstack.testbed import (
 from tests.tiny_models import build_tiny, tiny_tokenizer
 from tests.tiny_tasks import write_tiny_tasks
 
+#: The stack's webhook master secret (tenants' secrets derive from it: jobcore.webhooks).
+WEBHOOK_SECRET = "integration-webhook-secret"
+
 __all__ = [  # the stack's names, for the tests that import them from here
     "ARTIFACT_BUCKET",
     "INPUT_BUCKET",
@@ -35,6 +39,7 @@ __all__ = [  # the stack's names, for the tests that import them from here
     "MAX_MODEL_BYTES",
     "TENANT_A",
     "TENANT_B",
+    "WEBHOOK_SECRET",
     "Service",
     "client_a",
     "client_b",
@@ -68,7 +73,15 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
             "LORP_MAX_MODEL_BYTES": str(MAX_MODEL_BYTES),
             # tiny task data in the shared data's schema (not the real files: their size)
             "LORP_TASKS_DIR": str(write_tiny_tasks(tmp_path_factory.mktemp("tasks"))),
+            # webhooks to receivers the tests run on loopback (test_webhooks_e2e)
+            "LORP_WEBHOOK_ALLOWED_HOSTS": json.dumps(["127.0.0.1"]),
+            "LORP_WEBHOOK_ALLOW_PRIVATE": "true",
+            "LORP_WEBHOOK_ALLOW_HTTP": "true",
+            "LORP_WEBHOOK_SECRET": WEBHOOK_SECRET,
+            "LORP_WEBHOOK_BACKOFF_SECONDS": "0.5",
+            "LORP_WEBHOOK_TIMEOUT_SECONDS": "2",
         },
+        notifier=True,
         # one thread: the tiny model gains nothing from more, and a shared CPU punishes them
         worker_env={"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"},
         # the real worker plus a test-only hold point (inert unless a test sets its Redis key)

@@ -1,0 +1,140 @@
+"""The webhook notifier: a small Celery app (no torch) that posts job-state events.
+
+Start one or more with ``celery -A worker.notifier worker -Q lorp.webhooks --pool threads
+--concurrency 8`` and exactly one beat (``-B`` on one of them, or ``celery -A worker.notifier
+beat``) for the sweep. Each ``deliver_webhook(job_id, state)`` message is pushed by
+``jobcore.store.JobStore.send_events`` once per state a job enters; the task re-checks the URL
+against the operator's rules after resolving it, signs the body with the tenant's secret, posts
+it, records the attempt on the job, and retries with doubling waits (``acks_late``: a notifier
+that dies mid-delivery gets the message back). A receiver may therefore see an event more than
+once, always with the same ``X-LoRP-Event-Id``.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+from celery import Task
+
+from jobcore import webhooks
+from jobcore.config import Settings
+from jobcore.queue import make_celery
+from jobcore.store import JobRecord, JobStore
+
+log = logging.getLogger(__name__)
+
+SWEEP_TASK = "lorp.sweep_webhooks"
+#: How often beat runs the sweep, and how old a pending job must be to be swept.
+SWEEP_EVERY_S = 30.0
+
+settings = Settings()  # type: ignore[call-arg]
+app = make_celery(settings, include=["worker.notifier"])
+app.conf.update(
+    task_default_queue=webhooks.WEBHOOK_QUEUE,
+    worker_prefetch_multiplier=4,
+    beat_schedule={
+        "sweep-webhooks": {
+            "task": SWEEP_TASK,
+            "schedule": SWEEP_EVERY_S,
+            "options": {"queue": webhooks.WEBHOOK_QUEUE},
+        }
+    },
+)
+
+
+@functools.cache
+def _store() -> JobStore:
+    return JobStore.from_settings(settings, for_worker=True)
+
+
+def job_view(rec: JobRecord) -> dict[str, Any]:
+    """What an event says of its job (the public fields of ``GET /jobs/{id}`` but the spec)."""
+    return {
+        "id": rec.id,
+        "state": rec.state.value,
+        "created_at": rec.created_at,
+        "started_at": rec.started_at,
+        "finished_at": rec.finished_at,
+        "error": rec.error,
+        "summary": rec.summary,
+        "attempts": rec.attempts,
+    }
+
+
+def deliver(store: JobStore, job_id: str, state: str, attempt: int) -> tuple[bool, bool]:
+    """One delivery attempt of a job's ``state`` event; ``(done, retry)``: done when the
+    receiver took it (2xx) or it can never be delivered (job gone, URL refused), retry when a
+    later attempt may succeed."""
+    rec = store.get_any(job_id)
+    url = rec.spec.get("callback_url") if rec is not None else None
+    if rec is None or not url:
+        return True, False  # deleted or expired meanwhile: nothing to tell
+    entry: dict[str, Any] = {
+        "event_id": webhooks.event_id(job_id, state),
+        "state": state,
+        "attempt": attempt,
+        "at": datetime.now(UTC).isoformat(),
+    }
+    try:
+        target = webhooks.resolve(webhooks.check_url(url, settings), settings)
+        secret = webhooks.tenant_secret(settings, rec.tenant)
+    except webhooks.CallbackRefusedError as exc:
+        retry = "does not resolve" in str(exc)
+        store.record_delivery(job_id, {**entry, "ok": False, "status": None, "error": str(exc)})
+        return not retry, retry
+    body = webhooks.event_body(job_view(rec), state)
+    headers = {
+        webhooks.SIGNATURE_HEADER: webhooks.sign(secret, int(time.time()), body),
+        webhooks.EVENT_ID_HEADER: entry["event_id"],
+    }
+    result = webhooks.post(target, body, headers, settings.webhook_timeout_seconds)
+    store.record_delivery(
+        job_id,
+        {
+            **entry,
+            "ok": result.ok,
+            "status": result.status,
+            "error": result.error,
+            "seconds": round(result.seconds, 3),
+        },
+    )
+    return result.ok, not result.ok
+
+
+@app.task(name=webhooks.DELIVER_TASK, bind=True, acks_late=True, reject_on_worker_lost=True)
+def deliver_webhook(self: Task, job_id: str, state: str) -> str:
+    """Post one event; retried with backoff until delivered or ``webhook_max_attempts``."""
+    attempt = self.request.retries + 1
+    done, retry = deliver(_store(), job_id, state, attempt)
+    if done:
+        return "delivered"
+    if retry and attempt < settings.webhook_max_attempts:
+        raise self.retry(
+            countdown=webhooks.backoff_seconds(attempt, settings),
+            max_retries=settings.webhook_max_attempts - 1,
+        )
+    log.warning("job %s: event %s not delivered after %d attempts", job_id, state, attempt)
+    _store().record_delivery(
+        job_id,
+        {
+            "event_id": webhooks.event_id(job_id, state),
+            "state": state,
+            "attempt": attempt,
+            "at": datetime.now(UTC).isoformat(),
+            "ok": False,
+            "status": None,
+            "error": "gave up",
+            "final": True,
+        },
+    )
+    return "gave up"
+
+
+@app.task(name=SWEEP_TASK)
+def sweep_webhooks() -> int:
+    """Push events a crash left unsent (:meth:`jobcore.store.JobStore.sweep_events`)."""
+    return _store().sweep_events(older_than_s=SWEEP_EVERY_S)
