@@ -968,7 +968,8 @@ class LocalStack:
             app="worker.notifier",
             extra_args=["--beat", "--schedule", str(self.root / "beat-schedule")],
         )
-        return self.notifier.start()
+        self.notifier.start()
+        return self.notifier
 
     def start(self) -> LocalStack:
         try:

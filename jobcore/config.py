@@ -240,11 +240,6 @@ class Settings(BaseSettings):
             raise ValueError(
                 "set both s3_presign_access_key_id and s3_presign_secret_access_key, or neither"
             )
-        if self.webhook_allowed_hosts and self.broker_url != self.redis_url:
-            raise ValueError(
-                "webhooks need the Celery broker to be the job store's Redis (LORP_BROKER_URL "
-                "unset or equal to LORP_REDIS_URL): an event is marked sent and queued in one step"
-            )
         if self.webhook_allowed_hosts and self.webhook_secret is None:
             missing = sorted(set(self.api_keys.values()) - set(self.webhook_secrets))
             if missing:

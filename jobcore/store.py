@@ -241,7 +241,10 @@ class JobStore:
         self._refresh_lock = redis.register_script(_REFRESH_LOCK_LUA)
         self._release_lock = redis.register_script(_RELEASE_LOCK_LUA)
         self._events = redis.register_script(_EVENTS_LUA)
+        # webhooks: the broker list and message of a job's state event (None: no webhooks),
+        # and the broker's Redis when it is not this one
         self.event_message: Callable[[str, str], tuple[str, str]] | None = None
+        self.event_broker: Redis | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings, *, for_worker: bool = False) -> JobStore:
@@ -250,16 +253,20 @@ class JobStore:
             make_redis(settings.redis_url, for_worker=for_worker),
             idempotency_ttl=settings.idempotency_ttl_seconds,
         )
-        if settings.webhook_allowed_hosts and settings.broker_url == settings.redis_url:
+        if settings.webhook_allowed_hosts:
             from jobcore.queue import make_celery, webhook_message
 
             app = make_celery(settings)
             store.event_message = lambda job_id, state: webhook_message(app, job_id, state)
+            if settings.broker_url and settings.broker_url != settings.redis_url:
+                store.event_broker = make_redis(settings.broker_url, for_worker=for_worker)
         return store
 
     def close(self) -> None:
-        """Close the connection pool."""
+        """Close the connection pools."""
         self.redis.close()
+        if self.event_broker is not None:
+            self.event_broker.close()
 
     def ping(self) -> bool:
         """True when Redis answers."""
@@ -352,7 +359,8 @@ class JobStore:
 
     def send_events(self, job_id: str) -> int:
         """Push the webhook delivery of every state the job has entered whose event was not
-        pushed yet (once per state, in one script with the mark); the number pushed. A job
+        pushed yet (in one script with the mark when the broker is this Redis; else pushed,
+        then marked: a crash in between repeats an event, same id); the number pushed. A job
         without a callback, or a store without ``event_message``, sends nothing. Called after
         every transition; :meth:`sweep_events` repeats it for jobs a crash may have left
         between a transition and this call."""
@@ -369,12 +377,31 @@ class JobStore:
             visited.append(JobState.running.value)
         if state not in visited:
             visited.append(state)
-        queue = ""
-        args: list[Any] = [int(time.time())]
-        for entered in visited:
-            queue, message = self.event_message(job_id, entered)
-            args += [entered, message]
-        return int(self._events(keys=[_job_key(job_id), queue, _PENDING_HOOKS], args=args))
+        now = int(time.time())
+        if self.event_broker is None:  # the broker is this Redis: mark and push in one step
+            queue = ""
+            args: list[Any] = [now]
+            for entered in visited:
+                queue, message = self.event_message(job_id, entered)
+                args += [entered, message]
+            return int(self._events(keys=[_job_key(job_id), queue, _PENDING_HOOKS], args=args))
+        # a separate broker: push, then mark; a crash in between repeats the event (same id)
+        flags = cast(
+            "list[str | None]",
+            self.redis.hmget(_job_key(job_id), [f"hook:{s}" for s in visited]),
+        )
+        missing = [s for s, flag in zip(visited, flags, strict=True) if not flag]
+        for entered in missing:
+            self.event_broker.lpush(*self.event_message(job_id, entered))
+        pipe = self.redis.pipeline()
+        for entered in missing:
+            pipe.hsetnx(_job_key(job_id), f"hook:{entered}", now)
+        if state in (JobState.queued.value, JobState.running.value):
+            pipe.zadd(_PENDING_HOOKS, {job_id: now}, nx=True)
+        else:
+            pipe.zrem(_PENDING_HOOKS, job_id)
+        pipe.execute()
+        return len(missing)
 
     def sweep_events(self, older_than_s: float = 60.0) -> int:
         """:meth:`send_events` for every job with a callback whose final event has not been

@@ -5,7 +5,9 @@ A job with ``callback_url`` gets one event per state it enters (``queued``, ``ru
 ``succeeded`` / ``failed`` / ``cancelled``). The event id is ``<job id>.<state>``: the same on
 every retry and redelivery, so a receiver drops duplicates by it. Delivery is at least once
 (``jobcore.store.JobStore`` pushes the delivery task in the same Redis script that marks the
-event sent; ``worker.notifier`` posts it, retries with backoff and records every attempt).
+event sent, or pushes and then marks with a separate broker; a periodic sweep repeats what a
+crash left undone; ``worker.notifier`` posts it, retries with backoff and records every
+attempt).
 
 Rules for a callback URL (checked at submission without DNS, and again at every delivery after
 resolving the host, so DNS rebinding cannot turn an allowed name into an internal address):

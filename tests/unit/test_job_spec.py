@@ -18,6 +18,7 @@ import pytest
 from jobcore.spec import (
     PRUNE_CONFIG_RENAMES,
     RUN_OPTIONS,
+    SERVICE_OPTIONS,
     BenchmarkSpec,
     DType,
     JobCreate,
@@ -74,6 +75,7 @@ EVERY_OPTION: dict[str, Any] = {
         "repetitions": 12,
         "measure_blocks": False,
     },
+    "callback_url": "https://hooks.example.com/lorp",
 }
 
 #: Options whose library default differs from the spec's, and why (kept: changing either
@@ -143,6 +145,9 @@ def test_every_option_reaches_the_library_with_the_same_default() -> None:
     assert set(RUN_OPTIONS) == set(RUN_PARAMETERS)
     for option, field in JobCreate.model_fields.items():
         default = _default(field)
+        if option in SERVICE_OPTIONS:  # acted on by the service, never the library's
+            assert option not in config_defaults, option
+            continue
         if option in RUN_OPTIONS:
             assert run_params[RUN_PARAMETERS[option]].default == default, option
             continue
@@ -333,6 +338,9 @@ def test_lorp_prune_has_every_option_with_the_same_default_and_choices() -> None
             assert {"remove", "fraction"} <= set(actions)
             continue
         if option == "quality_gate":  # an object: its fields are checked
+            continue
+        if option in SERVICE_OPTIONS:  # the service's (webhooks): no library run has them
+            assert option not in actions, option
             continue
         dest = PRUNE_DESTS.get(option, option.rpartition(".")[2])
         assert dest in actions, f"lorp prune has no flag for {option}"
