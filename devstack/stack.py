@@ -829,8 +829,8 @@ class CeleryWorker(ManagedProcess):
 # the whole stack
 
 
-#: The queue of ``worker.notifier`` (``jobcore.webhooks.WEBHOOK_QUEUE``; a test checks they match).
-NOTIFIER_QUEUE = "lorp.webhooks"
+#: The queue of ``worker.housekeeper`` (``jobcore.webhooks.WEBHOOK_QUEUE``; a test checks it).
+HOUSEKEEPER_QUEUE = "lorp.webhooks"
 
 
 class LocalStack:
@@ -863,7 +863,7 @@ class LocalStack:
         worker_env: Mapping[str, str] | None = None,
         worker_app: str = "worker.celery_app",
         redis_appendfsync: str = "everysec",
-        notifier: bool = False,
+        housekeeper: bool = False,
     ) -> None:
         self.root = Path(root).resolve()
         self.root.mkdir(parents=True, exist_ok=True)
@@ -877,8 +877,8 @@ class LocalStack:
         self.api_key = next(iter(self.api_keys))
         self.worker_env = dict(worker_env or {})
         self.worker_app = worker_app
-        self.want_notifier = notifier
-        self.notifier: CeleryWorker | None = None
+        self.want_housekeeper = housekeeper
+        self.housekeeper: CeleryWorker | None = None
 
         self.redis = RedisServer(
             self.root / "redis",
@@ -935,8 +935,8 @@ class LocalStack:
         if self.api is not None:
             procs.append(self.api)
         procs.extend(self.workers)
-        if self.notifier is not None:
-            procs.append(self.notifier)
+        if self.housekeeper is not None:
+            procs.append(self.housekeeper)
         return procs
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -956,20 +956,20 @@ class LocalStack:
             worker.start()
         return worker
 
-    def start_notifier(self) -> CeleryWorker:
-        """The webhook notifier (``worker.notifier``: the ``lorp.webhooks`` queue, with the
-        sweep's beat embedded)."""
-        self.notifier = CeleryWorker(
+    def start_housekeeper(self) -> CeleryWorker:
+        """The housekeeper (``worker.housekeeper``: webhooks on the ``lorp.webhooks`` queue, with
+        the beat of its sweeps embedded)."""
+        self.housekeeper = CeleryWorker(
             {**self.env, **self.worker_env},
-            log_path=self.log_dir / "notifier.log",
-            queues=[NOTIFIER_QUEUE],
-            hostname=f"lorp-notifier-{secrets.token_hex(2)}@localhost",
+            log_path=self.log_dir / "housekeeper.log",
+            queues=[HOUSEKEEPER_QUEUE],
+            hostname=f"lorp-housekeeper-{secrets.token_hex(2)}@localhost",
             concurrency=2,
-            app="worker.notifier",
+            app="worker.housekeeper",
             extra_args=["--beat", "--schedule", str(self.root / "beat-schedule")],
         )
-        self.notifier.start()
-        return self.notifier
+        self.housekeeper.start()
+        return self.housekeeper
 
     def start(self) -> LocalStack:
         try:
@@ -980,8 +980,8 @@ class LocalStack:
                 self.api.start()
             for _ in range(self.num_workers):
                 self.add_worker()
-            if self.want_notifier:
-                self.start_notifier()
+            if self.want_housekeeper:
+                self.start_housekeeper()
         except BaseException:
             self.stop()
             raise

@@ -71,7 +71,7 @@ def run_job_message(app: Celery, job_id: str) -> str:
 
 def webhook_message(app: Celery, job_id: str, state: str) -> tuple[str, str]:
     """The broker list and the message of the webhook delivery of a job's ``state`` event
-    (``worker.notifier`` consumes :data:`jobcore.webhooks.WEBHOOK_QUEUE`)."""
+    (``worker.housekeeper`` consumes :data:`jobcore.webhooks.WEBHOOK_QUEUE`)."""
     return WEBHOOK_QUEUE, task_message(app, DELIVER_TASK, [job_id, state], WEBHOOK_QUEUE)
 
 

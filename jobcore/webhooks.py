@@ -6,7 +6,7 @@ A job with ``callback_url`` gets one event per state it enters (``queued``, ``ru
 every retry and redelivery, so a receiver drops duplicates by it. Delivery is at least once
 (``jobcore.store.JobStore`` pushes the delivery task in the same Redis script that marks the
 event sent, or pushes and then marks with a separate broker; a periodic sweep repeats what a
-crash left undone; ``worker.notifier`` posts it, retries with backoff and records every
+crash left undone; ``worker.housekeeper`` posts it, retries with backoff and records every
 attempt).
 
 Rules for a callback URL (checked at submission without DNS, and again at every delivery after
@@ -44,7 +44,7 @@ from urllib.parse import urlsplit
 
 from jobcore.config import Settings
 
-#: The Celery task that posts one event (``worker.notifier``) and the queue it reads.
+#: The Celery task that posts one event (``worker.housekeeper``) and the queue it reads.
 DELIVER_TASK = "lorp.deliver_webhook"
 WEBHOOK_QUEUE = "lorp.webhooks"
 SIGNATURE_HEADER = "X-LoRP-Signature"

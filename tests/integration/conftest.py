@@ -81,7 +81,7 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
             "LORP_WEBHOOK_BACKOFF_SECONDS": "0.5",
             "LORP_WEBHOOK_TIMEOUT_SECONDS": "2",
         },
-        notifier=True,
+        housekeeper=True,
         # one thread: the tiny model gains nothing from more, and a shared CPU punishes them
         worker_env={"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"},
         # the real worker plus a test-only hold point (inert unless a test sets its Redis key)

@@ -1,5 +1,5 @@
 """Webhooks on the real stack (issue 24 item 4): the API stores a job with ``callback_url``, the
-real worker runs it, the notifier (``worker.notifier``, its own Celery worker) posts a signed
+real worker runs it, the housekeeper (``worker.housekeeper``, its own Celery worker) posts a signed
 event per state change to a receiver on loopback, retries while the receiver is down or
 failing, and records every attempt on the job."""
 

@@ -20,7 +20,7 @@ from jobcore.config import Settings
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
 EXAMPLE_ENV = ROOT / "deploy" / "config.example.env"
-LORP_SERVICES = ("api", "worker-cpu", "worker-gpu", "notifier")
+LORP_SERVICES = ("api", "worker-cpu", "worker-gpu")
 SETTINGS_NAMES = {f"LORP_{name.upper()}" for name in Settings.model_fields}
 REQUIRED_NAMES = {
     f"LORP_{name.upper()}" for name, field in Settings.model_fields.items() if field.is_required()
@@ -196,12 +196,12 @@ def test_workers_run_one_prefork_job_on_the_task_queue(compose: dict[str, Any]) 
         assert QUEUE in cmd[cmd.index("-Q") + 1].split(",")
 
 
-def test_notifier_posts_webhooks_with_one_beat(compose: dict[str, Any]) -> None:
+def test_housekeeper_posts_webhooks_with_one_beat(compose: dict[str, Any]) -> None:
     from jobcore.webhooks import WEBHOOK_QUEUE
 
-    svc = services(compose)["notifier"]
+    svc = services(compose)["housekeeper"]
     cmd = svc["command"]
-    assert cmd[:4] == ["celery", "-A", "worker.notifier", "worker"]
+    assert cmd[:4] == ["celery", "-A", "worker.housekeeper", "worker"]
     assert cmd[cmd.index("-Q") + 1] == WEBHOOK_QUEUE
     assert "--beat" in cmd  # the sweep; the service is not meant to be scaled
     assert svc["image"] == services(compose)["worker-cpu"]["image"]

@@ -18,7 +18,7 @@ import pytest
 from pydantic import ValidationError
 from redis import Redis
 
-from devstack.stack import NOTIFIER_QUEUE, RedisServer
+from devstack.stack import HOUSEKEEPER_QUEUE, RedisServer
 from jobcore import webhooks
 from jobcore.config import Settings
 from jobcore.queue import make_celery, webhook_message
@@ -220,8 +220,8 @@ def test_callbacks_are_refused_when_the_operator_enabled_none(tmp_path: Path) ->
         validate_job({**BODY, "callback_url": "https://hooks.example.com/x"}, settings, "acme")
 
 
-def test_the_notifier_queue_names_agree() -> None:
-    assert NOTIFIER_QUEUE == webhooks.WEBHOOK_QUEUE
+def test_the_housekeeper_queue_names_agree() -> None:
+    assert HOUSEKEEPER_QUEUE == webhooks.WEBHOOK_QUEUE
 
 
 # -- one POST to a real receiver --------------------------------------------------------------
@@ -316,7 +316,7 @@ def _queued_events(redis: Redis) -> list[tuple[str, str]]:
     import base64
 
     out = []
-    for raw in reversed(redis.lrange(NOTIFIER_QUEUE, 0, -1)):  # LPUSH: oldest last
+    for raw in reversed(redis.lrange(HOUSEKEEPER_QUEUE, 0, -1)):  # LPUSH: oldest last
         message = json.loads(raw)
         assert message["headers"]["task"] == webhooks.DELIVER_TASK
         args = json.loads(base64.b64decode(message["body"]))[0]
@@ -332,7 +332,7 @@ def test_every_state_change_pushes_one_event_once(redis_url: str) -> None:
     store = JobStore.from_settings(settings)
     assert store.event_message is not None
     redis = store.redis
-    redis.delete(NOTIFIER_QUEUE)
+    redis.delete(HOUSEKEEPER_QUEUE)
     spec = JobCreate.model_validate({**BODY, "callback_url": "https://hooks.example.com/x"})
     plain = JobCreate.model_validate(BODY)
     rec, _ = store.create("acme", spec)
@@ -356,8 +356,8 @@ def test_a_separate_broker_gets_each_event_once(redis_url: str) -> None:
     store = JobStore.from_settings(settings)
     assert store.event_broker is not None
     broker = Redis.from_url(broker_url, decode_responses=True)
-    broker.delete(NOTIFIER_QUEUE)
-    store.redis.delete(NOTIFIER_QUEUE)
+    broker.delete(HOUSEKEEPER_QUEUE)
+    store.redis.delete(HOUSEKEEPER_QUEUE)
     spec = JobCreate.model_validate({**BODY, "callback_url": "https://hooks.example.com/x"})
     rec, _ = store.create("acme", spec)
     assert store.start(rec)
@@ -368,7 +368,7 @@ def test_a_separate_broker_gets_each_event_once(redis_url: str) -> None:
         (rec.id, "running"),
         (rec.id, "succeeded"),
     ]
-    assert store.redis.llen(NOTIFIER_QUEUE) == 0
+    assert store.redis.llen(HOUSEKEEPER_QUEUE) == 0
     assert store.redis.zscore("lorp:hooks:pending", rec.id) is None
     broker.close()
     store.close()
@@ -378,7 +378,7 @@ def test_the_sweep_sends_what_a_crash_left_unsent(redis_url: str) -> None:
     settings = _settings(redis_url=redis_url, webhook_allowed_hosts=["hooks.example.com"])
     spec = JobCreate.model_validate({**BODY, "callback_url": "https://hooks.example.com/x"})
     store = JobStore.from_settings(settings)
-    store.redis.delete(NOTIFIER_QUEUE)
+    store.redis.delete(HOUSEKEEPER_QUEUE)
     rec, _ = store.create("acme", spec)
     # a process that transitions but dies before sending (no event_message)
     app = make_celery(settings)

@@ -1,11 +1,16 @@
-"""The webhook notifier: a small Celery app (no torch) that posts job-state events.
+"""The housekeeper: a small Celery app (no torch) that posts job-state webhooks and runs the
+fleet's periodic chores.
 
-Start one or more with ``celery -A worker.notifier worker -Q lorp.webhooks --pool threads
---concurrency 8`` and exactly one beat (``-B`` on one of them, or ``celery -A worker.notifier
-beat``) for the sweep. Each ``deliver_webhook(job_id, state)`` message is pushed by
+Start one or more with ``celery -A worker.housekeeper worker -Q lorp.webhooks --pool threads
+--concurrency 8`` and exactly one beat (``--beat`` on one of them, or ``celery -A
+worker.housekeeper beat``) for the periodic tasks: the webhook sweep, and the orphan sweep that
+re-sends a job left ``running`` by a worker that died whole (its run lock expired: no heartbeat)
+so a surviving worker takes it at once instead of after the broker's visibility timeout.
+
+Each ``deliver_webhook(job_id, state)`` message is pushed by
 ``jobcore.store.JobStore.send_events`` once per state a job enters; the task re-checks the URL
 against the operator's rules after resolving it, signs the body with the tenant's secret, posts
-it, records the attempt on the job, and retries with doubling waits (``acks_late``: a notifier
+it, records the attempt on the job, and retries with doubling waits (``acks_late``: a housekeeper
 that dies mid-delivery gets the message back). A receiver may therefore see an event more than
 once, always with the same ``X-LoRP-Event-Id``.
 """
@@ -22,17 +27,19 @@ from celery import Task
 
 from jobcore import webhooks
 from jobcore.config import Settings
-from jobcore.queue import make_celery
+from jobcore.queue import QUEUE, RUN_JOB_TASK, make_celery
 from jobcore.store import JobRecord, JobStore
 
 log = logging.getLogger(__name__)
 
 SWEEP_TASK = "lorp.sweep_webhooks"
-#: How often beat runs the sweep, and how old a pending job must be to be swept.
+ORPHANS_TASK = "lorp.requeue_orphans"
+#: How often beat runs the sweeps, and how old a pending job must be to be swept.
 SWEEP_EVERY_S = 30.0
+ORPHANS_EVERY_S = 15.0
 
 settings = Settings()  # type: ignore[call-arg]
-app = make_celery(settings, include=["worker.notifier"])
+app = make_celery(settings, include=["worker.housekeeper"])
 app.conf.update(
     task_default_queue=webhooks.WEBHOOK_QUEUE,
     worker_prefetch_multiplier=4,
@@ -41,7 +48,12 @@ app.conf.update(
             "task": SWEEP_TASK,
             "schedule": SWEEP_EVERY_S,
             "options": {"queue": webhooks.WEBHOOK_QUEUE},
-        }
+        },
+        "requeue-orphans": {
+            "task": ORPHANS_TASK,
+            "schedule": ORPHANS_EVERY_S,
+            "options": {"queue": webhooks.WEBHOOK_QUEUE, "expires": ORPHANS_EVERY_S},
+        },
     },
 )
 
@@ -138,3 +150,16 @@ def deliver_webhook(self: Task, job_id: str, state: str) -> str:
 def sweep_webhooks() -> int:
     """Push events a crash left unsent (:meth:`jobcore.store.JobStore.sweep_events`)."""
     return _store().sweep_events(older_than_s=SWEEP_EVERY_S)
+
+
+@app.task(name=ORPHANS_TASK)
+def requeue_orphans() -> int:
+    """Re-send the run message of every job left ``running`` without a live run lock (its
+    worker died whole); duplicates are harmless (the run lock and the terminal-state check make
+    ``run_job`` idempotent). The number re-sent."""
+    store = _store()
+    orphans = store.orphaned_running()
+    for job_id in orphans:
+        log.warning("job %s: running without a live worker; re-enqueueing", job_id)
+        app.send_task(RUN_JOB_TASK, args=[job_id], queue=QUEUE)
+    return len(orphans)
