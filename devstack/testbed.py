@@ -18,6 +18,7 @@ from typing import Any
 
 import httpx
 
+from .faults import FaultProxy
 from .stack import LocalStack
 
 __all__ = [
@@ -101,6 +102,8 @@ class Service:
     model_local: Path
     calibration_uri: str
     evaluation_uri: str
+    # the fault proxy between the workers and the object store, when the stack has one
+    s3_proxy: FaultProxy | None = None
 
     @property
     def url(self) -> str:

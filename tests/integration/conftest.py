@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
 
 from devstack import LocalStack
+from devstack.faults import FaultProxy
 from devstack.testbed import (
     ARTIFACT_BUCKET,
     INPUT_BUCKET,
@@ -86,9 +88,16 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
         worker_env={"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"},
         # the real worker plus a test-only hold point (inert unless a test sets its Redis key)
         worker_app="tests.integration.hold_worker",
+        workers=0,  # started below, behind the fault proxy
     )
-    with stack:
-        yield upload_inputs(stack, local_root, model_dir)
+    # the workers reach the object store through a fault proxy (latency, resets on demand);
+    # the API and the tests reach it directly
+    with stack, FaultProxy(urlsplit(stack.s3.endpoint_url).port or 0) as proxy:
+        stack.worker_env["LORP_S3_ENDPOINT_URL"] = proxy.url
+        stack.add_worker()
+        svc = upload_inputs(stack, local_root, model_dir)
+        svc.s3_proxy = proxy
+        yield svc
 
 
 @pytest.fixture
