@@ -12,6 +12,7 @@ INPUT_NOT_FOUND = "input_not_found"
 INPUT_NOT_ALLOWED = "input_not_allowed"
 INTERNAL = "internal"
 WORKER_LOST = "worker_lost"
+WORK_DISK_FULL = "work_disk_full"
 
 
 class ServiceError(Exception):

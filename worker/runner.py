@@ -26,6 +26,7 @@ user needs, and a rerun without the gate (or with looser limits) produces the fu
 
 from __future__ import annotations
 
+import errno
 import functools
 import hashlib
 import json
@@ -47,6 +48,7 @@ from jobcore.config import Settings
 from jobcore.errors import (
     INTERNAL,
     STORAGE_UNAVAILABLE,
+    WORK_DISK_FULL,
     WORKER_LOST,
     InputNotAllowedError,
     StorageError,
@@ -144,6 +146,22 @@ class _Heartbeat(threading.Thread):
                     log.warning("job %s: lost the run lock", self.job_id)
             except RedisError as e:
                 log.warning("job %s: lock heartbeat failed: %s", self.job_id, e)
+
+
+def _disk_full(exc: BaseException) -> bool:
+    """True when ``exc`` or what caused it is "no space left on device" (ENOSPC/EDQUOT; the
+    safetensors writer reports it as text)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        text = str(current)
+        if "No space left on device" in text or "os error 28" in text:
+            return True
+        current = current.__cause__ or current.__context__
+    return False
 
 
 def _holder_is_dead(token: str) -> bool:
@@ -285,6 +303,14 @@ class JobRunner:
         def fail(code: str, message: str, summary: dict[str, Any] | None = None) -> str:
             return self._fail(rec, code, public_message(message, names), summary=summary)
 
+        def disk_full() -> str:
+            stage = (self.store.get_any(job_id) or rec).progress.get("stage") or "starting"
+            return fail(
+                WORK_DISK_FULL,
+                f"the worker's work disk is full (during {stage}): nothing was published; "
+                "retry later or ask the operator for a larger LORP_WORK_DIR",
+            )
+
         try:
             # A redelivered job starts clean: drop whatever an interrupted attempt uploaded.
             self._storage_call(lambda: self.storage.delete_prefix(job_prefix(rec.tenant, rec.id)))
@@ -307,7 +333,7 @@ class JobRunner:
         except QualityGateError as e:
             return fail(e.code, str(e), summary=e.summary)
         except LorpError as e:
-            return fail(e.code, str(e))
+            return disk_full() if _disk_full(e) else fail(e.code, str(e))
         except (StorageNotFoundError, InputNotAllowedError) as e:
             return fail(e.code, str(e))
         except StorageUnavailableError as e:
@@ -315,6 +341,8 @@ class JobRunner:
         except StorageError as e:
             return fail(e.code, str(e))
         except Exception as e:
+            if _disk_full(e):
+                return disk_full()
             log.exception("job %s: unexpected error", job_id)
             return fail(INTERNAL, f"internal error ({type(e).__name__}): {e}"[:500])
         self._finish(rec, JobState.succeeded, summary=summary, artifacts=artifacts)
