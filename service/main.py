@@ -26,6 +26,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
@@ -326,6 +327,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             "Authenticate with an `X-API-Key` header."
         ),
         lifespan=lifespan,
+        # operation ids are the route functions' names (create_job, get_job, ...): what a
+        # client generated from /openapi.json calls its methods
+        generate_unique_id_function=_operation_id,
     )
     app.state.registry = registry = CollectorRegistry()
     registry.register(_QueueCollector(app))
@@ -341,6 +345,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_log_redaction()  # also under a plain uvicorn (service.serve configures it itself)
     app.add_middleware(MetricsMiddleware, registry=None if multiprocess else registry)
     return app
+
+
+def _operation_id(route: APIRoute) -> str:
+    """A route's OpenAPI ``operationId``: its name (the function's, unless the route sets one)."""
+    return route.name
 
 
 async def _warm_up(app: FastAPI) -> None:

@@ -212,7 +212,7 @@ def _require_succeeded(state: JobState) -> None:
         },
     },
 )
-def get_report(job_id: str, tenant: TenantDep, store: StoreDep, storage: StorageDep) -> Any:
+def get_job_report(job_id: str, tenant: TenantDep, store: StoreDep, storage: StorageDep) -> Any:
     """The machine-readable report of a succeeded job."""
     rec = store.get(tenant, job_id)
     _require_succeeded(rec.state)
@@ -225,7 +225,7 @@ def get_report(job_id: str, tenant: TenantDep, store: StoreDep, storage: Storage
     summary="List the job's artifacts with presigned download URLs",
     responses={**_COMMON, **_NOT_FOUND, 409: {**_ERR, "description": "the job has not succeeded"}},
 )
-def list_artifacts(
+def get_job_artifacts(
     job_id: str, tenant: TenantDep, store: StoreDep, storage: StorageDep, settings: SettingsDep
 ) -> ArtifactsPublic:
     """Every file in the job's manifest (name, size, sha256) plus the manifest itself, each with
