@@ -19,6 +19,7 @@ from kombu.utils.uuid import uuid
 from jobcore.config import Settings
 
 RUN_JOB_TASK = "lorp.run_job"
+EXPIRE_JOBS_TASK = "lorp.expire_jobs"
 QUEUE = "lorp"
 
 

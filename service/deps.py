@@ -6,12 +6,15 @@ thread pool, one hop per dependency and request, while these only read the app s
 from __future__ import annotations
 
 import hmac
+import math
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request, Security, status
 from fastapi.security import APIKeyHeader
+from starlette.concurrency import run_in_threadpool
 
 from jobcore.config import Settings
+from jobcore.errors import RateLimitedError
 from jobcore.storage import Storage
 from jobcore.store import JobStore
 from service.queue import JobQueue
@@ -55,9 +58,11 @@ generated clients' ``AuthenticatedClient``) on every route that needs a key."""
 
 async def get_tenant(
     settings: SettingsDep,
+    store: StoreDep,
     x_api_key: Annotated[str | None, Security(API_KEY_HEADER)] = None,
 ) -> str:
-    """The tenant of the caller's ``X-API-Key``; 401 when missing or unknown."""
+    """The tenant of the caller's ``X-API-Key``; 401 when missing or unknown; 429 when the key
+    is over its request rate (``rate_limit_per_second``, token bucket in Redis)."""
     tenant = None
     if x_api_key:
         given = x_api_key.encode("utf-8", "surrogateescape")
@@ -70,6 +75,16 @@ async def get_tenant(
             detail="missing or unknown API key (send X-API-Key)",
             headers={"WWW-Authenticate": "ApiKey"},
         )
+    rate = settings.rate_limit_per_second
+    if rate is not None and x_api_key:
+        burst = settings.rate_limit_burst
+        wait = await run_in_threadpool(store.take_token, x_api_key, rate, burst)
+        if wait > 0:
+            raise RateLimitedError(
+                f"more than {burst} requests in a burst or {rate:g} per second for this API key "
+                f"(rate_limit_burst={burst}, rate_limit_per_second={rate:g}); retry later",
+                retry_after=max(1, math.ceil(wait)),
+            )
     return tenant
 
 

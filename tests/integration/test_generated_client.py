@@ -67,7 +67,8 @@ def test_generated_client_names_and_job(service: Service, generated: Path) -> No
         client=anonymous, body=models.JobCreate.from_dict(service.job_body())
     )
     assert refused.status_code == 401
-    assert isinstance(refused.parsed, models.ErrorResponse) and refused.parsed.code == "unauthorized"
+    assert isinstance(refused.parsed, models.ErrorResponse)
+    assert refused.parsed.code == "unauthorized"
 
     # the security scheme: the key goes in X-API-Key, without a prefix
     client = client_mod.AuthenticatedClient(
@@ -86,4 +87,4 @@ def test_generated_client_names_and_job(service: Service, generated: Path) -> No
         job = get_job.sync(job.id, client=client)
         assert isinstance(job, models.JobPublic)
     assert job.state.value == "succeeded", job.to_dict()
-    assert job.summary is not None and len(job.summary.removed) == 2
+    assert job.summary is not None and len(job.summary.removed_blocks) == 2

@@ -62,7 +62,7 @@ def test_operation_ids_are_clean_names(spec: dict[str, Any]) -> None:
 def test_api_key_security_scheme(spec: dict[str, Any]) -> None:
     schemes = spec["components"]["securitySchemes"]
     assert len(schemes) == 1
-    (name, scheme), = schemes.items()
+    ((name, scheme),) = schemes.items()
     assert scheme["type"] == "apiKey" and scheme["in"] == "header"
     assert scheme["name"] == "X-API-Key"
     for op_id, (_, _, op) in _operations(spec).items():
