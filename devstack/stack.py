@@ -47,6 +47,7 @@ SHARED_TASKS_DIR = REPO_ROOT.parent / "shared" / "data" / "tasks"
 
 __all__ = [
     "ApiServer",
+    "CeleryBeat",
     "CeleryWorker",
     "LocalStack",
     "ManagedProcess",
@@ -825,6 +826,39 @@ class CeleryWorker(ManagedProcess):
         return any(self.hostname in reply for reply in replies or [])
 
 
+class CeleryBeat(ManagedProcess):
+    """``celery -A worker.celery_app beat``: sends the periodic tasks (job expiry every
+    ``LORP_RETENTION_SWEEP_SECONDS``); its schedule state lives in ``schedule_path``. Ready once
+    it logs that it started."""
+
+    name = "beat"
+
+    def __init__(
+        self,
+        env: Mapping[str, str],
+        *,
+        log_path: Path,
+        schedule_path: Path,
+        app: str = "worker.celery_app",
+        start_timeout: float = 60.0,
+    ) -> None:
+        argv = [
+            sys.executable, "-m", "celery", "-A", app, "beat",
+            "--schedule", str(schedule_path),
+            "--loglevel", "INFO",
+        ]  # fmt: skip
+        super().__init__(
+            argv,
+            log_path=log_path,
+            env=_python_env(env),
+            cwd=REPO_ROOT,
+            start_timeout=start_timeout,
+        )
+
+    def is_ready(self) -> bool:
+        return "beat: Starting..." in self.log_text()
+
+
 # --------------------------------------------------------------------------------------------
 # the whole stack
 
@@ -837,7 +871,7 @@ class LocalStack:
     task data (:func:`default_tasks_dir`) when it exists, unless ``settings`` says otherwise;
     ``api_workers`` is the number of API processes (``LORP_API_WORKERS``, one per core here);
     ``worker_app`` is the Celery app module the workers run (tests use one that adds a hold
-    point). Use as a context manager: on
+    point); ``beat`` also runs Celery beat (periodic job expiry). Use as a context manager: on
     any error during start, everything already started is stopped again.
     """
 
@@ -859,6 +893,7 @@ class LocalStack:
         worker_env: Mapping[str, str] | None = None,
         worker_app: str = "worker.celery_app",
         redis_appendfsync: str = "everysec",
+        beat: bool = False,
     ) -> None:
         self.root = Path(root).resolve()
         self.root.mkdir(parents=True, exist_ok=True)
@@ -872,6 +907,7 @@ class LocalStack:
         self.api_key = next(iter(self.api_keys))
         self.worker_env = dict(worker_env or {})
         self.worker_app = worker_app
+        self.want_beat = beat
 
         self.redis = RedisServer(
             self.root / "redis",
@@ -910,6 +946,7 @@ class LocalStack:
             self.env["LORP_TASKS_DIR"] = str(tasks_dir)
         self.env.update(settings or {})
         self.api: ApiServer | None = None
+        self.beat: CeleryBeat | None = None
         self.workers: list[CeleryWorker] = []
         self._worker_seq = 0
 
@@ -928,6 +965,8 @@ class LocalStack:
         if self.api is not None:
             procs.append(self.api)
         procs.extend(self.workers)
+        if self.beat is not None:
+            procs.append(self.beat)
         return procs
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -956,6 +995,14 @@ class LocalStack:
                 self.api.start()
             for _ in range(self.num_workers):
                 self.add_worker()
+            if self.want_beat:
+                self.beat = CeleryBeat(
+                    {**self.env, **self.worker_env},
+                    log_path=self.log_dir / "beat.log",
+                    schedule_path=self.root / "beat-schedule",
+                    app=self.worker_app,
+                )
+                self.beat.start()
         except BaseException:
             self.stop()
             raise
@@ -987,11 +1034,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("root", nargs="?", help="state directory (default: a temporary one)")
     parser.add_argument("--no-api", action="store_true")
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--beat", action="store_true", help="also run Celery beat (job expiry)")
     args = parser.parse_args(argv)
     install_signal_handlers()
     root = Path(args.root) if args.root else Path(tempfile.mkdtemp(prefix="lorp-stack-"))
     try:
-        with LocalStack(root, api=not args.no_api, workers=args.workers) as stack:
+        with LocalStack(root, api=not args.no_api, workers=args.workers, beat=args.beat) as stack:
             for key, value in stack.env.items():
                 print(f"{key}={value}")
             if stack.api is not None:

@@ -1,25 +1,30 @@
 """The job store's quotas, deletion and rate limit against a real redis-server (no mocks): a
 submission over the queued quota stores nothing, the running limit holds a job queued, a
 deletion hides a finished job (indexes and idempotency key included) and never touches a queued
-or running one, the finished index finds only expired finished jobs, the token bucket."""
+or running one, the finished index finds only expired finished jobs, the token bucket, and the
+worker deferring a job whose tenant is at its running limit."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 import redis
 
 from devstack import RedisServer
+from jobcore.config import Settings
 from jobcore.errors import (
     InvalidTransitionError,
     JobNotFoundError,
     QuotaExceededError,
 )
 from jobcore.spec import JobCreate, JobState
+from jobcore.storage import Storage
 from jobcore.store import DELETING_KEY, FINISHED_KEY, JobStore, make_redis
+from worker.runner import JobRunner
 
 TENANT, OTHER = "acme", "globex"
 SPEC = JobCreate.model_validate(
@@ -165,3 +170,29 @@ def test_token_bucket_per_key(store: JobStore) -> None:
     assert store.take_token("key-two-000000", 2.0, 3) == 0.0  # its own bucket
     time.sleep(0.6)
     assert store.take_token("key-one-000000", 2.0, 3) == 0.0
+
+
+def _never(*_: object, **__: object) -> None:
+    raise AssertionError("a deferred job must not run")
+
+
+def test_worker_defers_a_job_over_the_running_limit(
+    store: JobStore, redis_url: str, tmp_path: Path
+) -> None:
+    settings = Settings(
+        redis_url=redis_url,
+        s3_access_key_id="ak",  # type: ignore[arg-type]
+        s3_secret_access_key="sk",  # type: ignore[arg-type]
+        s3_bucket="lorp-test",
+        api_keys={"acme-key-0123456789": TENANT},
+        work_dir=tmp_path / "work",
+        tenant_max_running=1,
+    )
+    first, _ = store.create(TENANT, SPEC)
+    second, _ = store.create(TENANT, SPEC)
+    assert store.start(first)
+    runner = JobRunner(settings, store, Storage(settings), pipeline=_never)
+    assert runner.run(second.id) == "deferred"
+    rec = store.get(TENANT, second.id)
+    assert rec.state == JobState.queued and rec.attempts == 0
+    assert store.lock_holder(second.id) is None  # the next try can take it
