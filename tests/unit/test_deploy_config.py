@@ -402,3 +402,14 @@ def test_dockerfiles_copy_only_existing_paths(compose: dict[str, Any]) -> None:
                     if src == "README.md" and not (ROOT / src).exists():
                         pytest.fail("README.md (pyproject's readme) is missing at the repo root")
                     assert (ROOT / src).exists(), f"{path.name}: COPY source {src} missing"
+
+
+def test_beat_runs_the_worker_app_with_the_shared_configuration(compose: dict[str, Any]) -> None:
+    """One ``beat`` (job expiry), in the worker image, configured like the API and workers."""
+    svc = services(compose)
+    beat = svc["beat"]
+    assert beat["command"][:4] == ["celery", "-A", "worker.celery_app", "beat"]
+    assert beat["image"] == svc["worker-cpu"]["image"] and "build" not in beat
+    assert "profiles" not in beat and "deploy" not in beat  # one instance, always on
+    env = {k: v for k, v in beat["environment"].items() if k.startswith("LORP_")}
+    assert env == {k: v for k, v in svc["api"]["environment"].items() if k.startswith("LORP_")}
