@@ -15,7 +15,7 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from devstack import CeleryBeat
+from devstack import CeleryBeat, CeleryWorker
 from devstack.testbed import HELD_PREFIX, HOLD_KEY, KEY_A, KEY_B, TENANT_A, Service, until
 from jobcore.config import Settings
 from jobcore.retention import expire_jobs
@@ -25,6 +25,7 @@ from service.main import create_app
 
 pytestmark = pytest.mark.integration
 SWEEP_DONE = re.compile(r"Task lorp\.expire_jobs\[[^\]]+\] succeeded")
+DEFERRED = re.compile(r"Task lorp\.run_job\[[^\]]+\] retry: Retry in 10s")
 
 
 def _succeeded(service: Service, client: httpx.Client) -> str:
@@ -118,6 +119,46 @@ def test_beat_sends_the_sweep_to_the_worker(service: Service) -> None:
             step=0.5,
         )
     assert "Sending due task lorp-expire-jobs (lorp.expire_jobs)" in beat.log_text()
+
+
+def test_running_limit_defers_and_lets_other_tenants_run(
+    service: Service, client_a: httpx.Client, client_b: httpx.Client
+) -> None:
+    """Two workers; tenant A at its running limit (1, on the second worker's settings): A's
+    second job waits queued (deferred, never started) while tenant B's job runs on the free
+    worker, and runs once A's first job is done."""
+    db = service.redis()
+    db.set(HOLD_KEY, "calibration")  # the stack's worker parks A's first job there
+    limited = CeleryWorker(
+        {**service.stack.env, **service.stack.worker_env, "LORP_TENANT_MAX_RUNNING": "1"},
+        log_path=service.stack.log_dir / "worker-limited.log",
+        hostname="lorp-limited@localhost",
+    )
+    a1 = a2 = ""
+    try:
+        a1 = client_a.post("/jobs", json=service.job_body()).raise_for_status().json()["id"]
+        until("A's first job held running", lambda: db.get(HELD_PREFIX + a1), timeout=120)
+        limited.start()  # plain worker.celery_app: no hold point
+        a2 = client_a.post("/jobs", json=service.job_body()).raise_for_status().json()["id"]
+        until("A's second job deferred", lambda: DEFERRED.search(limited.log_text()), 120, 0.2)
+        body_b = service.job_body(
+            model=str(service.model_local), calibration="corpus:handbook", evaluation=None
+        )
+        b1 = client_b.post("/jobs", json=body_b).raise_for_status().json()["id"]
+        assert service.wait(client_b, b1)["state"] == "succeeded"  # B is not held up by A
+        waiting = client_a.get(f"/jobs/{a2}").json()
+        assert waiting["state"] == "queued" and waiting["started_at"] is None
+        assert client_a.get(f"/jobs/{a1}").json()["state"] == "running"
+        db.delete(HOLD_KEY)
+        assert service.wait(client_a, a1)["state"] == "succeeded"
+        done = service.wait(client_a, a2, timeout=180)
+        assert done["state"] == "succeeded" and done["attempts"] == 1
+    finally:
+        db.delete(HOLD_KEY)
+        for job_id in (a1, a2):
+            if job_id:
+                client_a.post(f"/jobs/{job_id}/cancel")
+        limited.stop()
 
 
 @pytest.fixture
