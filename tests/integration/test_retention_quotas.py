@@ -21,6 +21,7 @@ from jobcore.config import Settings
 from jobcore.retention import expire_jobs
 from jobcore.storage import Storage
 from jobcore.store import FINISHED_KEY, JobStore, make_redis
+from service.client import ApiError, LorpClient
 from service.main import create_app
 
 pytestmark = pytest.mark.integration
@@ -62,6 +63,9 @@ def test_delete_removes_objects_and_record(service: Service, client_a: httpx.Cli
     assert not db.exists(f"lorp:job:{job_id}") and db.zscore(FINISHED_KEY, job_id) is None
     again = client_a.delete(f"/jobs/{job_id}")  # the second DELETE: gone either way
     assert again.status_code == 404 and again.json()["code"] == "not_found"
+    with LorpClient(service.url, KEY_A) as api, pytest.raises(ApiError) as err:
+        api.delete(job_id)
+    assert (err.value.status_code, err.value.code) == (404, "not_found")
 
 
 def test_expiry_removes_only_expired_finished_jobs(
