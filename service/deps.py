@@ -1,7 +1,8 @@
 """FastAPI dependencies as ``Annotated`` aliases, so routes read like prose.
 
-They are ``async def`` although they never await: FastAPI runs a plain ``def`` dependency in the
-thread pool, one hop per dependency and request, while these only read the app state."""
+They are ``async def`` although they (almost) never await: FastAPI runs a plain ``def``
+dependency in the thread pool, one hop per dependency and request, while these only read the app
+state; :func:`get_tenant` goes to the thread pool for Redis only when a rate limit is set."""
 
 from __future__ import annotations
 
