@@ -46,6 +46,7 @@ LOOPBACK = "127.0.0.1"
 SHARED_TASKS_DIR = REPO_ROOT.parent / "shared" / "data" / "tasks"
 
 __all__ = [
+    "HOUSEKEEPER_QUEUE",
     "ApiServer",
     "CeleryWorker",
     "LocalStack",
@@ -841,7 +842,7 @@ class LocalStack:
     task data (:func:`default_tasks_dir`) when it exists, unless ``settings`` says otherwise;
     ``api_workers`` is the number of API processes (``LORP_API_WORKERS``, one per core here);
     ``worker_app`` is the Celery app module the workers run (tests use one that adds a hold
-    point). Use as a context manager: on
+    point); ``beat`` also runs Celery beat (periodic job expiry). Use as a context manager: on
     any error during start, everything already started is stopped again.
     """
 
@@ -1013,11 +1014,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("root", nargs="?", help="state directory (default: a temporary one)")
     parser.add_argument("--no-api", action="store_true")
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument(
+        "--no-housekeeper", action="store_true", help="no webhooks, expiry or orphan sweeps"
+    )
     args = parser.parse_args(argv)
     install_signal_handlers()
     root = Path(args.root) if args.root else Path(tempfile.mkdtemp(prefix="lorp-stack-"))
     try:
-        with LocalStack(root, api=not args.no_api, workers=args.workers) as stack:
+        with LocalStack(
+            root,
+            api=not args.no_api,
+            workers=args.workers,
+            housekeeper=not args.no_housekeeper,
+        ) as stack:
             for key, value in stack.env.items():
                 print(f"{key}={value}")
             if stack.api is not None:

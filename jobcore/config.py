@@ -96,6 +96,32 @@ class Settings(BaseSettings):
     webhook_timeout_seconds: Annotated[float, Field(gt=0, le=60)] = 10.0
     webhook_backoff_seconds: Annotated[float, Field(gt=0, le=3600)] = 2.0
     webhook_backoff_max_seconds: Annotated[float, Field(gt=0, le=86400)] = 600.0
+    # Retention: finished jobs (records and artifacts) are deleted this many seconds after they
+    # finished by the periodic expiry task (``worker.housekeeper.expire_jobs``, sent by its
+    # beat), which runs every ``retention_sweep_seconds``; 0 or unset (empty): kept until
+    # DELETEd.
+    job_retention_seconds: Annotated[int, Field(ge=0)] | None = 7 * 24 * 3600
+    retention_sweep_seconds: Annotated[int, Field(ge=1)] = 3600
+    # Quotas per tenant (unset: no limit). Submissions while the tenant has
+    # ``tenant_max_queued`` jobs queued get 429; a worker defers (re-queues with a countdown) a
+    # job whose tenant already has ``tenant_max_running`` jobs running.
+    tenant_max_queued: Annotated[int, Field(ge=1)] | None = None
+    tenant_max_running: Annotated[int, Field(ge=1)] | None = None
+    # Request rate limit per API key: a token bucket of ``rate_limit_burst`` requests refilled
+    # at ``rate_limit_per_second`` (unset: no limit); over it -> 429 with Retry-After.
+    rate_limit_per_second: Annotated[float, Field(gt=0)] | None = None
+    rate_limit_burst: Annotated[int, Field(ge=1)] = 60
+
+    @field_validator(
+        "job_retention_seconds",
+        "tenant_max_queued",
+        "tenant_max_running",
+        "rate_limit_per_second",
+        mode="before",
+    )
+    @classmethod
+    def _unset_limit(cls, v: object) -> object:
+        return None if v == "" else v  # compose passes an unset variable as ""
 
     @field_validator("redis_url", "broker_url")
     @classmethod
@@ -253,6 +279,11 @@ class Settings(BaseSettings):
             if unknown:
                 raise ValueError(f"{name} names tenants without an API key: {unknown}")
         return self
+
+    @property
+    def retention(self) -> int | None:
+        """Seconds a finished job is kept, or None: kept until deleted."""
+        return self.job_retention_seconds or None
 
     def job_token_limit(self, tenant: str) -> int:
         """The most token positions one job of ``tenant`` may cost."""

@@ -68,3 +68,20 @@ class StorageNotFoundError(StorageError):
     """An object or prefix does not exist."""
 
     code = INPUT_NOT_FOUND
+
+
+class QuotaExceededError(ServiceError):
+    """A tenant limit was reached (``tenant_max_queued`` at submission, ``tenant_max_running``
+    when a worker would start the job); ``retry_after`` seconds is a hint for the client."""
+
+    code = "quota_exceeded"
+
+    def __init__(self, message: str, retry_after: int = 30) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class RateLimitedError(QuotaExceededError):
+    """The API key sent requests faster than ``rate_limit_per_second`` allows."""
+
+    code = "rate_limited"

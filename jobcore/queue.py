@@ -20,6 +20,7 @@ from jobcore.config import Settings
 from jobcore.webhooks import DELIVER_TASK, WEBHOOK_QUEUE
 
 RUN_JOB_TASK = "lorp.run_job"
+EXPIRE_JOBS_TASK = "lorp.expire_jobs"
 QUEUE = "lorp"
 
 

@@ -33,6 +33,8 @@ from jobcore.errors import StorageError, StorageNotFoundError, StorageUnavailabl
 
 T = TypeVar("T")
 MiB = 1024 * 1024
+#: A job's commit point: written after every artifact, deleted before any (jobcore.retention).
+MANIFEST = "manifest.json"
 _UNAVAILABLE_CODES = {
     "SlowDown",
     "ServiceUnavailable",
@@ -221,6 +223,11 @@ class Storage:
                 for obj in page.get("Contents", []):
                     out.append(ObjectInfo(obj["Key"], int(obj["Size"])))
         return out
+
+    def delete(self, key: str, bucket: str | None = None) -> None:
+        """Delete one object (no error when it does not exist)."""
+        with _translated(f"delete {key}"):
+            self.client.delete_object(Bucket=bucket or self.bucket, Key=key)
 
     def delete_prefix(self, prefix: str, bucket: str | None = None) -> int:
         """Delete every object under ``prefix``; returns how many were deleted."""

@@ -11,6 +11,9 @@ Key layout (all keys start with ``lorp:``)::
     lorp:lock:{id}                     STR   run lock of the worker running the job (TTL, heartbeat)
     lorp:job:{id}:deliveries           LIST  webhook delivery attempts (JSON), oldest first
     lorp:hooks:pending                 ZSET  jobs with a callback whose final event is not sent
+    lorp:finished                      ZSET  finished time (epoch s) -> id, every finished job
+    lorp:deleting                      ZSET  time the deletion began -> id (artifacts still going)
+    lorp:rate:{sha256(api key)}        HASH  token bucket of an API key (tokens, ts; TTL)
 
 Creation and every state transition run as Lua scripts, so a record, its indexes and its
 idempotency key change together or not at all; when the Celery broker is this Redis, creation
@@ -18,6 +21,17 @@ pushes the job's run message (:mod:`jobcore.queue`) onto the broker's list in th
 (``service.queue``).
 Reads through the API always name the tenant; a job of another tenant is reported exactly like a
 missing one.
+
+Quotas: creation refuses a tenant's job while it has ``tenant_max_queued`` jobs queued (nothing is
+stored), and :meth:`JobStore.start` refuses to start one while it has ``tenant_max_running``
+running (the job stays queued; the worker defers it), each in the script that would change the
+state, so concurrent API processes and workers cannot overshoot.
+
+Deletion (``DELETE /jobs/{id}`` and expiry, :mod:`jobcore.retention`) is two steps:
+:meth:`JobStore.begin_delete` hides a finished job at once (out of every index, reads 404, its
+idempotency key gone, the id in ``lorp:deleting``), then the artifacts are deleted and
+:meth:`JobStore.purge` drops the record. A deletion interrupted between the two is finished by
+the next expiry sweep or DELETE.
 """
 
 from __future__ import annotations
@@ -39,21 +53,30 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
 from jobcore.config import Settings
-from jobcore.errors import IdempotencyConflictError, InvalidTransitionError, JobNotFoundError
+from jobcore.errors import (
+    IdempotencyConflictError,
+    InvalidTransitionError,
+    JobNotFoundError,
+    QuotaExceededError,
+)
 from jobcore.spec import TERMINAL_STATES, JobCreate, JobError, JobState
 from jobcore.webhooks import MAX_RECORDED_ATTEMPTS
 
 _PENDING_HOOKS = "lorp:hooks:pending"
 
 STATES: tuple[JobState, ...] = tuple(JobState)
+FINISHED_KEY = "lorp:finished"
+DELETING_KEY = "lorp:deleting"
+QUOTA_RETRY_AFTER_SECONDS = 30  # Retry-After of a submission over the queued-jobs quota
 _ID_RE = re.compile(r"^[0-9a-f]{32}$")
 MAX_PAGE = 100
 
 _CREATE_LUA = """
 -- KEYS: job, tenant seq, tenant jobs zset, queued zset, idempotency key (optional), queue list
--- ARGV: job id, use idem (0/1), idem value, idem ttl, message ('' = none), then field/value pairs
+-- ARGV: job id, use idem (0/1), idem value, idem ttl, message ('' = none), max queued ('' = no
+-- limit), then field/value pairs
 -- returns {1, seq} for a new job (its message pushed onto the queue list in the same step),
--- {0, idem value, the job's fields} for an existing key
+-- {0, idem value, the job's fields} for an existing key, {-2, queued count} over the quota
 if ARGV[2] == '1' then
   local existing = redis.call('GET', KEYS[5])
   if existing then
@@ -62,8 +85,12 @@ if ARGV[2] == '1' then
     return {0, existing, redis.call('HGETALL', job)}
   end
 end
+if ARGV[6] ~= '' then
+  local queued = redis.call('ZCARD', KEYS[4])
+  if queued >= tonumber(ARGV[6]) then return {-2, queued} end
+end
 local seq = redis.call('INCR', KEYS[2])
-redis.call('HSET', KEYS[1], 'seq', seq, unpack(ARGV, 6))
+redis.call('HSET', KEYS[1], 'seq', seq, unpack(ARGV, 7))
 redis.call('ZADD', KEYS[3], seq, ARGV[1])
 redis.call('ZADD', KEYS[4], seq, ARGV[1])
 if ARGV[2] == '1' then
@@ -83,15 +110,25 @@ return 1
 """
 
 _TRANSITION_LUA = """
--- KEYS: job, then the tenant's state zsets in the order of ARGV[3] (comma list of all states)
--- ARGV: new state ('' = keep), allowed current states (comma list), all states, field/values...
+-- KEYS: job, then the tenant's state zsets in the order of ARGV[3] (comma list of all states),
+-- then the finished index
+-- ARGV: new state ('' = keep), allowed current states (comma list), all states, the most jobs
+-- of the tenant allowed in the new state ('' = no limit), field/values...
+-- returns {1, old state}; {0, state} when not allowed; {-2, state} at the limit; {-1} missing
 local cur = redis.call('HGET', KEYS[1], 'state')
 if not cur then return {-1, ''} end
 local ok = false
 for s in string.gmatch(ARGV[2], '[^,]+') do if s == cur then ok = true end end
 if not ok then return {0, cur} end
-if #ARGV > 3 then redis.call('HSET', KEYS[1], unpack(ARGV, 4)) end
 local new = ARGV[1]
+if ARGV[4] ~= '' and new ~= '' and new ~= cur then
+  local i = 1
+  for s in string.gmatch(ARGV[3], '[^,]+') do
+    i = i + 1
+    if s == new and redis.call('ZCARD', KEYS[i]) >= tonumber(ARGV[4]) then return {-2, cur} end
+  end
+end
+if #ARGV > 4 then redis.call('HSET', KEYS[1], unpack(ARGV, 5)) end
 if new ~= '' and new ~= cur then
   local seq = redis.call('HGET', KEYS[1], 'seq')
   local id = redis.call('HGET', KEYS[1], 'id')
@@ -102,6 +139,8 @@ if new ~= '' and new ~= cur then
     if s == new then redis.call('ZADD', KEYS[i], seq, id) end
   end
   redis.call('HSET', KEYS[1], 'state', new)
+  local finished = redis.call('HGET', KEYS[1], 'finished_ts')
+  if finished and finished ~= '' then redis.call('ZADD', KEYS[#KEYS], finished, id) end
 end
 return {1, cur}
 """
@@ -128,6 +167,48 @@ end
 return pushed
 """
 
+_BEGIN_DELETE_LUA = """
+-- KEYS: job, tenant jobs zset, the tenant's state zsets (ARGV[3] order), finished, deleting
+-- ARGV: tenant ('' = any), finished states (comma list), all states, now (epoch s)
+-- returns {1, state} (hidden now, or already being deleted); {0, state} not finished; {-1} missing
+local h = redis.call('HMGET', KEYS[1], 'tenant', 'state', 'id', 'idem_key')
+if not h[1] or (ARGV[1] ~= '' and h[1] ~= ARGV[1]) then return {-1, ''} end
+local finished = false
+for s in string.gmatch(ARGV[2], '[^,]+') do if s == h[2] then finished = true end end
+if not finished then return {0, h[2]} end
+local id = h[3]
+redis.call('HSET', KEYS[1], 'deleting', '1')
+redis.call('ZREM', KEYS[2], id)
+for i = 3, #KEYS - 2 do redis.call('ZREM', KEYS[i], id) end
+redis.call('ZREM', KEYS[#KEYS - 1], id)
+if redis.call('ZSCORE', KEYS[#KEYS], id) == false then
+  redis.call('ZADD', KEYS[#KEYS], ARGV[4], id)
+end
+if h[4] and h[4] ~= '' then
+  -- the job key and the idempotency key are not in KEYS: a single Redis, not a cluster
+  local idem = redis.call('GET', h[4])
+  if idem and cjson.decode(idem)['job_id'] == id then redis.call('DEL', h[4]) end
+end
+return {1, h[2]}
+"""
+
+_TAKE_TOKEN_LUA = """
+-- KEYS: bucket; ARGV: refill per second, burst. Returns '0' (taken) or the seconds to wait.
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local rate, burst = tonumber(ARGV[1]), tonumber(ARGV[2])
+local h = redis.call('HMGET', KEYS[1], 'tokens', 'ts')
+local tokens = tonumber(h[1]) or burst
+local ts = tonumber(h[2]) or now
+tokens = math.min(burst, tokens + math.max(0, now - ts) * rate)
+local wait = 0
+if tokens >= 1 then tokens = tokens - 1 else wait = (1 - tokens) / rate end
+local fmt = '%.6f'
+redis.call('HSET', KEYS[1], 'tokens', string.format(fmt, tokens), 'ts', string.format(fmt, now))
+redis.call('PEXPIRE', KEYS[1], math.ceil(burst / rate * 1000) + 1000)
+return string.format('%.6f', wait)
+"""
+
 _REFRESH_LOCK_LUA = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('PEXPIRE', KEYS[1], ARGV[2])
@@ -143,6 +224,12 @@ return 0
 
 def _now() -> str:
     return datetime.now(UTC).isoformat()
+
+
+def _finished_fields() -> dict[str, str]:
+    """``finished_at`` (ISO) and ``finished_ts`` (epoch seconds: the finished index's score)."""
+    now = datetime.now(UTC)
+    return {"finished_at": now.isoformat(), "finished_ts": f"{now.timestamp():.3f}"}
 
 
 def _job_key(job_id: str) -> str:
@@ -182,6 +269,7 @@ class JobRecord:
     attempts: int = 0
     enqueued: bool = False
     deliveries: list[dict[str, Any]] = field(default_factory=list)
+    deleting: bool = False
 
     @classmethod
     def from_hash(cls, h: Mapping[str, str]) -> JobRecord:
@@ -203,6 +291,7 @@ class JobRecord:
             cancel_requested=h.get("cancel_requested") == "1",
             attempts=int(h.get("attempts", "0")),
             enqueued=h.get("enqueued") == "1",
+            deleting=h.get("deleting") == "1",
         )
 
 
@@ -238,6 +327,8 @@ class JobStore:
         self._create = redis.register_script(_CREATE_LUA)
         self._enqueue = redis.register_script(_ENQUEUE_LUA)
         self._transition = redis.register_script(_TRANSITION_LUA)
+        self._begin_delete = redis.register_script(_BEGIN_DELETE_LUA)
+        self._take_token = redis.register_script(_TAKE_TOKEN_LUA)
         self._refresh_lock = redis.register_script(_REFRESH_LOCK_LUA)
         self._release_lock = redis.register_script(_RELEASE_LOCK_LUA)
         self._events = redis.register_script(_EVENTS_LUA)
@@ -281,6 +372,7 @@ class JobStore:
         idempotency_key: str | None = None,
         *,
         message: Callable[[str], tuple[str, str]] | None = None,
+        max_queued: int | None = None,
     ) -> tuple[JobRecord, bool]:
         """Store a new queued job; returns ``(record, created)``.
 
@@ -289,6 +381,9 @@ class JobStore:
         :class:`IdempotencyConflictError`. With ``message``, ``message(job_id)`` is a broker
         list in this Redis and the run message of the new job: the same script pushes it there
         and marks the job enqueued, so a job is stored and queued together or not at all.
+        With ``max_queued``, a new job of a tenant that already has that many jobs queued raises
+        :class:`QuotaExceededError` and nothing is stored (a repeat of a stored job still
+        returns it).
         """
         fingerprint = hashlib.sha256(spec.fingerprint().encode()).hexdigest()
         job_id = uuid.uuid4().hex
@@ -311,6 +406,7 @@ class JobStore:
             "attempts": "0",
             "enqueued": "1" if payload else "0",
             "callback": "1" if spec.callback_url else "0",
+            "idem_key": idem_key,
         }
         args: list[Any] = [
             job_id,
@@ -318,6 +414,7 @@ class JobStore:
             json.dumps({"job_id": job_id, "fingerprint": fingerprint}),
             self.idempotency_ttl,
             payload,
+            "" if max_queued is None else str(max_queued),
         ]
         for k, v in fields.items():
             args += [k, v]
@@ -335,6 +432,12 @@ class JobStore:
         if int(created) == 1:  # the hash holds exactly these fields plus seq: no read back
             self.send_events(job_id)
             return JobRecord.from_hash({**fields, "seq": str(value)}), True
+        if int(created) == -2:
+            raise QuotaExceededError(
+                f"tenant {tenant!r} already has {value} queued jobs, the most allowed "
+                f"(tenant_max_queued={max_queued}); retry once some have started",
+                retry_after=QUOTA_RETRY_AFTER_SECONDS,
+            )
         if json.loads(value)["fingerprint"] != fingerprint:
             raise IdempotencyConflictError(
                 "Idempotency-Key was already used with a different request body"
@@ -347,9 +450,9 @@ class JobStore:
 
     def get(self, tenant: str, job_id: str) -> JobRecord:
         """The tenant's job (with its webhook deliveries); :class:`JobNotFoundError` when
-        missing or another tenant's."""
+        missing, another tenant's or being deleted."""
         rec = self.get_any(job_id)
-        if rec is None or rec.tenant != tenant:
+        if rec is None or rec.tenant != tenant or rec.deleting:
             raise JobNotFoundError("job not found")
         if rec.spec.get("callback_url"):
             rec.deliveries = self.deliveries(job_id)
@@ -486,7 +589,7 @@ class JobStore:
             {JobState.queued},
             {
                 "cancel_requested": "1",
-                "finished_at": now,
+                **_finished_fields(),
                 "updated_at": now,
                 "progress": json.dumps({"stage": None, "fraction": 0.0, "message": "cancelled"}),
             },
@@ -512,8 +615,10 @@ class JobStore:
         h = cast("dict[str, str]", self.redis.hgetall(_job_key(job_id)))
         return JobRecord.from_hash(h) if h else None
 
-    def start(self, rec: JobRecord) -> bool:
-        """queued|running -> running (a redelivered job is running already); counts attempts."""
+    def start(self, rec: JobRecord, *, max_running: int | None = None) -> bool:
+        """queued|running -> running (a redelivered job is running already); counts attempts.
+        With ``max_running``, a queued job whose tenant already has that many jobs running
+        stays queued and :class:`QuotaExceededError` is raised (checked in the same script)."""
         now = _now()
         fields = {
             "attempts": str(rec.attempts + 1),
@@ -523,7 +628,12 @@ class JobStore:
             "progress": json.dumps({"stage": "starting", "fraction": 0.0, "message": ""}),
         }
         ok, _ = self._run_transition(
-            rec.tenant, rec.id, JobState.running, {JobState.queued, JobState.running}, fields
+            rec.tenant,
+            rec.id,
+            JobState.running,
+            {JobState.queued, JobState.running},
+            fields,
+            limit=max_running,
         )
         return ok
 
@@ -555,10 +665,10 @@ class JobStore:
     ) -> bool:
         """running|queued -> a terminal state; False when the job already left those states."""
         assert state in TERMINAL_STATES
-        now = _now()
+        finished = _finished_fields()
         fields = {
-            "finished_at": now,
-            "updated_at": now,
+            **finished,
+            "updated_at": finished["finished_at"],
             "error": error.model_dump_json() if error else "",
             "summary": json.dumps(summary) if summary is not None else "",
             "artifacts": json.dumps(artifacts) if artifacts is not None else "",
@@ -570,6 +680,72 @@ class JobStore:
             rec.tenant, rec.id, state, {JobState.running, JobState.queued}, fields
         )
         return ok
+
+    # -- deletion and expiry (jobcore.retention) -----------------------------------------
+
+    def begin_delete(self, job_id: str, tenant: str | None = None) -> JobRecord:
+        """Hide a finished job (``tenant`` None: of any tenant): out of every index, reads
+        404, its idempotency key gone, listed in :meth:`deleting_ids` until :meth:`purge`.
+        Repeats on a job being deleted succeed (to finish an interrupted deletion).
+        :class:`JobNotFoundError` when missing or another tenant's;
+        :class:`InvalidTransitionError` while queued or running."""
+        rec = self.get_any(job_id)
+        if rec is None or (tenant is not None and rec.tenant != tenant):
+            raise JobNotFoundError("job not found")
+        code, state = self._begin_delete(
+            keys=[
+                _job_key(job_id),
+                _tenant_key(rec.tenant, "jobs"),
+                *_state_keys(rec.tenant),
+                FINISHED_KEY,
+                DELETING_KEY,
+            ],
+            args=[
+                rec.tenant,
+                ",".join(s.value for s in TERMINAL_STATES),
+                ",".join(s.value for s in STATES),
+                f"{datetime.now(UTC).timestamp():.3f}",
+            ],
+        )
+        if int(code) == -1:
+            raise JobNotFoundError("job not found")
+        if int(code) == 0:
+            raise InvalidTransitionError(
+                f"job is {state}; only finished jobs can be deleted "
+                "(cancel it first: POST /jobs/{id}/cancel)"
+            )
+        return rec
+
+    def purge(self, job_id: str) -> None:
+        """Drop the record of a job :meth:`begin_delete` hid (its artifacts are gone)."""
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.delete(_job_key(job_id), f"{_job_key(job_id)}:deliveries")
+        pipe.zrem(_PENDING_HOOKS, job_id)
+        pipe.zrem(DELETING_KEY, job_id)
+        pipe.zrem(FINISHED_KEY, job_id)
+        pipe.execute()
+
+    def expired_ids(self, finished_before: float, limit: int = 500) -> list[str]:
+        """Ids of jobs that finished before ``finished_before`` (epoch seconds), oldest first."""
+        return cast(
+            "list[str]",
+            self.redis.zrangebyscore(FINISHED_KEY, "-inf", finished_before, start=0, num=limit),
+        )
+
+    def deleting_ids(self, began_before: float, limit: int = 500) -> list[str]:
+        """Ids of jobs whose deletion began before ``began_before`` and was never finished."""
+        return cast(
+            "list[str]",
+            self.redis.zrangebyscore(DELETING_KEY, "-inf", began_before, start=0, num=limit),
+        )
+
+    # -- request rate limit -------------------------------------------------------------
+
+    def take_token(self, caller: str, rate: float, burst: int) -> float:
+        """Take one request from ``caller``'s token bucket (``burst`` tokens, ``rate`` refilled
+        per second, Redis's clock); 0.0 when taken, else the seconds until one is available."""
+        digest = hashlib.sha256(caller.encode("utf-8", "surrogateescape")).hexdigest()
+        return float(self._take_token(keys=[f"lorp:rate:{digest}"], args=[rate, burst]))
 
     def acquire_lock(self, job_id: str, token: str, ttl_ms: int) -> bool:
         """Take the run lock of a job (only one worker runs a job at a time)."""
@@ -604,17 +780,27 @@ class JobStore:
         new: JobState | None,
         allowed: set[JobState],
         fields: Mapping[str, str],
+        *,
+        limit: int | None = None,
     ) -> tuple[bool, str]:
         args: list[str] = [
             new.value if new else "",
             ",".join(s.value for s in allowed),
             ",".join(s.value for s in STATES),
+            "" if limit is None or new is None else str(limit),
         ]
         for k, v in fields.items():
             args += [k, v]
-        code, cur = self._transition(keys=[_job_key(job_id), *_state_keys(tenant)], args=args)
+        code, cur = self._transition(
+            keys=[_job_key(job_id), *_state_keys(tenant), FINISHED_KEY], args=args
+        )
         if int(code) == -1:
             raise JobNotFoundError("job not found")
         if int(code) == 1 and new is not None and new.value != cur:
             self.send_events(job_id)
+        if int(code) == -2:
+            raise QuotaExceededError(
+                f"tenant {tenant!r} already has {limit} jobs {new.value if new else ''} "
+                f"(tenant_max_{new.value if new else ''}={limit})"
+            )
         return int(code) == 1, str(cur)

@@ -46,6 +46,7 @@ __all__ = [
 STAGES: tuple[str, ...] = ("downloading", *PIPELINE_STAGES, "uploading")
 TERMINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
 _RETRY_STATUS = frozenset({502, 503, 504})
+MAX_RATE_LIMIT_WAIT = 10.0  # seconds the client waits at most on one 429 rate_limited
 
 
 class Progress(TypedDict, total=False):
@@ -225,7 +226,10 @@ class LorpClient:
         idempotent: bool = True,
     ) -> Any:
         """One API call; transient failures (connection errors, 502/503/504) of idempotent
-        requests are retried with a short backoff."""
+        requests are retried with a short backoff, and any request refused by the API key's rate
+        limit (429 ``rate_limited``: nothing was done) after its ``Retry-After`` (at most
+        :data:`MAX_RATE_LIMIT_WAIT` s). A tenant quota (429 ``quota_exceeded``) is an
+        :class:`ApiError` at once. A 204 returns None."""
         attempt = 0
         while True:
             try:
@@ -242,8 +246,16 @@ class LorpClient:
                 attempt += 1
                 time.sleep(0.2 * 2 ** (attempt - 1))
                 continue
+            if response.status_code == 429 and attempt < self.retries:
+                wait = _rate_limit_wait(response)
+                if wait is not None:
+                    attempt += 1
+                    time.sleep(wait)
+                    continue
             if response.is_error:
                 raise ApiError.from_response(response)
+            if response.status_code == 204:
+                return None
             try:
                 return response.json()
             except ValueError as exc:
@@ -288,6 +300,11 @@ class LorpClient:
 
     def cancel(self, job_id: str) -> Job:
         return cast(Job, self._request("POST", f"/jobs/{_job_path(job_id)}/cancel"))
+
+    def delete(self, job_id: str) -> None:
+        """``DELETE /jobs/{id}``: a finished job's artifacts and record (409 while queued or
+        running; 404 once deleted)."""
+        self._request("DELETE", f"/jobs/{_job_path(job_id)}")
 
     def report(self, job_id: str) -> dict[str, Any]:
         return cast(dict[str, Any], self._request("GET", f"/jobs/{_job_path(job_id)}/report"))
@@ -377,6 +394,21 @@ class LorpClient:
             tmp.replace(target)
         finally:
             tmp.unlink(missing_ok=True)
+
+
+def _rate_limit_wait(response: httpx.Response) -> float | None:
+    """Seconds to wait before retrying a 429 of the rate limit; None for any other 429."""
+    try:
+        code = response.json().get("code")
+    except (ValueError, AttributeError):
+        return None
+    if code != "rate_limited":
+        return None
+    try:
+        wait = float(response.headers.get("Retry-After", "1"))
+    except ValueError:
+        wait = 1.0
+    return min(max(wait, 0.0), MAX_RATE_LIMIT_WAIT)
 
 
 def _job_path(job_id: str) -> str:

@@ -5,6 +5,7 @@
     lorp-jobs wait JOB_ID --timeout 3600
     lorp-jobs list --state running
     lorp-jobs cancel JOB_ID
+    lorp-jobs delete JOB_ID
     lorp-jobs download JOB_ID -o out/
 
 ``submit`` has a flag for every option of the job spec (``jobcore.spec.JobCreate``: names, types,
@@ -244,6 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("cancel", help="cancel a queued or running job")
     p.add_argument("job_id")
     p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("delete", help="delete a finished job's artifacts and record")
+    p.add_argument("job_id")
 
     p = sub.add_parser("download", help="download and verify every artifact of a succeeded job")
     p.add_argument("job_id")
@@ -531,6 +535,11 @@ def run(args: argparse.Namespace, client: LorpClient, out: TextIO, err: TextIO) 
         else:
             note = " (stops at the next stage boundary)" if job.get("state") == "running" else ""
             out.write(f"{job['id']} {job.get('state')}{note}\n")
+        return EXIT_OK
+
+    if args.command == "delete":
+        client.delete(args.job_id)
+        out.write(f"{args.job_id} deleted\n")
         return EXIT_OK
 
     if args.command == "download":

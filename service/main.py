@@ -2,7 +2,8 @@
 
 Settings are read once when the app starts (a bad configuration stops the start-up). Errors are
 mapped at this edge: job store or queue down -> 503 with ``Retry-After``; object store down ->
-503; unknown jobs -> 404; conflicts -> 409; bodies over ``LORP_MAX_REQUEST_BYTES`` -> 413;
+503; unknown jobs -> 404; conflicts -> 409; a tenant's queued-jobs quota or an API key's request
+rate -> 429 with ``Retry-After``; bodies over ``LORP_MAX_REQUEST_BYTES`` -> 413;
 bodies not complete ``LORP_BODY_TIMEOUT_SECONDS`` after reading began -> 408; anything
 unexpected -> a 500 with a generic message (tracebacks go to the log only). The access log never
 shows credentials passed in a query string (``service.serve.RedactQueryFilter``).
@@ -26,6 +27,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
@@ -39,6 +41,7 @@ from jobcore.errors import (
     InvalidTransitionError,
     JobNotFoundError,
     QueueUnavailableError,
+    QuotaExceededError,
     ServiceError,
     StorageError,
     StorageNotFoundError,
@@ -62,8 +65,10 @@ RETRY_AFTER_SECONDS = "5"
 WARM_CONNECTIONS = 10  # job store (and broker) connections opened at start
 
 
-def _error(status_code: int, detail: str, code: str, retry: bool = False) -> JSONResponse:
-    headers = {"Retry-After": RETRY_AFTER_SECONDS} if retry else None
+def _error(
+    status_code: int, detail: str, code: str, retry: bool = False, retry_after: str | None = None
+) -> JSONResponse:
+    headers = {"Retry-After": retry_after or RETRY_AFTER_SECONDS} if retry else None
     return JSONResponse({"detail": detail, "code": code}, status_code=status_code, headers=headers)
 
 
@@ -264,6 +269,10 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def _conflict(_: Request, exc: InvalidTransitionError) -> JSONResponse:
         return _error(409, str(exc), exc.code)
 
+    @app.exception_handler(QuotaExceededError)
+    async def _quota(_: Request, exc: QuotaExceededError) -> JSONResponse:
+        return _error(429, str(exc), exc.code, retry=True, retry_after=str(exc.retry_after))
+
     @app.exception_handler(StorageError)
     async def _storage(_: Request, exc: StorageError) -> JSONResponse:
         if isinstance(exc, StorageNotFoundError):
@@ -326,6 +335,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             "Authenticate with an `X-API-Key` header."
         ),
         lifespan=lifespan,
+        # operation ids are the route functions' names (create_job, get_job, ...): what a
+        # client generated from /openapi.json calls its methods
+        generate_unique_id_function=_operation_id,
     )
     app.state.registry = registry = CollectorRegistry()
     registry.register(_QueueCollector(app))
@@ -341,6 +353,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_log_redaction()  # also under a plain uvicorn (service.serve configures it itself)
     app.add_middleware(MetricsMiddleware, registry=None if multiprocess else registry)
     return app
+
+
+def _operation_id(route: APIRoute) -> str:
+    """A route's OpenAPI ``operationId``: its name (the function's, unless the route sets one)."""
+    return route.name
 
 
 async def _warm_up(app: FastAPI) -> None:

@@ -3,6 +3,8 @@
 Start a worker with ``celery -A worker.celery_app worker --pool prefork --concurrency 1``.
 Delivery is at-least-once: ``acks_late`` + ``task_reject_on_worker_lost`` put a job whose worker
 process died back on the queue, and the task itself is idempotent (see ``worker.tasks``).
+
+The periodic tasks (job expiry, the webhook and orphan sweeps) belong to ``worker.housekeeper``.
 """
 
 from __future__ import annotations

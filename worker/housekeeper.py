@@ -1,9 +1,11 @@
 """The housekeeper: a small Celery app (no torch) that posts job-state webhooks and runs the
-fleet's periodic chores.
+fleet's periodic chores: job expiry, the webhook sweep and the orphan sweep.
 
 Start one or more with ``celery -A worker.housekeeper worker -Q lorp.webhooks --pool threads
 --concurrency 8`` and exactly one beat (``--beat`` on one of them, or ``celery -A
-worker.housekeeper beat``) for the periodic tasks: the webhook sweep, and the orphan sweep that
+worker.housekeeper beat``) for the periodic tasks: job expiry (``expire_jobs``: finished jobs
+past ``LORP_JOB_RETENTION_SECONDS``, every ``LORP_RETENTION_SWEEP_SECONDS``, off the job queue so
+a busy worker never delays it), the webhook sweep, and the orphan sweep that
 re-sends a job left ``running`` by a worker that died whole (its run lock expired: no heartbeat)
 so a surviving worker takes it at once instead of after the broker's visibility timeout.
 
@@ -27,7 +29,9 @@ from celery import Task
 
 from jobcore import webhooks
 from jobcore.config import Settings
-from jobcore.queue import QUEUE, RUN_JOB_TASK, make_celery
+from jobcore.queue import EXPIRE_JOBS_TASK, QUEUE, RUN_JOB_TASK, make_celery
+from jobcore.retention import expire_jobs as expire
+from jobcore.storage import Storage
 from jobcore.store import JobRecord, JobStore
 
 log = logging.getLogger(__name__)
@@ -49,6 +53,15 @@ app.conf.update(
             "schedule": SWEEP_EVERY_S,
             "options": {"queue": webhooks.WEBHOOK_QUEUE},
         },
+        "expire-jobs": {
+            "task": EXPIRE_JOBS_TASK,
+            "schedule": float(settings.retention_sweep_seconds),
+            # a sweep not started within one interval is dropped; the next does its work
+            "options": {
+                "queue": webhooks.WEBHOOK_QUEUE,
+                "expires": float(settings.retention_sweep_seconds),
+            },
+        },
         "requeue-orphans": {
             "task": ORPHANS_TASK,
             "schedule": ORPHANS_EVERY_S,
@@ -61,6 +74,11 @@ app.conf.update(
 @functools.cache
 def _store() -> JobStore:
     return JobStore.from_settings(settings, for_worker=True)
+
+
+@functools.cache
+def _storage() -> Storage:
+    return Storage(settings)
 
 
 def job_view(rec: JobRecord) -> dict[str, Any]:
@@ -163,3 +181,11 @@ def requeue_orphans() -> int:
         log.warning("job %s: running without a live worker; re-enqueueing", job_id)
         app.send_task(RUN_JOB_TASK, args=[job_id], queue=QUEUE)
     return len(orphans)
+
+
+@app.task(name=EXPIRE_JOBS_TASK)
+def expire_jobs() -> dict[str, int]:
+    """Delete finished jobs older than ``LORP_JOB_RETENTION_SECONDS`` and finish interrupted
+    deletions (:func:`jobcore.retention.expire_jobs`)."""
+    result = expire(_store(), _storage(), settings.retention)
+    return {"deleted": len(result.deleted), "failed": len(result.failed)}

@@ -4,6 +4,7 @@ One run of a job::
 
     record terminal?            -> nothing to do (redelivered or duplicate message)
     run lock held elsewhere?    -> "busy": the task retries later
+    tenant at its running limit -> "deferred": stays queued, the task retries later
     cancel requested?           -> cancelled, no artifacts
     running (attempts += 1); delete any artifacts of an earlier, interrupted attempt
     fetch inputs -> lorp.pipeline.run_pipeline(progress=...) -> upload every file
@@ -51,6 +52,7 @@ from jobcore.errors import (
     WORK_DISK_FULL,
     WORKER_LOST,
     InputNotAllowedError,
+    QuotaExceededError,
     StorageError,
     StorageNotFoundError,
     StorageUnavailableError,
@@ -62,7 +64,7 @@ from jobcore.spec import (
     JobState,
     s3_not_granted_message,
 )
-from jobcore.storage import Storage, job_prefix, retry_storage, split_s3_uri
+from jobcore.storage import MANIFEST, Storage, job_prefix, retry_storage, split_s3_uri
 from jobcore.store import JobRecord, JobStore
 from lorp.errors import (
     CancelledError,
@@ -79,7 +81,6 @@ T = TypeVar("T")
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 MAX_TEXT_BYTES = 2 * 1024**3
-MANIFEST = "manifest.json"
 MAX_ATTEMPTS = 3  # runs of one job before a redelivered job is failed with WORKER_LOST
 #: How a job's report names the task data (LORP_TASKS_DIR; its local path is the operator's).
 TASK_DATA_NAME = "the service's task data (lm-eval 0-shot subsets)"
@@ -241,8 +242,8 @@ class JobRunner:
     # -- entry point --------------------------------------------------------------------
 
     def run(self, job_id: str) -> str:
-        """Run (or skip) one job; returns what happened: missing, skipped, busy, succeeded,
-        failed or cancelled."""
+        """Run (or skip) one job; returns what happened: missing, skipped, busy, deferred,
+        succeeded, failed or cancelled."""
         rec = self.store.get_any(job_id)
         if rec is None:
             log.warning("job %s: no record; dropping the message", job_id)
@@ -294,7 +295,12 @@ class JobRunner:
                 f"the worker died {rec.attempts} times while running this job "
                 "(out of memory? try a smaller model, dtype or batch)",
             )
-        if not self.store.start(rec):
+        try:
+            started = self.store.start(rec, max_running=self.settings.tenant_max_running)
+        except QuotaExceededError as e:
+            log.info("job %s: deferred: %s", job_id, e)
+            return "deferred"
+        if not started:
             return "skipped"
         rec = self.store.get_any(job_id) or rec
         progress = _Progress(self.store, rec)

@@ -1,6 +1,11 @@
-"""The Celery task: ``run_job(job_id)``. Thin on purpose — the job record holds all state and
-``worker.runner.JobRunner`` does the work; the task is idempotent, so a redelivered message
-(``acks_late`` + reject on worker loss) is harmless."""
+"""The Celery task: ``run_job(job_id)``. Thin on purpose — the
+job record holds all state and ``worker.runner.JobRunner`` does the work; the task is idempotent,
+so a redelivered message (``acks_late`` + reject on worker loss) is harmless.
+
+A job whose tenant already has ``LORP_TENANT_MAX_RUNNING`` jobs running is deferred: the task
+re-queues itself with a countdown (:data:`DEFER_SECONDS`) and the job stays queued; the limit is
+checked in the same Redis script that would start it, so it is never exceeded nor the job run
+twice, and the worker takes the next message meanwhile (another tenant's job gets the slot)."""
 
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ from worker.runner import JobRunner
 log = logging.getLogger(__name__)
 
 BUSY_RETRY_SECONDS = 5
+DEFER_SECONDS = 10  # a job over its tenant's running limit is looked at again after this
 
 
 @worker_init.connect
@@ -66,5 +72,8 @@ def run_job(self: Task, job_id: str) -> str:
         # Another process holds the run lock (e.g. a redelivery racing a dying worker):
         # look again once the lock has had time to expire.
         raise self.retry(countdown=BUSY_RETRY_SECONDS, max_retries=360)
+    if outcome == "deferred":
+        # Its tenant is at its running limit: the job stays queued; come back later.
+        raise self.retry(countdown=DEFER_SECONDS, max_retries=None)
     log.info("job %s: %s", job_id, outcome)
     return outcome

@@ -15,7 +15,7 @@ router = APIRouter(tags=["health"])
 
 
 @router.get("/healthz", response_model=HealthResponse, summary="Process is up")
-async def healthz() -> HealthResponse:
+async def health() -> HealthResponse:
     """Always ok while the process serves requests (no I/O: answered on the event loop)."""
     return HealthResponse(status="ok")
 
@@ -26,7 +26,7 @@ async def healthz() -> HealthResponse:
     summary="Redis and the object store answer",
     responses={503: {"model": HealthResponse, "description": "a dependency is unreachable"}},
 )
-def readyz(store: StoreDep, storage: StorageDep, response: Response) -> HealthResponse:
+def ready(store: StoreDep, storage: StorageDep, response: Response) -> HealthResponse:
     """Ready when both the job store (Redis) and the artifact bucket answer."""
     checks: dict[str, bool] = {}
     for name, probe in (("redis", store.ping), ("s3", storage.ping)):

@@ -1,4 +1,4 @@
-"""``/jobs``: submit, read, list, cancel jobs; read a job's report and artifacts."""
+"""``/jobs``: submit, read, list, cancel and delete jobs; read a job's report and artifacts."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 
 from jobcore.errors import INTERNAL, InvalidTransitionError
+from jobcore.retention import delete_job as delete_job_everywhere
 from jobcore.spec import JobCreate, JobError, JobState, validate_job
 from jobcore.storage import job_prefix
 from service.deps import QueueDep, SettingsDep, StorageDep, StoreDep, TenantDep
@@ -20,8 +21,13 @@ log = logging.getLogger(__name__)
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
 _ERR = {"model": ErrorResponse}
+_RETRY_AFTER = {
+    "Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "integer"}}
+}
+_RATE_LIMITED = "the API key's request rate limit (rate_limited)"
 _COMMON: dict[int | str, dict[str, Any]] = {
     401: {**_ERR, "description": "missing or unknown API key"},
+    429: {**_ERR, "description": _RATE_LIMITED, "headers": _RETRY_AFTER},
     503: {**_ERR, "description": "job store, queue or object store unavailable; retry later"},
 }
 _NOT_FOUND: dict[int | str, dict[str, Any]] = {
@@ -99,6 +105,12 @@ def _full_validation(body: JobCreate, settings: SettingsDep, tenant: str) -> Job
         400: {**_ERR, "description": "body that can't be parsed (e.g. not UTF-8)"},
         409: {**_ERR, "description": "Idempotency-Key reused with a different body"},
         413: {**_ERR, "description": "request body too large"},
+        429: {
+            **_ERR,
+            "description": "the tenant's quota of queued jobs (quota_exceeded; nothing is "
+            f"stored) or {_RATE_LIMITED}",
+            "headers": _RETRY_AFTER,
+        },
     },
 )
 def create_job(
@@ -118,9 +130,16 @@ def create_job(
     ] = None,
 ) -> Response:
     """Validate the spec, store a queued job and enqueue it. A repeat with the same
-    ``Idempotency-Key`` and body returns the first job; another body is a 409."""
+    ``Idempotency-Key`` and body returns the first job; another body is a 409. While the tenant
+    has ``tenant_max_queued`` jobs queued a new one is refused with 429 and not stored."""
     spec = _full_validation(body, settings, tenant)
-    rec, created = store.create(tenant, spec, idempotency_key, message=queue.with_create)
+    rec, created = store.create(
+        tenant,
+        spec,
+        idempotency_key,
+        message=queue.with_create,
+        max_queued=settings.tenant_max_queued,
+    )
     if rec.state == JobState.queued and not rec.enqueued:
         try:
             queue.send(rec.id)
@@ -189,6 +208,27 @@ def cancel_job(job_id: str, tenant: TenantDep, store: StoreDep) -> JobPublic:
     return JobPublic.from_record(store.request_cancel(tenant, job_id))
 
 
+@router.delete(
+    "/{job_id}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    response_class=Response,
+    summary="Delete a finished job and its artifacts",
+    responses={
+        **_COMMON,
+        404: {**_ERR, "description": "no such job for this tenant (or already deleted)"},
+        409: {**_ERR, "description": "the job is queued or running: cancel it first"},
+    },
+)
+def delete_job(job_id: str, tenant: TenantDep, store: StoreDep, storage: StorageDep) -> None:
+    """Delete a succeeded, failed or cancelled job: its record and every object under its
+    artifact prefix (``manifest.json`` first). From the moment the request is accepted the job
+    reads 404 and no download link can be made for it. A second DELETE answers 404 (the job is
+    gone either way; clients may treat it as success). Queued or running jobs answer 409: cancel
+    them first. When the object store fails (503) the job stays hidden and the deletion is
+    finished by a repeated DELETE or the next expiry sweep."""
+    delete_job_everywhere(store, storage, job_id, tenant)
+
+
 def _require_succeeded(state: JobState) -> None:
     if state != JobState.succeeded:
         raise InvalidTransitionError(f"job is {state.value}; results exist once it succeeded")
@@ -212,7 +252,7 @@ def _require_succeeded(state: JobState) -> None:
         },
     },
 )
-def get_report(job_id: str, tenant: TenantDep, store: StoreDep, storage: StorageDep) -> Any:
+def get_job_report(job_id: str, tenant: TenantDep, store: StoreDep, storage: StorageDep) -> Any:
     """The machine-readable report of a succeeded job."""
     rec = store.get(tenant, job_id)
     _require_succeeded(rec.state)
@@ -225,7 +265,7 @@ def get_report(job_id: str, tenant: TenantDep, store: StoreDep, storage: Storage
     summary="List the job's artifacts with presigned download URLs",
     responses={**_COMMON, **_NOT_FOUND, 409: {**_ERR, "description": "the job has not succeeded"}},
 )
-def list_artifacts(
+def get_job_artifacts(
     job_id: str, tenant: TenantDep, store: StoreDep, storage: StorageDep, settings: SettingsDep
 ) -> ArtifactsPublic:
     """Every file in the job's manifest (name, size, sha256) plus the manifest itself, each with

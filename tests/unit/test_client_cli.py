@@ -579,3 +579,49 @@ def test_format_job_shows_quality_flags_and_refusal() -> None:
     )
     assert "KL 0.0100" in passed and "top-1 agreement 95.0%" in passed
     assert "flag " not in passed and "refused" not in passed
+
+
+def test_delete_sends_delete_and_prints(capsys: pytest.CaptureFixture[str]) -> None:
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        if len(seen) == 1:
+            return httpx.Response(204)
+        return httpx.Response(409, json={"detail": "job is running; cancel it first",
+                                         "code": "invalid_state"})  # fmt: skip
+
+    out = io.StringIO()
+    with _client(handler) as api:
+        assert run(parse("delete", "job1"), api, out, io.StringIO()) == EXIT_OK
+        with pytest.raises(ApiError, match="409 invalid_state: job is running"):
+            api.delete("job2")
+    assert out.getvalue() == "job1 deleted\n"
+    assert [(r.method, r.url.path) for r in seen] == [("DELETE", "/jobs/job1"),
+                                                      ("DELETE", "/jobs/job2")]  # fmt: skip
+
+
+def test_rate_limited_requests_wait_and_retry_quota_does_not(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    slept: list[float] = []
+    monkeypatch.setattr("service.client.time.sleep", slept.append)
+    answers = [
+        httpx.Response(429, json={"detail": "slow down", "code": "rate_limited"},
+                       headers={"Retry-After": "2"}),
+        httpx.Response(202, json=_job("queued")),
+        httpx.Response(429, json={"detail": "tenant_max_queued=1", "code": "quota_exceeded"},
+                       headers={"Retry-After": "30"}),
+    ]  # fmt: skip
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return answers.pop(0)
+
+    transport = httpx.MockTransport(handler)
+    with LorpClient(API, "key-12345678", transport=transport, retries=3) as api:
+        # a POST without idempotency key is retried too: a 429 means nothing was done
+        assert api.submit({"model": "/m"})["state"] == "queued"
+        assert slept == [2.0]
+        with pytest.raises(ApiError, match="429 quota_exceeded"):
+            api.submit({"model": "/m"})
+    assert slept == [2.0] and not answers

@@ -159,7 +159,7 @@ class _Store:
     def release_lock(self, job_id: str, token: str) -> bool:
         return True
 
-    def start(self, rec: JobRecord) -> bool:
+    def start(self, rec: JobRecord, *, max_running: int | None = None) -> bool:
         rec.state = JobState.running
         rec.attempts += 1
         return True
