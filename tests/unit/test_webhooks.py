@@ -7,10 +7,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +16,8 @@ import pytest
 from pydantic import ValidationError
 from redis import Redis
 
-from devstack.stack import HOUSEKEEPER_QUEUE, RedisServer
+from devstack.receiver import WebhookReceiver
+from devstack.stack import HOUSEKEEPER_QUEUE, RedisServer, free_port
 from jobcore import webhooks
 from jobcore.config import Settings
 from jobcore.queue import make_celery, webhook_message
@@ -220,49 +219,27 @@ def test_callbacks_are_refused_when_the_operator_enabled_none(tmp_path: Path) ->
         validate_job({**BODY, "callback_url": "https://hooks.example.com/x"}, settings, "acme")
 
 
-def test_the_housekeeper_queue_names_agree() -> None:
+def test_the_housekeeper_queue_and_header_names_agree() -> None:
+    from devstack.receiver import EVENT_ID_HEADER
+
     assert HOUSEKEEPER_QUEUE == webhooks.WEBHOOK_QUEUE
+    assert EVENT_ID_HEADER == webhooks.EVENT_ID_HEADER
 
 
 # -- one POST to a real receiver --------------------------------------------------------------
 
 
-class _Receiver(ThreadingHTTPServer):
-    def __init__(self, answers: list[int]) -> None:
-        super().__init__(("127.0.0.1", 0), _Handler)
-        self.answers = answers
-        self.seen: list[tuple[dict[str, str], bytes]] = []
-
-
-class _Handler(BaseHTTPRequestHandler):
-    server: _Receiver
-
-    def do_POST(self) -> None:
-        body = self.rfile.read(int(self.headers["Content-Length"]))
-        self.server.seen.append((dict(self.headers), body))
-        status = self.server.answers.pop(0) if self.server.answers else 200
-        self.send_response(status)
-        self.end_headers()
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
 @pytest.fixture
-def receiver() -> Iterator[_Receiver]:
-    server = _Receiver([503])
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
+def receiver() -> Iterator[WebhookReceiver]:
+    with WebhookReceiver(free_port(), failures=1) as server:
+        yield server
 
 
-def test_post_reaches_the_checked_address_with_the_signature(receiver: _Receiver) -> None:
+def test_post_reaches_the_checked_address_with_the_signature(receiver: WebhookReceiver) -> None:
     settings = _settings(
         webhook_allowed_hosts=["localhost"], webhook_allow_http=True, webhook_allow_private=True
     )
-    port = receiver.server_address[1]
+    port = receiver.port
     target = webhooks.resolve(
         webhooks.check_url(f"http://localhost:{port}/h?k=1", settings), settings
     )
@@ -276,8 +253,8 @@ def test_post_reaches_the_checked_address_with_the_signature(receiver: _Receiver
     second = webhooks.post(target, body, headers, timeout=5)
     assert (first.ok, first.status, first.error) == (False, 503, "HTTP 503")
     assert (second.ok, second.status) == (True, 200)
-    assert len(receiver.seen) == 2
-    got_headers, got_body = receiver.seen[1]
+    assert [p.status for p in receiver.posts] == [503, 200]
+    got_headers, got_body = receiver.posts[1].headers, receiver.posts[1].body
     assert got_body == body
     assert got_headers["Host"] == f"localhost:{port}"
     assert got_headers[webhooks.EVENT_ID_HEADER] == "j1.running"
