@@ -12,9 +12,14 @@ production (one extra Redis GET per progress report).
 from __future__ import annotations
 
 import functools
+import os
+import resource
+import sys
 import time
 from collections import Counter
+from pathlib import Path
 
+from celery.signals import worker_process_init
 from redis import Redis
 from redis.exceptions import RedisError
 
@@ -25,6 +30,23 @@ from worker.celery_app import app, settings
 from worker.runner import _Progress
 
 __all__ = ["HELD_PREFIX", "HOLD_KEY", "app", "settings"]
+
+#: Test-only: each pool process limits its address space to its size when started plus this
+#: many MiB (benchmarks/reliability: a worker that runs out of memory).
+RLIMIT_ENV = "LORP_TEST_RLIMIT_AS_MB"
+
+
+@worker_process_init.connect
+def _limit_memory(**_: object) -> None:
+    headroom = os.environ.get(RLIMIT_ENV)
+    if not headroom:
+        return
+    status = Path("/proc/self/status").read_text()
+    vm_kib = int(next(ln for ln in status.splitlines() if ln.startswith("VmSize:")).split()[1])
+    limit = vm_kib * 1024 + int(headroom) * 1024 * 1024
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    print(f"RLIMIT_AS set to {limit // (1024 * 1024)} MB", file=sys.stderr, flush=True)
+
 
 MAX_HOLD_SECONDS = 120.0
 
