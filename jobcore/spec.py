@@ -763,3 +763,17 @@ class JobSummary(BaseModel):
     task_retention_by_task: dict[str, float | None] = Field(
         default_factory=dict, description="task -> pruned / dense accuracy"
     )
+    quality_target: dict[str, float] | None = Field(
+        default=None,
+        description="a budget by quality target: {max_ppl_ratio: x} or {min_task_retention: x} "
+        "(null with a block budget)",
+    )
+    target_depth: int | None = Field(
+        default=None,
+        description="with a quality target: the blocks removed, the deepest prune meeting the "
+        "target on held-out calibration data (stepped back if the evaluation missed it)",
+    )
+    target_confirmed: bool | None = Field(
+        default=None,
+        description="with a quality target: whether the evaluation data confirmed it",
+    )
