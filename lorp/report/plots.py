@@ -236,17 +236,19 @@ def plot_depth(report: Mapping[str, Any], path: Path) -> Path | None:
     confirmations = [
         c for c in search.get("confirmations") or [] if isinstance(c.get("value"), (int, float))
     ]
-    if confirmations:
-        ax.plot(
-            [c["num_remove"] for c in confirmations],
-            [c["value"] for c in confirmations],
-            ls="",
-            marker="D",
-            color="#27ae60",
-            ms=8,
-            label="evaluation data (as saved"
-            + (", folded)" if confirmations[0].get("folded") else ")"),
-        )
+    folded = ", folded" if confirmations and confirmations[0].get("folded") else ""
+    for met, color, word in ((True, "#27ae60", "meets"), (False, "#e67e22", "misses")):
+        points = [c for c in confirmations if bool(c.get("met")) == met]
+        if points:
+            ax.plot(
+                [c["num_remove"] for c in points],
+                [c["value"] for c in points],
+                ls="",
+                marker="D",
+                color=color,
+                ms=8,
+                label=f"evaluation data{folded}: {word} the target",
+            )
     final = search.get("final")
     if isinstance(final, int):
         ax.axvline(final, color="#27ae60", lw=1, alpha=0.6)
@@ -254,10 +256,13 @@ def plot_depth(report: Mapping[str, Any], path: Path) -> Path | None:
     ax.set_ylabel("perplexity ratio pruned / dense" if ratio else "average task retention")
     ax.set_xticks(xs)
     n = (report.get("selection") or {}).get("num_layers")
+    metric = "ppl ratio ≤" if ratio else "task retention ≥"
     ax.set_title(
-        f"Quality vs depth: removed {final} of {n} blocks "
-        f"({search.get('target')}; red: misses the target)",
-        fontsize=10,
+        f"Quality vs depth: {final} of {n} blocks removed (target {metric} {target:g}; "
+        "red: the search's first miss)"
+        if isinstance(target, (int, float))
+        else f"Quality vs depth: {final} of {n} blocks removed",
+        fontsize=9,
     )
     ax.legend(fontsize=8, loc="upper left" if ratio else "lower left")
     fig.tight_layout()
