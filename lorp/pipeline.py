@@ -31,11 +31,13 @@ Budgets by quality target (``target_ppl_ratio`` / ``target_task_retention``, :mo
 blocks, each measured on held-out calibration windows (or task items the evaluation does not
 score) until the first depth that misses the target; the deepest before it is chosen. The
 corrections (compensation, temperature) are fitted once, for the chosen depth, not for every
-depth searched: the search measures the plain selection, which the corrections only improve
-(:func:`lorp.compensation.tune_strength` keeps strength 0 when folding does not help), so the
-choice errs on the safe side. The evaluation stage then confirms the target on the evaluation
-data; when it misses, the prune steps back one depth (refitting the corrections) at most
-:data:`lorp.target.CONFIRM_STEPS` times, and a last miss is flagged (``target_not_confirmed``).
+depth searched: the search measures the plain selection (the fold's strength is tuned on
+calibration loss, :func:`lorp.compensation.tune_strength`, 0 = plain removal, so on
+calibration-like text the choice errs on the safe side; on other text the fold can lose, which
+the confirmation measures). The evaluation stage then confirms the target on the evaluation data
+(the saved, folded model); when it misses, the prune steps back one depth (refitting the
+corrections) at most :data:`lorp.target.CONFIRM_STEPS` times, and a last miss is flagged
+(``target_not_confirmed``).
 
 Compensation (``config.compensate``, :mod:`lorp.compensation`): after the selection, one linear
 map per removed run of blocks is fitted on the first ``compensation_windows`` calibration
@@ -720,7 +722,9 @@ def find_depth(
     block misses the target."""
     target = config.quality_target
     if target is None:
-        raise InvalidInputError("find_depth needs a quality target (target_ppl_ratio or ...)")
+        raise InvalidInputError(
+            "find_depth needs a quality target: target_ppl_ratio or target_task_retention"
+        )
     timer = timer or StageTimer()
     resolve_budget(num_blocks(model), 1)  # at least one removable block (BudgetError else)
     max_remove = num_blocks(model) - 2
@@ -1114,6 +1118,11 @@ def prune(
     measurement and before anything is removed (the model stays whole); its ``result`` is the
     refused :class:`PruneResult` (``pruned`` False, no benchmark), from which
     :func:`lorp.report.make_report` builds the refusal report.
+
+    With a quality target (``config.target_ppl_ratio`` / ``target_task_retention``),
+    :func:`find_depth` chooses the depth instead of :func:`select_blocks`, and the evaluation
+    confirms it, stepping back one depth while it misses (at most
+    :data:`lorp.target.CONFIRM_STEPS` times); ``result.depth_search`` has the curve.
 
     The stages, in order (each a public function of this module): :func:`preflight`,
     :func:`calibrate`, :func:`select_blocks`, :func:`compensate` (``config.compensate``),
