@@ -68,6 +68,9 @@ TASK_NAMES = ("hellaswag", "piqa", "arc_easy", "arc_challenge", "winogrande", "b
 #: (WinoGrande) and 180 (BoolQ: one passage, " no"/" yes" share a row) tokens; 400 covers the
 #: costliest task, so the estimate never undercounts on a similar tokenizer.
 TASK_ITEM_TOKENS = 400
+#: Depths a budget by quality target is charged for (lorp.target's scan measures the depths up to
+#: the first that misses the target; how many is unknown before the model is read).
+NOMINAL_DEPTHS = 8
 
 
 #: Layer-selection methods: every method of the library's registry (:mod:`lorp.methods`, which
@@ -254,24 +257,58 @@ OutputFormats = Annotated[list[OutputFormat], Field(min_length=1, max_length=len
 
 
 class Budget(BaseModel):
-    """How much to remove: exactly one of ``blocks`` (a count) or ``fraction`` (of all blocks)."""
+    """How much to remove: exactly one of ``blocks`` (a count), ``fraction`` (of all blocks), or
+    a quality target whose depth the worker searches (lorp.target): ``max_ppl_ratio`` or
+    ``min_task_retention``."""
 
     model_config = ConfigDict(
-        extra="forbid", json_schema_extra={"examples": [{"blocks": 6}, {"fraction": 0.2}]}
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"blocks": 6},
+                {"fraction": 0.2},
+                {"max_ppl_ratio": 1.5},
+                {"min_task_retention": 0.95},
+            ]
+        },
     )
 
-    blocks: Annotated[StrictInt, Field(ge=1, le=1024)] | None = None
-    fraction: Annotated[StrictFloat, Field(gt=0.0, lt=1.0)] | None = None
+    blocks: Annotated[StrictInt, Field(ge=1, le=1024)] | None = Field(
+        default=None, description="number of blocks to remove"
+    )
+    fraction: Annotated[StrictFloat, Field(gt=0.0, lt=1.0)] | None = Field(
+        default=None, description="fraction of the blocks to remove (0..1)"
+    )
+    max_ppl_ratio: Annotated[StrictFloat, Field(gt=1.0, allow_inf_nan=False)] | None = Field(
+        default=None,
+        description="remove as many blocks as keep the held-out perplexity ratio pruned/dense "
+        "at most this (> 1); the depth is searched on held-out calibration windows and "
+        "confirmed on the evaluation text",
+    )
+    min_task_retention: (
+        Annotated[StrictFloat, Field(gt=0.0, le=1.0, allow_inf_nan=False)] | None
+    ) = Field(
+        default=None,
+        description="remove as many blocks as keep the average downstream task retention at "
+        "least this (0..1]; needs tasks; searched on items after the first task_limit",
+    )
 
     @model_validator(mode="after")
     def _exactly_one(self) -> Budget:
-        if (self.blocks is None) == (self.fraction is None):
-            raise ValueError("give exactly one of 'blocks' or 'fraction'")
+        if sum(getattr(self, name) is not None for name in type(self).model_fields) != 1:
+            raise ValueError(
+                "give exactly one of 'blocks', 'fraction', 'max_ppl_ratio' or 'min_task_retention'"
+            )
         return self
 
-    def value(self) -> int | float:
-        """The budget as ``lorp`` takes it (int = count, float = fraction)."""
-        return self.blocks if self.blocks is not None else float(self.fraction or 0.0)
+    def value(self) -> int | float | dict[str, float]:
+        """The budget as ``lorp`` reports it (int = count, float = fraction, ``{kind: value}`` =
+        a quality target)."""
+        if self.blocks is not None:
+            return self.blocks
+        if self.fraction is not None:
+            return float(self.fraction)
+        return self.model_dump(exclude_none=True)
 
 
 class BenchmarkSpec(BaseModel):
@@ -484,6 +521,11 @@ class JobCreate(BaseModel):
     task_limit: Annotated[StrictInt, Field(ge=1, le=5000)] = Field(
         default=200, description="with tasks: the first N items of each task"
     )
+    target_task_items: Annotated[StrictInt, Field(ge=1, le=1000)] = Field(
+        default=50,
+        description="with budget min_task_retention: items of each task (after the first "
+        "task_limit) every searched depth is scored on",
+    )
     quality_gate: QualityGateSpec | None = Field(
         default=None,
         description="limits the pruned model must meet, or the job fails with code "
@@ -569,6 +611,13 @@ class JobCreate(BaseModel):
         gate = self.quality_gate
         if gate is not None and gate.min_task_retention is not None and not self.tasks:
             raise ValueError("quality_gate.min_task_retention needs tasks to score")
+        if self.budget.min_task_retention is not None and not self.tasks:
+            raise ValueError("budget min_task_retention needs tasks to score")
+        if self.budget.max_ppl_ratio is not None and self.holdout_windows < 1:
+            raise ValueError(
+                "budget max_ppl_ratio searches the depth on held-out calibration windows: "
+                "holdout_windows must be at least 1"
+            )
         settings: Settings | None = (info.context or {}).get("settings")
         tenant: str | None = (info.context or {}).get("tenant")
         if self.tasks and settings is not None and settings.tasks_dir is None:
@@ -615,6 +664,14 @@ class JobCreate(BaseModel):
         if self.temperature or (fold is not None and fold.temperature):
             fits += self.temperature_windows * self.seq_len
         held_out = self.eval_windows if self.evaluation is not None else self.holdout_windows
+        search = 0  # a quality target: the dense measurement, then per depth one selection
+        if self.budget.max_ppl_ratio is not None:  # and one pruned pass
+            search = (1 + NOMINAL_DEPTHS) * self.holdout_windows * self.seq_len
+        elif self.budget.min_task_retention is not None:
+            search = (1 + NOMINAL_DEPTHS) * len(self.tasks) * self.target_task_items
+            search *= TASK_ITEM_TOKENS
+        if search:
+            search += NOMINAL_DEPTHS * scoring
         bench = 0
         if self.benchmark is not None:
             runs = 2 * (self.benchmark.warmup + self.benchmark.repetitions)  # dense and pruned
@@ -626,6 +683,7 @@ class JobCreate(BaseModel):
             "calibration": self.windows * self.seq_len,
             "selection": scoring,
             "fits": fits,
+            "depth_search": search,
             "evaluation": 2 * held_out * self.seq_len,
             "tasks": 2 * len(self.tasks) * self.task_limit * TASK_ITEM_TOKENS,
             "benchmark": bench,
@@ -700,7 +758,12 @@ SERVICE_OPTIONS = ("callback_url",)
 #: Options whose ``PruneConfig`` fields are named otherwise: option -> the fields it sets.
 PRUNE_CONFIG_RENAMES: dict[str, Callable[[JobCreate], dict[str, Any]]] = {
     # a count or a fraction of the blocks
-    "budget": lambda spec: {"num_remove": spec.budget.blocks, "fraction": spec.budget.fraction},
+    "budget": lambda spec: {
+        "num_remove": spec.budget.blocks,
+        "fraction": spec.budget.fraction,
+        "target_ppl_ratio": spec.budget.max_ppl_ratio,
+        "target_task_retention": spec.budget.min_task_retention,
+    },
     # one window length: the service evaluates with the calibration windows' length
     "seq_len": lambda spec: {"seq_len": spec.seq_len, "eval_seq_len": spec.seq_len},
 }
@@ -784,4 +847,18 @@ class JobSummary(BaseModel):
     )
     task_retention_by_task: dict[str, float | None] = Field(
         default_factory=dict, description="task -> pruned / dense accuracy"
+    )
+    quality_target: dict[str, float] | None = Field(
+        default=None,
+        description="a budget by quality target: {max_ppl_ratio: x} or {min_task_retention: x} "
+        "(null with a block budget)",
+    )
+    target_depth: int | None = Field(
+        default=None,
+        description="with a quality target: the blocks removed, the deepest prune meeting the "
+        "target on held-out calibration data (stepped back if the evaluation missed it)",
+    )
+    target_confirmed: bool | None = Field(
+        default=None,
+        description="with a quality target: whether the evaluation data confirmed it",
     )

@@ -13,10 +13,13 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from .errors import InvalidInputError, LorpError
 from .methods import MethodInfo, all_methods, method_names
+
+if TYPE_CHECKING:
+    from .target import DepthSearch
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 BUNDLED = "bundled"
@@ -322,6 +325,19 @@ def cmd_select(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _depth_line(search: DepthSearch) -> str:
+    """What a quality target's depth search measured and chose, in one line."""
+    curve = ", ".join(f"{p.num_remove}: {p.value:.3f}" for p in search.points)
+    text = (
+        f"target {search.target.describe()}: depth {search.chosen} chosen on "
+        f"{search.data.get('kind')} ({search.target.metric} by blocks removed: {curve})"
+    )
+    for c in search.confirmations:
+        value = "n/a" if c["value"] is None else f"{c['value']:.3f}"
+        text += f"; evaluation at {c['num_remove']}: {value} ({'met' if c['met'] else 'missed'})"
+    return text
+
+
 def cmd_prune(args: argparse.Namespace) -> int:
     from .errors import QualityGateError
     from .gate import QualityGate
@@ -336,11 +352,13 @@ def cmd_prune(args: argparse.Namespace) -> int:
     task_dir = _task_dir(args.task_data_dir, "--task-data-dir") if args.tasks else None
     calibration = _require_file(args.calibration, "calibration file")
     evaluation = _require_file(args.eval, "evaluation file") if args.eval else None
-    budget = args.remove if args.remove is not None else args.fraction
     config = PruneConfig(
         method=args.method,
-        num_remove=budget if isinstance(budget, int) else None,
-        fraction=budget if isinstance(budget, float) else None,
+        num_remove=args.remove,
+        fraction=args.fraction,
+        target_ppl_ratio=args.target_ppl_ratio,
+        target_task_retention=args.target_task_retention,
+        target_task_items=args.target_task_items,
         num_clusters=args.clusters,
         windows=args.windows,
         seq_len=args.seq_len,
@@ -381,7 +399,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
             f"{exc}{where}", result=exc.result, report=exc.report, summary=exc.summary
         ) from exc
     res = out.result
-    lines = [
+    search = res.depth_search
+    lines = [] if search is None else [_depth_line(search)]
+    lines += [
         f"removed {len(res.removed)} of {res.num_layers_before} blocks: {res.removed} "
         f"(method {res.selection.method}, RLS {res.selection.rls:.3f}"
         + (f", K {res.selection.num_clusters})" if res.selection.num_clusters else ")"),
@@ -639,6 +659,26 @@ def build_parser() -> argparse.ArgumentParser:
     budget = p.add_mutually_exclusive_group(required=True)
     budget.add_argument("--remove", type=_positive_int, help="number of blocks to remove")
     budget.add_argument("--fraction", type=_fraction, help="fraction of blocks to remove")
+    budget.add_argument(
+        "--target-ppl-ratio",
+        type=_nonneg_float,
+        help="remove as many blocks as keep the perplexity ratio pruned/dense at most this "
+        "(> 1): the depth is searched on held-out calibration windows (--holdout-windows) and "
+        "confirmed on --eval",
+    )
+    budget.add_argument(
+        "--target-task-retention",
+        type=_nonneg_float,
+        help="remove as many blocks as keep the average task retention at least this (0..1]; "
+        "needs --tasks; searched on --target-task-items items after the first --task-limit",
+    )
+    p.add_argument(
+        "--target-task-items",
+        type=_positive_int,
+        default=50,
+        help="with --target-task-retention: items of each task every searched depth is "
+        "scored on (50)",
+    )
     p.add_argument(
         "--method",
         default="lorp",

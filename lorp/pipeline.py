@@ -21,7 +21,23 @@ Token windows drawn from a calibration *text* (never overlapping, in this order)
    ``score_windows`` × ``score_seq_len`` scoring windows that follow them;
 3. when no evaluation text is given, ``holdout_windows`` × ``seq_len`` held-out windows after
    those, on which dense and pruned quality are measured.
+4. with a ``target_ppl_ratio`` budget, ``holdout_windows`` × ``seq_len`` windows after the
+   scoring windows on which the depth search measures each depth (:func:`find_depth`); the
+   held-out windows of 3. then follow these.
 The evaluation text is only ever used for the quality measurement, never for choosing blocks.
+
+Budgets by quality target (``target_ppl_ratio`` / ``target_task_retention``, :mod:`lorp.target`):
+:func:`find_depth` replaces the selection stage: one capture, the method's choice at 1, 2, ...
+blocks, each measured on held-out calibration windows (or task items the evaluation does not
+score) until the first depth that misses the target; the deepest before it is chosen. The
+corrections (compensation, temperature) are fitted once, for the chosen depth, not for every
+depth searched: the search measures the plain selection (the fold's strength is tuned on
+calibration loss, :func:`lorp.compensation.tune_strength`, 0 = plain removal, so on
+calibration-like text the choice errs on the safe side; on other text the fold can lose, which
+the confirmation measures). The evaluation stage then confirms the target on the evaluation data
+(the saved, folded model); when it misses, the prune steps back one depth (refitting the
+corrections) at most :data:`lorp.target.CONFIRM_STEPS` times, and a last miss is flagged
+(``target_not_confirmed``).
 
 Compensation (``config.compensate``, :mod:`lorp.compensation`): after the selection, one linear
 map per removed run of blocks is fitted on the first ``compensation_windows`` calibration
@@ -51,10 +67,11 @@ directory (lorp never looks for one); :func:`preflight` reads the items before a
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -73,18 +90,34 @@ from .compensation import (
     temperature_only,
 )
 from .data import prepends_bos, text_windows
-from .errors import InvalidInputError, LorpError, QualityGateError, UnsupportedModelError
+from .errors import (
+    BudgetError,
+    InvalidInputError,
+    LorpError,
+    QualityGateError,
+    UnsupportedModelError,
+)
 from .gate import GateResult, QualityGate, quality_flags
 from .inputs import BlockInputs, hidden_bytes
 from .methods import get_method, method_names, selector
 from .progress import STAGES, ProgressCallback
 from .quality import QualityComparison, compare_pruned
 from .report import job_summary, make_report, write_reports
+from .scoring import WindowScorer
 from .search import pass_budget, search_layers
 from .selection import Selection, resolve_budget, select_layers
 from .similarity import capture_similarity
-from .surgery import remove_blocks
-from .tasks import TaskComparison, compare_tasks, load_task, parse_tasks
+from .surgery import pruned_view, remove_blocks
+from .target import CONFIRM_STEPS, DepthSearch, QualityTarget, search_depth
+from .tasks import (
+    TaskComparison,
+    TaskScores,
+    compare_scores,
+    compare_tasks,
+    load_task,
+    parse_tasks,
+    score_items,
+)
 from .temperature import check_temperature
 
 # The capture keeps the calibration windows' block inputs that the compensation and temperature
@@ -98,11 +131,19 @@ TASK_TOKENS_PER_ROW = 128
 
 @dataclass
 class PruneConfig:
-    """What to prune and how to measure it. Exactly one of ``num_remove`` / ``fraction``."""
+    """What to prune and how to measure it. Exactly one budget: ``num_remove`` (blocks),
+    ``fraction`` (of the blocks), or a quality target (:mod:`lorp.target`, the depth searched):
+    ``target_ppl_ratio`` (held-out perplexity pruned / dense at most this, > 1) or
+    ``target_task_retention`` (average task retention at least this, in (0, 1]; needs
+    ``tasks``; the search scores ``target_task_items`` items of each task after the first
+    ``task_limit``, which the evaluation scores)."""
 
     method: str = "lorp"
     num_remove: int | None = None
     fraction: float | None = None
+    target_ppl_ratio: float | None = None
+    target_task_retention: float | None = None
+    target_task_items: int = 50
     num_clusters: int | None = None
     windows: int = 32
     seq_len: int = 512
@@ -141,8 +182,18 @@ class PruneConfig:
             raise InvalidInputError(
                 f"num_clusters only applies to methods {takes}, not {self.method!r}"
             )
-        if (self.num_remove is None) == (self.fraction is None):
-            raise InvalidInputError("give exactly one budget: num_remove (blocks) or fraction")
+        budgets = (
+            self.num_remove,
+            self.fraction,
+            self.target_ppl_ratio,
+            self.target_task_retention,
+        )
+        if sum(b is not None for b in budgets) != 1:
+            raise InvalidInputError(
+                "give exactly one budget: num_remove (blocks), fraction, target_ppl_ratio or "
+                "target_task_retention"
+            )
+        target = self.quality_target  # checks the value
         if self.num_remove is not None and (
             isinstance(self.num_remove, bool) or not isinstance(self.num_remove, int)
         ):
@@ -162,6 +213,7 @@ class PruneConfig:
             "search_candidates",
             "compensation_windows",
             "temperature_windows",
+            "target_task_items",
         ):
             value = getattr(self, name)
             if value is None and name in ("score_windows", "score_seq_len"):
@@ -203,6 +255,28 @@ class PruneConfig:
         gate = self.quality_gate
         if gate is not None and gate.min_task_retention is not None and not self.tasks:
             raise InvalidInputError("quality_gate.min_task_retention needs tasks to score")
+        if target is not None and target.kind == "max_ppl_ratio" and self.holdout_windows < 1:
+            raise InvalidInputError(
+                "target_ppl_ratio searches the depth on held-out calibration windows: "
+                "holdout_windows must be at least 1"
+            )
+        if target is not None and target.kind == "min_task_retention":
+            if not self.tasks:
+                raise InvalidInputError("target_task_retention needs tasks to score")
+            if self.task_limit is None:
+                raise InvalidInputError(
+                    "target_task_retention searches on the task items after the first "
+                    "task_limit (which the evaluation scores): task_limit must not be None"
+                )
+
+    @property
+    def quality_target(self) -> QualityTarget | None:
+        """The quality target (:class:`lorp.target.QualityTarget`), None with a block budget."""
+        if self.target_ppl_ratio is not None:
+            return QualityTarget("max_ppl_ratio", self.target_ppl_ratio)
+        if self.target_task_retention is not None:
+            return QualityTarget("min_task_retention", self.target_task_retention)
+        return None
 
     @property
     def selection_method(self) -> str:
@@ -219,7 +293,27 @@ class PruneConfig:
 
     @property
     def budget(self) -> int | float:
+        """The block budget (a count, or a fraction); a quality target has none (its depth is
+        searched, :func:`find_depth`): :class:`~lorp.errors.BudgetError`."""
+        if self.quality_target is not None:
+            raise BudgetError("a quality target has no block budget: its depth is searched")
         return self.num_remove if self.num_remove is not None else float(self.fraction or 0.0)
+
+    @property
+    def requested_budget(self) -> int | float | dict[str, float]:
+        """The budget as asked for: the block budget, or the target (``{kind: value}``)."""
+        target = self.quality_target
+        return self.budget if target is None else target.to_dict()
+
+    def at_depth(self, num_remove: int) -> PruneConfig:
+        """This config with the block budget ``num_remove`` instead of its budget."""
+        return replace(
+            self,
+            num_remove=num_remove,
+            fraction=None,
+            target_ppl_ratio=None,
+            target_task_retention=None,
+        )
 
     @property
     def task_batch_size(self) -> int:
@@ -255,7 +349,8 @@ class PruneResult:
     model-in-the-loop method; ``compensation``: the fitted maps when ``config.compensate``
     (already folded into the weights when ``pruned``); ``tasks``: dense vs pruned downstream
     accuracy when ``config.tasks`` (``task_source``: how the report names the task data);
-    ``pruned``: whether the blocks were
+    ``depth_search``: the search, its curve and confirmations, with a quality target
+    (:mod:`lorp.target`); ``pruned``: whether the blocks were
     physically removed (``False`` in the result a :class:`QualityGateError` carries).
     """
 
@@ -276,6 +371,7 @@ class PruneResult:
     compensation: Compensation | None = None
     tasks: TaskComparison | None = None
     task_source: str | None = None
+    depth_search: DepthSearch | None = None
 
     @property
     def removed(self) -> list[int]:
@@ -372,10 +468,15 @@ def inputs_to_keep(
 
 
 def preflight(model: nn.Module, config: PruneConfig) -> int:
-    """The number of blocks to remove; fails before any forward pass when the budget does not
-    fit the model (:class:`~lorp.errors.BudgetError`) or the model cannot take the corrections
-    ``config`` asks for (:class:`~lorp.errors.UnsupportedModelError`)."""
-    num_remove = resolve_budget(num_blocks(model), config.budget)
+    """The number of blocks to remove (with a quality target: the most the search may remove);
+    fails before any forward pass when the budget does not fit the model
+    (:class:`~lorp.errors.BudgetError`) or the model cannot take the corrections ``config``
+    asks for (:class:`~lorp.errors.UnsupportedModelError`)."""
+    if config.quality_target is None:
+        num_remove = resolve_budget(num_blocks(model), config.budget)
+    else:
+        resolve_budget(num_blocks(model), 1)  # at least one removable block
+        num_remove = num_blocks(model) - 2
     if config.compensate:
         try:
             check_compensable(model)
@@ -585,6 +686,155 @@ def select_blocks(
     return Choice(selection, drawn)
 
 
+@dataclass
+class TargetSearch:
+    """What :func:`find_depth` found: the ``search`` (its curve, chosen depth and, once the
+    pipeline confirmed it, the confirmations), the method's ``choices`` at each depth measured,
+    and ``text_tokens``, the calibration text used up to the end of the search's held-out
+    windows (the evaluation's held-out windows come after them; 0 for a task target)."""
+
+    search: DepthSearch
+    choices: dict[int, Choice]
+    text_tokens: int = 0
+
+
+def find_depth(
+    model: nn.Module,
+    tokenizer: Any,
+    calibration: Calibration,
+    config: PruneConfig,
+    *,
+    scoring: torch.Tensor | None = None,
+    timer: StageTimer | None = None,
+) -> TargetSearch:
+    """Stage "selection" with a quality target (``config.quality_target``): the deepest prune
+    that meets it (:func:`lorp.target.search_depth`), each depth k the method's choice at k
+    blocks (:func:`select_blocks` from the one ``calibration``'s S) measured without the
+    corrections (they are fitted once, at the chosen depth: see :func:`prune`).
+
+    ``max_ppl_ratio``: perplexity on ``config.holdout_windows`` calibration windows after the
+    calibration and scoring windows (the dense pass runs once; each depth one pruned pass,
+    resumed from the stored dense block input, :class:`lorp.scoring.WindowScorer`); the
+    calibration must be a text with such windows left. ``min_task_retention``: the average task
+    retention on the ``config.target_task_items`` items of each task after the first
+    ``config.task_limit`` (those confirm the result in :func:`evaluate`); the dense items are
+    scored once. Neither touches the evaluation data. Raises :class:`BudgetError` when even one
+    block misses the target."""
+    target = config.quality_target
+    if target is None:
+        raise InvalidInputError(
+            "find_depth needs a quality target: target_ppl_ratio or target_task_retention"
+        )
+    timer = timer or StageTimer()
+    resolve_budget(num_blocks(model), 1)  # at least one removable block (BudgetError else)
+    max_remove = num_blocks(model) - 2
+    choices: dict[int, Choice] = {}
+
+    def choose(k: int) -> list[int]:
+        choices[k] = select_blocks(
+            model, tokenizer, calibration, config.at_depth(k), scoring=scoring, timer=timer
+        )
+        return choices[k].removed
+
+    if target.kind == "max_ppl_ratio":
+        windows, used = _search_windows(tokenizer, calibration, config, scoring)
+        scorer = WindowScorer(model, windows, batch_size=config.batch_size, reference=False)
+        with timer.stage("selection", "dense perplexity on the search's held-out windows"):
+            dense = scorer.score(()).ppl
+
+        def measure(removed: Sequence[int]) -> tuple[float, float | None]:
+            with timer.stage("selection", f"held-out perplexity without blocks {list(removed)}"):
+                scorer.prefetch([removed])
+                ppl = scorer.score(removed).ppl
+            return ppl / dense, ppl
+
+        data: dict[str, Any] = {
+            "kind": "held-out calibration windows",
+            "source": calibration.source,
+            "windows": int(windows.shape[0]),
+            "seq_len": int(windows.shape[1]),
+        }
+    else:
+        items, data = _search_items(config)
+        common: dict[str, Any] = {"batch_size": config.task_batch_size, "stage": "selection"}
+        with timer.stage("selection", "dense accuracy on the search's task items"):
+            began = time.perf_counter()
+            dense_scores = TaskScores(
+                score_items(model, tokenizer, items, label="dense", **common),
+                None,
+                time.perf_counter() - began,
+            )
+        dense = dense_scores.average
+        used = 0
+
+        def measure(removed: Sequence[int]) -> tuple[float, float | None]:
+            with timer.stage("selection", f"task accuracy without blocks {list(removed)}"):
+                began = time.perf_counter()
+                with pruned_view(model, removed):
+                    scores = score_items(model, tokenizer, items, label="pruned", **common)
+                pruned = TaskScores(scores, None, time.perf_counter() - began)
+            retention = compare_scores(dense_scores, pruned, removed).average_retention
+            return (math.nan if retention is None else retention), pruned.average
+
+    search = search_depth(
+        target, max_remove, choose, measure, dense=dense, data=data, progress=timer.progress
+    )
+    return TargetSearch(search=search, choices=choices, text_tokens=used)
+
+
+def _search_windows(
+    tokenizer: Any,
+    calibration: Calibration,
+    config: PruneConfig,
+    scoring: torch.Tensor | None,
+) -> tuple[torch.Tensor, int]:
+    """The held-out calibration windows a perplexity target searches on (after the calibration
+    and scoring windows) and the text tokens used up to their end."""
+    if calibration.text is None:
+        raise InvalidInputError(
+            "a max_ppl_ratio target searches the depth on held-out calibration windows: give "
+            "the calibration as a text, not as token windows"
+        )
+    after = calibration.text_tokens
+    if get_method(config.selection_method).needs_model:
+        after = draw_scoring(tokenizer, calibration, config, scoring=scoring).text_tokens
+    windows, used = windows_after(
+        tokenizer, calibration.text, config.seq_len, config.holdout_windows, after, calibration.bos
+    )
+    if windows is None:
+        raise InvalidInputError(
+            f"a max_ppl_ratio target needs held-out calibration windows, but {calibration.source} "
+            f"has no {config.seq_len}-token window left after the {after} tokens the calibration "
+            "(and scoring) windows use; give a longer calibration text or fewer windows"
+        )
+    return windows, used
+
+
+def _search_items(config: PruneConfig) -> tuple[dict[str, list[Any]], dict[str, Any]]:
+    """The task items a task-retention target searches on: ``config.target_task_items`` of each
+    task after the first ``config.task_limit`` (which the evaluation scores)."""
+    check_task_data(config)
+    assert config.task_data_dir is not None and config.task_limit is not None
+    first = config.task_limit
+    items = {
+        name: load_task(name, config.task_data_dir, limit=first + config.target_task_items)[first:]
+        for name in config.tasks
+    }
+    empty = [name for name, its in items.items() if not its]
+    if empty:
+        raise InvalidInputError(
+            f"a min_task_retention target searches on the task items after the first "
+            f"task_limit={first} (those confirm the result), but {', '.join(empty)} "
+            "has no more items; lower task_limit"
+        )
+    data = {
+        "kind": "task items after the evaluation's",
+        "first_item": first,
+        "items": {name: len(its) for name, its in items.items()},
+    }
+    return items, data
+
+
 def compensate(
     model: nn.Module,
     removed: Sequence[int],
@@ -675,6 +925,7 @@ def evaluate(
     scoring: Scoring | None = None,
     compensation: Compensation | None = None,
     source_name: str | None = None,
+    held_out_after: int | None = None,
     timer: StageTimer | None = None,
 ) -> Evaluation:
     """Stage "evaluation": dense vs pruned (``removed`` skipped, ``compensation`` folded in)
@@ -685,7 +936,10 @@ def evaluate(
     (:mod:`lorp.gate`). With ``config.tasks``, the downstream tasks too
     (:func:`lorp.tasks.compare_tasks` on ``config.task_data_dir``,
     :attr:`PruneConfig.task_batch_size` sequences per pass). The model is left as it was.
-    ``source_name``: how the report names the evaluation text (default: its path)."""
+    ``source_name``: how the report names the evaluation text (default: its path);
+    ``held_out_after``: calibration text tokens used before the held-out windows (default: the
+    calibration and scoring windows'; a depth search's windows come after those,
+    :attr:`TargetSearch.text_tokens`)."""
     timer = timer or StageTimer()
     windows: torch.Tensor | None = None
     info: dict[str, Any] | None = None
@@ -699,6 +953,8 @@ def evaluate(
         }
     elif config.holdout_windows > 0 and calibration is not None and calibration.text is not None:
         after = calibration.text_tokens if scoring is None else scoring.text_tokens
+        if held_out_after is not None:
+            after = max(after, held_out_after)
         windows, _ = windows_after(
             tokenizer,
             calibration.text,
@@ -786,6 +1042,47 @@ def remove(
             raise
 
 
+def _step_back(found: TargetSearch, depth: int, measured: Evaluation, folded: bool) -> bool:
+    """Record the evaluation at ``depth`` as a confirmation of the target; True when it missed
+    and the pipeline should try one depth shallower (at most :data:`lorp.target.CONFIRM_STEPS`
+    times, never below one block, not when nothing could be measured). When the last try
+    misses, the evaluation gets a ``target_not_confirmed`` flag."""
+    search = found.search
+    target = search.target
+    if target.kind == "max_ppl_ratio":
+        value = None if measured.quality is None else measured.quality.ppl_ratio
+    else:
+        value = None if measured.tasks is None else measured.tasks.average_retention
+    met = target.met(value)
+    search.confirmations.append(
+        {
+            "num_remove": depth,
+            "removed": found.choices[depth].removed,
+            "value": value,
+            "met": met,
+            "folded": folded,
+            "data": None if target.kind == "min_task_retention" else measured.info,
+        }
+    )
+    if met:
+        return False
+    if value is not None and len(search.confirmations) <= CONFIRM_STEPS and depth > 1:
+        return True
+    measured.flags.append(
+        {
+            "code": "target_not_confirmed",
+            "metric": target.metric,
+            "value": value,
+            "threshold": target.value,
+            "message": f"the quality target ({target.describe()}) was not confirmed on the "
+            f"evaluation data: {target.metric} "
+            + ("not measured" if value is None else f"{value:.4g}")
+            + f" at {depth} blocks removed (the search chose {search.chosen})",
+        }
+    )
+    return False
+
+
 # --------------------------------------------------------------------------------------------
 # The whole job
 
@@ -822,6 +1119,11 @@ def prune(
     refused :class:`PruneResult` (``pruned`` False, no benchmark), from which
     :func:`lorp.report.make_report` builds the refusal report.
 
+    With a quality target (``config.target_ppl_ratio`` / ``target_task_retention``),
+    :func:`find_depth` chooses the depth instead of :func:`select_blocks`, and the evaluation
+    confirms it, stepping back one depth while it misses (at most
+    :data:`lorp.target.CONFIRM_STEPS` times); ``result.depth_search`` has the curve.
+
     The stages, in order (each a public function of this module): :func:`preflight`,
     :func:`calibrate`, :func:`select_blocks`, :func:`compensate` (``config.compensate``),
     :func:`fit_logit_scale` (``config.temperature``), :func:`evaluate`, :func:`measure_speed`
@@ -838,28 +1140,40 @@ def prune(
     calib = calibrate(
         model, tokenizer, calibration, config, source_name=names.get("calibration"), timer=timer
     )
-    choice = select_blocks(model, tokenizer, calib, config, scoring=scoring, timer=timer)
-    removed = choice.removed
-    compensation = compensate(
-        model, removed, calib.windows, config, inputs=calib.inputs, timer=timer
-    )
-    compensation = fit_logit_scale(
-        model, removed, calib.windows, config, compensation, inputs=calib.inputs, timer=timer
-    )
+    target = config.quality_target
+    found = None
+    if target is None:
+        choice = select_blocks(model, tokenizer, calib, config, scoring=scoring, timer=timer)
+    else:
+        found = find_depth(model, tokenizer, calib, config, scoring=scoring, timer=timer)
+        choice = found.choices[found.search.chosen]
+    while True:
+        removed = choice.removed
+        compensation = compensate(
+            model, removed, calib.windows, config, inputs=calib.inputs, timer=timer
+        )
+        compensation = fit_logit_scale(
+            model, removed, calib.windows, config, compensation, inputs=calib.inputs, timer=timer
+        )
+        measured = evaluate(
+            model,
+            tokenizer,
+            removed,
+            config,
+            evaluation=evaluation,
+            calibration=calib,
+            scoring=choice.scoring,
+            compensation=compensation,
+            source_name=names.get("evaluation"),
+            held_out_after=None if found is None else found.text_tokens,
+            timer=timer,
+        )
+        if found is None or not _step_back(found, len(removed), measured, compensation is not None):
+            break
+        choice = found.choices[len(removed) - 1]
     calib.inputs = None  # the stored block inputs are not needed any more
-    measured = evaluate(
-        model,
-        tokenizer,
-        removed,
-        config,
-        evaluation=evaluation,
-        calibration=calib,
-        scoring=choice.scoring,
-        compensation=compensation,
-        source_name=names.get("evaluation"),
-        timer=timer,
-    )
     result = PruneResult(
+        depth_search=None if found is None else found.search,
         selection=choice.selection,
         similarity=calib.similarity,
         model=model,
@@ -1013,11 +1327,13 @@ __all__ = [
     "PruneResult",
     "Scoring",
     "StageTimer",
+    "TargetSearch",
     "calibrate",
     "check_task_data",
     "compensate",
     "draw_scoring",
     "evaluate",
+    "find_depth",
     "fit_logit_scale",
     "inputs_to_keep",
     "make_report",

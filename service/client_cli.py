@@ -32,7 +32,7 @@ from typing import Annotated, Any, TextIO
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
-from jobcore.spec import BenchmarkSpec, JobCreate, QualityGateSpec
+from jobcore.spec import BenchmarkSpec, Budget, JobCreate, QualityGateSpec
 from service.client import (
     Artifact,
     ClientError,
@@ -67,8 +67,17 @@ class UsageError(Exception):
 # given leaves the option out of the body (or as ``--spec`` has it): the server applies the
 # spec's default.
 
-#: Options sent as objects, each with its model (``budget`` has its own two flags).
+#: Options sent as objects, each with its model (``budget`` has its own flags:
+#: :data:`_BUDGET_FLAGS`).
 _OBJECTS: dict[str, type[BaseModel]] = {"quality_gate": QualityGateSpec, "benchmark": BenchmarkSpec}
+#: The budget's flags, one per field of :class:`jobcore.spec.Budget` (mutually exclusive); the
+#: quality targets are named so as not to clash with the quality gate's limits.
+_BUDGET_FLAGS: dict[str, str] = {
+    "blocks": "--blocks",
+    "fraction": "--fraction",
+    "max_ppl_ratio": "--target-ppl-ratio",
+    "min_task_retention": "--target-task-retention",
+}
 #: Other spellings of a flag (the older or shorter name), by option (``object.field``).
 _ALIASES: dict[str, tuple[str, ...]] = {"quality_gate.min_top1_agreement": ("--min-top1",)}
 
@@ -182,10 +191,14 @@ def _add_spec_options(p: argparse.ArgumentParser) -> None:
     for option, field in JobCreate.model_fields.items():
         if option == "budget":
             budget = p.add_mutually_exclusive_group()
-            budget.add_argument("--blocks", type=int, help="number of blocks to remove")
-            budget.add_argument(
-                "--fraction", type=float, help="fraction of blocks to remove (0..1)"
-            )
+            for name, inner in Budget.model_fields.items():
+                budget.add_argument(
+                    _BUDGET_FLAGS[name],
+                    dest=f"budget.{name}",
+                    type=_flag_type(inner.annotation),
+                    default=None,
+                    help=(inner.description or "").replace("%", "%%"),
+                )
         elif option in _OBJECTS:
             group = p.add_argument_group(option, field.description)
             for name, inner in _OBJECTS[option].model_fields.items():
@@ -280,10 +293,9 @@ def build_spec(args: argparse.Namespace) -> dict[str, Any]:
         spec.update(loaded)
     for option in JobCreate.model_fields:
         if option == "budget":
-            if args.blocks is not None:
-                spec["budget"] = {"blocks": args.blocks}
-            elif args.fraction is not None:
-                spec["budget"] = {"fraction": args.fraction}
+            for name in Budget.model_fields:
+                if (value := getattr(args, f"budget.{name}")) is not None:
+                    spec["budget"] = {name: value}
         elif option in _OBJECTS:
             given = {
                 name: value
@@ -303,7 +315,7 @@ def build_spec(args: argparse.Namespace) -> dict[str, Any]:
         flags = {
             "model": "--model",
             "calibration": "--calibration",
-            "budget": "--blocks/--fraction",
+            "budget": "/".join(_BUDGET_FLAGS.values()),
         }
         raise UsageError("missing " + ", ".join(flags[m] for m in missing) + " (or --spec FILE)")
     return spec

@@ -5,7 +5,7 @@
   and the summary a service job stores, read from it (:func:`job_summary`);
 * :mod:`.prose`: each method's label and prose, from the method registry (:mod:`lorp.methods`);
 * :mod:`.plots`: the heatmap of S with the phases and the removed blocks marked and the speedup
-  chart (matplotlib);
+  chart and a quality target's quality-vs-depth curve (matplotlib);
 * :mod:`.html`: ``report.html`` (self-contained: the images are embedded, so the file can be
   downloaded and opened alone) and its Markdown twin ``report.md`` (images referenced
   relatively);
@@ -27,7 +27,7 @@ from .document import (
 )
 from .files import write_reports
 from .html import render_html, render_markdown
-from .plots import plot_heatmap, plot_speedup
+from .plots import plot_depth, plot_heatmap, plot_speedup
 from .prose import explain, method_label
 
 __all__ = [
@@ -41,6 +41,7 @@ __all__ = [
     "load_schema",
     "make_report",
     "method_label",
+    "plot_depth",
     "plot_heatmap",
     "plot_speedup",
     "render_html",

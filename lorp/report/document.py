@@ -213,9 +213,12 @@ def _summary(
     quality: Mapping[str, Any] | None,
     guard: Mapping[str, Any] | None,
     tasks: Mapping[str, Any] | None = None,
+    depth_search: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The ten-second summary; with ``guard`` (a prune's status, flags and gate) the quality
-    guard's keys too; the downstream task keys (:func:`_task_summary`) always."""
+    guard's keys too; the downstream task keys (:func:`_task_summary`) always; with a
+    ``depth_search`` (a quality target) the target, the depth chosen and whether the evaluation
+    confirmed it."""
     ppl = _perplexities(quality) or {}
     summary = {
         "method": sel["method"],
@@ -232,6 +235,12 @@ def _summary(
         "ppl_ratio": ppl.get("ppl_ratio"),
         **_task_summary(tasks),
     }
+    if depth_search is not None:
+        summary.update(
+            quality_target=dict(depth_search["target"]),
+            target_depth=depth_search["final"],
+            target_confirmed=depth_search["confirmed"],
+        )
     if guard is not None:
         summary.update(
             status=guard["status"],
@@ -261,6 +270,7 @@ def build_report(
     flags: Sequence[Mapping[str, Any]] = (),
     gate: Mapping[str, Any] | None = None,
     tasks: Mapping[str, Any] | None = None,
+    depth_search: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The report.json document (schema ``lorp/schemas/report.schema.json``, version
     :data:`REPORT_SCHEMA_VERSION`).
@@ -278,6 +288,11 @@ def build_report(
     ``tasks``: downstream accuracy, dense vs pruned (:meth:`lorp.tasks.TaskComparison.to_dict`
     plus ``data`` and ``protocol``), the document's ``tasks`` (None when not scored; a section
     of its own, since tasks can be scored when perplexity could not be measured).
+
+    ``depth_search``: a quality target's search (:meth:`lorp.target.DepthSearch.to_dict`: the
+    target, the quality-vs-depth curve, the depth chosen and its confirmations), the document's
+    ``depth_search`` (None with a block budget) and the summary's ``quality_target``,
+    ``target_depth`` and ``target_confirmed``.
     """
     s = check_similarity(similarity)
     sel = _selection_dict(selection)
@@ -309,7 +324,7 @@ def build_report(
     report = {
         "schema_version": REPORT_SCHEMA_VERSION,
         "created_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-        "summary": _summary(sel, speed, memory, qual, guard, tasks),
+        "summary": _summary(sel, speed, memory, qual, guard, tasks, depth_search),
         "model": dict(model),
         "budget": dict(budget),
         "method": sel["method"],
@@ -326,6 +341,7 @@ def build_report(
         "memory": memory,
         "quality": qual,
         "tasks": None if tasks is None else dict(tasks),
+        "depth_search": None if depth_search is None else dict(depth_search),
         "benchmark": bench,
         "environment": env,
         "extra": None if extra is None else dict(extra),
@@ -382,7 +398,10 @@ def make_report(
             "dtype_source": dtype_source,
             "device": device,
         },
-        budget={"requested": config.budget, "num_remove": len(result.selection.removed)},
+        budget={
+            "requested": config.requested_budget,
+            "num_remove": len(result.selection.removed),
+        },
         selection=result.selection,
         similarity=result.similarity,
         timings=dict(result.timings),
@@ -398,6 +417,7 @@ def make_report(
         flags=result.flags,
         gate=None if result.gate is None else result.gate.to_dict(),
         tasks=_tasks_section(result, config),
+        depth_search=None if result.depth_search is None else result.depth_search.to_dict(),
     )
     if artifacts is not None:
         report["artifacts"] = json_safe(dict(artifacts))
@@ -448,7 +468,9 @@ def job_summary(report: Mapping[str, Any]) -> dict[str, Any]:
     (``summary.quality_gate``, else ``quality.gate``); ``task_accuracy_before`` /
     ``task_accuracy_after``: the average headline accuracy over the downstream tasks, dense and
     pruned; ``task_retention``: its average retention (pruned / dense per task, averaged);
-    ``task_retention_by_task``: per task. Keys the report lacks are None (``{}``).
+    ``task_retention_by_task``: per task; ``quality_target``, ``target_depth``,
+    ``target_confirmed``: a quality target's budget, the depth the prune ended with and whether
+    the evaluation data confirmed the target. Keys the report lacks are None (``{}``).
     """
     s = report.get("summary") or {}
     speed = report.get("speed") or []
@@ -476,4 +498,7 @@ def job_summary(report: Mapping[str, Any]) -> dict[str, Any]:
         "task_accuracy_after": s.get("task_accuracy_pruned"),
         "task_retention": s.get("task_retention"),
         "task_retention_by_task": dict(s.get("task_retention_by_task") or {}),
+        "quality_target": s.get("quality_target"),
+        "target_depth": s.get("target_depth"),
+        "target_confirmed": s.get("target_confirmed"),
     }

@@ -12,14 +12,15 @@ import numpy as np
 
 from .document import check_similarity, json_safe
 from .html import render_html, render_markdown
-from .plots import plot_heatmap, plot_speedup
+from .plots import plot_depth, plot_heatmap, plot_speedup
 
 __all__ = ["write_reports"]
 
 
 def write_reports(report: Mapping[str, Any], similarity: Any, out_dir: str | Path) -> list[Path]:
     """Write report.json, similarity.npy, heatmap.png, speedup.png (with a benchmark),
-    report.html and report.md into ``out_dir``; return the paths written."""
+    depth.png (with a quality target's depth search), report.html and report.md into
+    ``out_dir``; return the paths written."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     s = check_similarity(similarity)
@@ -38,6 +39,10 @@ def write_reports(report: Mapping[str, Any], similarity: Any, out_dir: str | Pat
     if speed is not None:
         images["speedup"] = speed
         paths.append(speed)
+    depth = plot_depth(report, out / "depth.png")
+    if depth is not None:
+        images["depth"] = depth
+        paths.append(depth)
     html_path = out / "report.html"
     html_path.write_text(render_html(report, images), encoding="utf-8")
     paths.append(html_path)

@@ -27,6 +27,14 @@ def _num(value: Any, fmt: str = ".3f") -> str:
     return format(value, fmt)
 
 
+#: The figures, in the order the human report shows them: image key -> alt text.
+_IMAGES = (
+    ("heatmap", "similarity heatmap"),
+    ("depth", "quality vs depth"),
+    ("speedup", "speedup per workload"),
+)
+
+
 def _headline(report: Mapping[str, Any]) -> list[str]:
     """The ten-second summary, one short fact a line (plain text)."""
     summ = report["summary"]
@@ -47,6 +55,9 @@ def _headline(report: Mapping[str, Any]) -> list[str]:
         lines += [f"Gate: {v}." for v in (gate or {}).get("violations", [])]
     elif gate:
         lines.append(f"Quality gate passed (limits {gate.get('limits')}).")
+    search = report.get("depth_search")
+    if isinstance(search, Mapping):
+        lines.append(_depth_line(search))
     speed = report.get("speed") or []
     if speed:
         parts = []
@@ -92,6 +103,77 @@ def _headline(report: Mapping[str, Any]) -> list[str]:
             + (f", K = {sel['num_clusters']} phases." if sel.get("num_clusters") else ".")
         )
     return lines
+
+
+def _depth_line(search: Mapping[str, Any]) -> str:
+    """The headline of a quality target's depth search: target, depth chosen, confirmation."""
+    target = ", ".join(f"{k} {v:g}" for k, v in (search.get("target") or {}).items())
+    data = search.get("data") or {}
+    text = (
+        f"Budget by quality target ({target}): the deepest prune meeting it on "
+        f"{data.get('kind', 'held-out data')} removes {search.get('chosen')} blocks "
+        f"({len(search.get('curve') or [])} depths measured; {search.get('stopped')})."
+    )
+    confirmations = search.get("confirmations") or []
+    if confirmations:
+        last = confirmations[-1]
+        stepped = (
+            f" after stepping back to {last['num_remove']} blocks"
+            if last["num_remove"] != search.get("chosen")
+            else ""
+        )
+        text += (
+            f" Evaluation data: {search.get('metric')} {_num(last.get('value'), '.4g')}"
+            + (" — target confirmed" if last.get("met") else " — target NOT confirmed")
+            + stepped
+            + "."
+        )
+    return text
+
+
+def _depth_table(search: Mapping[str, Any]) -> tuple[str, list[str], list[list[str]], str]:
+    """The quality-vs-depth curve the search measured, and the confirmations."""
+    metric = str(search.get("metric"))
+    ratio = metric == "ppl_ratio"
+    confirmed = {int(c["num_remove"]): c for c in search.get("confirmations") or []}
+    rows = []
+    for p in search.get("curve") or []:
+        c = confirmed.get(int(p["num_remove"]))
+        rows.append(
+            [
+                str(p["num_remove"]),
+                ", ".join(map(str, p.get("removed") or [])),
+                _num(p.get("quality"), ".4g"),
+                _num(p.get("value"), ".4f"),
+                "yes" if p.get("met") else "no",
+                ""
+                if c is None
+                else f"{_num(c.get('value'), '.4f')} ({'met' if c['met'] else 'missed'})",
+            ]
+        )
+    data = search.get("data") or {}
+    note = (
+        f"Searched on {data.get('kind', 'held-out data')}"
+        + (f" ({data['windows']} x {data['seq_len']} tokens)" if "windows" in data else "")
+        + f"; dense {'perplexity' if ratio else 'average accuracy'} "
+        + f"{_num(search.get('dense'), '.4g')}. Each depth is the method's own choice at that "
+        "many blocks, measured without the corrections; the scan stops at the first depth that "
+        "misses the target. The last column is the check on the evaluation data (the saved "
+        "model, corrections folded in)."
+    )
+    return (
+        "Quality vs depth",
+        [
+            "blocks removed",
+            "removed",
+            "perplexity" if ratio else "accuracy",
+            metric,
+            "meets target",
+            "evaluation data",
+        ],
+        rows,
+        note,
+    )
 
 
 def _tables(report: Mapping[str, Any]) -> list[tuple[str, list[str], list[list[str]], str]]:
@@ -201,6 +283,9 @@ def _tables(report: Mapping[str, Any]) -> list[tuple[str, list[str], list[list[s
     tasks = report.get("tasks")
     if isinstance(tasks, Mapping) and tasks.get("tasks"):
         tables.append(_task_table(tasks))
+    search = report.get("depth_search")
+    if isinstance(search, Mapping) and search.get("curve"):
+        tables.append(_depth_table(search))
     cands = (sel.get("details") or {}).get("candidates")
     if sel.get("method") == "auto" and isinstance(cands, list):
         rows = [
@@ -399,7 +484,7 @@ def render_html(report: Mapping[str, Any], images: Mapping[str, Path]) -> str:
     out.append("</ul></div>")
     out.append("<h2>Why these blocks</h2>")
     out.append(f"<p>{e(report['selection'].get('explanation', ''))}</p>")
-    for key, alt in (("heatmap", "similarity heatmap"), ("speedup", "speedup per workload")):
+    for key, alt in _IMAGES:
         path = images.get(key)
         if path is not None and path.exists():
             data = base64.b64encode(path.read_bytes()).decode("ascii")
@@ -433,7 +518,7 @@ def render_markdown(report: Mapping[str, Any], images: Mapping[str, Path]) -> st
     out = [f"# LoRP pruning report — {_md_cell(name)}", ""]
     out += [f"- {_md_cell(line)}" for line in _headline(report)]
     out += ["", "## Why these blocks", "", _md_cell(report["selection"].get("explanation", "")), ""]
-    for key, alt in (("heatmap", "similarity heatmap"), ("speedup", "speedup per workload")):
+    for key, alt in _IMAGES:
         path = images.get(key)
         if path is not None:
             out += [f"![{alt}]({path.name})", ""]

@@ -1,6 +1,7 @@
 """The report's figures (matplotlib, Agg backend, imported when a figure is drawn): a heatmap of
 the similarity matrix S with the phases and the removed blocks marked (``heatmap.png``) and the
-measured vs ideal speedup per workload (``speedup.png``, when there is a benchmark)."""
+measured vs ideal speedup per workload (``speedup.png``, when there is a benchmark) and a quality
+target's quality-vs-depth curve (``depth.png``, when the depth was searched)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import numpy as np
 from .document import check_similarity
 from .prose import block_ranges, method_label
 
-__all__ = ["plot_heatmap", "plot_speedup"]
+__all__ = ["plot_depth", "plot_heatmap", "plot_speedup"]
 
 
 def _phase_colors(k: int) -> list[Any]:
@@ -200,6 +201,70 @@ def plot_speedup(report: Mapping[str, Any], path: Path) -> Path | None:
         fontsize=11,
     )
     ax.legend(fontsize=8, loc="upper right", ncol=2, framealpha=0.9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_depth(report: Mapping[str, Any], path: Path) -> Path | None:
+    """A quality target's search (``report["depth_search"]``): the measured quality-vs-depth
+    curve on the search's held-out data, the target, the depth chosen and the confirmations on
+    the evaluation data. None without a search."""
+    search = report.get("depth_search")
+    if not isinstance(search, Mapping) or not search.get("curve"):
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ratio = search.get("metric") == "ppl_ratio"
+    curve = [p for p in search["curve"] if isinstance(p.get("value"), (int, float))]
+    xs = [0] + [int(p["num_remove"]) for p in curve]
+    ys = [1.0] + [float(p["value"]) for p in curve]
+    target = next(iter((search.get("target") or {}).values()), None)
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    ax.plot(xs, ys, marker="o", color="#2b7bba", label="held-out search data (plain selection)")
+    for p in curve:
+        if not p.get("met"):
+            ax.plot([p["num_remove"]], [p["value"]], marker="o", color="#c0392b", ms=8)
+    if isinstance(target, (int, float)):
+        ax.axhline(
+            target, color="black", ls="--", lw=1, label=f"target {'≤' if ratio else '≥'} {target:g}"
+        )
+    confirmations = [
+        c for c in search.get("confirmations") or [] if isinstance(c.get("value"), (int, float))
+    ]
+    folded = ", folded" if confirmations and confirmations[0].get("folded") else ""
+    for met, color, word in ((True, "#27ae60", "meets"), (False, "#e67e22", "misses")):
+        points = [c for c in confirmations if bool(c.get("met")) == met]
+        if points:
+            ax.plot(
+                [c["num_remove"] for c in points],
+                [c["value"] for c in points],
+                ls="",
+                marker="D",
+                color=color,
+                ms=8,
+                label=f"evaluation data{folded}: {word} the target",
+            )
+    final = search.get("final")
+    if isinstance(final, int):
+        ax.axvline(final, color="#27ae60", lw=1, alpha=0.6)
+    ax.set_xlabel("blocks removed")
+    ax.set_ylabel("perplexity ratio pruned / dense" if ratio else "average task retention")
+    ax.set_xticks(xs)
+    n = (report.get("selection") or {}).get("num_layers")
+    metric = "ppl ratio ≤" if ratio else "task retention ≥"
+    ax.set_title(
+        f"Quality vs depth: {final} of {n} blocks removed (target {metric} {target:g}; "
+        "red: the search's first miss)"
+        if isinstance(target, (int, float))
+        else f"Quality vs depth: {final} of {n} blocks removed",
+        fontsize=9,
+    )
+    ax.legend(fontsize=8, loc="upper left" if ratio else "lower left")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -123,3 +123,68 @@ def test_smollm2_job_end_to_end(stack: LocalStack, tmp_path: Path) -> None:
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["layers"] == result["config_layers"] == 27
     assert result["new_tokens"] == 8 and result["text"].strip()
+
+
+def test_smollm2_quality_target_job(stack: LocalStack, tmp_path: Path) -> None:
+    """Done-means of issue 23 item 5: a job with ``budget: {"max_ppl_ratio": 1.5}`` on the
+    bundled model returns a depth, the quality-vs-depth curve (report and plot), and a checkpoint
+    whose perplexity on the evaluation text, measured in a fresh process from the downloaded
+    GGUF, is within 1.5x the dense model's."""
+    gguf = bundled_model_path()
+    client = LorpClient(stack.api_url, KEY)
+    spec = {
+        "model": f"s3://{INPUTS}/{TENANT}/models/{gguf.name}",
+        "calibration": f"s3://{INPUTS}/{TENANT}/texts/calibration.txt",
+        "evaluation": f"s3://{INPUTS}/{TENANT}/texts/evaluation.txt",
+        "method": "lorp",
+        "budget": {"max_ppl_ratio": 1.5},
+        "windows": 4,
+        "seq_len": 128,
+        "holdout_windows": 2,
+        "eval_windows": 4,
+    }
+    job = client.submit(spec)
+    done = client.wait(job["id"], timeout=900, poll_interval=0.5)
+    assert done["state"] == "succeeded", done
+    summary = done.get("summary") or {}
+    depth = summary["target_depth"]
+    assert summary["quality_target"] == {"max_ppl_ratio": 1.5}
+    assert summary["target_confirmed"] is True
+    assert depth >= 1 and len(summary["removed_blocks"]) == depth
+    assert summary["perplexity_ratio"] <= 1.5
+
+    out = tmp_path / "download"
+    files = client.download(job["id"], out)
+    assert "depth.png" in {Path(f).name for f in files}
+    report = json.loads((out / "report.json").read_text())
+    search = report["depth_search"]
+    assert search["final"] == depth and search["target"] == {"max_ppl_ratio": 1.5}
+    curve = search["curve"]
+    assert [p["num_remove"] for p in curve] == list(range(1, len(curve) + 1))
+    assert all(p["met"] for p in curve[: search["chosen"]])
+    assert search["data"]["kind"] == "held-out calibration windows"
+    assert search["confirmations"][-1]["data"]["kind"] == "evaluation text"
+    assert report["budget"]["requested"] == {"max_ppl_ratio": 1.5}
+
+    (pruned,) = out.rglob("*.gguf")
+    script = textwrap.dedent(
+        f"""
+        import json
+        from lorp.data import text_windows
+        from lorp.loading import load_model
+        from lorp.quality import perplexity
+        loaded = load_model({str(pruned.parent)!r}, device="cpu", dtype="float32")
+        windows = text_windows(loaded.tokenizer, {str(EVALUATION)!r}, 128, 4)
+        print(json.dumps({{"layers": len(loaded.model.model.layers),
+                          "ppl": perplexity(loaded.model, windows).ppl}}))
+        """
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["layers"] == 30 - depth
+    dense = report["quality"]["dense"]["ppl"]
+    assert result["ppl"] / dense <= 1.5
+    assert result["ppl"] == pytest.approx(report["quality"]["pruned"]["ppl"], rel=1e-3)

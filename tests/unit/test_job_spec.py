@@ -20,6 +20,7 @@ from jobcore.spec import (
     RUN_OPTIONS,
     SERVICE_OPTIONS,
     BenchmarkSpec,
+    Budget,
     DType,
     JobCreate,
     Method,
@@ -60,6 +61,7 @@ EVERY_OPTION: dict[str, Any] = {
     "temperature_windows": 3,
     "tasks": ["piqa", "boolq"],
     "task_limit": 50,
+    "target_task_items": 20,
     "quality_gate": {
         "max_ppl_ratio": 1.5,
         "max_kl": 0.5,
@@ -218,6 +220,7 @@ def test_every_option_reaches_prune_config_as_written_by_hand() -> None:
         ),
         tasks=("piqa", "boolq"),
         task_limit=50,
+        target_task_items=20,
         task_data_dir=None,  # the operator's (OPERATOR_FIELDS), not the job's
         compensate=True,
         compensation_windows=6,
@@ -299,6 +302,8 @@ PRUNE_ONLY = {
     "eval_seq_len": "a job evaluates with seq_len (PRUNE_CONFIG_RENAMES)",
     "remove": "budget: --remove N | --fraction F",
     "fraction": "budget",
+    "target_ppl_ratio": "budget: max_ppl_ratio",
+    "target_task_retention": "budget: min_task_retention",
 }
 #: Options whose `lorp prune` default differs from the spec's, and why.
 PRUNE_DEFAULT_EXCEPTIONS = {
@@ -335,7 +340,9 @@ def test_lorp_prune_has_every_option_with_the_same_default_and_choices() -> None
     actions = _actions(_subparser(build_parser(), "prune"))
     for option, field in _all_options().items():
         if option == "budget":
-            assert {"remove", "fraction"} <= set(actions)
+            assert {"remove", "fraction", "target_ppl_ratio", "target_task_retention"} <= set(
+                actions
+            )
             continue
         if option == "quality_gate":  # an object: its fields are checked
             continue
@@ -385,7 +392,7 @@ def test_lorp_jobs_submit_has_every_option() -> None:
     actions = _actions(_submit())
     for option, field in _all_options().items():
         if option == "budget":
-            assert {"blocks", "fraction"} <= set(actions)
+            assert {f"budget.{name}" for name in Budget.model_fields} <= set(actions)
             continue
         if option == "quality_gate":
             continue
@@ -422,7 +429,7 @@ def _argv(values: dict[str, Any]) -> list[str]:
     for option, value in values.items():
         if option == "budget":
             ((kind, amount),) = value.items()
-            add(kind, amount)
+            add(f"budget.{kind}", amount)
         elif isinstance(value, dict):
             for name, inner in value.items():
                 add(f"{option}.{name}", inner)
@@ -437,8 +444,10 @@ def _argv(values: dict[str, Any]) -> list[str]:
         EVERY_OPTION,
         MINIMAL,
         {**MINIMAL, "budget": {"blocks": 3}, "compensate": False, "benchmark": {"warmup": 0}},
+        {**MINIMAL, "budget": {"max_ppl_ratio": 1.5}},
+        {**MINIMAL, "budget": {"min_task_retention": 0.95}, "tasks": ["piqa"]},
     ],
-    ids=["every-option", "minimal", "false-and-partial"],
+    ids=["every-option", "minimal", "false-and-partial", "ppl-target", "task-target"],
 )
 def test_lorp_jobs_submit_body_round_trips(values: dict[str, Any]) -> None:
     """The body lorp-jobs builds from the flags is the spec built from the same values."""

@@ -506,6 +506,9 @@ def test_job_summary_from_a_hand_built_report() -> None:
             "task_accuracy_pruned": 0.45,
             "task_retention": 0.9,
             "task_retention_by_task": {"piqa": 0.95, "boolq": 0.85},
+            "quality_target": {"max_ppl_ratio": 1.5},
+            "target_depth": 3,
+            "target_confirmed": True,
         },
         "speed": [
             {"name": "prefill_a", "kind": "prefill", "speedup": 1.2},
@@ -539,6 +542,9 @@ def test_job_summary_from_a_hand_built_report() -> None:
         "task_accuracy_after": 0.45,
         "task_retention": 0.9,
         "task_retention_by_task": {"piqa": 0.95, "boolq": 0.85},
+        "quality_target": {"max_ppl_ratio": 1.5},
+        "target_depth": 3,
+        "target_confirmed": True,
     }
     assert job_summary({}) == {
         "method": None,
@@ -564,6 +570,9 @@ def test_job_summary_from_a_hand_built_report() -> None:
         "task_accuracy_after": None,
         "task_retention": None,
         "task_retention_by_task": {},
+        "quality_target": None,
+        "target_depth": None,
+        "target_confirmed": None,
     }
 
 

@@ -730,11 +730,26 @@ def test_estimated_tokens_by_stage(settings: Settings) -> None:
         "calibration": 2048,
         "selection": 8192,
         "fits": 3072,
+        "depth_search": 0,
         "evaluation": 2048,
         "tasks": 0,
         "benchmark": 968,
         "total": 2048 + 8192 + 3072 + 2048 + 968,
     }
+    # a quality target: the dense pass and NOMINAL_DEPTHS (8) depths over the 8 held-out
+    # windows of 128, and a selection (32 passes over 4x64) per depth
+    target = validate_job(
+        body(
+            method="lorp-fold",
+            budget={"max_ppl_ratio": 1.5},
+            seq_len=128,
+            score_windows=4,
+            score_seq_len=64,
+        ),
+        settings,
+        TENANT,
+    ).estimated_tokens()
+    assert target["depth_search"] == 9 * 8 * 128 + 8 * 8192
     plain = validate_job(body(), settings, TENANT).estimated_tokens()
     assert plain["selection"] == plain["fits"] == plain["benchmark"] == 0
     assert plain["evaluation"] == 2 * 8 * 512  # the held-out calibration windows
