@@ -38,7 +38,7 @@ WEBHOOK_SECRET = "reliability-webhook-secret"
 #: The stack's retention (run.py sets LORP_JOB_RETENTION_SECONDS; the sweep is run directly).
 RETENTION_S = 30
 #: The out-of-memory scenario's pool process may map this much beyond its size when idle.
-HEADROOM_MB = 400
+HEADROOM_MB = 600
 
 
 def _manifest_matches(b: Bench, tenant: str, job_id: str) -> bool:
@@ -173,8 +173,12 @@ def worker_out_of_memory(b: Bench) -> dict[str, Any]:
     limit_mb = 0
     try:
         # no size limit of the operator's: the refusal must come from running out of memory
+        # (few malloc arenas: each thread's would reserve 64 MB of the address space)
         with _extra_worker(
-            b, LORP_TEST_RLIMIT_AS_MB=str(HEADROOM_MB), LORP_MAX_MODEL_BYTES=str(10**12)
+            b,
+            LORP_TEST_RLIMIT_AS_MB=str(HEADROOM_MB),
+            LORP_MAX_MODEL_BYTES=str(10**12),
+            MALLOC_ARENA_MAX="2",
         ) as worker:
             limit_mb = int(until("limit", lambda: _limit_mb(worker), timeout=30))
             job_id = b.submit(model=str(big), evaluation=None)
