@@ -29,7 +29,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 from redis.exceptions import RedisError
 from starlette.concurrency import run_in_threadpool
@@ -47,6 +47,7 @@ from jobcore.errors import (
     StorageNotFoundError,
     StorageUnavailableError,
 )
+from jobcore.metrics import read_job_metrics
 from jobcore.storage import Storage
 from jobcore.store import JobStore
 from service.queue import JobQueue
@@ -208,6 +209,36 @@ class _QueueCollector:
         yield g
 
 
+class _JobMetricsCollector:
+    """Per-stage job durations and finished jobs by state, recorded by the workers in Redis
+    (:mod:`jobcore.metrics`), read at scrape time."""
+
+    def __init__(self, app: FastAPI) -> None:
+        self.app = app
+
+    def collect(self) -> Any:
+        try:
+            store: JobStore = self.app.state.store
+            stages, jobs = read_job_metrics(store.redis)
+        except Exception:  # no value is better than a failed scrape
+            return
+        hist = HistogramMetricFamily(
+            "lorp_job_stage_duration_seconds",
+            "seconds each stage of a job took (download, the pipeline's stages, upload)",
+            labels=["stage"],
+        )
+        for stage, h in sorted(stages.items()):
+            buckets = [("+Inf" if math.isinf(le) else str(le), n) for le, n in h.buckets]
+            hist.add_metric([stage], buckets, h.total)
+        yield hist
+        done = CounterMetricFamily(
+            "lorp_jobs_finished", "jobs that ended, by final state", labels=["state"]
+        )
+        for state, n in sorted(jobs.items()):
+            done.add_metric([state], n)
+        yield done
+
+
 def _safe(value: Any) -> Any:
     """JSON-safe echo of user input: lone surrogates escaped, long values cut."""
     if isinstance(value, str):
@@ -341,6 +372,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.registry = registry = CollectorRegistry()
     registry.register(_QueueCollector(app))
+    registry.register(_JobMetricsCollector(app))
     multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
     if multiprocess:
         MultiProcessCollector(registry)

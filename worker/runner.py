@@ -57,6 +57,7 @@ from jobcore.errors import (
     StorageNotFoundError,
     StorageUnavailableError,
 )
+from jobcore.metrics import record_job
 from jobcore.spec import (
     WEIGHT_SUFFIXES,
     JobCreate,
@@ -238,6 +239,7 @@ class JobRunner:
         self.lock_ttl_ms = lock_ttl_ms
         self.storage_attempts = storage_attempts
         self.storage_backoff_s = storage_backoff_s
+        self._timings: dict[str, float] = {}  # seconds per stage of the job being run
 
     # -- entry point --------------------------------------------------------------------
 
@@ -265,8 +267,15 @@ class JobRunner:
         heartbeat = _Heartbeat(self.store, job_id, token, self.lock_ttl_ms)
         heartbeat.start()
         work = self.settings.work_dir / job_id
+        self._timings = {}
         try:
-            return self._run_locked(job_id, work)
+            outcome = self._run_locked(job_id, work)
+            if outcome in ("succeeded", "failed", "cancelled"):
+                try:
+                    record_job(self.store.redis, outcome, self._timings)
+                except RedisError as e:  # metrics never fail a job
+                    log.warning("job %s: metrics not recorded: %s", job_id, e)
+            return outcome
         finally:
             heartbeat.stopped.set()
             heartbeat.join(timeout=5)
@@ -325,12 +334,17 @@ class JobRunner:
             spec = JobCreate.model_validate(rec.spec)
             names.update(self._input_names(spec, work))
             progress("downloading", 0.0, "fetching inputs")
+            begun = time.perf_counter()
             inputs = self._fetch_inputs(spec, work / "inputs", rec.tenant)
             self._check_memory(inputs, spec.dtype.value)
+            self._timings["downloading"] = time.perf_counter() - begun
             progress("downloading", 1.0, "inputs ready")
             out = work / "out"
             result = self._run_pipeline(spec, inputs, out, progress, job_id=rec.id)
+            self._timings.update(result.report.get("timings_s") or {})
+            begun = time.perf_counter()
             artifacts = self._upload(rec, out, progress)
+            self._timings["uploading"] = time.perf_counter() - begun
             summary = self._summary(result.report)
         except CancelledError:
             self._cleanup_artifacts(rec)
