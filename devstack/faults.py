@@ -1,18 +1,22 @@
-"""A TCP proxy that injects faults between a client and a server (the worker and the object
-store, in the reliability scenarios): added latency per forwarded chunk, and a ``down`` switch
-that resets every open connection and refuses new ones until it is switched back.
+"""Faults for the tests and the reliability runner. :class:`FaultProxy`: a TCP proxy between a
+client and a server (the workers and the object store) that adds latency per forwarded chunk and
+has a ``down`` switch that resets every open connection and refuses new ones until it is
+switched back; point the client's endpoint at :attr:`FaultProxy.url`. :func:`small_disk` and
+:func:`fill`: a small tmpfs to run a worker's work directory on, and filling it.
 
-Standard library only (threads), so any test or benchmark can put it in front of a stack process
-without changing that process: point the client's endpoint at :attr:`FaultProxy.url`.
-"""
+Standard library only."""
 
 from __future__ import annotations
 
 import contextlib
 import socket
 import struct
+import subprocess
+import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from pathlib import Path
 from types import TracebackType
 
 LOOPBACK = "127.0.0.1"
@@ -148,3 +152,39 @@ class FaultProxy:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+class MountError(RuntimeError):
+    """A tmpfs could not be mounted (needs root or CAP_SYS_ADMIN)."""
+
+
+@contextlib.contextmanager
+def small_disk(size_mb: int = 64) -> Iterator[Path]:
+    """A fresh tmpfs of ``size_mb`` MiB, unmounted afterwards; :class:`MountError` when this
+    process may not mount one."""
+    mount = Path(tempfile.mkdtemp(prefix="lorp-small-disk-"))
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size_mb}m", "tmpfs", str(mount)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        mount.rmdir()
+        raise MountError(f"cannot mount a tmpfs: {done.stderr.strip() or done.returncode}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+        with contextlib.suppress(OSError):
+            mount.rmdir()
+
+
+def fill(directory: Path) -> Path:
+    """Write a file in ``directory`` until its file system is full; the file."""
+    filler = directory / "filler.bin"
+    with filler.open("wb") as f, contextlib.suppress(OSError):
+        while True:
+            f.write(b"\0" * (1 << 20))
+            f.flush()
+    return filler

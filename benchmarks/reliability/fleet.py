@@ -13,8 +13,6 @@ import http.client
 import json
 import os
 import signal
-import subprocess
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -23,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
+from devstack.faults import MountError, fill, small_disk
 from devstack.receiver import WebhookReceiver
 from devstack.stack import CeleryWorker, free_port
 from devstack.testbed import ARTIFACT_BUCKET, SMALL_BENCH, TENANT_A, until
@@ -41,7 +40,7 @@ RETENTION_S = 30
 HEADROOM_MB = 600
 
 
-def _manifest_matches(b: Bench, tenant: str, job_id: str) -> bool:
+def manifest_matches(b: Bench, tenant: str, job_id: str) -> bool:
     """The objects under the job's prefix are exactly its manifest's files plus the manifest."""
     prefix = f"{tenant}/jobs/{job_id}/"
     keys = {k[len(prefix) :] for k in b.svc.artifact_keys(tenant, job_id)}
@@ -148,14 +147,14 @@ def one_of_two_workers_killed(b: Bench) -> dict[str, Any]:
         survivor_ran_it = job_id in second.log_text()
         first.start()
     ok = job["state"] == "succeeded" and job["attempts"] == 2
-    ok = ok and _manifest_matches(b, TENANT_A, job_id) and survivor_ran_it
+    ok = ok and manifest_matches(b, TENANT_A, job_id) and survivor_ran_it
     return {
         "outcome": "pass" if ok else "fail",
         "figures": {
             "resumed_on_the_other_worker_s": round(resumed, 1),
             "succeeded_after_kill_s": round(done, 1),
             "attempts": job["attempts"],
-            "objects_match_manifest": _manifest_matches(b, TENANT_A, job_id),
+            "objects_match_manifest": manifest_matches(b, TENANT_A, job_id),
         },
         "notes": "run lock TTL 10 s + the housekeeper's orphan sweep every 15 s",
     }
@@ -232,15 +231,11 @@ def _limit_mb(worker: CeleryWorker) -> int | None:
 def work_disk_full(b: Bench) -> dict[str, Any]:
     """The worker's work directory on a 64 MiB tmpfs, filled while a job is parked before
     saving: ``work_disk_full``, nothing uploaded, and the next job runs once there is space."""
-    mount = Path(tempfile.mkdtemp(prefix="lorp-small-disk-"))
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mount)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if done.returncode != 0:
-        return {"outcome": "skipped", "figures": {}, "notes": f"no tmpfs: {done.stderr.strip()}"}
+    try:
+        disk = small_disk(64)
+        mount = disk.__enter__()
+    except MountError as exc:
+        return {"outcome": "skipped", "figures": {}, "notes": str(exc)}
     usual = b.stack.workers[0]
     usual.stop()
     try:
@@ -248,11 +243,7 @@ def work_disk_full(b: Bench) -> dict[str, Any]:
             b.hold("pruning")
             job_id = b.submit()
             b.wait_held(job_id, "pruning")
-            filler = mount / "filler.bin"
-            with filler.open("wb") as f, contextlib.suppress(OSError):
-                while True:
-                    f.write(b"\0" * (1 << 20))
-                    f.flush()
+            filler = fill(mount)
             released = time.monotonic()
             b.release()
             job = b.wait(job_id)
@@ -263,7 +254,7 @@ def work_disk_full(b: Bench) -> dict[str, Any]:
             nxt = b.wait(b.submit(budget={"blocks": 1}))
     finally:
         usual.start()
-        subprocess.run(["umount", "-l", str(mount)], check=False)
+        disk.__exit__(None, None, None)
     code = (job.get("error") or {}).get("code")
     ok = job["state"] == "failed" and code == "work_disk_full" and objects == 0
     ok = ok and not work_left and nxt["state"] == "succeeded"
@@ -303,7 +294,7 @@ def store_slow_and_flapping(b: Bench) -> dict[str, Any]:
         proxy.delay_s = 0.0
         proxy.set_down(False)
     code = (job.get("error") or {}).get("code")
-    committed = _manifest_matches(b, TENANT_A, job_id)
+    committed = manifest_matches(b, TENANT_A, job_id)
     manifest_present = f"{TENANT_A}/jobs/{job_id}/manifest.json" in b.keys(job_id)
     ok = (job["state"] == "succeeded" and committed) or (
         job["state"] == "failed" and code == "storage_unavailable" and not manifest_present

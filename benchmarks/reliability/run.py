@@ -62,6 +62,7 @@ from benchmarks.reliability.fleet import (  # noqa: E402
     WEBHOOK_SECRET,
     api_killed_under_load,
     expiry_while_busy,
+    manifest_matches,
     one_of_two_workers_killed,
     store_slow_and_flapping,
     two_workers_four_tenants,
@@ -175,13 +176,7 @@ def worker_sigkill(b: Bench) -> dict[str, Any]:
     redelivered = time.monotonic() - killed
     job = b.wait(job_id)
     done = time.monotonic() - killed
-    prefix = f"{TENANT_A}/jobs/{job_id}/"
-    keys = {k[len(prefix) :] for k in b.keys(job_id)}
-    manifest_ok = False
-    if "manifest.json" in keys:
-        body = b.svc.s3().get_object(Bucket=ARTIFACT_BUCKET, Key=prefix + "manifest.json")["Body"]
-        names = {f["name"] for f in json.loads(body.read())["files"]}
-        manifest_ok = keys == names | {"manifest.json"}
+    manifest_ok = manifest_matches(b, TENANT_A, job_id)
     ok = job["state"] == "succeeded" and job["attempts"] == 2 and manifest_ok
     ok = ok and redelivered <= RECOVERY_GOAL_S
     return {

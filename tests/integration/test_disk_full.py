@@ -6,15 +6,14 @@ in CI's container); skipped with the reason otherwise."""
 
 from __future__ import annotations
 
-import contextlib
 import errno
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
+from devstack.faults import MountError, fill, small_disk
 from devstack.testbed import HELD_PREFIX, HOLD_KEY, until
 from tests.integration.conftest import TENANT_A, Service
 from worker.runner import _disk_full
@@ -23,49 +22,29 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    mount = tmp_path / "work"
-    mount.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mount)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip() or done.returncode}")
+def small_disk_dir() -> Iterator[Path]:
     try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
-
-
-def _fill(directory: Path) -> Path:
-    """Write a file until the file system is full."""
-    filler = directory / "filler.bin"
-    block = b"\0" * (1 << 20)
-    with filler.open("wb") as f, contextlib.suppress(OSError):
-        while True:
-            f.write(block)
-            f.flush()
-    return filler
+        with small_disk(64) as mount:
+            yield mount
+    except MountError as exc:
+        pytest.skip(str(exc))
 
 
 def test_disk_full_fails_cleanly_and_the_worker_recovers(
-    service: Service, client_a: httpx.Client, small_disk: Path
+    service: Service, client_a: httpx.Client, small_disk_dir: Path
 ) -> None:
     stack = service.stack
     usual = stack.workers[0]
     usual.stop()  # only the worker on the small disk takes jobs
     saved_env = dict(stack.worker_env)
-    stack.worker_env["LORP_WORK_DIR"] = str(small_disk)
+    stack.worker_env["LORP_WORK_DIR"] = str(small_disk_dir)
     worker = stack.add_worker()
     redis = service.redis()
     try:
         redis.set(HOLD_KEY, "pruning", ex=600)
         job_id = client_a.post("/jobs", json=service.job_body()).json()["id"]
         until("job held", lambda: redis.get(HELD_PREFIX + job_id) == "pruning")
-        filler = _fill(small_disk)
+        filler = fill(small_disk_dir)
         redis.delete(HOLD_KEY)
         job = service.wait(client_a, job_id, timeout=120)
         assert job["state"] == "failed", job
@@ -75,7 +54,7 @@ def test_disk_full_fails_cleanly_and_the_worker_recovers(
             or "during pruning" in (job["error"]["message"])
         )
         assert service.artifact_keys(TENANT_A, job_id) == []
-        assert not (small_disk / job_id).exists()  # the job's work dir is gone
+        assert not (small_disk_dir / job_id).exists()  # the job's work dir is gone
         filler.unlink()
         again = client_a.post("/jobs", json=service.job_body()).json()["id"]
         assert service.wait(client_a, again)["state"] == "succeeded"

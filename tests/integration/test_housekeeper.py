@@ -11,7 +11,7 @@ import time
 import httpx
 import pytest
 
-from devstack.testbed import HELD_PREFIX, HOLD_KEY, until
+from devstack.testbed import HELD_PREFIX, HOLD_KEY, SMALL_BENCH, until
 from tests.integration.conftest import ARTIFACT_BUCKET, TENANT_A, Service
 
 pytestmark = pytest.mark.integration
@@ -22,15 +22,7 @@ def test_a_dead_workers_job_finishes_on_the_other_worker(
 ) -> None:
     stack = service.stack
     first = stack.workers[0]
-    body = service.job_body(
-        benchmark={
-            "prefill": [[1, 32]],
-            "decode": [],
-            "warmup": 1,
-            "repetitions": 20,
-            "measure_blocks": False,
-        }
-    )
+    body = service.job_body(benchmark=SMALL_BENCH)
     redis = service.redis()
     redis.set(HOLD_KEY, "benchmark", ex=600)  # park the job in the first worker
     try:
