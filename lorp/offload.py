@@ -1,0 +1,626 @@
+"""Models larger than the device: sequential (layer-wise) onloading.
+
+With ``offload="sequential"`` the block weights stay in host memory, or on disk (a safetensors
+checkpoint read block by block: :func:`load_skeleton`), and the passes over token windows run
+*layer-wise*, the way llm-compressor's sequential pipeline does: every window goes through the
+embeddings first; then one block at a time is brought to the device, every window's hidden
+state goes through it, and it is released before the next block (:class:`Onloader`). The
+embeddings, the final norm and the LM head stay on the device (:func:`place_resident`). Peak
+device memory is about the resident modules + one block + the windows' hidden states.
+
+How a block is called differs between families (rotary embeddings computed once per forward,
+per-layer-type attention masks, positional arguments): the engine never re-derives it. A
+*stub pass* runs the model's own forward with every block replaced by a recorder that keeps
+each block's call (arguments and keyword arguments, the same tensor objects the model would
+have passed) and returns its input unchanged; a *tail pass* runs the forward once more with
+block 0 answering the final hidden state, so the final norm, the LM head and any soft-capping
+are the model's own code. Each block then does exactly the operations on exactly the values it
+does in a whole forward, so the results equal the in-memory path's.
+
+What runs layer-wise (:func:`sequential_similarity`, :func:`sequential_compare`): the
+calibration capture (S and the stored block inputs) and the evaluation (dense vs pruned
+perplexity, KL, top-1). The model-in-the-loop scoring, the compensation and temperature fits,
+the downstream tasks and the benchmark need the whole model; :func:`unsupported_stages` names
+them so a sequential prune refuses them before its first window (the pipeline's preflight).
+
+Choosing the mode (:func:`choose_offload`): ``"auto"`` runs sequentially when the weights plus
+a working margin (:func:`working_margin`) exceed what the device has: the free memory of a
+CUDA device (``torch.cuda.mem_get_info``) and ``max_device_memory`` when given (the only limit
+on CPU; without it, never on CPU).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ._blocks import get_blocks, locate_blocks
+from ._forward import batches, check_windows, input_device, log_probs
+from .errors import InvalidInputError, ModelLoadError, UnsupportedModelError
+from .inputs import BlockInputs
+from .progress import ProgressCallback
+
+#: What ``PruneConfig.offload`` accepts.
+OFFLOAD_MODES: tuple[str, ...] = ("none", "sequential", "auto")
+#: The windows' hidden states stay on the device between blocks up to this many bytes; beyond,
+#: they wait in host memory and each batch visits the device for its block.
+ACTIVATION_DEVICE_BYTES = 1 << 30
+#: The layer-wise capture keeps every block's normalised input of the windows it runs at once
+#: (float32) to fold S; windows are taken in groups within this many bytes (one group: every
+#: block is onloaded once).
+CAPTURE_GROUP_BYTES = 1 << 30
+#: The working margin over the weights :func:`working_margin` adds: this share of the weights.
+MARGIN_SHARE = 0.1
+
+_ATTR = "_lorp_onloader"
+
+
+# --------------------------------------------------------------------------------------------
+# Choosing the mode
+
+
+@dataclass(frozen=True)
+class OffloadDecision:
+    """Which mode a prune runs in and why (the report's ``model.offload``).
+
+    ``requested``: the config's ``offload``; ``mode``: ``"none"`` or ``"sequential"``;
+    ``reason``: why, in words; ``weight_bytes``: the weights' size the choice used (estimated
+    before loading, or the model's real parameter bytes); ``needed_bytes``: with the working
+    margin; ``device_bytes``: what the device offered (None: no limit known); ``weights``: where
+    the block weights live in sequential mode (``"disk"``: memory-mapped safetensors read block
+    by block; ``"host"``: host memory), None in-memory; ``peak_block_bytes``: the most block
+    weight bytes that were on the device at once (filled after the run)."""
+
+    mode: str
+    requested: str
+    reason: str
+    weight_bytes: int | None = None
+    needed_bytes: int | None = None
+    device_bytes: int | None = None
+    weights: str | None = None
+    peak_block_bytes: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def check_offload(offload: Any, max_device_memory: Any) -> None:
+    """:class:`InvalidInputError` unless ``offload`` is one of :data:`OFFLOAD_MODES` and
+    ``max_device_memory`` None or a positive integer (bytes)."""
+    if not isinstance(offload, str) or offload not in OFFLOAD_MODES:
+        raise InvalidInputError(
+            f"offload must be one of {', '.join(OFFLOAD_MODES)}, got {offload!r}"
+        )
+    if max_device_memory is not None and (
+        isinstance(max_device_memory, bool)
+        or not isinstance(max_device_memory, int)
+        or max_device_memory < 1
+    ):
+        raise InvalidInputError(
+            f"max_device_memory must be a positive number of bytes or None, got "
+            f"{max_device_memory!r}"
+        )
+
+
+def device_memory(device: torch.device | str, max_device_memory: int | None = None) -> int | None:
+    """Bytes a prune may use on ``device``: a CUDA device's free memory, capped at
+    ``max_device_memory``; on any other device ``max_device_memory`` (None: no known limit)."""
+    device = torch.device(device)
+    free: int | None = None
+    if device.type == "cuda" and torch.cuda.is_available():
+        free = int(torch.cuda.mem_get_info(device)[0])
+    if max_device_memory is None:
+        return free
+    return max_device_memory if free is None else min(free, max_device_memory)
+
+
+def working_margin(
+    weight_bytes: int, *, batch_size: int = 1, seq_len: int = 512, vocab_size: int = 0
+) -> int:
+    """Memory a prune needs beyond the weights: :data:`MARGIN_SHARE` of them plus one batch's
+    logits in float32 three times over (dense and pruned log-probabilities and their softmax)."""
+    return int(weight_bytes * MARGIN_SHARE) + 3 * 4 * batch_size * seq_len * max(vocab_size, 0)
+
+
+def choose_offload(
+    requested: str,
+    weight_bytes: int,
+    *,
+    device: torch.device | str,
+    max_device_memory: int | None = None,
+    margin_bytes: int = 0,
+) -> OffloadDecision:
+    """The mode for ``requested`` (:data:`OFFLOAD_MODES`): ``"auto"`` is ``"sequential"`` when
+    ``weight_bytes + margin_bytes`` exceed :func:`device_memory`, else ``"none"``."""
+    check_offload(requested, max_device_memory)
+    needed = weight_bytes + margin_bytes
+    available = device_memory(device, max_device_memory)
+    common = {"weight_bytes": weight_bytes, "needed_bytes": needed, "device_bytes": available}
+    gib = 1 << 30
+    if requested != "auto":
+        return OffloadDecision(requested, requested, f"offload {requested!r} requested", **common)
+    if available is None:
+        return OffloadDecision(
+            "none", requested, f"no memory limit known for {torch.device(device)}", **common
+        )
+    where = "max_device_memory" if available == max_device_memory else f"{device} free memory"
+    if needed > available:
+        return OffloadDecision(
+            "sequential",
+            requested,
+            f"weights + margin ({needed / gib:.2f} GiB) exceed the {where} "
+            f"({available / gib:.2f} GiB)",
+            **common,
+        )
+    return OffloadDecision(
+        "none",
+        requested,
+        f"weights + margin ({needed / gib:.2f} GiB) fit the {where} ({available / gib:.2f} GiB)",
+        **common,
+    )
+
+
+def parameter_bytes(model: nn.Module) -> int:
+    """Bytes of ``model``'s parameters and buffers (tied ones once; meta tensors counted)."""
+    tensors = [*model.parameters(), *model.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+# --------------------------------------------------------------------------------------------
+# Where block weights live and how one reaches the device
+
+
+def _set_param(module: nn.Module, name: str, value: torch.Tensor) -> None:
+    owner_name, _, leaf = name.rpartition(".")
+    owner = module.get_submodule(owner_name) if owner_name else module
+    owner._parameters[leaf] = nn.Parameter(value, requires_grad=False)
+
+
+def _floating(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t.to(dtype) if t.is_floating_point() else t
+
+
+class MappedWeights:
+    """Tensor names of a safetensors checkpoint -> their file; :meth:`read` opens the files it
+    needs, reads the tensors (copies) and closes them again, so nothing stays mapped."""
+
+    def __init__(self, folder: Path) -> None:
+        from safetensors import safe_open
+
+        self.files: dict[str, Path] = {}
+        for path in sorted(folder.glob("*.safetensors")):
+            with safe_open(str(path), framework="pt") as f:
+                for key in f.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
+                    self.files[key] = path
+
+    def read(
+        self, names: Mapping[str, str], dtype: torch.dtype, device: torch.device
+    ) -> dict[str, torch.Tensor]:
+        """``{target: tensor}`` for ``names`` (target -> checkpoint name), floats as ``dtype``."""
+        from safetensors import safe_open
+
+        by_file: dict[Path, list[tuple[str, str]]] = {}
+        for target, key in names.items():
+            by_file.setdefault(self.files[key], []).append((target, key))
+        out: dict[str, torch.Tensor] = {}
+        for path, items in by_file.items():
+            with safe_open(str(path), framework="pt") as f:
+                for target, key in items:
+                    out[target] = _floating(f.get_tensor(key), dtype).to(device)
+        return out
+
+
+class Onloader:
+    """Brings one block at a time to ``device`` (:meth:`onloaded`) and releases it after.
+
+    Weights in host memory (``mapped`` None): the block is moved to ``device`` and back (nothing
+    moves when it already lives there). Weights on disk (``mapped``): the block's parameters are
+    meta tensors between uses; :meth:`onloaded` reads them from the checkpoint (``prefixes``:
+    each block module -> its tensors' name prefix, kept by module so a surgery that renumbers
+    the list changes nothing) in ``dtype``. ``peak_bytes``: the most block parameter bytes
+    materialised at once."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        device: torch.device,
+        *,
+        mapped: MappedWeights | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        loc = locate_blocks(model)
+        self.device = torch.device(device)
+        self.mapped = mapped
+        self.dtype = dtype or next(model.parameters()).dtype
+        self.prefixes = {id(b): f"{loc.path}.{i}." for i, b in enumerate(loc.blocks)}
+        self.live = 0
+        self.peak_bytes = 0
+
+    @property
+    def weights(self) -> str:
+        return "host" if self.mapped is None else "disk"
+
+    @staticmethod
+    def _bytes(block: nn.Module) -> int:
+        return sum(p.numel() * p.element_size() for p in block.parameters() if not p.is_meta)
+
+    def _load(self, block: nn.Module, device: torch.device) -> None:
+        if self.mapped is None:
+            block.to(device)
+            return
+        prefix = self.prefixes[id(block)]
+        names = {n: prefix + n for n, p in block.named_parameters() if p.is_meta}
+        for name, value in self.mapped.read(names, self.dtype, device).items():
+            _set_param(block, name, value)
+        block.to(device)  # the buffers (real, small)
+
+    @contextlib.contextmanager
+    def onloaded(self, block: nn.Module) -> Iterator[nn.Module]:
+        home = next((p.device for p in block.parameters() if not p.is_meta), None)
+        self._load(block, self.device)
+        size = self._bytes(block)
+        self.live += size
+        self.peak_bytes = max(self.peak_bytes, self.live)
+        try:
+            yield block
+        finally:
+            self.live -= size
+            if self.mapped is not None:
+                for name, p in list(block.named_parameters()):
+                    _set_param(block, name, torch.empty(p.shape, dtype=p.dtype, device="meta"))
+            elif home is not None and home != self.device:
+                block.to(home)
+
+    def materialise(self, model: nn.Module, device: torch.device | str = "cpu") -> None:
+        """Read every block of ``model`` still on disk into ``device`` (before saving it)."""
+        for block in get_blocks(model):
+            if any(p.is_meta for p in block.parameters()):
+                self._load(block, torch.device(device))
+
+
+def attach(model: nn.Module, onloader: Onloader) -> None:
+    """Mark ``model`` for layer-wise passes with ``onloader`` (:func:`onloader_of`)."""
+    object.__setattr__(model, _ATTR, onloader)
+
+
+def onloader_of(model: nn.Module) -> Onloader | None:
+    """The :class:`Onloader` :func:`attach` gave ``model`` (None: it runs in memory)."""
+    found = getattr(model, _ATTR, None)
+    return found if isinstance(found, Onloader) else None
+
+
+def prepare(model: nn.Module, device: torch.device | str | None = None) -> Onloader:
+    """Run ``model`` layer-wise from now on: its resident modules on ``device`` (default: where
+    its input embeddings are), its blocks where they are; returns the attached onloader."""
+    found = onloader_of(model)
+    if found is not None:
+        return found
+    target = input_device(model) if device is None else torch.device(device)
+    place_resident(model, target)
+    onloader = Onloader(model, target)
+    attach(model, onloader)
+    return onloader
+
+
+def place_resident(model: nn.Module, device: torch.device) -> None:
+    """Move every parameter and buffer outside the block list to ``device`` (in place: tied
+    weights stay tied)."""
+    inside = {id(m) for b in get_blocks(model) for m in b.modules()}
+    for module in model.modules():
+        if id(module) in inside:
+            continue
+        for tensors in (module._parameters, module._buffers):
+            for t in tensors.values():
+                if t is not None and not t.is_meta and t.device != device:
+                    t.data = t.data.to(device)
+
+
+def load_skeleton(
+    folder: Path, dtype: torch.dtype, device: torch.device, *, trust_remote_code: bool = False
+) -> nn.Module | None:
+    """The causal LM of the safetensors checkpoint ``folder`` with its blocks' parameters on the
+    meta device and everything else read onto ``device`` in ``dtype``, an :class:`Onloader`
+    attached that reads each block from the files when it runs. None when the checkpoint's
+    tensor names are not the model's (then load it into host memory instead)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    mapped = MappedWeights(folder)
+    if not mapped.files:
+        return None
+    try:
+        config = AutoConfig.from_pretrained(
+            folder, local_files_only=True, trust_remote_code=trust_remote_code
+        )
+        with init_empty_weights(include_buffers=False):
+            model: nn.Module = AutoModelForCausalLM.from_config(
+                config, dtype=dtype, trust_remote_code=trust_remote_code
+            )
+    except Exception as exc:
+        raise ModelLoadError(f"could not build the model of {folder.name}: {exc}") from exc
+    loc = locate_blocks(model)
+    prefix = loc.path + "."
+    block_names = [f"{prefix}{i}.{n}" for i, b in enumerate(loc.blocks) for n, _ in b.named_parameters()]
+    if any(name not in mapped.files for name in block_names):
+        return None
+    resident = {
+        n: n for n, _ in model.named_parameters() if not n.startswith(prefix) and n in mapped.files
+    }
+    for name, value in mapped.read(resident, dtype, device).items():
+        _set_param(model, name, value)
+    tie = getattr(model, "tie_weights", None)
+    if callable(tie):
+        tie()
+    if any(p.is_meta for n, p in model.named_parameters() if not n.startswith(prefix)):
+        return None
+    place_resident(model, device)
+    model.eval()
+    attach(model, Onloader(model, device, mapped=mapped, dtype=dtype))
+    return model
+
+
+# --------------------------------------------------------------------------------------------
+# The layer-wise engine
+
+
+class _Stop(Exception):
+    """Raised by the last block's recorder: the forward's blocks were all seen."""
+
+
+@contextlib.contextmanager
+def _stubbed(model: nn.Module, stub: Callable[[int, tuple[Any, ...], dict[str, Any]], Any]):  # type: ignore[no-untyped-def]
+    """Every block's forward replaced by ``stub(index, args, kwargs)`` (weights untouched)."""
+    blocks = list(get_blocks(model))
+    for i, block in enumerate(blocks):
+        object.__setattr__(block, "forward", lambda *a, _i=i, **k: stub(_i, a, k))
+    try:
+        yield
+    finally:
+        for block in blocks:
+            block.__dict__.pop("forward", None)
+
+
+def _hidden_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
+    hidden = args[0] if args else kwargs.get("hidden_states")
+    if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
+        raise UnsupportedModelError(
+            "a block did not receive hidden states [batch, tokens, dim] as its first input"
+        )
+    return hidden
+
+
+@dataclass
+class _Batch:
+    """One batch of windows: ``ids``, the first block's input ``hidden`` and every block's call
+    (``calls[b]``: the arguments after the hidden state and the keyword arguments)."""
+
+    ids: torch.Tensor
+    first: int  # index of its first window
+    hidden: torch.Tensor
+    calls: list[tuple[tuple[Any, ...], dict[str, Any], bool]] = field(default_factory=list)
+
+
+@torch.no_grad()
+def _record(model: nn.Module, ids: torch.Tensor, first: int, device: torch.device) -> _Batch:
+    n = len(get_blocks(model))
+    calls: list[Any] = [None] * n
+    seen: dict[str, torch.Tensor] = {}
+
+    def stub(i: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        hidden = _hidden_of(args, kwargs)
+        if i == 0:
+            seen["hidden"] = hidden
+        rest = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        calls[i] = (args[1:], rest, bool(args))
+        if i == n - 1:
+            raise _Stop
+        return hidden
+
+    with _stubbed(model, stub), contextlib.suppress(_Stop):
+        model(input_ids=ids.to(device), use_cache=False)
+    if "hidden" not in seen or any(c is None for c in calls):
+        raise UnsupportedModelError(
+            f"{type(model).__name__}'s forward does not call its blocks in order; it cannot run "
+            "layer-wise (offload sequential)"
+        )
+    return _Batch(ids=ids, first=first, hidden=seen["hidden"], calls=calls)
+
+
+def _call(block: nn.Module, hidden: torch.Tensor, call: tuple[Any, ...]) -> torch.Tensor:
+    args, kwargs, positional = call
+    out = block(hidden, *args, **kwargs) if positional else block(hidden_states=hidden, **kwargs)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _record_all(model: nn.Module, windows: torch.Tensor, batch_size: int, offset: int = 0) -> list[_Batch]:
+    device = input_device(model)
+    out: list[_Batch] = []
+    first = offset
+    for ids in batches(windows, batch_size):
+        out.append(_record(model, ids, first, device))
+        first += ids.shape[0]
+    return out
+
+
+@torch.no_grad()
+def _layerwise(
+    model: nn.Module,
+    onloader: Onloader,
+    recorded: Sequence[_Batch],
+    skipped: Mapping[str, set[int]],
+    *,
+    on_input: Callable[[int, _Batch, torch.Tensor], None] | None = None,
+    stop_at: int | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, list[torch.Tensor]]:
+    """Run the ``recorded`` batches through the blocks one block at a time, once per stream
+    (``skipped[stream]``: the blocks that stream skips); ``on_input(b, batch, hidden)`` sees
+    the first stream's input of block b; stops before block ``stop_at``. Returns every stream's
+    final hidden states per batch. Streams whose input is the same tensor share the work."""
+    blocks = get_blocks(model)
+    device = onloader.device
+    total = sum(b.hidden.numel() * b.hidden.element_size() for b in recorded) * len(skipped)
+    store = device if total <= ACTIVATION_DEVICE_BYTES else torch.device("cpu")
+    states = {s: [b.hidden.to(store) for b in recorded] for s in skipped}
+    first = next(iter(skipped))
+    for i in range(len(blocks)):
+        if on_input is not None:
+            for k, batch in enumerate(recorded):
+                on_input(i, batch, states[first][k])
+        if stop_at is not None and i >= stop_at:
+            break
+        active = [s for s in skipped if i not in skipped[s]]
+        if active:
+            with onloader.onloaded(blocks[i]) as block:
+                for k, batch in enumerate(recorded):
+                    done: dict[int, torch.Tensor] = {}
+                    for s in active:
+                        given = states[s][k]
+                        if id(given) not in done:
+                            done[id(given)] = _call(block, given.to(device), batch.calls[i]).to(store)
+                        states[s][k] = done[id(given)]
+        if progress is not None:
+            progress(i + 1)
+    return states
+
+
+def _tail_log_probs(model: nn.Module, batch: _Batch, hidden: torch.Tensor) -> torch.Tensor:
+    """The model's own output layers (final norm, head, soft-capping) on the final ``hidden``:
+    log-probabilities as :func:`lorp._forward.log_probs` gives them."""
+    device = input_device(model)
+
+    def stub(i: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        given = _hidden_of(args, kwargs)
+        return hidden.to(given.device) if i == 0 else given
+
+    with _stubbed(model, stub):
+        return log_probs(model, batch.ids, device)
+
+
+def _require(model: nn.Module) -> Onloader:
+    onloader = onloader_of(model)
+    if onloader is None:
+        raise InvalidInputError("the model is not prepared for layer-wise passes (lorp.offload.prepare)")
+    return onloader
+
+
+@torch.no_grad()
+def sequential_similarity(
+    model: nn.Module,
+    windows: torch.Tensor,
+    *,
+    batch_size: int = 1,
+    progress: ProgressCallback | None = None,
+    keep: BlockInputs | None = None,
+) -> np.ndarray:
+    """:func:`lorp.similarity.capture_similarity`, layer-wise: the same S (and ``keep``'s block
+    inputs), the same sums in the same order. Windows run in groups of at most
+    :data:`CAPTURE_GROUP_BYTES` of normalised block inputs; each group onloads every block but
+    the last once."""
+    from .similarity import _Accumulator, similarity_from_sums
+
+    windows = check_windows(windows)
+    onloader = _require(model)
+    n = len(get_blocks(model))
+    if keep is not None:
+        keep.start(windows, n)
+    width = int(getattr(model.get_input_embeddings(), "embedding_dim", 0) or 1)  # type: ignore[operator]
+    per_window = n * int(windows.shape[1]) * width * 4
+    group = max(batch_size, CAPTURE_GROUP_BYTES // max(per_window, 1) // batch_size * batch_size)
+    total = torch.zeros(n, n, dtype=torch.float64)
+    seen = 0
+    count = int(windows.shape[0])
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, count, group):
+            recorded = _record_all(model, windows[start : start + group], batch_size, start)
+            accs = [_Accumulator(n, keep) for _ in recorded]
+            index = {id(b): a for b, a in zip(recorded, accs, strict=True)}
+
+            def take(i: int, batch: _Batch, hidden: torch.Tensor) -> None:
+                index[id(batch)].add(i, hidden)
+                if keep is not None:
+                    keep.add(i, batch.first, hidden)
+
+            def report(done: int, _start: int = start, _size: int = len(recorded)) -> None:
+                if progress is not None:
+                    frac = (_start + min(group, count - _start) * done / n) / count
+                    progress("calibration", frac, f"block {done}/{n}, windows {_start + 1}..")
+
+            _layerwise(model, onloader, recorded, {"dense": set()}, on_input=take, stop_at=n - 1, progress=report)
+            for acc in accs:
+                total += acc.total
+                seen += acc.windows
+    finally:
+        model.train(was_training)
+    if keep is not None:
+        keep.finish()
+    return similarity_from_sums(total, seen, count)
+
+
+@torch.no_grad()
+def sequential_compare(
+    model: nn.Module,
+    removed: Sequence[int],
+    windows: torch.Tensor,
+    *,
+    batch_size: int = 1,
+    progress: ProgressCallback | None = None,
+    stage: str = "evaluation",
+    compensation: Any = None,
+) -> Any:
+    """:func:`lorp.quality.compare_pruned`, layer-wise: the dense and the pruned stream pass
+    every block together (sharing the work until the first removed block), then the model's own
+    output layers score each batch. ``compensation`` must be None (its folds need the whole
+    model; a sequential prune refuses them at preflight)."""
+    from .quality import compare_log_probs
+
+    if compensation is not None:
+        raise UnsupportedModelError("compensation and temperature folds cannot run layer-wise yet")
+    windows = check_windows(windows)
+    onloader = _require(model)
+    n = len(get_blocks(model))
+    recorded = _record_all(model, windows, batch_size)
+
+    def report(done: int) -> None:
+        if progress is not None:
+            progress(stage, 0.9 * done / n, f"block {done}/{n} (dense and pruned)")
+
+    finals = _layerwise(
+        model, onloader, recorded, {"dense": set(), "pruned": set(removed)}, progress=report
+    )
+    pairs = iter(
+        (_tail_log_probs(model, b, finals["dense"][k]), _tail_log_probs(model, b, finals["pruned"][k]))
+        for k, b in enumerate(recorded)
+    )
+    return compare_log_probs(windows, batch_size, lambda _batch: next(pairs), progress, stage)
+
+
+__all__ = [
+    "ACTIVATION_DEVICE_BYTES",
+    "CAPTURE_GROUP_BYTES",
+    "OFFLOAD_MODES",
+    "MappedWeights",
+    "OffloadDecision",
+    "Onloader",
+    "attach",
+    "check_offload",
+    "choose_offload",
+    "device_memory",
+    "load_skeleton",
+    "onloader_of",
+    "parameter_bytes",
+    "place_resident",
+    "prepare",
+    "sequential_compare",
+    "sequential_similarity",
+    "working_margin",
+]
