@@ -102,6 +102,15 @@ class DType(StrEnum):
     bfloat16 = "bfloat16"
 
 
+class Offload(StrEnum):
+    """Memory mode of the job (``lorp.offload``): ``sequential`` runs one block at a time on the
+    device; ``auto`` does when the model does not fit the worker's device."""
+
+    auto = "auto"
+    none = "none"
+    sequential = "sequential"
+
+
 class OutputFormat(StrEnum):
     """A format of the pruned model the job writes (``lorp.outputs.OUTPUT_FORMATS``)."""
 
@@ -493,6 +502,15 @@ class JobCreate(BaseModel):
         description="compute dtype of the model; auto: the checkpoint's own (config "
         "torch_dtype; a GGUF: bfloat16 on a GPU worker, float32 on CPU); the report says which",
     )
+    offload: Offload = Field(
+        default=Offload.auto,
+        description="models larger than the worker's device: sequential keeps the weights in "
+        "host memory or on disk and moves one block at a time to the device while every window "
+        "passes through it (calibration and evaluation; the similarity methods without "
+        "compensation, temperature or tasks); auto: sequential when the estimated weights plus "
+        "a working margin exceed the device's free memory or the operator's max_device_memory; "
+        "none: the whole model on the device. The report says which mode ran and why",
+    )
     output_formats: OutputFormats | None = Field(
         default=None,
         description="formats of the pruned model: gguf (a GGUF input pruned by file "
@@ -549,6 +567,15 @@ class JobCreate(BaseModel):
         gate = self.quality_gate
         if gate is not None and gate.min_task_retention is not None and not self.tasks:
             raise ValueError("quality_gate.min_task_retention needs tasks to score")
+        if self.offload is Offload.sequential:
+            stages = self.sequential_conflicts()
+            if stages:
+                s_only = ", ".join(method_names(needs_model=False, fold=False))
+                raise ValueError(
+                    f'offload "sequential" cannot run {", ".join(stages)} yet (they need the '
+                    f"whole model on the device); use a similarity method ({s_only}) without "
+                    "compensate, temperature or tasks"
+                )
         settings: Settings | None = (info.context or {}).get("settings")
         tenant: str | None = (info.context or {}).get("tenant")
         if self.tasks and settings is not None and settings.tasks_dir is None:
@@ -653,6 +680,23 @@ class JobCreate(BaseModel):
                 )
         return out
 
+    def sequential_conflicts(self) -> list[str]:
+        """What this job asks for that cannot run layer-wise (``lorp.offload``) yet, in words:
+        a model-in-the-loop selection, compensation, temperature, tasks (the library's
+        ``lorp.pipeline.check_sequential`` refuses the same)."""
+        info = get_method(self.method.value)
+        fold = info.fold
+        out = []
+        if selector(self.method.value).needs_model:
+            out.append(f"method {self.method.value!r}")
+        if self.compensate or (fold is not None and fold.compensate):
+            out.append("compensation")
+        if self.temperature or (fold is not None and fold.temperature):
+            out.append("temperature")
+        if self.tasks:
+            out.append("tasks")
+        return out
+
     def fingerprint(self) -> str:
         """Canonical JSON of the spec (what 'same body' means for idempotency keys)."""
         return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
@@ -688,6 +732,8 @@ PRUNE_CONFIG_RENAMES: dict[str, Callable[[JobCreate], dict[str, Any]]] = {
 OPERATOR_FIELDS: dict[str, Callable[[Settings], Any]] = {
     # LORP_TASKS_DIR: the task data the worker scores a job's tasks on
     "task_data_dir": lambda settings: settings.tasks_dir,
+    # LORP_MAX_DEVICE_MEMORY: bytes a job may use on the worker's device (offload "auto")
+    "max_device_memory": lambda settings: settings.max_device_memory,
 }
 
 
@@ -733,6 +779,11 @@ class JobSummary(BaseModel):
     perplexity_ratio: float | None = None
     status: Literal["pruned", "refused"] | None = Field(
         default=None, description='"refused": the quality gate stopped the job (no checkpoint)'
+    )
+    offload: Literal["none", "sequential"] | None = Field(
+        default=None,
+        description="memory mode that ran: none (whole model on the device) or sequential (one "
+        "block at a time; the report's model.offload says why)",
     )
     kl: float | None = Field(
         default=None, description="mean KL(dense || pruned) per token on the held-out tokens"

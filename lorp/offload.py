@@ -109,13 +109,16 @@ def check_offload(offload: Any, max_device_memory: Any) -> None:
         )
 
 
-def device_memory(device: torch.device | str, max_device_memory: int | None = None) -> int | None:
-    """Bytes a prune may use on ``device``: a CUDA device's free memory, capped at
+def device_memory(
+    device: torch.device | str, max_device_memory: int | None = None, *, resident: int = 0
+) -> int | None:
+    """Bytes a prune may use on ``device``: a CUDA device's free memory plus ``resident`` (the
+    bytes of the model already on it, which its free memory leaves out), capped at
     ``max_device_memory``; on any other device ``max_device_memory`` (None: no known limit)."""
     device = torch.device(device)
     free: int | None = None
     if device.type == "cuda" and torch.cuda.is_available():
-        free = int(torch.cuda.mem_get_info(device)[0])
+        free = int(torch.cuda.mem_get_info(device)[0]) + resident
     if max_device_memory is None:
         return free
     return max_device_memory if free is None else min(free, max_device_memory)
@@ -136,35 +139,41 @@ def choose_offload(
     device: torch.device | str,
     max_device_memory: int | None = None,
     margin_bytes: int = 0,
+    resident: int = 0,
 ) -> OffloadDecision:
     """The mode for ``requested`` (:data:`OFFLOAD_MODES`): ``"auto"`` is ``"sequential"`` when
-    ``weight_bytes + margin_bytes`` exceed :func:`device_memory`, else ``"none"``."""
+    ``weight_bytes + margin_bytes`` exceed :func:`device_memory` (``resident``: bytes of the
+    weights already on the device), else ``"none"``."""
     check_offload(requested, max_device_memory)
     needed = weight_bytes + margin_bytes
-    available = device_memory(device, max_device_memory)
-    common = {"weight_bytes": weight_bytes, "needed_bytes": needed, "device_bytes": available}
-    gib = 1 << 30
-    if requested != "auto":
-        return OffloadDecision(requested, requested, f"offload {requested!r} requested", **common)
-    if available is None:
+    available = device_memory(device, max_device_memory, resident=resident)
+
+    def decide(mode: str, reason: str) -> OffloadDecision:
         return OffloadDecision(
-            "none", requested, f"no memory limit known for {torch.device(device)}", **common
-        )
-    where = "max_device_memory" if available == max_device_memory else f"{device} free memory"
-    if needed > available:
-        return OffloadDecision(
-            "sequential",
+            mode,
             requested,
-            f"weights + margin ({needed / gib:.2f} GiB) exceed the {where} "
-            f"({available / gib:.2f} GiB)",
-            **common,
+            reason,
+            weight_bytes=weight_bytes,
+            needed_bytes=needed,
+            device_bytes=available,
         )
-    return OffloadDecision(
-        "none",
-        requested,
-        f"weights + margin ({needed / gib:.2f} GiB) fit the {where} ({available / gib:.2f} GiB)",
-        **common,
-    )
+
+    if requested != "auto":
+        return decide(requested, f"offload {requested!r} requested")
+    if available is None:
+        return decide("none", f"no memory limit known for {torch.device(device)}")
+    where = "max_device_memory" if available == max_device_memory else f"{device} free memory"
+    sizes = f"weights + margin ({_size(needed)}) {{}} the {where} ({_size(available)})"
+    if needed > available:
+        return decide("sequential", sizes.format("exceed"))
+    return decide("none", sizes.format("fit"))
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} bytes"
 
 
 def parameter_bytes(model: nn.Module) -> int:
@@ -347,7 +356,9 @@ def load_skeleton(
         raise ModelLoadError(f"could not build the model of {folder.name}: {exc}") from exc
     loc = locate_blocks(model)
     prefix = loc.path + "."
-    block_names = [f"{prefix}{i}.{n}" for i, b in enumerate(loc.blocks) for n, _ in b.named_parameters()]
+    block_names = [
+        f"{prefix}{i}.{n}" for i, b in enumerate(loc.blocks) for n, _ in b.named_parameters()
+    ]
     if any(name not in mapped.files for name in block_names):
         return None
     resident = {
@@ -375,7 +386,9 @@ class _Stop(Exception):
 
 
 @contextlib.contextmanager
-def _stubbed(model: nn.Module, stub: Callable[[int, tuple[Any, ...], dict[str, Any]], Any]):  # type: ignore[no-untyped-def]
+def _stubbed(
+    model: nn.Module, stub: Callable[[int, tuple[Any, ...], dict[str, Any]], Any]
+) -> Iterator[None]:
     """Every block's forward replaced by ``stub(index, args, kwargs)`` (weights untouched)."""
     blocks = list(get_blocks(model))
     for i, block in enumerate(blocks):
@@ -439,7 +452,9 @@ def _call(block: nn.Module, hidden: torch.Tensor, call: tuple[Any, ...]) -> torc
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def _record_all(model: nn.Module, windows: torch.Tensor, batch_size: int, offset: int = 0) -> list[_Batch]:
+def _record_all(
+    model: nn.Module, windows: torch.Tensor, batch_size: int, offset: int = 0
+) -> list[_Batch]:
     device = input_device(model)
     out: list[_Batch] = []
     first = offset
@@ -484,7 +499,9 @@ def _layerwise(
                     for s in active:
                         given = states[s][k]
                         if id(given) not in done:
-                            done[id(given)] = _call(block, given.to(device), batch.calls[i]).to(store)
+                            done[id(given)] = _call(block, given.to(device), batch.calls[i]).to(
+                                store
+                            )
                         states[s][k] = done[id(given)]
         if progress is not None:
             progress(i + 1)
@@ -507,7 +524,9 @@ def _tail_log_probs(model: nn.Module, batch: _Batch, hidden: torch.Tensor) -> to
 def _require(model: nn.Module) -> Onloader:
     onloader = onloader_of(model)
     if onloader is None:
-        raise InvalidInputError("the model is not prepared for layer-wise passes (lorp.offload.prepare)")
+        raise InvalidInputError(
+            "the model is not prepared for layer-wise passes (lorp.offload.prepare)"
+        )
     return onloader
 
 
@@ -545,8 +564,10 @@ def sequential_similarity(
             accs = [_Accumulator(n, keep) for _ in recorded]
             index = {id(b): a for b, a in zip(recorded, accs, strict=True)}
 
-            def take(i: int, batch: _Batch, hidden: torch.Tensor) -> None:
-                index[id(batch)].add(i, hidden)
+            def take(
+                i: int, batch: _Batch, hidden: torch.Tensor, _index: dict[int, Any] = index
+            ) -> None:
+                _index[id(batch)].add(i, hidden)
                 if keep is not None:
                     keep.add(i, batch.first, hidden)
 
@@ -555,7 +576,15 @@ def sequential_similarity(
                     frac = (_start + min(group, count - _start) * done / n) / count
                     progress("calibration", frac, f"block {done}/{n}, windows {_start + 1}..")
 
-            _layerwise(model, onloader, recorded, {"dense": set()}, on_input=take, stop_at=n - 1, progress=report)
+            _layerwise(
+                model,
+                onloader,
+                recorded,
+                {"dense": set()},
+                on_input=take,
+                stop_at=n - 1,
+                progress=report,
+            )
             for acc in accs:
                 total += acc.total
                 seen += acc.windows
@@ -598,7 +627,10 @@ def sequential_compare(
         model, onloader, recorded, {"dense": set(), "pruned": set(removed)}, progress=report
     )
     pairs = iter(
-        (_tail_log_probs(model, b, finals["dense"][k]), _tail_log_probs(model, b, finals["pruned"][k]))
+        (
+            _tail_log_probs(model, b, finals["dense"][k]),
+            _tail_log_probs(model, b, finals["pruned"][k]),
+        )
         for k, b in enumerate(recorded)
     )
     return compare_log_probs(windows, batch_size, lambda _batch: next(pairs), progress, stage)

@@ -63,6 +63,7 @@ import torch
 from torch import nn
 
 from ._blocks import num_blocks
+from ._forward import input_device
 from .bench import BenchmarkConfig, BenchmarkResult, benchmark
 from .compensation import (
     Compensation,
@@ -77,6 +78,15 @@ from .errors import InvalidInputError, LorpError, QualityGateError, UnsupportedM
 from .gate import GateResult, QualityGate, quality_flags
 from .inputs import BlockInputs, hidden_bytes
 from .methods import get_method, method_names, selector
+from .offload import (
+    OffloadDecision,
+    check_offload,
+    choose_offload,
+    onloader_of,
+    parameter_bytes,
+    prepare,
+    working_margin,
+)
 from .progress import STAGES, ProgressCallback
 from .quality import QualityComparison, compare_pruned
 from .report import job_summary, make_report, write_reports
@@ -133,9 +143,15 @@ class PruneConfig:
     tasks: tuple[str, ...] = ()
     task_limit: int | None = 200
     task_data_dir: str | Path | None = None
+    # models larger than the device (lorp.offload): "sequential" runs the passes layer-wise,
+    # one block on the device at a time; "auto" does when the weights + a working margin exceed
+    # the device's free memory or max_device_memory (bytes; on CPU the only limit); "none" never
+    offload: str = "auto"
+    max_device_memory: int | None = None
 
     def __post_init__(self) -> None:
         info = get_method(self.method)  # unknown: lists the valid ones
+        check_offload(self.offload, self.max_device_memory)
         if self.num_clusters is not None and not info.takes_clusters:
             takes = ", ".join(method_names(takes_clusters=True))
             raise InvalidInputError(
@@ -256,7 +272,9 @@ class PruneResult:
     (already folded into the weights when ``pruned``); ``tasks``: dense vs pruned downstream
     accuracy when ``config.tasks`` (``task_source``: how the report names the task data);
     ``pruned``: whether the blocks were
-    physically removed (``False`` in the result a :class:`QualityGateError` carries).
+    physically removed (``False`` in the result a :class:`QualityGateError` carries);
+    ``offload``: which mode ran and why (:meth:`lorp.offload.OffloadDecision.to_dict`, plus
+    ``skipped``: stages a sequential prune left out).
     """
 
     selection: Selection
@@ -276,6 +294,7 @@ class PruneResult:
     compensation: Compensation | None = None
     tasks: TaskComparison | None = None
     task_source: str | None = None
+    offload: dict[str, Any] | None = None
 
     @property
     def removed(self) -> list[int]:
@@ -376,6 +395,8 @@ def preflight(model: nn.Module, config: PruneConfig) -> int:
     fit the model (:class:`~lorp.errors.BudgetError`) or the model cannot take the corrections
     ``config`` asks for (:class:`~lorp.errors.UnsupportedModelError`)."""
     num_remove = resolve_budget(num_blocks(model), config.budget)
+    if onloader_of(model) is not None:
+        check_sequential(config)
     if config.compensate:
         try:
             check_compensable(model)
@@ -391,6 +412,67 @@ def preflight(model: nn.Module, config: PruneConfig) -> int:
         check_temperature(model)
     check_task_data(config)
     return num_remove
+
+
+def check_sequential(config: PruneConfig, why: str = "offload sequential") -> None:
+    """:class:`~lorp.errors.UnsupportedModelError` naming the stages ``config`` asks for that
+    cannot run layer-wise yet (:mod:`lorp.offload`): a model-in-the-loop selection, the
+    compensation and temperature fits, downstream tasks. ``why``: why the prune is sequential."""
+    stages = []
+    if get_method(config.selection_method).needs_model:
+        stages.append(f"method {config.method!r} (it scores the whole model in the loop)")
+    if config.compensate:
+        stages.append("compensation")
+    if config.temperature:
+        stages.append("temperature")
+    if config.tasks:
+        stages.append("tasks")
+    if stages:
+        s_only = ", ".join(method_names(needs_model=False, fold=False))
+        raise UnsupportedModelError(
+            f"{why}: {', '.join(stages)} cannot run layer-wise yet; use a similarity method "
+            f"({s_only}) without compensation, temperature or tasks, or offload 'none' on a "
+            "device that holds the model"
+        )
+
+
+def plan_offload(model: nn.Module, config: PruneConfig) -> OffloadDecision:
+    """The mode ``prune`` runs ``model`` in (:func:`lorp.offload.choose_offload` on its real
+    parameter bytes and the device its embeddings are on); a model already prepared for
+    layer-wise passes (:func:`lorp.offload.prepare`, :func:`lorp.offload.load_skeleton`) runs
+    sequentially whatever was asked."""
+    onloader = onloader_of(model)
+    weights = parameter_bytes(model)
+    if onloader is not None:
+        return OffloadDecision(
+            "sequential",
+            config.offload,
+            "the model was loaded for sequential onloading",
+            weight_bytes=weights,
+            weights=onloader.weights,
+        )
+    device = input_device(model)
+    resident = sum(t.numel() * t.element_size() for t in model.parameters() if t.device == device)
+    return choose_offload(
+        config.offload,
+        weights,
+        device=device,
+        max_device_memory=config.max_device_memory,
+        margin_bytes=_margin(config, weights, getattr(model, "config", None)),
+        resident=resident,
+    )
+
+
+def _margin(config: PruneConfig, weights: int, model_config: Any) -> int:
+    vocab = getattr(model_config, "vocab_size", None)
+    if not isinstance(vocab, int):
+        vocab = getattr(getattr(model_config, "text_config", None), "vocab_size", 0)
+    return working_margin(
+        weights,
+        batch_size=config.batch_size,
+        seq_len=max(config.seq_len, config.eval_seq_len),
+        vocab_size=vocab if isinstance(vocab, int) else 0,
+    )
 
 
 def check_task_data(config: PruneConfig) -> None:
@@ -790,6 +872,42 @@ def remove(
 # The whole job
 
 
+def _offload_before_loading(
+    source: str | Path, gguf_file: str | None, dtype: str, device: str, config: PruneConfig
+) -> OffloadDecision:
+    """:func:`lorp.offload.choose_offload` on the estimated weight bytes
+    (:func:`lorp.loading.estimate_weight_bytes`) before anything is loaded; ``"auto"`` runs in
+    memory when the size cannot be estimated (a hub id)."""
+    from .loading import _read_config, estimate_weight_bytes, resolve_device
+
+    target = resolve_device(device)
+    try:
+        weights = estimate_weight_bytes(source, gguf_file=gguf_file, dtype=dtype, device=target)
+    except LorpError:
+        if config.offload == "auto":
+            return OffloadDecision("none", "auto", "the model's size is unknown before loading")
+        requested = config.offload
+        return OffloadDecision(requested, requested, f"offload {requested!r} requested")
+    folder = Path(source).expanduser()
+    raw = _read_config(folder if folder.is_dir() else folder.parent) or {}
+    return choose_offload(
+        config.offload,
+        weights,
+        device=target,
+        max_device_memory=config.max_device_memory,
+        margin_bytes=_margin(config, weights, _Config(raw)),
+    )
+
+
+class _Config:
+    """A config.json dict read like a transformers config (``vocab_size``, ``text_config``)."""
+
+    def __init__(self, raw: Mapping[str, Any]) -> None:
+        self.vocab_size = raw.get("vocab_size")
+        text = raw.get("text_config")
+        self.text_config = _Config(text) if isinstance(text, Mapping) else None
+
+
 def prune(
     model: nn.Module,
     tokenizer: Any,
@@ -801,6 +919,7 @@ def prune(
     progress: ProgressCallback | None = None,
     source_names: Mapping[str, str] | None = None,
     timer: StageTimer | None = None,
+    offload: OffloadDecision | None = None,
 ) -> PruneResult:
     """Select and remove blocks of ``model`` in place; measure what it cost and gained.
 
@@ -828,12 +947,24 @@ def prune(
     (``config.benchmark``), :func:`remove`. ``progress`` gets their progress; ``timer``
     (instead of ``progress``): a :class:`StageTimer` to time them in, e.g. one that already
     timed the loading.
+
+    ``config.offload`` (:mod:`lorp.offload`): resolved by :func:`plan_offload` (``offload``: a
+    decision already taken, e.g. before loading); in sequential mode the model is prepared for
+    layer-wise passes (:func:`lorp.offload.prepare`; it stays so), the stages that cannot run
+    layer-wise are refused before any window (:func:`check_sequential`) and the benchmark,
+    which needs the whole model on the device, is skipped; ``result.offload`` says which mode
+    ran, why, and what was skipped.
     """
     if timer is not None and progress is not None:
         raise InvalidInputError("give prune a progress callback or a StageTimer, not both")
     timer = timer or StageTimer(progress)
     names = dict(source_names or {})
     depth = num_blocks(model)
+    decision = offload or plan_offload(model, config)
+    onloader = None
+    if decision.mode == "sequential":
+        check_sequential(config, f"offload sequential ({decision.reason})")
+        onloader = prepare(model)
     preflight(model, config)
     calib = calibrate(
         model, tokenizer, calibration, config, source_name=names.get("calibration"), timer=timer
@@ -877,12 +1008,17 @@ def prune(
         compensation=compensation,
         tasks=measured.tasks,
         task_source=names.get("tasks") if measured.tasks is not None else None,
+        offload=decision.to_dict(),
     )
+    if onloader is not None and result.offload is not None:
+        result.offload.update(weights=onloader.weights, peak_block_bytes=onloader.peak_bytes)
+        result.offload["skipped"] = ["benchmark"] if config.benchmark is not None else []
     if measured.gate is not None and not measured.gate.passed:
         raise QualityGateError(
             f"{measured.gate.message}; blocks {removed} were not removed", result=result
         )
-    result.benchmark = measure_speed(model, removed, config, timer=timer)
+    if onloader is None:  # the benchmark needs the whole model on the device
+        result.benchmark = measure_speed(model, removed, config, timer=timer)
     remove(model, removed, compensation, timer=timer)
     result.pruned = True
     return result
@@ -942,6 +1078,9 @@ def run_pipeline(
         compensate=config.compensate,
         temperature=config.temperature,
     )
+    decision = _offload_before_loading(model_source, gguf_file, dtype, device, config)
+    if decision.mode == "sequential":  # before loading: refuse what cannot run layer-wise
+        check_sequential(config, f"offload sequential ({decision.reason})")
     with timer.stage("loading", f"loading {model_name}"):
         loaded = load_model(
             model_source,
@@ -951,6 +1090,7 @@ def run_pipeline(
             allow_pickle=allow_pickle,
             trust_remote_code=trust_remote_code,
             allow_hub=allow_hub,
+            sequential=decision.mode == "sequential",
         )
     report_options: dict[str, Any] = {
         "model_source": model_name,
@@ -969,6 +1109,7 @@ def run_pipeline(
             evaluation=evaluation,
             source_names=source_names,
             timer=timer,
+            offload=decision,
         )
     except QualityGateError as refusal:
         if isinstance(refusal.result, PruneResult):
@@ -982,6 +1123,9 @@ def run_pipeline(
         raise
     with timer.stage("saving", f"saving the pruned checkpoint ({', '.join(outputs.formats)})"):
         checkpoint = out / "model"
+        onloader = onloader_of(result.model)
+        if onloader is not None:  # blocks still on disk are read into host memory to be saved
+            onloader.materialise(result.model)
         artifacts = write_outputs(
             outputs,
             result.model,
@@ -1014,6 +1158,7 @@ __all__ = [
     "Scoring",
     "StageTimer",
     "calibrate",
+    "check_sequential",
     "check_task_data",
     "compensate",
     "draw_scoring",
@@ -1022,6 +1167,7 @@ __all__ = [
     "inputs_to_keep",
     "make_report",
     "measure_speed",
+    "plan_offload",
     "preflight",
     "prune",
     "remove",

@@ -381,6 +381,7 @@ def make_report(
             "dtype": dtype,
             "dtype_source": dtype_source,
             "device": device,
+            "offload": result.offload,
         },
         budget={"requested": config.budget, "num_remove": len(result.selection.removed)},
         selection=result.selection,
@@ -448,7 +449,8 @@ def job_summary(report: Mapping[str, Any]) -> dict[str, Any]:
     (``summary.quality_gate``, else ``quality.gate``); ``task_accuracy_before`` /
     ``task_accuracy_after``: the average headline accuracy over the downstream tasks, dense and
     pruned; ``task_retention``: its average retention (pruned / dense per task, averaged);
-    ``task_retention_by_task``: per task. Keys the report lacks are None (``{}``).
+    ``task_retention_by_task``: per task; ``offload``: the memory mode that ran (``"none"``,
+    ``"sequential"``; ``model.offload`` says why). Keys the report lacks are None (``{}``).
     """
     s = report.get("summary") or {}
     speed = report.get("speed") or []
@@ -467,6 +469,7 @@ def job_summary(report: Mapping[str, Any]) -> dict[str, Any]:
         "perplexity_before": s.get("ppl_dense"),
         "perplexity_after": s.get("ppl_pruned"),
         "perplexity_ratio": s.get("ppl_ratio"),
+        "offload": ((report.get("model") or {}).get("offload") or {}).get("mode"),
         "status": s.get("status"),
         "kl": s.get("kl"),
         "top1_agreement": s.get("top1_agreement"),
