@@ -505,11 +505,12 @@ class JobCreate(BaseModel):
     offload: Offload = Field(
         default=Offload.auto,
         description="models larger than the worker's device: sequential keeps the weights in "
-        "host memory or on disk and moves one block at a time to the device while every window "
-        "passes through it (calibration and evaluation; the similarity methods without "
-        "compensation, temperature or tasks); auto: sequential when the estimated weights plus "
-        "a working margin exceed the device's free memory or the operator's max_device_memory; "
-        "none: the whole model on the device. The report says which mode ran and why",
+        "host memory or on disk and moves one block at a time to the device (calibration and "
+        "evaluation: every window passes through a block before the next one comes; scoring, "
+        "compensation, temperature and tasks: block by block per window; no benchmark); auto: "
+        "sequential when the estimated weights plus a working margin exceed the device's free "
+        "memory or the operator's max_device_memory; none: the whole model on the device. The "
+        "report says which mode ran and why",
     )
     output_formats: OutputFormats | None = Field(
         default=None,
@@ -567,15 +568,6 @@ class JobCreate(BaseModel):
         gate = self.quality_gate
         if gate is not None and gate.min_task_retention is not None and not self.tasks:
             raise ValueError("quality_gate.min_task_retention needs tasks to score")
-        if self.offload is Offload.sequential:
-            stages = self.sequential_conflicts()
-            if stages:
-                s_only = ", ".join(method_names(needs_model=False, fold=False))
-                raise ValueError(
-                    f'offload "sequential" cannot run {", ".join(stages)} yet (they need the '
-                    f"whole model on the device); use a similarity method ({s_only}) without "
-                    "compensate, temperature or tasks"
-                )
         settings: Settings | None = (info.context or {}).get("settings")
         tenant: str | None = (info.context or {}).get("tenant")
         if self.tasks and settings is not None and settings.tasks_dir is None:
@@ -678,23 +670,6 @@ class JobCreate(BaseModel):
                     f"job option {option!r} is not a PruneConfig field: map it in "
                     "jobcore.spec.PRUNE_CONFIG_RENAMES or list it in RUN_OPTIONS"
                 )
-        return out
-
-    def sequential_conflicts(self) -> list[str]:
-        """What this job asks for that cannot run layer-wise (``lorp.offload``) yet, in words:
-        a model-in-the-loop selection, compensation, temperature, tasks (the library's
-        ``lorp.pipeline.check_sequential`` refuses the same)."""
-        info = get_method(self.method.value)
-        fold = info.fold
-        out = []
-        if selector(self.method.value).needs_model:
-            out.append(f"method {self.method.value!r}")
-        if self.compensate or (fold is not None and fold.compensate):
-            out.append("compensation")
-        if self.temperature or (fold is not None and fold.temperature):
-            out.append("temperature")
-        if self.tasks:
-            out.append("tasks")
         return out
 
     def fingerprint(self) -> str:

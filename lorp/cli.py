@@ -762,10 +762,10 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         choices=["none", "sequential", "auto"],
         help="models larger than the device: sequential keeps the weights in host memory (a "
-        "safetensors checkpoint: on disk) and runs one block at a time on the device (similarity "
-        "methods without compensation, temperature or tasks; no benchmark); auto (default): "
-        "sequential when the weights + a working margin exceed the device's free memory or "
-        "--max-device-memory; none: the whole model on the device",
+        "safetensors checkpoint without --compensate: on disk) and runs one block at a time on "
+        "the device (no benchmark); auto (default): sequential when the weights + a working "
+        "margin exceed the device's free memory or --max-device-memory; none: the whole model "
+        "on the device",
     )
     p.add_argument(
         "--max-device-memory",

@@ -369,6 +369,7 @@ def load_model(
     allow_hub: bool = False,
     device_map: str | dict[str, Any] | None = None,
     sequential: bool = False,
+    keep_on_disk: bool = True,
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer, in eval mode, with weights in ``dtype``
     (``"auto"``: the checkpoint's own, :func:`choose_dtype`; the result says which and why).
@@ -379,7 +380,8 @@ def load_model(
     ``trust_remote_code`` is passed explicitly (only ``True`` enables a repo's custom code).
     ``sequential``: for layer-wise passes (:mod:`lorp.offload`): only the embeddings, final norm
     and head go to ``device``; a local safetensors checkpoint's blocks stay on disk, read one
-    at a time (:func:`lorp.offload.load_skeleton`), any other's are loaded into host memory.
+    at a time (:func:`lorp.offload.load_skeleton`; ``keep_on_disk=False``: in host memory),
+    any other's are loaded into host memory.
 
     Raises :class:`InvalidInputError` (bad dtype/device/source form, hub id without
     ``allow_hub``), :class:`UnsafeWeightsError` (pickle weights without ``allow_pickle``),
@@ -412,7 +414,8 @@ def load_model(
         raise InvalidInputError("device_map and sequential onloading exclude each other")
     model: Any = None
     try:
-        if sequential and resolved.local and resolved.use_safetensors and target is not None:
+        on_disk = sequential and keep_on_disk and resolved.local and resolved.use_safetensors
+        if on_disk and target is not None:
             from .offload import load_skeleton
 
             model = load_skeleton(

@@ -19,9 +19,13 @@ does in a whole forward, so the results equal the in-memory path's.
 
 What runs layer-wise (:func:`sequential_similarity`, :func:`sequential_compare`): the
 calibration capture (S and the stored block inputs) and the evaluation (dense vs pruned
-perplexity, KL, top-1). The model-in-the-loop scoring, the compensation and temperature fits,
-the downstream tasks and the benchmark need the whole model; :func:`unsupported_stages` names
-them so a sequential prune refuses them before its first window (the pipeline's preflight).
+perplexity, KL, top-1). The model-in-the-loop scoring passes (:class:`lorp.scoring.WindowScorer`,
+which resumes from stored block inputs), the compensation and temperature fits and the
+downstream tasks go window by window through the whole model; :func:`onloading` brings each
+block to the device when it is called and releases it after, so they too hold one block at a
+time (each block is read once per forward rather than once per pass). Compensation folds its
+maps into block weights, so it needs the weights in host memory, not on disk. The benchmark
+needs the whole model on the device and is skipped.
 
 Choosing the mode (:func:`choose_offload`): ``"auto"`` runs sequentially when the weights plus
 a working margin (:func:`working_margin`) exceed what the device has: the free memory of a
@@ -251,6 +255,7 @@ class Onloader:
         self.prefixes = {id(b): f"{loc.path}.{i}." for i, b in enumerate(loc.blocks)}
         self.live = 0
         self.peak_bytes = 0
+        self.hooked = False  # lorp.offload.onloading is active
 
     @property
     def weights(self) -> str:
@@ -292,6 +297,44 @@ class Onloader:
         for block in get_blocks(model):
             if any(p.is_meta for p in block.parameters()):
                 self._load(block, torch.device(device))
+
+
+@contextlib.contextmanager
+def onloading(model: nn.Module) -> Iterator[None]:
+    """While the body runs whole forwards of ``model``, every block is brought to the device
+    when it is called and released when it returns (a prepared model, :func:`prepare`;
+    otherwise nothing changes). For passes that go window by window through the whole model
+    (the model-in-the-loop scoring): one block on the device at a time, each block onloaded
+    once per forward instead of once per pass."""
+    onloader = onloader_of(model)
+    if onloader is None or onloader.hooked:  # not prepared, or already onloading (nested)
+        yield
+        return
+    open_: dict[int, contextlib.ExitStack] = {}
+
+    def pre(module: nn.Module, _args: Any) -> None:
+        stack = contextlib.ExitStack()
+        stack.enter_context(onloader.onloaded(module))
+        open_[id(module)] = stack
+
+    def post(module: nn.Module, _args: Any, _out: Any) -> None:
+        stack = open_.pop(id(module), None)
+        if stack is not None:
+            stack.close()
+
+    blocks = list(get_blocks(model))
+    handles = [b.register_forward_pre_hook(pre, prepend=True) for b in blocks]
+    handles += [b.register_forward_hook(post, always_call=True) for b in blocks]
+    onloader.hooked = True
+    try:
+        yield
+    finally:
+        onloader.hooked = False
+        for h in handles:
+            h.remove()
+        for stack in open_.values():
+            stack.close()
+        open_.clear()
 
 
 def attach(model: nn.Module, onloader: Onloader) -> None:
@@ -649,6 +692,7 @@ __all__ = [
     "device_memory",
     "load_skeleton",
     "onloader_of",
+    "onloading",
     "parameter_bytes",
     "place_resident",
     "prepare",

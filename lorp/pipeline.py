@@ -83,6 +83,7 @@ from .offload import (
     check_offload,
     choose_offload,
     onloader_of,
+    onloading,
     parameter_bytes,
     prepare,
     working_margin,
@@ -395,8 +396,7 @@ def preflight(model: nn.Module, config: PruneConfig) -> int:
     fit the model (:class:`~lorp.errors.BudgetError`) or the model cannot take the corrections
     ``config`` asks for (:class:`~lorp.errors.UnsupportedModelError`)."""
     num_remove = resolve_budget(num_blocks(model), config.budget)
-    if onloader_of(model) is not None:
-        check_sequential(config)
+    check_sequential(model, config)
     if config.compensate:
         try:
             check_compensable(model)
@@ -414,25 +414,18 @@ def preflight(model: nn.Module, config: PruneConfig) -> int:
     return num_remove
 
 
-def check_sequential(config: PruneConfig, why: str = "offload sequential") -> None:
-    """:class:`~lorp.errors.UnsupportedModelError` naming the stages ``config`` asks for that
-    cannot run layer-wise yet (:mod:`lorp.offload`): a model-in-the-loop selection, the
-    compensation and temperature fits, downstream tasks. ``why``: why the prune is sequential."""
-    stages = []
-    if get_method(config.selection_method).needs_model:
-        stages.append(f"method {config.method!r} (it scores the whole model in the loop)")
-    if config.compensate:
-        stages.append("compensation")
-    if config.temperature:
-        stages.append("temperature")
-    if config.tasks:
-        stages.append("tasks")
-    if stages:
-        s_only = ", ".join(method_names(needs_model=False, fold=False))
+def check_sequential(model: nn.Module, config: PruneConfig) -> None:
+    """:class:`~lorp.errors.UnsupportedModelError` when ``model``, prepared for sequential
+    onloading with its block weights on disk (:func:`lorp.offload.load_skeleton`), is asked
+    for compensation: its maps are folded into block weights, which need the weights in host
+    memory (``run_pipeline`` loads them there when ``config.compensate``)."""
+    onloader = onloader_of(model)
+    if onloader is not None and onloader.weights == "disk" and config.compensate:
         raise UnsupportedModelError(
-            f"{why}: {', '.join(stages)} cannot run layer-wise yet; use a similarity method "
-            f"({s_only}) without compensation, temperature or tasks, or offload 'none' on a "
-            "device that holds the model"
+            "compensation folds its maps into block weights, and this model's block weights "
+            "stay on disk (sequential onloading from safetensors); load it into host memory "
+            "(lorp.loading.load_model(..., sequential=True, keep_on_disk=False)) or prune "
+            "without compensation"
         )
 
 
@@ -684,7 +677,10 @@ def compensate(
     if not config.compensate:
         return None
     timer = timer or StageTimer()
-    with timer.stage("compensation", f"fitting linear maps for {list(removed)}"):
+    with (
+        timer.stage("compensation", f"fitting linear maps for {list(removed)}"),
+        onloading(model),
+    ):
         return fit_tuned_compensation(
             model,
             removed,
@@ -715,7 +711,7 @@ def fit_logit_scale(
     if not config.temperature:
         return compensation
     timer = timer or StageTimer()
-    with timer.stage("temperature", "fitting the pruned model's logit scale"):
+    with timer.stage("temperature", "fitting the pruned model's logit scale"), onloading(model):
         return fit_folded_temperature(
             model,
             compensation or temperature_only(removed),
@@ -807,7 +803,10 @@ def evaluate(
     if config.tasks:
         check_task_data(config)
         assert config.task_data_dir is not None
-        with timer.stage("evaluation", f"dense vs pruned on tasks {', '.join(config.tasks)}"):
+        with (
+            timer.stage("evaluation", f"dense vs pruned on tasks {', '.join(config.tasks)}"),
+            onloading(model),
+        ):
             tasks = compare_tasks(
                 model,
                 tokenizer,
@@ -950,10 +949,12 @@ def prune(
 
     ``config.offload`` (:mod:`lorp.offload`): resolved by :func:`plan_offload` (``offload``: a
     decision already taken, e.g. before loading); in sequential mode the model is prepared for
-    layer-wise passes (:func:`lorp.offload.prepare`; it stays so), the stages that cannot run
-    layer-wise are refused before any window (:func:`check_sequential`) and the benchmark,
-    which needs the whole model on the device, is skipped; ``result.offload`` says which mode
-    ran, why, and what was skipped.
+    it (:func:`lorp.offload.prepare`; it stays so): the capture and the evaluation run
+    layer-wise, the scoring passes, the fits and the tasks window by window with one block on
+    the device at a time (:func:`lorp.offload.onloading`), compensation with block weights on
+    disk is refused before any window (:func:`check_sequential`), and the benchmark, which
+    needs the whole model on the device, is skipped; ``result.offload`` says which mode ran,
+    why, and what was skipped.
     """
     if timer is not None and progress is not None:
         raise InvalidInputError("give prune a progress callback or a StageTimer, not both")
@@ -963,7 +964,6 @@ def prune(
     decision = offload or plan_offload(model, config)
     onloader = None
     if decision.mode == "sequential":
-        check_sequential(config, f"offload sequential ({decision.reason})")
         onloader = prepare(model)
     preflight(model, config)
     calib = calibrate(
@@ -1079,8 +1079,6 @@ def run_pipeline(
         temperature=config.temperature,
     )
     decision = _offload_before_loading(model_source, gguf_file, dtype, device, config)
-    if decision.mode == "sequential":  # before loading: refuse what cannot run layer-wise
-        check_sequential(config, f"offload sequential ({decision.reason})")
     with timer.stage("loading", f"loading {model_name}"):
         loaded = load_model(
             model_source,
@@ -1091,6 +1089,7 @@ def run_pipeline(
             trust_remote_code=trust_remote_code,
             allow_hub=allow_hub,
             sequential=decision.mode == "sequential",
+            keep_on_disk=not config.compensate,  # compensation folds into block weights
         )
     report_options: dict[str, Any] = {
         "model_source": model_name,

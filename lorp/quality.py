@@ -21,7 +21,7 @@ from torch import nn
 
 from ._forward import batches, check_windows, input_device, log_probs
 from .compensation import Compensation, compensated_view
-from .offload import onloader_of, sequential_compare
+from .offload import onloader_of, onloading, sequential_compare
 from .progress import ProgressCallback
 from .surgery import pruned_view
 
@@ -105,9 +105,10 @@ def compare_pruned(
     compensation: Compensation | None = None,
 ) -> QualityComparison:
     """Dense vs pruned (``removed`` blocks skipped, ``compensation`` folded in when given) on
-    the same windows: ppl, KL, top-1. A model prepared for layer-wise passes
-    (:mod:`lorp.offload`) is run block by block, with the same results."""
-    if onloader_of(model) is not None:
+    the same windows: ppl, KL, top-1. A model prepared for sequential onloading
+    (:mod:`lorp.offload`) is run layer-wise (with ``compensation``: window by window, one block
+    on the device at a time), with the same results."""
+    if onloader_of(model) is not None and compensation is None:
         return sequential_compare(
             model,
             removed,
@@ -126,7 +127,8 @@ def compare_pruned(
             logp_p = log_probs(model, batch, device).to(logp_d.device)
         return logp_d, logp_p
 
-    return compare_log_probs(windows, batch_size, pair, progress, stage)
+    with onloading(model):  # a prepared model with compensation: block by block per window
+        return compare_log_probs(windows, batch_size, pair, progress, stage)
 
 
 def compare_log_probs(

@@ -10,7 +10,9 @@ cached per removal set, so a set is never measured twice. One such forward is a 
 method records how many it ran. A pass need not start at the embeddings: nothing changes before
 the first removed block, so the dense hidden states entering the blocks where the candidates
 start are stored once (:meth:`WindowScorer.prefetch`) and each pass resumes from there (same
-numbers, fewer blocks run: for SLEB on SmolLM2 about half of them).
+numbers, fewer blocks run: for SLEB on SmolLM2 about half of them). A model prepared for
+sequential onloading (:mod:`lorp.offload`) runs each pass with one block on the device at a time
+(:func:`lorp.offload.onloading`), with the same numbers.
 
 :func:`race` measures several candidate sets on leading windows first and finishes only those
 close to the best. The cost model (:func:`affordable_passes`, :func:`local_search_passes`) sizes
@@ -34,6 +36,7 @@ from ._blocks import get_blocks
 from ._forward import check_windows, input_device, log_probs
 from .errors import InvalidInputError
 from .inputs import hidden_bytes, resumed
+from .offload import onloading
 from .progress import ProgressCallback
 from .surgery import pruned_view
 
@@ -404,7 +407,7 @@ class WindowScorer:
         forward stops after the deepest)."""
         device = input_device(self.model)
         start = time.perf_counter()
-        with self._storing(starts, stop=True) as cur:
+        with onloading(self.model), self._storing(starts, stop=True) as cur:
             for i in range(lo, hi):
                 cur[0] = i
                 with contextlib.suppress(_StopForward):
@@ -420,7 +423,7 @@ class WindowScorer:
         start = time.perf_counter()
         sums = _Sums([], [], [])
         keep: list[torch.Tensor] = []
-        with self._storing(starts, stop=False) as cur:
+        with onloading(self.model), self._storing(starts, stop=False) as cur:
             for i in range(self.num_batches):
                 cur[0] = i
                 batch = self._batch(i)
@@ -527,7 +530,10 @@ class WindowScorer:
         sums = self._sums.setdefault(key, _Sums([], [], [], start_block=start_block))
         start = time.perf_counter()
         try:
-            with self._resumed(key, start_block) if start_block else _plain(self.model, key) as cur:
+            with (
+                onloading(self.model),
+                self._resumed(key, start_block) if start_block else _plain(self.model, key) as cur,
+            ):
                 for i in range(lo, hi):
                     cur[0] = i
                     batch = self._batch(i)
