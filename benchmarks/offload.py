@@ -8,8 +8,10 @@ passes (:func:`lorp.loading.load_model` ``sequential=True``: the blocks stay on 
 one at a time). Stages, as the pipeline runs them: loading, calibration (S on ``--windows`` x
 ``--seq-len``), selection (lorp, ``--remove`` blocks), evaluation (dense vs pruned on
 ``--eval-windows`` held-out windows). Memory: on CPU the process's resident set sampled every
-2 ms (VmRSS, and its anonymous part RssAnon), minus what the process held before loading; on
-CUDA the allocator's peak (``torch.cuda.max_memory_allocated``, reset per stage).
+2 ms (VmRSS, and its anonymous part RssAnon; safetensors weights are memory-mapped, so they
+count in VmRSS only), minus what the process held before loading (after a warm-up run of both
+paths on a 2-block random model of the same config, so library code and heap are in the
+baseline); on CUDA the allocator's peak (``torch.cuda.max_memory_allocated``, reset per stage).
 
 Goal check (issue 20): the sequential calibration and evaluation peaks are at most 1.15 x
 (embeddings + head + 2 blocks + activations), activations being the stage's hidden states
@@ -133,17 +135,30 @@ def _sizes(model: Any) -> dict[str, int]:
 
 
 def _warm_up(model_dir: str, device: torch.device) -> None:
-    """Import the model's code and run the kernels once, so the baseline the peaks are measured
-    from holds the libraries (a few hundred MiB of RSS) and not the model."""
-    from transformers import AutoConfig, AutoTokenizer
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+    """Run both paths once on a 2-block random model of the same config, so the baseline the
+    peaks are measured from holds the libraries' code and heap (a few hundred MiB of RSS) and
+    the peaks hold the model and its activations."""
+    import copy
+    import gc
 
-    config = AutoConfig.from_pretrained(model_dir)
-    MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]  # imports the modeling module
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from lorp.offload import prepare
+
     AutoTokenizer.from_pretrained(model_dir)
-    x = torch.randn(1, 2, 16, 8, dtype=torch.bfloat16, device=device)
-    torch.nn.functional.scaled_dot_product_attention(x, x, x, is_causal=True)
-    torch.log_softmax(torch.randn(4, 64, device=device) @ torch.randn(64, 64, device=device), -1)
+    config = AutoConfig.from_pretrained(model_dir)
+    config.num_hidden_layers = 2
+    if getattr(config, "layer_types", None):
+        config.layer_types = config.layer_types[:2]
+    small = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).to(device).eval()
+    ids = torch.randint(3, 100, (1, 16))
+    for model in (small, copy.deepcopy(small)):
+        if model is not small:
+            prepare(model)
+        capture_similarity(model, ids)
+        compare_pruned(model, [1], ids)
+    del small, model
+    gc.collect()
 
 
 def child(args: argparse.Namespace) -> dict[str, Any]:
