@@ -62,6 +62,9 @@ ACTIVATION_DEVICE_BYTES = 1 << 30
 CAPTURE_GROUP_BYTES = 1 << 30
 #: The working margin over the weights :func:`working_margin` adds: this share of the weights.
 MARGIN_SHARE = 0.1
+#: Float32 copies of one batch's logits the evaluation holds at once (dense and pruned logits,
+#: their log-softmax, the KL terms): what :func:`working_margin` counts per logit.
+LOGIT_COPIES = 8
 
 _ATTR = "_lorp_onloader"
 
@@ -131,9 +134,10 @@ def device_memory(
 def working_margin(
     weight_bytes: int, *, batch_size: int = 1, seq_len: int = 512, vocab_size: int = 0
 ) -> int:
-    """Memory a prune needs beyond the weights: :data:`MARGIN_SHARE` of them plus one batch's
-    logits in float32 three times over (dense and pruned log-probabilities and their softmax)."""
-    return int(weight_bytes * MARGIN_SHARE) + 3 * 4 * batch_size * seq_len * max(vocab_size, 0)
+    """Memory a prune needs beyond the weights: :data:`MARGIN_SHARE` of them plus
+    :data:`LOGIT_COPIES` float32 copies of one batch's logits."""
+    logits = batch_size * seq_len * max(vocab_size, 0)
+    return int(weight_bytes * MARGIN_SHARE) + LOGIT_COPIES * 4 * logits
 
 
 def choose_offload(
@@ -202,7 +206,8 @@ def _floating(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 class MappedWeights:
     """Tensor names of a safetensors checkpoint -> their file; :meth:`read` opens the files it
-    needs, reads the tensors (copies) and closes them again, so nothing stays mapped."""
+    needs, takes the tensors and closes the files again (a tensor read on the CPU in its stored
+    dtype may share the file's pages until it is released)."""
 
     def __init__(self, folder: Path) -> None:
         from safetensors import safe_open
@@ -682,6 +687,7 @@ def sequential_compare(
 __all__ = [
     "ACTIVATION_DEVICE_BYTES",
     "CAPTURE_GROUP_BYTES",
+    "LOGIT_COPIES",
     "OFFLOAD_MODES",
     "MappedWeights",
     "OffloadDecision",

@@ -394,3 +394,27 @@ def test_report_records_the_mode() -> None:
     assert offload["peak_block_bytes"] == _block_bytes(get_blocks(model)[0])
     assert offload["skipped"] == ["benchmark"] and result.benchmark is None
     assert job_summary(report)["offload"] == "sequential"
+
+
+@pytest.mark.slow
+def test_bundled_smollm2_bf16_sequential_equals_in_memory(tmp_path: Path) -> None:
+    """Issue 20's done-means on the real model: a bf16 safetensors copy of SmolLM2-135M, its
+    blocks read from disk one at a time: S within 1e-5 of the in-memory S, the same selections
+    at 3, 6 and 9 blocks."""
+    from lorp.loading import bundled_model_path, save_pruned
+
+    gguf = load_model(bundled_model_path(), dtype="bfloat16", device="cpu")
+    save_pruned(gguf.model, gguf.tokenizer, tmp_path / "bf16", dtype="bfloat16")
+    del gguf
+    whole = load_model(tmp_path / "bf16", device="cpu").model
+    seq = load_model(tmp_path / "bf16", device="cpu", sequential=True).model
+    assert onloader_of(seq) is not None and all(p.is_meta for p in get_blocks(seq)[0].parameters())
+    windows = torch.randint(100, 40000, (2, 128), generator=torch.Generator().manual_seed(0))
+    s_mem = capture_similarity(whole, windows)
+    s_seq = capture_similarity(seq, windows)
+    assert np.abs(s_mem - s_seq).max() <= S_ABS
+    for k in (3, 6, 9):
+        assert (
+            select_layers(s_seq, k, method="lorp").removed
+            == select_layers(s_mem, k, method="lorp").removed
+        )
