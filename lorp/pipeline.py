@@ -457,9 +457,15 @@ def plan_offload(model: nn.Module, config: PruneConfig) -> OffloadDecision:
 
 
 def _margin(config: PruneConfig, weights: int, model_config: Any) -> int:
-    vocab = getattr(model_config, "vocab_size", None)
+    """:func:`lorp.offload.working_margin` for ``config``'s batches; ``model_config``: the
+    model's config, or its config.json as a dict (the vocabulary size is read from either)."""
+
+    def read(source: Any, key: str) -> Any:
+        return source.get(key) if isinstance(source, Mapping) else getattr(source, key, None)
+
+    vocab = read(model_config, "vocab_size")
     if not isinstance(vocab, int):
-        vocab = getattr(getattr(model_config, "text_config", None), "vocab_size", 0)
+        vocab = read(read(model_config, "text_config"), "vocab_size")
     return working_margin(
         weights,
         batch_size=config.batch_size,
@@ -894,17 +900,8 @@ def _offload_before_loading(
         weights,
         device=target,
         max_device_memory=config.max_device_memory,
-        margin_bytes=_margin(config, weights, _Config(raw)),
+        margin_bytes=_margin(config, weights, raw),
     )
-
-
-class _Config:
-    """A config.json dict read like a transformers config (``vocab_size``, ``text_config``)."""
-
-    def __init__(self, raw: Mapping[str, Any]) -> None:
-        self.vocab_size = raw.get("vocab_size")
-        text = raw.get("text_config")
-        self.text_config = _Config(text) if isinstance(text, Mapping) else None
 
 
 def prune(

@@ -418,3 +418,22 @@ def test_bundled_smollm2_bf16_sequential_equals_in_memory(tmp_path: Path) -> Non
             select_layers(s_seq, k, method="lorp").removed
             == select_layers(s_mem, k, method="lorp").removed
         )
+
+
+def test_capture_in_groups_of_windows(monkeypatch: pytest.MonkeyPatch) -> None:
+    """When the normalised block inputs of all windows exceed CAPTURE_GROUP_BYTES the capture
+    runs the windows in groups (every block onloaded once per group): the same S and the same
+    stored block inputs."""
+    from lorp import offload
+    from lorp.inputs import BlockInputs
+
+    monkeypatch.setattr(offload, "CAPTURE_GROUP_BYTES", 1)  # one batch per group
+    dense = build_tiny("gemma3", dtype=torch.bfloat16)
+    layered = copy.deepcopy(dense)
+    prepare(layered)
+    calib = _windows(5, 12)
+    keep_mem, keep_seq = BlockInputs([0, 3, 4]), BlockInputs([0, 3, 4])
+    s_mem = capture_similarity(dense, calib, batch_size=2, keep=keep_mem)
+    s_seq = capture_similarity(layered, calib, batch_size=2, keep=keep_seq)
+    assert np.abs(s_mem - s_seq).max() <= S_ABS
+    assert all(torch.equal(a, b) for a, b in zip(keep_mem.states, keep_seq.states, strict=True))
