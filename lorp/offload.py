@@ -402,6 +402,13 @@ def load_skeleton(
             )
     except Exception as exc:
         raise ModelLoadError(f"could not build the model of {folder.name}: {exc}") from exc
+    if (folder / "generation_config.json").is_file():  # as from_pretrained would read it
+        from transformers import GenerationConfig
+
+        try:
+            model.generation_config = GenerationConfig.from_pretrained(folder)  # type: ignore[assignment]
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"could not read the generation config of {folder.name}") from exc
     loc = locate_blocks(model)
     prefix = loc.path + "."
     block_names = [

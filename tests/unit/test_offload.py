@@ -132,9 +132,12 @@ def num_blocks_of(model: nn.Module) -> int:
 
 @pytest.fixture(scope="module")
 def bf16_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from transformers import GenerationConfig
+
     d = tmp_path_factory.mktemp("tiny-gemma3-bf16")
     build_tiny("gemma3", dtype=torch.bfloat16).save_pretrained(d)
     tiny_tokenizer().save_pretrained(d)
+    GenerationConfig(bos_token_id=1, eos_token_id=2, max_new_tokens=7).save_pretrained(d)
     return d
 
 
@@ -198,6 +201,10 @@ def test_run_pipeline_sequential_from_disk(bf16_dir: Path, tmp_path: Path, text_
     assert "sequential onloading" in (seq.out_dir / "report.md").read_text()
     assert job_summary(seq.report)["offload"] == "sequential"
     assert job_summary(mem.report)["offload"] == "none"
+    for name in ("config.json", "generation_config.json"):  # the checkpoint's own, both ways
+        assert json.loads((seq.checkpoint_dir / name).read_text()) == json.loads(
+            (mem.checkpoint_dir / name).read_text()
+        )
     ids = _windows(2, 12, 5)
     a = load_model(seq.checkpoint_dir, device="cpu").model(ids).logits
     b = load_model(mem.checkpoint_dir, device="cpu").model(ids).logits
