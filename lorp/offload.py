@@ -17,13 +17,15 @@ block 0 answering the final hidden state, so the final norm, the LM head and any
 are the model's own code. Each block then does exactly the operations on exactly the values it
 does in a whole forward, so the results equal the in-memory path's.
 
-What runs layer-wise (:func:`sequential_similarity`, :func:`sequential_compare`): the
-calibration capture (S and the stored block inputs) and the evaluation (dense vs pruned
-perplexity, KL, top-1). The model-in-the-loop scoring passes (:class:`lorp.scoring.WindowScorer`,
-which resumes from stored block inputs), the compensation and temperature fits and the
-downstream tasks go window by window through the whole model; :func:`onloading` brings each
-block to the device when it is called and releases it after, so they too hold one block at a
-time (each block is read once per forward rather than once per pass). Compensation folds its
+What runs layer-wise (:func:`sequential_similarity`, :func:`sequential_compare`,
+:func:`sequential_log_probs`): the calibration capture (S and the stored block inputs), the
+evaluation (dense vs pruned perplexity, KL, top-1) and the candidate passes of the
+model-in-the-loop scoring (:class:`lorp.scoring.WindowScorer`, from the embeddings or from a
+stored dense block input). The scorer's dense and prefix passes, the compensation and
+temperature fits and the downstream tasks go window by window through the whole model;
+:func:`onloading` brings each block to the device when it is called and releases it after, so
+they too hold one block at a time (each block is read once per forward rather than once per
+pass). Compensation folds its
 maps into block weights, so it needs the weights in host memory, not on disk. The benchmark
 needs the whole model on the device and is skipped.
 
@@ -529,16 +531,20 @@ def _layerwise(
     on_input: Callable[[int, _Batch, torch.Tensor], None] | None = None,
     stop_at: int | None = None,
     progress: Callable[[int], None] | None = None,
+    initial: Sequence[torch.Tensor] | None = None,
 ) -> dict[str, list[torch.Tensor]]:
     """Run the ``recorded`` batches through the blocks one block at a time, once per stream
     (``skipped[stream]``: the blocks that stream skips); ``on_input(b, batch, hidden)`` sees
-    the first stream's input of block b; stops before block ``stop_at``. Returns every stream's
-    final hidden states per batch. Streams whose input is the same tensor share the work."""
+    the first stream's input of block b; stops before block ``stop_at``. ``initial``: every
+    stream's hidden states per batch as they enter its first kept block (default: the
+    embeddings' output). Returns every stream's final hidden states per batch. Streams whose
+    input is the same tensor share the work."""
     blocks = get_blocks(model)
     device = onloader.device
     total = sum(b.hidden.numel() * b.hidden.element_size() for b in recorded) * len(skipped)
     store = device if total <= ACTIVATION_DEVICE_BYTES else torch.device("cpu")
-    states = {s: [b.hidden.to(store) for b in recorded] for s in skipped}
+    start = initial if initial is not None else [b.hidden for b in recorded]
+    states = {s: [h.to(store) for h in start] for s in skipped}
     first = next(iter(skipped))
     for i in range(len(blocks)):
         if on_input is not None:
@@ -574,6 +580,32 @@ def _tail_log_probs(model: nn.Module, batch: _Batch, hidden: torch.Tensor) -> to
 
     with _stubbed(model, stub):
         return log_probs(model, batch.ids, device)
+
+
+@torch.no_grad()
+def sequential_log_probs(
+    model: nn.Module,
+    batches_: Sequence[torch.Tensor],
+    removed: Sequence[int],
+    *,
+    start: int = 0,
+    inputs: Sequence[torch.Tensor] | None = None,
+) -> list[torch.Tensor]:
+    """Next-token log-probabilities (as :func:`lorp._forward.log_probs` gives them) of each of
+    ``batches_`` (token ids) with the blocks ``removed`` skipped, layer-wise: each kept block
+    onloaded once for all of them. ``start`` > 0 with ``inputs`` (the dense input of block
+    ``start`` per batch, e.g. :class:`lorp.scoring.WindowScorer`'s prefix cache): the blocks
+    before ``start`` are skipped and the first kept block is fed ``inputs``."""
+    onloader = _require(model)
+    device = input_device(model)
+    recorded = [_record(model, ids, 0, device) for ids in batches_]
+    skipped = set(removed) | set(range(start))
+    if start > 0 and (inputs is None or len(inputs) != len(recorded)):
+        raise InvalidInputError(f"starting at block {start} needs its input for every batch")
+    finals = _layerwise(
+        model, onloader, recorded, {"run": skipped}, initial=inputs if start > 0 else None
+    )["run"]
+    return [_tail_log_probs(model, b, h) for b, h in zip(recorded, finals, strict=True)]
 
 
 def _require(model: nn.Module) -> Onloader:
@@ -710,6 +742,7 @@ __all__ = [
     "place_resident",
     "prepare",
     "sequential_compare",
+    "sequential_log_probs",
     "sequential_similarity",
     "working_margin",
 ]

@@ -444,3 +444,38 @@ def test_capture_in_groups_of_windows(monkeypatch: pytest.MonkeyPatch) -> None:
     s_seq = capture_similarity(layered, calib, batch_size=2, keep=keep_seq)
     assert np.abs(s_mem - s_seq).max() <= S_ABS
     assert all(torch.equal(a, b) for a, b in zip(keep_mem.states, keep_seq.states, strict=True))
+
+
+def test_scorer_passes_run_layer_wise_with_the_same_scores(monkeypatch: pytest.MonkeyPatch) -> None:
+    """WindowScorer on a prepared model: the candidate passes run layer-wise (from the
+    embeddings or from a stored dense block input) and score exactly what the in-memory passes
+    score."""
+    import lorp.scoring as scoring
+
+    calls: list[int] = []
+    real = scoring.sequential_log_probs
+
+    def counted(*args: Any, **kwargs: Any) -> list[torch.Tensor]:
+        calls.append(kwargs.get("start", 0))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(scoring, "sequential_log_probs", counted)
+    dense = build_tiny("qwen2", dtype=torch.bfloat16)
+    layered = copy.deepcopy(dense)
+    prepare(layered)
+    windows = _windows(4, 16)
+    sets = [[0], [2, 3], [4, 5], [1, 4]]
+    mem = scoring.WindowScorer(dense, windows, batch_size=2)
+    seq = scoring.WindowScorer(layered, windows, batch_size=2)
+    for scorer in (mem, seq):
+        scorer.prefetch(sets)
+    for removed in sets:
+        a, b = mem.score(removed), seq.score(removed)
+        assert (a.nll, a.kl, a.top1_agreement, a.tokens, a.start_block) == (
+            b.nll,
+            b.kl,
+            b.top1_agreement,
+            b.tokens,
+            b.start_block,
+        )
+    assert len(calls) == len(sets) and any(start > 0 for start in calls)
