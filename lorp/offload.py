@@ -38,6 +38,7 @@ on CPU; without it, never on CPU).
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -590,12 +591,14 @@ def sequential_log_probs(
     *,
     start: int = 0,
     inputs: Sequence[torch.Tensor] | None = None,
-) -> list[torch.Tensor]:
+) -> list[Callable[[], torch.Tensor]]:
     """Next-token log-probabilities (as :func:`lorp._forward.log_probs` gives them) of each of
     ``batches_`` (token ids) with the blocks ``removed`` skipped, layer-wise: each kept block
-    onloaded once for all of them. ``start`` > 0 with ``inputs`` (the dense input of block
-    ``start`` per batch, e.g. :class:`lorp.scoring.WindowScorer`'s prefix cache): the blocks
-    before ``start`` are skipped and the first kept block is fed ``inputs``."""
+    onloaded once for all of them; per batch a function that computes them from the batch's
+    final hidden state when called (one batch's logits in memory at a time). ``start`` > 0
+    with ``inputs`` (the dense input of block ``start`` per batch, e.g.
+    :class:`lorp.scoring.WindowScorer`'s prefix cache): the blocks before ``start`` are skipped
+    and the first kept block is fed ``inputs``."""
     onloader = _require(model)
     device = input_device(model)
     recorded = [_record(model, ids, 0, device) for ids in batches_]
@@ -605,7 +608,10 @@ def sequential_log_probs(
     finals = _layerwise(
         model, onloader, recorded, {"run": skipped}, initial=inputs if start > 0 else None
     )["run"]
-    return [_tail_log_probs(model, b, h) for b, h in zip(recorded, finals, strict=True)]
+    return [
+        functools.partial(_tail_log_probs, model, b, h)
+        for b, h in zip(recorded, finals, strict=True)
+    ]
 
 
 def _require(model: nn.Module) -> Onloader:

@@ -529,7 +529,7 @@ class WindowScorer:
         first = key not in self._sums
         sums = self._sums.setdefault(key, _Sums([], [], [], start_block=start_block))
         start = time.perf_counter()
-        layerwise: list[torch.Tensor] | None = None
+        layerwise: list[Callable[[], torch.Tensor]] | None = None
         if onloader_of(self.model) is not None and self.stride == 1:
             # a model larger than the device: every kept block onloaded once for the batches
             layerwise = sequential_log_probs(
@@ -551,7 +551,7 @@ class WindowScorer:
                     cur[0] = i
                     batch = self._batch(i)
                     if layerwise is not None:
-                        nll, logp, per = _scored(layerwise[i - lo], batch)
+                        nll, logp, per = _scored(layerwise[i - lo](), batch)
                     else:
                         nll, logp, per = self._nll(batch, device)
                     kl = 0.0
