@@ -67,6 +67,10 @@ class Settings(BaseSettings):
     work_dir: Path = Field(default_factory=lambda: Path(tempfile.gettempdir()) / "lorp-work")
     presign_ttl_seconds: Annotated[int, Field(ge=1, le=7 * 24 * 3600)] = 3600
     max_model_bytes: Annotated[int, Field(gt=0)] | None = None
+    # Bytes a job may use on the worker's device: a job with offload "auto" runs sequentially
+    # (one block at a time, lorp.offload) when its weights + margin exceed it (or, on CUDA, the
+    # device's free memory); unset: only the free memory counts (never sequential on CPU).
+    max_device_memory: Annotated[int, Field(gt=0)] | None = None
     # Admission control: the most token positions one job may feed through the model (capture,
     # scoring, fits, evaluation, benchmark; ``JobCreate.estimated_tokens``), per tenant or for all.
     max_job_tokens: Annotated[int, Field(gt=0)] = 50_000_000

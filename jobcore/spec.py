@@ -106,6 +106,15 @@ class DType(StrEnum):
     bfloat16 = "bfloat16"
 
 
+class Offload(StrEnum):
+    """Memory mode of the job (``lorp.offload``): ``sequential`` runs one block at a time on the
+    device; ``auto`` does when the model does not fit the worker's device."""
+
+    auto = "auto"
+    none = "none"
+    sequential = "sequential"
+
+
 class OutputFormat(StrEnum):
     """A format of the pruned model the job writes (``lorp.outputs.OUTPUT_FORMATS``)."""
 
@@ -536,6 +545,16 @@ class JobCreate(BaseModel):
         description="compute dtype of the model; auto: the checkpoint's own (config "
         "torch_dtype; a GGUF: bfloat16 on a GPU worker, float32 on CPU); the report says which",
     )
+    offload: Offload = Field(
+        default=Offload.auto,
+        description="models larger than the worker's device: sequential keeps the weights in "
+        "host memory or on disk and moves one block at a time to the device (calibration and "
+        "evaluation: every window passes through a block before the next one comes; scoring, "
+        "compensation, temperature and tasks: block by block per window; no benchmark); auto: "
+        "sequential when the estimated weights plus a working margin exceed the device's free "
+        "memory or the operator's max_device_memory; none: the whole model on the device. The "
+        "report says which mode ran and why",
+    )
     output_formats: OutputFormats | None = Field(
         default=None,
         description="formats of the pruned model: gguf (a GGUF input pruned by file "
@@ -773,6 +792,8 @@ PRUNE_CONFIG_RENAMES: dict[str, Callable[[JobCreate], dict[str, Any]]] = {
 OPERATOR_FIELDS: dict[str, Callable[[Settings], Any]] = {
     # LORP_TASKS_DIR: the task data the worker scores a job's tasks on
     "task_data_dir": lambda settings: settings.tasks_dir,
+    # LORP_MAX_DEVICE_MEMORY: bytes a job may use on the worker's device (offload "auto")
+    "max_device_memory": lambda settings: settings.max_device_memory,
 }
 
 
@@ -818,6 +839,11 @@ class JobSummary(BaseModel):
     perplexity_ratio: float | None = None
     status: Literal["pruned", "refused"] | None = Field(
         default=None, description='"refused": the quality gate stopped the job (no checkpoint)'
+    )
+    offload: Literal["none", "sequential"] | None = Field(
+        default=None,
+        description="memory mode that ran: none (whole model on the device) or sequential (one "
+        "block at a time; the report's model.offload says why)",
     )
     kl: float | None = Field(
         default=None, description="mean KL(dense || pruned) per token on the held-out tokens"

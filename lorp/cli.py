@@ -379,6 +379,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
         tasks=tuple(args.tasks),
         task_limit=args.task_limit,
         task_data_dir=task_dir,
+        offload=args.offload,
+        max_device_memory=args.max_device_memory,
     )
     try:
         out = run_pipeline(
@@ -794,6 +796,22 @@ def build_parser() -> argparse.ArgumentParser:
         type=_nonneg_float,
         help="quality gate: refuse if the average task retention (pruned / dense accuracy) is "
         "below this (0..1; needs --tasks)",
+    )
+    p.add_argument(
+        "--offload",
+        default="auto",
+        choices=["none", "sequential", "auto"],
+        help="models larger than the device: sequential keeps the weights in host memory (a "
+        "safetensors checkpoint without --compensate: on disk) and runs one block at a time on "
+        "the device (no benchmark); auto (default): sequential when the weights + a working "
+        "margin exceed the device's free memory or --max-device-memory; none: the whole model "
+        "on the device",
+    )
+    p.add_argument(
+        "--max-device-memory",
+        type=_positive_int,
+        default=None,
+        help="bytes the prune may use on the device (--offload auto; the only limit on CPU)",
     )
     p.add_argument("--no-bench", action="store_true", help="skip the speed/memory benchmark")
     _bench_args(p)

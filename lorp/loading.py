@@ -368,6 +368,8 @@ def load_model(
     trust_remote_code: bool = False,
     allow_hub: bool = False,
     device_map: str | dict[str, Any] | None = None,
+    sequential: bool = False,
+    keep_on_disk: bool = True,
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer, in eval mode, with weights in ``dtype``
     (``"auto"``: the checkpoint's own, :func:`choose_dtype`; the result says which and why).
@@ -376,6 +378,10 @@ def load_model(
     ``device="auto"`` picks CUDA when available; ``device_map`` (e.g. ``"auto"``) is passed to
     ``from_pretrained`` for accelerate offloading instead of moving the model to ``device``.
     ``trust_remote_code`` is passed explicitly (only ``True`` enables a repo's custom code).
+    ``sequential``: for layer-wise passes (:mod:`lorp.offload`): only the embeddings, final norm
+    and head go to ``device``; a local safetensors checkpoint's blocks stay on disk, read one
+    at a time (:func:`lorp.offload.load_skeleton`; ``keep_on_disk=False``: in host memory),
+    any other's are loaded into host memory.
 
     Raises :class:`InvalidInputError` (bad dtype/device/source form, hub id without
     ``allow_hub``), :class:`UnsafeWeightsError` (pickle weights without ``allow_pickle``),
@@ -404,8 +410,22 @@ def load_model(
         model_kwargs["device_map"] = device_map
 
     where = resolved.location + (f" ({resolved.gguf_file})" if resolved.gguf_file else "")
+    if sequential and target is None:
+        raise InvalidInputError("device_map and sequential onloading exclude each other")
+    model: Any = None
     try:
-        model: Any = AutoModelForCausalLM.from_pretrained(resolved.location, **model_kwargs)
+        on_disk = sequential and keep_on_disk and resolved.local and resolved.use_safetensors
+        if on_disk and target is not None:
+            from .offload import load_skeleton
+
+            model = load_skeleton(
+                Path(resolved.location),
+                torch_dtype,
+                target,
+                trust_remote_code=common["trust_remote_code"],
+            )
+        if model is None:
+            model = AutoModelForCausalLM.from_pretrained(resolved.location, **model_kwargs)
     except LorpError:
         raise
     except MemoryError as exc:
@@ -419,7 +439,12 @@ def load_model(
     if tokenizer is None:
         raise ModelLoadError(f"no tokenizer found in {where}")
 
-    if target is not None:
+    if sequential and target is not None:
+        from .offload import prepare
+
+        prepare(model, target)  # a skeleton is prepared already
+        device_name = str(target)
+    elif target is not None:
         try:
             model.to(target)
         except torch.OutOfMemoryError as exc:

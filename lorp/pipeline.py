@@ -80,6 +80,7 @@ import torch
 from torch import nn
 
 from ._blocks import num_blocks
+from ._forward import input_device
 from .bench import BenchmarkConfig, BenchmarkResult, benchmark
 from .compensation import (
     Compensation,
@@ -100,6 +101,16 @@ from .errors import (
 from .gate import GateResult, QualityGate, quality_flags
 from .inputs import BlockInputs, hidden_bytes
 from .methods import get_method, method_names, selector
+from .offload import (
+    OffloadDecision,
+    check_offload,
+    choose_offload,
+    onloader_of,
+    onloading,
+    parameter_bytes,
+    prepare,
+    working_margin,
+)
 from .progress import STAGES, ProgressCallback
 from .quality import QualityComparison, compare_pruned
 from .report import job_summary, make_report, write_reports
@@ -174,9 +185,15 @@ class PruneConfig:
     tasks: tuple[str, ...] = ()
     task_limit: int | None = 200
     task_data_dir: str | Path | None = None
+    # models larger than the device (lorp.offload): "sequential" runs the passes layer-wise,
+    # one block on the device at a time; "auto" does when the weights + a working margin exceed
+    # the device's free memory or max_device_memory (bytes; on CPU the only limit); "none" never
+    offload: str = "auto"
+    max_device_memory: int | None = None
 
     def __post_init__(self) -> None:
         info = get_method(self.method)  # unknown: lists the valid ones
+        check_offload(self.offload, self.max_device_memory)
         if self.num_clusters is not None and not info.takes_clusters:
             takes = ", ".join(method_names(takes_clusters=True))
             raise InvalidInputError(
@@ -351,7 +368,9 @@ class PruneResult:
     accuracy when ``config.tasks`` (``task_source``: how the report names the task data);
     ``depth_search``: the search, its curve and confirmations, with a quality target
     (:mod:`lorp.target`); ``pruned``: whether the blocks were
-    physically removed (``False`` in the result a :class:`QualityGateError` carries).
+    physically removed (``False`` in the result a :class:`QualityGateError` carries);
+    ``offload``: which mode ran and why (:meth:`lorp.offload.OffloadDecision.to_dict`, plus
+    ``skipped``: stages a sequential prune left out).
     """
 
     selection: Selection
@@ -372,6 +391,7 @@ class PruneResult:
     tasks: TaskComparison | None = None
     task_source: str | None = None
     depth_search: DepthSearch | None = None
+    offload: dict[str, Any] | None = None
 
     @property
     def removed(self) -> list[int]:
@@ -477,6 +497,7 @@ def preflight(model: nn.Module, config: PruneConfig) -> int:
     else:
         resolve_budget(num_blocks(model), 1)  # at least one removable block
         num_remove = num_blocks(model) - 2
+    check_sequential(model, config)
     if config.compensate:
         try:
             check_compensable(model)
@@ -492,6 +513,66 @@ def preflight(model: nn.Module, config: PruneConfig) -> int:
         check_temperature(model)
     check_task_data(config)
     return num_remove
+
+
+def check_sequential(model: nn.Module, config: PruneConfig) -> None:
+    """:class:`~lorp.errors.UnsupportedModelError` when ``model``, prepared for sequential
+    onloading with its block weights on disk (:func:`lorp.offload.load_skeleton`), is asked
+    for compensation: its maps are folded into block weights, which need the weights in host
+    memory (``run_pipeline`` loads them there when ``config.compensate``)."""
+    onloader = onloader_of(model)
+    if onloader is not None and onloader.weights == "disk" and config.compensate:
+        raise UnsupportedModelError(
+            "compensation folds its maps into block weights, and this model's block weights "
+            "stay on disk (sequential onloading from safetensors); load it into host memory "
+            "(lorp.loading.load_model(..., sequential=True, keep_on_disk=False)) or prune "
+            "without compensation"
+        )
+
+
+def plan_offload(model: nn.Module, config: PruneConfig) -> OffloadDecision:
+    """The mode ``prune`` runs ``model`` in (:func:`lorp.offload.choose_offload` on its real
+    parameter bytes and the device its embeddings are on); a model already prepared for
+    layer-wise passes (:func:`lorp.offload.prepare`, :func:`lorp.offload.load_skeleton`) runs
+    sequentially whatever was asked."""
+    onloader = onloader_of(model)
+    weights = parameter_bytes(model)
+    if onloader is not None:
+        return OffloadDecision(
+            "sequential",
+            config.offload,
+            "the model was loaded for sequential onloading",
+            weight_bytes=weights,
+            weights=onloader.weights,
+        )
+    device = input_device(model)
+    resident = sum(t.numel() * t.element_size() for t in model.parameters() if t.device == device)
+    return choose_offload(
+        config.offload,
+        weights,
+        device=device,
+        max_device_memory=config.max_device_memory,
+        margin_bytes=_margin(config, weights, getattr(model, "config", None)),
+        resident=resident,
+    )
+
+
+def _margin(config: PruneConfig, weights: int, model_config: Any) -> int:
+    """:func:`lorp.offload.working_margin` for ``config``'s batches; ``model_config``: the
+    model's config, or its config.json as a dict (the vocabulary size is read from either)."""
+
+    def read(source: Any, key: str) -> Any:
+        return source.get(key) if isinstance(source, Mapping) else getattr(source, key, None)
+
+    vocab = read(model_config, "vocab_size")
+    if not isinstance(vocab, int):
+        vocab = read(read(model_config, "text_config"), "vocab_size")
+    return working_margin(
+        weights,
+        batch_size=config.batch_size,
+        seq_len=max(config.seq_len, config.eval_seq_len),
+        vocab_size=vocab if isinstance(vocab, int) else 0,
+    )
 
 
 def check_task_data(config: PruneConfig) -> None:
@@ -852,7 +933,10 @@ def compensate(
     if not config.compensate:
         return None
     timer = timer or StageTimer()
-    with timer.stage("compensation", f"fitting linear maps for {list(removed)}"):
+    with (
+        timer.stage("compensation", f"fitting linear maps for {list(removed)}"),
+        onloading(model),
+    ):
         return fit_tuned_compensation(
             model,
             removed,
@@ -883,7 +967,7 @@ def fit_logit_scale(
     if not config.temperature:
         return compensation
     timer = timer or StageTimer()
-    with timer.stage("temperature", "fitting the pruned model's logit scale"):
+    with timer.stage("temperature", "fitting the pruned model's logit scale"), onloading(model):
         return fit_folded_temperature(
             model,
             compensation or temperature_only(removed),
@@ -981,7 +1065,10 @@ def evaluate(
     if config.tasks:
         check_task_data(config)
         assert config.task_data_dir is not None
-        with timer.stage("evaluation", f"dense vs pruned on tasks {', '.join(config.tasks)}"):
+        with (
+            timer.stage("evaluation", f"dense vs pruned on tasks {', '.join(config.tasks)}"),
+            onloading(model),
+        ):
             tasks = compare_tasks(
                 model,
                 tokenizer,
@@ -1087,6 +1174,33 @@ def _step_back(found: TargetSearch, depth: int, measured: Evaluation, folded: bo
 # The whole job
 
 
+def _offload_before_loading(
+    source: str | Path, gguf_file: str | None, dtype: str, device: str, config: PruneConfig
+) -> OffloadDecision:
+    """:func:`lorp.offload.choose_offload` on the estimated weight bytes
+    (:func:`lorp.loading.estimate_weight_bytes`) before anything is loaded; ``"auto"`` runs in
+    memory when the size cannot be estimated (a hub id)."""
+    from .loading import _read_config, estimate_weight_bytes, resolve_device
+
+    target = resolve_device(device)
+    try:
+        weights = estimate_weight_bytes(source, gguf_file=gguf_file, dtype=dtype, device=target)
+    except LorpError:
+        if config.offload == "auto":
+            return OffloadDecision("none", "auto", "the model's size is unknown before loading")
+        requested = config.offload
+        return OffloadDecision(requested, requested, f"offload {requested!r} requested")
+    folder = Path(source).expanduser()
+    raw = _read_config(folder if folder.is_dir() else folder.parent) or {}
+    return choose_offload(
+        config.offload,
+        weights,
+        device=target,
+        max_device_memory=config.max_device_memory,
+        margin_bytes=_margin(config, weights, raw),
+    )
+
+
 def prune(
     model: nn.Module,
     tokenizer: Any,
@@ -1098,6 +1212,7 @@ def prune(
     progress: ProgressCallback | None = None,
     source_names: Mapping[str, str] | None = None,
     timer: StageTimer | None = None,
+    offload: OffloadDecision | None = None,
 ) -> PruneResult:
     """Select and remove blocks of ``model`` in place; measure what it cost and gained.
 
@@ -1130,12 +1245,25 @@ def prune(
     (``config.benchmark``), :func:`remove`. ``progress`` gets their progress; ``timer``
     (instead of ``progress``): a :class:`StageTimer` to time them in, e.g. one that already
     timed the loading.
+
+    ``config.offload`` (:mod:`lorp.offload`): resolved by :func:`plan_offload` (``offload``: a
+    decision already taken, e.g. before loading); in sequential mode the model is prepared for
+    it (:func:`lorp.offload.prepare`; it stays so): the capture and the evaluation run
+    layer-wise, the scoring passes, the fits and the tasks window by window with one block on
+    the device at a time (:func:`lorp.offload.onloading`), compensation with block weights on
+    disk is refused before any window (:func:`check_sequential`), and the benchmark, which
+    needs the whole model on the device, is skipped; ``result.offload`` says which mode ran,
+    why, and what was skipped.
     """
     if timer is not None and progress is not None:
         raise InvalidInputError("give prune a progress callback or a StageTimer, not both")
     timer = timer or StageTimer(progress)
     names = dict(source_names or {})
     depth = num_blocks(model)
+    decision = offload or plan_offload(model, config)
+    onloader = None
+    if decision.mode == "sequential":
+        onloader = prepare(model)
     preflight(model, config)
     calib = calibrate(
         model, tokenizer, calibration, config, source_name=names.get("calibration"), timer=timer
@@ -1191,12 +1319,17 @@ def prune(
         compensation=compensation,
         tasks=measured.tasks,
         task_source=names.get("tasks") if measured.tasks is not None else None,
+        offload=decision.to_dict(),
     )
+    if onloader is not None and result.offload is not None:
+        result.offload.update(weights=onloader.weights, peak_block_bytes=onloader.peak_bytes)
+        result.offload["skipped"] = ["benchmark"] if config.benchmark is not None else []
     if measured.gate is not None and not measured.gate.passed:
         raise QualityGateError(
             f"{measured.gate.message}; blocks {removed} were not removed", result=result
         )
-    result.benchmark = measure_speed(model, removed, config, timer=timer)
+    if onloader is None:  # the benchmark needs the whole model on the device
+        result.benchmark = measure_speed(model, removed, config, timer=timer)
     remove(model, removed, compensation, timer=timer)
     result.pruned = True
     return result
@@ -1256,6 +1389,7 @@ def run_pipeline(
         compensate=config.compensate,
         temperature=config.temperature,
     )
+    decision = _offload_before_loading(model_source, gguf_file, dtype, device, config)
     with timer.stage("loading", f"loading {model_name}"):
         loaded = load_model(
             model_source,
@@ -1265,6 +1399,8 @@ def run_pipeline(
             allow_pickle=allow_pickle,
             trust_remote_code=trust_remote_code,
             allow_hub=allow_hub,
+            sequential=decision.mode == "sequential",
+            keep_on_disk=not config.compensate,  # compensation folds into block weights
         )
     report_options: dict[str, Any] = {
         "model_source": model_name,
@@ -1283,6 +1419,7 @@ def run_pipeline(
             evaluation=evaluation,
             source_names=source_names,
             timer=timer,
+            offload=decision,
         )
     except QualityGateError as refusal:
         if isinstance(refusal.result, PruneResult):
@@ -1296,6 +1433,9 @@ def run_pipeline(
         raise
     with timer.stage("saving", f"saving the pruned checkpoint ({', '.join(outputs.formats)})"):
         checkpoint = out / "model"
+        onloader = onloader_of(result.model)
+        if onloader is not None:  # blocks still on disk are read into host memory to be saved
+            onloader.materialise(result.model)
         artifacts = write_outputs(
             outputs,
             result.model,
@@ -1329,6 +1469,7 @@ __all__ = [
     "StageTimer",
     "TargetSearch",
     "calibrate",
+    "check_sequential",
     "check_task_data",
     "compensate",
     "draw_scoring",
@@ -1338,6 +1479,7 @@ __all__ = [
     "inputs_to_keep",
     "make_report",
     "measure_speed",
+    "plan_offload",
     "preflight",
     "prune",
     "remove",

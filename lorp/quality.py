@@ -13,7 +13,7 @@ perplexity of each, the mean KL divergence KL(dense || pruned) of the next-token
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -21,6 +21,7 @@ from torch import nn
 
 from ._forward import batches, check_windows, input_device, log_probs
 from .compensation import Compensation, compensated_view
+from .offload import onloader_of, onloading, sequential_compare
 from .progress import ProgressCallback
 from .surgery import pruned_view
 
@@ -104,15 +105,46 @@ def compare_pruned(
     compensation: Compensation | None = None,
 ) -> QualityComparison:
     """Dense vs pruned (``removed`` blocks skipped, ``compensation`` folded in when given) on
-    the same windows: ppl, KL, top-1."""
+    the same windows: ppl, KL, top-1. A model prepared for sequential onloading
+    (:mod:`lorp.offload`) is run layer-wise (with ``compensation``: window by window, one block
+    on the device at a time), with the same results."""
+    if onloader_of(model) is not None and compensation is None:
+        return sequential_compare(
+            model,
+            removed,
+            windows,
+            batch_size=batch_size,
+            progress=progress,
+            stage=stage,
+            compensation=compensation,
+        )
     windows = check_windows(windows)
     device = input_device(model)
-    nll_d = nll_p = kl = 0.0
-    agree = tokens = done = 0
-    for batch in batches(windows, batch_size):
+
+    def pair(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logp_d = log_probs(model, batch, device)
         with compensated_view(model, compensation), pruned_view(model, removed):
             logp_p = log_probs(model, batch, device).to(logp_d.device)
+        return logp_d, logp_p
+
+    with onloading(model):  # a prepared model with compensation: block by block per window
+        return compare_log_probs(windows, batch_size, pair, progress, stage)
+
+
+def compare_log_probs(
+    windows: torch.Tensor,
+    batch_size: int,
+    pair: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    progress: ProgressCallback | None = None,
+    stage: str = "evaluation",
+) -> QualityComparison:
+    """Dense vs pruned from ``pair(batch)``: the dense and the pruned next-token
+    log-probabilities of each batch of ``windows`` (in order)."""
+    nll_d = nll_p = kl = 0.0
+    agree = tokens = done = 0
+    for batch in batches(windows, batch_size):
+        logp_d, logp_p = pair(batch)
+        logp_p = logp_p.to(logp_d.device)
         nll_d += _nll_sum(logp_d, batch)
         nll_p += _nll_sum(logp_p, batch)
         kl += float((logp_d.exp() * (logp_d - logp_p)).sum())

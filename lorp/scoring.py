@@ -10,7 +10,11 @@ cached per removal set, so a set is never measured twice. One such forward is a 
 method records how many it ran. A pass need not start at the embeddings: nothing changes before
 the first removed block, so the dense hidden states entering the blocks where the candidates
 start are stored once (:meth:`WindowScorer.prefetch`) and each pass resumes from there (same
-numbers, fewer blocks run: for SLEB on SmolLM2 about half of them).
+numbers, fewer blocks run: for SLEB on SmolLM2 about half of them). A model prepared for
+sequential onloading (:mod:`lorp.offload`) runs each candidate pass layer-wise (every kept block
+onloaded once for the pass's windows, :func:`lorp.offload.sequential_log_probs`) and the dense
+and prefix passes with one block on the device at a time (:func:`lorp.offload.onloading`), with
+the same numbers.
 
 :func:`race` measures several candidate sets on leading windows first and finishes only those
 close to the best. The cost model (:func:`affordable_passes`, :func:`local_search_passes`) sizes
@@ -34,6 +38,7 @@ from ._blocks import get_blocks
 from ._forward import check_windows, input_device, log_probs
 from .errors import InvalidInputError
 from .inputs import hidden_bytes, resumed
+from .offload import onloader_of, onloading, sequential_log_probs
 from .progress import ProgressCallback
 from .surgery import pruned_view
 
@@ -200,9 +205,7 @@ class WindowScorer:
         prediction's NLL ``[B, P]``. With a stride the output head runs on the scored
         positions only (a pre-hook on it)."""
         if self.stride == 1:
-            logp = log_probs(self.model, batch, device)
-            per = -logp.gather(-1, batch[:, 1:].to(logp.device).unsqueeze(-1)).squeeze(-1)
-            return float(per.sum()), logp, per
+            return _scored(log_probs(self.model, batch, device), batch)
         get_head = getattr(self.model, "get_output_embeddings", None)
         head = get_head() if callable(get_head) else None
         if not isinstance(head, nn.Module):
@@ -404,7 +407,7 @@ class WindowScorer:
         forward stops after the deepest)."""
         device = input_device(self.model)
         start = time.perf_counter()
-        with self._storing(starts, stop=True) as cur:
+        with onloading(self.model), self._storing(starts, stop=True) as cur:
             for i in range(lo, hi):
                 cur[0] = i
                 with contextlib.suppress(_StopForward):
@@ -420,7 +423,7 @@ class WindowScorer:
         start = time.perf_counter()
         sums = _Sums([], [], [])
         keep: list[torch.Tensor] = []
-        with self._storing(starts, stop=False) as cur:
+        with onloading(self.model), self._storing(starts, stop=False) as cur:
             for i in range(self.num_batches):
                 cur[0] = i
                 batch = self._batch(i)
@@ -526,12 +529,31 @@ class WindowScorer:
         first = key not in self._sums
         sums = self._sums.setdefault(key, _Sums([], [], [], start_block=start_block))
         start = time.perf_counter()
+        layerwise: list[Callable[[], torch.Tensor]] | None = None
+        if onloader_of(self.model) is not None and self.stride == 1:
+            # a model larger than the device: every kept block onloaded once for the batches
+            layerwise = sequential_log_probs(
+                self.model,
+                [self._batch(i) for i in range(lo, hi)],
+                key,
+                start=start_block,
+                inputs=self._prefix[start_block][lo:hi] if start_block else None,
+            )
+        if layerwise is not None:
+            passes: contextlib.AbstractContextManager[list[int]] = contextlib.nullcontext([0])
+        elif start_block:
+            passes = self._resumed(key, start_block)
+        else:
+            passes = _plain(self.model, key)
         try:
-            with self._resumed(key, start_block) if start_block else _plain(self.model, key) as cur:
+            with onloading(self.model), passes as cur:
                 for i in range(lo, hi):
                     cur[0] = i
                     batch = self._batch(i)
-                    nll, logp, per = self._nll(batch, device)
+                    if layerwise is not None:
+                        nll, logp, per = _scored(layerwise[i - lo](), batch)
+                    else:
+                        nll, logp, per = self._nll(batch, device)
                     kl = 0.0
                     agree = 0
                     if dense is not None:
@@ -561,6 +583,12 @@ class WindowScorer:
         if first:
             self.passes += 1
         self._report(key)
+
+
+def _scored(logp: torch.Tensor, batch: torch.Tensor) -> tuple[float, torch.Tensor, torch.Tensor]:
+    """Summed NLL of every next-token prediction of ``batch``, ``logp`` and each one's NLL."""
+    per = -logp.gather(-1, batch[:, 1:].to(logp.device).unsqueeze(-1)).squeeze(-1)
+    return float(per.sum()), logp, per
 
 
 @contextlib.contextmanager

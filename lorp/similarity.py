@@ -100,8 +100,15 @@ def capture_similarity(
     ``windows``: token ids ``[num_windows, seq_len]``. Returns a float64 ``[N, N]`` symmetric matrix
     with a unit diagonal, N the number of blocks. ``keep``: also store every block's input for
     the windows at ``keep.indices`` there (:class:`lorp.inputs.BlockInputs`; a copy of what the
-    capture sees anyway, so later stages can start mid-model).
+    capture sees anyway, so later stages can start mid-model). A model prepared for layer-wise
+    passes (:func:`lorp.offload.prepare`) is run block by block, with the same result.
     """
+    from .offload import onloader_of, sequential_similarity
+
+    if onloader_of(model) is not None:  # prepared for layer-wise passes (lorp.offload)
+        return sequential_similarity(
+            model, windows, batch_size=batch_size, progress=progress, keep=keep
+        )
     windows = check_windows(windows)
     blocks = get_blocks(model)
     if keep is not None:
@@ -129,12 +136,18 @@ def capture_similarity(
         model.train(was_training)
     if keep is not None:
         keep.finish()
-    if acc.windows != total:
+    return similarity_from_sums(acc.total, acc.windows, total)
+
+
+def similarity_from_sums(total: torch.Tensor, seen: int, windows: int) -> np.ndarray:
+    """S from the lower triangle of per-window cosine sums ``total`` ``[N, N]`` over ``seen`` of
+    the ``windows`` windows (all of them must have reached the last block)."""
+    if seen != windows:
         raise InvalidInputError(
-            f"only {acc.windows} of {total} windows reached the last block; the model's forward "
+            f"only {seen} of {windows} windows reached the last block; the model's forward "
             "does not run its blocks in order"
         )
-    lower = (acc.total / total).numpy()
+    lower = (total / windows).numpy()
     s = lower + lower.T
     np.fill_diagonal(s, 1.0)
     return s

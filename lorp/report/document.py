@@ -397,6 +397,7 @@ def make_report(
             "dtype": dtype,
             "dtype_source": dtype_source,
             "device": device,
+            "offload": result.offload,
         },
         budget={
             "requested": config.requested_budget,
@@ -470,7 +471,8 @@ def job_summary(report: Mapping[str, Any]) -> dict[str, Any]:
     pruned; ``task_retention``: its average retention (pruned / dense per task, averaged);
     ``task_retention_by_task``: per task; ``quality_target``, ``target_depth``,
     ``target_confirmed``: a quality target's budget, the depth the prune ended with and whether
-    the evaluation data confirmed the target. Keys the report lacks are None (``{}``).
+    the evaluation data confirmed the target; ``offload``: the memory mode that ran (``"none"``,
+    ``"sequential"``; ``model.offload`` says why). Keys the report lacks are None (``{}``).
     """
     s = report.get("summary") or {}
     speed = report.get("speed") or []
@@ -489,6 +491,7 @@ def job_summary(report: Mapping[str, Any]) -> dict[str, Any]:
         "perplexity_before": s.get("ppl_dense"),
         "perplexity_after": s.get("ppl_pruned"),
         "perplexity_ratio": s.get("ppl_ratio"),
+        "offload": ((report.get("model") or {}).get("offload") or {}).get("mode"),
         "status": s.get("status"),
         "kl": s.get("kl"),
         "top1_agreement": s.get("top1_agreement"),

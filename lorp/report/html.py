@@ -68,6 +68,16 @@ def _headline(report: Mapping[str, Any]) -> list[str]:
         lines.append("Speedup: " + "; ".join(parts) + ".")
     else:
         lines.append("Speed: not measured.")
+    offload = (report.get("model") or {}).get("offload") or {}
+    if offload.get("mode") == "sequential":
+        where = {"disk": "on disk", "host": "in host memory"}.get(str(offload.get("weights")), "")
+        skipped = offload.get("skipped") or []
+        lines.append(
+            f"Memory: sequential onloading, one block on the device at a time (weights {where}; "
+            f"{offload.get('reason')})" + (f"; skipped: {', '.join(skipped)}." if skipped else ".")
+        )
+    elif offload.get("mode") == "none" and offload.get("requested") == "auto":
+        lines.append(f"Memory: whole model on the device ({offload.get('reason')}).")
     mem = report.get("memory")
     if mem and mem.get("weights_saved_bytes") is not None:
         lines.append(

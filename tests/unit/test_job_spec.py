@@ -24,6 +24,7 @@ from jobcore.spec import (
     DType,
     JobCreate,
     Method,
+    Offload,
     QualityGateSpec,
 )
 from lorp.bench import BenchmarkConfig
@@ -69,6 +70,7 @@ EVERY_OPTION: dict[str, Any] = {
         "min_task_retention": 0.9,
     },
     "dtype": "bfloat16",
+    "offload": "none",
     "output_formats": ["gguf", "safetensors"],
     "benchmark": {
         "prefill": [[1, 64], [2, 32]],
@@ -114,7 +116,7 @@ def _default(field: Any) -> Any:
     if field.is_required():
         return inspect.Parameter.empty
     value = field.get_default(call_default_factory=True)
-    return value.value if isinstance(value, Method | DType) else value
+    return value.value if isinstance(value, Method | DType | Offload) else value
 
 
 def _library_defaults(cls: Any) -> dict[str, Any]:
@@ -227,6 +229,8 @@ def test_every_option_reaches_prune_config_as_written_by_hand() -> None:
         compensation_tune_windows=0,
         temperature=True,
         temperature_windows=3,
+        offload="none",
+        max_device_memory=None,  # the operator's (OPERATOR_FIELDS), not the job's
     )
     assert type(config.method) is str  # the name, not the enum member
     blocks = JobCreate.model_validate({**MINIMAL, "budget": {"blocks": 5}})
@@ -298,6 +302,7 @@ PRUNE_ONLY = {
     "allow_pickle": "never for the service (safetensors/GGUF only)",
     "trust_remote_code": "LORP_TRUST_REMOTE_CODE, the operator's choice",
     "task_data_dir": "LORP_TASKS_DIR, the operator's task data (OPERATOR_FIELDS)",
+    "max_device_memory": "LORP_MAX_DEVICE_MEMORY, the operator's device limit (OPERATOR_FIELDS)",
     "allow_hub": "LORP_ALLOW_HUB, the operator's choice",
     "eval_seq_len": "a job evaluates with seq_len (PRUNE_CONFIG_RENAMES)",
     "remove": "budget: --remove N | --fraction F",
@@ -366,6 +371,7 @@ def test_lorp_prune_has_every_option_with_the_same_default_and_choices() -> None
             assert given == default, (option, given, default)
     assert list(actions["method"].choices or ()) == [m.value for m in Method]
     assert list(actions["dtype"].choices or ()) == [d.value for d in DType]
+    assert sorted(actions["offload"].choices or ()) == sorted(o.value for o in Offload)
 
 
 def test_every_lorp_prune_flag_is_an_option_or_listed() -> None:
@@ -408,6 +414,7 @@ def test_lorp_jobs_submit_has_every_option() -> None:
             ), option
     assert list(actions["method"].choices or ()) == [m.value for m in Method]
     assert list(actions["dtype"].choices or ()) == [d.value for d in DType]
+    assert sorted(actions["offload"].choices or ()) == sorted(o.value for o in Offload)
 
 
 def _argv(values: dict[str, Any]) -> list[str]:

@@ -517,6 +517,7 @@ def test_job_summary_from_a_hand_built_report() -> None:
             {"name": "decode_a", "kind": "decode", "speedup": 1.1},
         ],
         "quality": {"gate": GATE},
+        "model": {"offload": {"mode": "sequential", "reason": "offload 'sequential' requested"}},
     }
     assert job_summary(report) == {
         "method": "lorp-loss",
@@ -533,6 +534,7 @@ def test_job_summary_from_a_hand_built_report() -> None:
         "perplexity_before": 10.0,
         "perplexity_after": 12.5,
         "perplexity_ratio": 1.25,
+        "offload": "sequential",
         "status": "pruned",
         "kl": 0.3,
         "top1_agreement": 0.77,
@@ -561,6 +563,7 @@ def test_job_summary_from_a_hand_built_report() -> None:
         "perplexity_before": None,
         "perplexity_after": None,
         "perplexity_ratio": None,
+        "offload": None,
         "status": None,
         "kl": None,
         "top1_agreement": None,
