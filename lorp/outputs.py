@@ -21,7 +21,7 @@ from typing import Any
 
 from .errors import InvalidInputError, LorpError
 
-__all__ = ["OUTPUT_FORMATS", "OutputPlan", "plan_outputs", "write_outputs"]
+__all__ = ["OUTPUT_FORMATS", "OutputPlan", "check_destination", "plan_outputs", "write_outputs"]
 
 OUTPUT_FORMATS: tuple[str, ...] = ("gguf", "safetensors")
 
@@ -111,6 +111,13 @@ def plan_outputs(
     return plan
 
 
+def check_destination(checkpoint: Path) -> None:
+    """Refuse (:class:`InvalidInputError`) a checkpoint folder that exists and is not empty:
+    :func:`write_outputs` never writes over files (checked before any compute too)."""
+    if checkpoint.exists() and (not checkpoint.is_dir() or any(checkpoint.iterdir())):
+        raise InvalidInputError(f"output directory {checkpoint} exists and is not empty")
+
+
 def write_outputs(
     plan: OutputPlan,
     model: Any,
@@ -137,8 +144,7 @@ def write_outputs(
         "safetensors": None,
     }
     folder = checkpoint.name
-    if checkpoint.exists() and (not checkpoint.is_dir() or any(checkpoint.iterdir())):
-        raise InvalidInputError(f"output directory {checkpoint} exists and is not empty")
+    check_destination(checkpoint)
     if "gguf" in plan.formats and plan.gguf_source is not None:
         checkpoint.mkdir(parents=True, exist_ok=True)
         dst = checkpoint / plan.gguf_source.name

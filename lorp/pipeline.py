@@ -63,6 +63,7 @@ import torch
 from torch import nn
 
 from ._blocks import num_blocks
+from ._forward import check_windows
 from .bench import BenchmarkConfig, BenchmarkResult, benchmark
 from .compensation import (
     Compensation,
@@ -73,17 +74,23 @@ from .compensation import (
     temperature_only,
 )
 from .data import prepends_bos, text_windows
-from .errors import InvalidInputError, LorpError, QualityGateError, UnsupportedModelError
-from .gate import GateResult, QualityGate, quality_flags
+from .errors import (
+    InvalidInputError,
+    LorpError,
+    ModelTooLargeError,
+    QualityGateError,
+    UnsupportedModelError,
+)
+from .gate import UNMEASURED, GateResult, QualityGate, quality_flags
 from .inputs import BlockInputs, hidden_bytes
 from .methods import get_method, method_names, selector
 from .progress import STAGES, ProgressCallback
 from .quality import QualityComparison, compare_pruned
 from .report import job_summary, make_report, write_reports
 from .search import pass_budget, search_layers
-from .selection import Selection, resolve_budget, select_layers
+from .selection import Selection, check_num_clusters, resolve_budget, select_layers
 from .similarity import capture_similarity
-from .surgery import remove_blocks
+from .surgery import check_removable, remove_blocks
 from .tasks import TaskComparison, compare_tasks, load_task, parse_tasks
 from .temperature import check_temperature
 
@@ -294,6 +301,31 @@ class PipelineResult:
 # --------------------------------------------------------------------------------------------
 # Stages
 
+#: What a job that ran out of memory could use instead (sequential onloading: one block on the
+#: device at a time), as a job and as the CLI spell it.
+OFFLOAD_HINT = 'offload: "sequential" in a job, --offload sequential on the CLI'
+
+
+def out_of_memory(exc: BaseException, stage: str) -> ModelTooLargeError | None:
+    """The :class:`~lorp.errors.ModelTooLargeError` for ``exc`` when it is an allocation
+    failure (a device's ``torch.OutOfMemoryError``, Python's ``MemoryError``, torch's CPU
+    allocator refusing: a ``RuntimeError`` "can't allocate memory") during ``stage``; None for
+    any other error. Its message names the stage, the device and :data:`OFFLOAD_HINT`."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        where = "device"
+    elif isinstance(exc, MemoryError) or (
+        isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)
+    ):
+        where = "CPU"
+    else:
+        return None
+    detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+    return ModelTooLargeError(
+        f"out of {where} memory during the {stage} stage ({detail}): the model and its "
+        f"activations do not fit; rerun with sequential onloading ({OFFLOAD_HINT}), a smaller "
+        "batch_size or fewer/shorter windows"
+    )
+
 
 class StageTimer:
     """Times the pipeline's stages (:data:`STAGES`) and forwards progress to a callback.
@@ -303,6 +335,10 @@ class StageTimer:
     ``callback`` through :meth:`progress`: ``(stage, 0.0, message)`` when it starts, the work's
     own progress, ``(stage, 1.0, "<stage> done")`` when it ends. :func:`prune` and
     :func:`run_pipeline` time every stage of one job in one timer.
+
+    Running out of memory inside a stage (:func:`out_of_memory`) raises
+    :class:`~lorp.errors.ModelTooLargeError` naming the stage and the option that would have
+    fitted, so the library, the CLI and the worker report it alike (code ``model_too_large``).
     """
 
     def __init__(self, callback: ProgressCallback | None = None) -> None:
@@ -319,7 +355,13 @@ class StageTimer:
         """Time the body as stage ``name`` (``message``: what its start reports)."""
         self.progress(name, 0.0, message)
         start = time.perf_counter()
-        yield
+        try:
+            yield
+        except (MemoryError, RuntimeError) as exc:
+            too_large = out_of_memory(exc, name)
+            if too_large is None:
+                raise
+            raise too_large from exc
         self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
         self.progress(name, 1.0, f"{name} done")
 
@@ -371,11 +413,37 @@ def inputs_to_keep(
     return BlockInputs(sorted(chosen)) if chosen else None
 
 
-def preflight(model: nn.Module, config: PruneConfig) -> int:
-    """The number of blocks to remove; fails before any forward pass when the budget does not
-    fit the model (:class:`~lorp.errors.BudgetError`) or the model cannot take the corrections
-    ``config`` asks for (:class:`~lorp.errors.UnsupportedModelError`)."""
-    num_remove = resolve_budget(num_blocks(model), config.budget)
+def preflight(
+    model: nn.Module,
+    config: PruneConfig,
+    *,
+    tokenizer: Any = None,
+    calibration: str | Path | torch.Tensor | None = None,
+    evaluation: str | Path | torch.Tensor | None = None,
+    scoring: torch.Tensor | None = None,
+) -> int:
+    """The number of blocks to remove; refuses, before any forward pass, a job that would fail
+    later on something knowable now:
+
+    - the budget does not fit the model (:class:`~lorp.errors.BudgetError`), ``num_clusters``
+      is not from 2 to its depth, the surgery cannot take the blocks out of this architecture
+      (:func:`lorp.surgery.check_removable`);
+    - the corrections ``config`` asks for do not fold into this architecture in its dtype
+      (:func:`lorp.compensation.check_compensable`, :func:`lorp.temperature.check_temperature`;
+      :class:`~lorp.errors.UnsupportedModelError`);
+    - the task data is missing or malformed (:func:`check_task_data`);
+    - a window or benchmark workload is longer than the model's learned position table;
+    - with ``tokenizer`` and ``calibration`` (what :func:`prune` passes): every token window the
+      stages will draw (calibration, scoring, evaluation or held-out) is drawn now; a text too
+      short for them, a token id outside the model's vocabulary, or a quality gate with
+      perplexity limits and nothing to measure them on (:data:`lorp.gate.UNMEASURED`) is an
+      :class:`~lorp.errors.InvalidInputError`.
+    The model is left as it was."""
+    depth = num_blocks(model)
+    num_remove = resolve_budget(depth, config.budget)
+    if config.num_clusters is not None:
+        check_num_clusters(config.num_clusters, depth)
+    check_removable(model, list(range(1, num_remove + 1)))
     if config.compensate:
         try:
             check_compensable(model)
@@ -390,7 +458,95 @@ def preflight(model: nn.Module, config: PruneConfig) -> int:
     if config.temperature:
         check_temperature(model)
     check_task_data(config)
+    lengths: list[tuple[str, int]] = []
+    if tokenizer is None or calibration is None:  # else the windows drawn below are checked
+        lengths.append(("seq_len", config.seq_len))
+        if get_method(config.selection_method).needs_model:
+            lengths.append(("score_seq_len", config.scoring_shape[1]))
+    if config.benchmark is not None:
+        lengths += [(f"benchmark prefill {b}x{t}", t) for b, t in config.benchmark.prefill]
+        lengths += [(f"benchmark decode {b}x{t}+{n}", t + n) for b, t, n in config.benchmark.decode]
+    for what, length in lengths:
+        _check_length(model, length, what)
+    if tokenizer is not None and calibration is not None:
+        _draw_all_windows(model, tokenizer, calibration, config, evaluation, scoring)
     return num_remove
+
+
+def learned_positions(model: nn.Module) -> int | None:
+    """How many positions the model has a learned embedding for (GPT-2's ``wpe``, OPT's
+    ``embed_positions``: a longer window indexes past the table), or None when its positions are
+    computed (rotary and the like: longer windows run, if less well)."""
+    config = getattr(model, "config", None)
+    declared = [
+        v
+        for v in (getattr(config, a, None) for a in ("n_positions", "max_position_embeddings"))
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0
+    ]
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Embedding) and name.rsplit(".", 1)[-1] in _POSITION_TABLES:
+            return min([int(module.num_embeddings), *declared])
+    return None
+
+
+_POSITION_TABLES = ("wpe", "embed_positions", "position_embeddings")
+
+
+def _check_length(model: nn.Module, length: int, what: str) -> None:
+    limit = learned_positions(model)
+    if limit is not None and length > limit:
+        raise InvalidInputError(
+            f"{what} is {length} tokens but {type(model).__name__} has learned position "
+            f"embeddings for {limit} positions only; use at most {limit}"
+        )
+
+
+def _check_windows(model: nn.Module, windows: torch.Tensor, what: str) -> None:
+    """``windows`` are 2-D token ids the model can embed and position."""
+    check_windows(windows)
+    _check_length(model, int(windows.shape[1]), what)
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    rows = getattr(embeddings, "num_embeddings", None)
+    if (
+        isinstance(rows, int)
+        and windows.numel()
+        and not (int(windows.min()) >= 0 and int(windows.max()) < rows)
+    ):
+        raise InvalidInputError(
+            f"the {what} hold token ids from {int(windows.min())} to {int(windows.max())}; the "
+            f"model embeds 0..{rows - 1} (is the tokenizer the model's own?)"
+        )
+
+
+def _draw_all_windows(
+    model: nn.Module,
+    tokenizer: Any,
+    calibration: str | Path | torch.Tensor,
+    config: PruneConfig,
+    evaluation: str | Path | torch.Tensor | None,
+    scoring: torch.Tensor | None,
+) -> None:
+    """Draw every window the stages will (the same functions, tokens only), checked by
+    :func:`_check_windows`; refuse a quality gate that would have nothing to measure on."""
+    windows = _windows_of(calibration, tokenizer, config.seq_len, config.windows)
+    _check_windows(model, windows, "calibration windows")
+    text = None if isinstance(calibration, torch.Tensor) else calibration
+    calib = Calibration(
+        windows=windows,
+        similarity=np.zeros((0, 0)),
+        text=text,
+        bos=False if text is None else prepends_bos(tokenizer),
+    )
+    drawn = None
+    if get_method(config.selection_method).needs_model:
+        drawn = draw_scoring(tokenizer, calib, config, scoring=scoring)
+        _check_windows(model, drawn.windows, "scoring windows")
+    held, _ = evaluation_windows(tokenizer, config, evaluation, calib, drawn)
+    if held is not None:
+        _check_windows(model, held, "evaluation windows")
+    gate = config.quality_gate
+    if held is None and gate is not None and gate.needs_perplexity:
+        raise InvalidInputError(UNMEASURED)
 
 
 def check_task_data(config: PruneConfig) -> None:
@@ -664,6 +820,40 @@ class Evaluation:
         return self.gate is not None and not self.gate.passed
 
 
+def evaluation_windows(
+    tokenizer: Any,
+    config: PruneConfig,
+    evaluation: str | Path | torch.Tensor | None = None,
+    calibration: Calibration | None = None,
+    scoring: Scoring | None = None,
+    *,
+    source_name: str | None = None,
+) -> tuple[torch.Tensor | None, dict[str, Any] | None]:
+    """The windows :func:`evaluate` measures quality on and how the report names them (kind,
+    source): ``config.eval_windows`` × ``config.eval_seq_len`` of the ``evaluation`` text (or
+    the windows given); else ``config.holdout_windows`` windows of the calibration text after
+    the calibration and scoring windows; (None, None) when there are none."""
+    if evaluation is not None:
+        windows = _windows_of(evaluation, tokenizer, config.eval_seq_len, config.eval_windows)
+        source = None
+        if not isinstance(evaluation, torch.Tensor):
+            source = str(evaluation) if source_name is None else source_name
+        return windows, {"kind": "evaluation text", "source": source}
+    if config.holdout_windows > 0 and calibration is not None and calibration.text is not None:
+        after = calibration.text_tokens if scoring is None else scoring.text_tokens
+        windows, _ = windows_after(
+            tokenizer,
+            calibration.text,
+            config.seq_len,
+            config.holdout_windows,
+            after,
+            calibration.bos,
+        )
+        if windows is not None:  # else the calibration text has no windows left over
+            return windows, {"kind": "held-out calibration windows", "source": calibration.source}
+    return None, None
+
+
 def evaluate(
     model: nn.Module,
     tokenizer: Any,
@@ -687,28 +877,9 @@ def evaluate(
     :attr:`PruneConfig.task_batch_size` sequences per pass). The model is left as it was.
     ``source_name``: how the report names the evaluation text (default: its path)."""
     timer = timer or StageTimer()
-    windows: torch.Tensor | None = None
-    info: dict[str, Any] | None = None
-    if evaluation is not None:
-        windows = _windows_of(evaluation, tokenizer, config.eval_seq_len, config.eval_windows)
-        info = {
-            "kind": "evaluation text",
-            "source": None
-            if isinstance(evaluation, torch.Tensor)
-            else (str(evaluation) if source_name is None else source_name),
-        }
-    elif config.holdout_windows > 0 and calibration is not None and calibration.text is not None:
-        after = calibration.text_tokens if scoring is None else scoring.text_tokens
-        windows, _ = windows_after(
-            tokenizer,
-            calibration.text,
-            config.seq_len,
-            config.holdout_windows,
-            after,
-            calibration.bos,
-        )
-        if windows is not None:  # else the calibration text has no windows left over
-            info = {"kind": "held-out calibration windows", "source": calibration.source}
+    windows, info = evaluation_windows(
+        tokenizer, config, evaluation, calibration, scoring, source_name=source_name
+    )
     quality = None
     if windows is not None and info is not None:
         info.update(windows=int(windows.shape[0]), seq_len=int(windows.shape[1]))
@@ -834,7 +1005,14 @@ def prune(
     timer = timer or StageTimer(progress)
     names = dict(source_names or {})
     depth = num_blocks(model)
-    preflight(model, config)
+    preflight(
+        model,
+        config,
+        tokenizer=tokenizer,
+        calibration=calibration,
+        evaluation=evaluation,
+        scoring=scoring,
+    )
     calib = calibrate(
         model, tokenizer, calibration, config, source_name=names.get("calibration"), timer=timer
     )
@@ -929,7 +1107,7 @@ def run_pipeline(
     """
     from .loading import load_model
     from .loading import model_name as short_name
-    from .outputs import plan_outputs, write_outputs
+    from .outputs import check_destination, plan_outputs, write_outputs
     from .report.card import write_model_card
 
     out = Path(out_dir)
@@ -942,6 +1120,7 @@ def run_pipeline(
         compensate=config.compensate,
         temperature=config.temperature,
     )
+    check_destination(out / "model")  # a checkpoint is never written over, so refuse it now
     with timer.stage("loading", f"loading {model_name}"):
         loaded = load_model(
             model_source,
@@ -1002,6 +1181,7 @@ def run_pipeline(
 
 
 __all__ = [
+    "OFFLOAD_HINT",
     "STAGES",
     "STORED_INPUT_BYTES",
     "TASK_TOKENS_PER_ROW",
@@ -1018,10 +1198,13 @@ __all__ = [
     "compensate",
     "draw_scoring",
     "evaluate",
+    "evaluation_windows",
     "fit_logit_scale",
     "inputs_to_keep",
+    "learned_positions",
     "make_report",
     "measure_speed",
+    "out_of_memory",
     "preflight",
     "prune",
     "remove",
