@@ -505,8 +505,8 @@ def _check_windows(model: nn.Module, windows: torch.Tensor, what: str) -> None:
     """``windows`` are 2-D token ids the model can embed and position."""
     check_windows(windows)
     _check_length(model, int(windows.shape[1]), what)
-    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    rows = getattr(embeddings, "num_embeddings", None)
+    getter = getattr(model, "get_input_embeddings", None)
+    rows = getattr(getter() if callable(getter) else None, "num_embeddings", None)
     if (
         isinstance(rows, int)
         and windows.numel()
@@ -834,11 +834,11 @@ def evaluation_windows(
     the windows given); else ``config.holdout_windows`` windows of the calibration text after
     the calibration and scoring windows; (None, None) when there are none."""
     if evaluation is not None:
-        windows = _windows_of(evaluation, tokenizer, config.eval_seq_len, config.eval_windows)
+        given = _windows_of(evaluation, tokenizer, config.eval_seq_len, config.eval_windows)
         source = None
         if not isinstance(evaluation, torch.Tensor):
             source = str(evaluation) if source_name is None else source_name
-        return windows, {"kind": "evaluation text", "source": source}
+        return given, {"kind": "evaluation text", "source": source}
     if config.holdout_windows > 0 and calibration is not None and calibration.text is not None:
         after = calibration.text_tokens if scoring is None else scoring.text_tokens
         windows, _ = windows_after(
