@@ -75,11 +75,12 @@ from .compensation import (
 )
 from .data import prepends_bos, text_windows
 from .errors import (
+    OFFLOAD_HINT,
     InvalidInputError,
     LorpError,
-    ModelTooLargeError,
     QualityGateError,
     UnsupportedModelError,
+    out_of_memory,
 )
 from .gate import UNMEASURED, GateResult, QualityGate, quality_flags
 from .inputs import BlockInputs, hidden_bytes
@@ -300,31 +301,6 @@ class PipelineResult:
 
 # --------------------------------------------------------------------------------------------
 # Stages
-
-#: What a job that ran out of memory could use instead (sequential onloading: one block on the
-#: device at a time), as a job and as the CLI spell it.
-OFFLOAD_HINT = 'offload: "sequential" in a job, --offload sequential on the CLI'
-
-
-def out_of_memory(exc: BaseException, stage: str) -> ModelTooLargeError | None:
-    """The :class:`~lorp.errors.ModelTooLargeError` for ``exc`` when it is an allocation
-    failure (a device's ``torch.OutOfMemoryError``, Python's ``MemoryError``, torch's CPU
-    allocator refusing: a ``RuntimeError`` "can't allocate memory") during ``stage``; None for
-    any other error. Its message names the stage, the device and :data:`OFFLOAD_HINT`."""
-    if isinstance(exc, torch.OutOfMemoryError):
-        where = "device"
-    elif isinstance(exc, MemoryError) or (
-        isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)
-    ):
-        where = "CPU"
-    else:
-        return None
-    detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-    return ModelTooLargeError(
-        f"out of {where} memory during the {stage} stage ({detail}): the model and its "
-        f"activations do not fit; rerun with sequential onloading ({OFFLOAD_HINT}), a smaller "
-        "batch_size or fewer/shorter windows"
-    )
 
 
 class StageTimer:

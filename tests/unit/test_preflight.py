@@ -23,18 +23,18 @@ from lorp._blocks import get_blocks
 from lorp.bench import BenchmarkConfig
 from lorp.cli import main
 from lorp.errors import (
+    OFFLOAD_HINT,
     BudgetError,
     InvalidInputError,
     LorpError,
     ModelTooLargeError,
     UnsupportedModelError,
+    out_of_memory,
 )
 from lorp.gate import QualityGate
 from lorp.pipeline import (
-    OFFLOAD_HINT,
     PruneConfig,
     StageTimer,
-    out_of_memory,
     preflight,
     prune,
     run_pipeline,
@@ -472,3 +472,23 @@ def test_worker_ends_an_out_of_memory_job_failed_model_too_large(
     assert "during the calibration stage" in kw["error"].message
     assert 'offload: "sequential"' in kw["error"].message
     assert str(tmp_path) not in kw["error"].message
+
+
+def test_out_of_memory_while_loading_is_model_too_large(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """torch's CPU allocator refusing inside ``from_pretrained`` is ``model_too_large`` (it
+    was ``model_load_failed``), with the option named."""
+    import transformers
+
+    from lorp.loading import load_model
+
+    model_dir = _write_tiny(tmp_path / "m", torch.bfloat16)
+
+    def refuse(*_: Any, **__: Any) -> Any:
+        raise _oom_cpu_allocator()
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
+    with pytest.raises(ModelTooLargeError, match="out of CPU memory during the loading") as caught:
+        load_model(model_dir, device="cpu")
+    assert OFFLOAD_HINT in str(caught.value)
