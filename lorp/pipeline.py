@@ -1095,6 +1095,7 @@ def run_pipeline(
         output_formats=output_formats,
         compensate=config.compensate,
         temperature=config.temperature,
+        budget=config.budget,
     )
     check_destination(out / "model")  # a checkpoint is never written over, so refuse it now
     with timer.stage("loading", f"loading {model_name}"):

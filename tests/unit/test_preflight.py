@@ -492,3 +492,50 @@ def test_out_of_memory_while_loading_is_model_too_large(
     with pytest.raises(ModelTooLargeError, match="out of CPU memory during the loading") as caught:
         load_model(model_dir, device="cpu")
     assert OFFLOAD_HINT in str(caught.value)
+
+
+# --------------------------------------------------------------------------------------------
+# GGUF output: what the budget alone decides is refused (or falls back) before loading
+
+
+def test_gguf_output_of_gemma_needs_a_budget_in_whole_sliding_periods(tmp_path: Path) -> None:
+    from lorp.outputs import plan_outputs
+    from tests.unit.test_gguf_surgery import _fake_gguf
+
+    src = _fake_gguf(tmp_path / "gemma3.gguf", "gemma3", 12, range(12))
+    with pytest.raises(UnsupportedModelError, match="multiple of 6 blocks, not 2"):
+        plan_outputs(src, output_formats=["gguf"], budget=2)
+    default = plan_outputs(src, budget=2)  # only the default chose GGUF: safetensors instead
+    assert default.formats == ["safetensors"]
+    assert "multiple of 6 blocks, not 2" in default.notes[0]
+    assert plan_outputs(src, output_formats=["gguf"], budget=6).formats == ["gguf"]
+    assert plan_outputs(src, budget=0.5).formats == ["gguf"]  # 6 of 12
+    llama = _fake_gguf(tmp_path / "llama.gguf", "llama", 12, range(12))
+    assert plan_outputs(llama, output_formats=["gguf"], budget=2).formats == ["gguf"]
+
+
+def test_default_gguf_output_refused_by_the_chosen_blocks_falls_back_when_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Which runs are removed is known only after the selection: when the GGUF surgery refuses
+    them and GGUF was only the default, the checkpoint is written as safetensors with the
+    reason, instead of failing the job after all its compute; asked for explicitly, it fails."""
+    import lorp.gguf_surgery
+    from lorp.outputs import OutputPlan, write_outputs
+    from tests.tiny_gguf import write_tiny_gguf
+
+    src = write_tiny_gguf(tmp_path / "tiny.gguf")
+
+    def refuse(*_: Any, **__: Any) -> Any:
+        raise UnsupportedModelError("removing [1] would change the attention of kept blocks")
+
+    monkeypatch.setattr(lorp.gguf_surgery, "write_pruned_gguf", refuse)
+    model, tok = build_tiny("llama"), tiny_tokenizer()
+    plan = OutputPlan(formats=["gguf"], requested=None, gguf_source=src)
+    artifacts = write_outputs(plan, model, tok, [1], None, tmp_path / "a" / "model")
+    assert artifacts["formats"] == ["safetensors"] and artifacts["gguf"] is None
+    assert "would change the attention" in artifacts["notes"][0]
+    assert (tmp_path / "a" / "model" / "model.safetensors").is_file()
+    explicit = OutputPlan(formats=["gguf"], requested=["gguf"], gguf_source=src)
+    with pytest.raises(UnsupportedModelError, match="would change the attention"):
+        write_outputs(explicit, model, tok, [1], None, tmp_path / "b" / "model")
