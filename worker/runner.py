@@ -273,8 +273,8 @@ class JobRunner:
             return self._fail(
                 rec,
                 WORKER_LOST,
-                f"the worker died {rec.attempts} times while running this job "
-                "(out of memory? try a smaller model, dtype or batch)",
+                f"the worker died {rec.attempts} times while running this job (killed for "
+                'memory? try offload: "sequential", a smaller dtype or batch_size)',
             )
         if not self.store.start(rec):
             return "skipped"
