@@ -92,7 +92,7 @@ from .search import pass_budget, search_layers
 from .selection import Selection, check_num_clusters, resolve_budget, select_layers
 from .similarity import capture_similarity
 from .surgery import check_removable, remove_blocks
-from .tasks import TaskComparison, compare_tasks, load_task, parse_tasks
+from .tasks import TaskComparison, check_encodable, compare_tasks, load_task, parse_tasks
 from .temperature import check_temperature
 
 # The capture keeps the calibration windows' block inputs that the compensation and temperature
@@ -433,7 +433,7 @@ def preflight(
             ) from exc
     if config.temperature:
         check_temperature(model)
-    check_task_data(config)
+    check_task_data(config, tokenizer)
     lengths: list[tuple[str, int]] = []
     if tokenizer is None or calibration is None:  # else the windows drawn below are checked
         lengths.append(("seq_len", config.seq_len))
@@ -525,10 +525,11 @@ def _draw_all_windows(
         raise InvalidInputError(UNMEASURED)
 
 
-def check_task_data(config: PruneConfig) -> None:
+def check_task_data(config: PruneConfig, tokenizer: Any = None) -> None:
     """With ``config.tasks``: the task data directory is given and every task's items read
-    (:func:`lorp.tasks.load_task`), so a missing or malformed file fails before any forward
-    pass (:class:`~lorp.errors.InvalidInputError`)."""
+    (:func:`lorp.tasks.load_task`), and with ``tokenizer`` encodable
+    (:func:`lorp.tasks.check_encodable`), so a missing or malformed file fails before any
+    forward pass (:class:`~lorp.errors.InvalidInputError`)."""
     if not config.tasks:
         return
     if config.task_data_dir is None:
@@ -536,7 +537,9 @@ def check_task_data(config: PruneConfig) -> None:
             f"tasks {', '.join(config.tasks)} need task_data_dir, the folder of <task>.jsonl files"
         )
     for name in config.tasks:
-        load_task(name, config.task_data_dir, limit=config.task_limit)
+        items = load_task(name, config.task_data_dir, limit=config.task_limit)
+        if tokenizer is not None:
+            check_encodable(items, tokenizer)
 
 
 @dataclass

@@ -539,3 +539,28 @@ def test_default_gguf_output_refused_by_the_chosen_blocks_falls_back_when_writte
     explicit = OutputPlan(formats=["gguf"], requested=["gguf"], gguf_source=src)
     with pytest.raises(UnsupportedModelError, match="would change the attention"):
         write_outputs(explicit, model, tok, [1], None, tmp_path / "b" / "model")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "bfloat16"])
+def test_task_items_the_tokenizer_cannot_encode_are_refused_first(
+    dtype: torch.dtype, tmp_path: Path
+) -> None:
+    """An item with an empty context is scored conditioned on BOS (or EOS): a tokenizer with
+    neither failed in the evaluation stage, after the whole prune."""
+    import json
+
+    from tests.tiny_tasks import write_tiny_tasks
+
+    data = write_tiny_tasks(tmp_path / "tasks", items=4)
+    record = {"id": "piqa/empty", "task": "piqa", "context": "", "choices": ["a.", "b."]}
+    with (data / "piqa.jsonl").open("a") as f:
+        f.write(json.dumps({**record, "label": 0, "scoring": "acc, acc_norm"}) + "\n")
+    tok = tiny_tokenizer()
+    model = build_tiny("llama", dtype=dtype)
+    config = PruneConfig(num_remove=2, **SMALL, tasks=("piqa",), task_data_dir=data)
+    windows = torch.randint(3, VOCAB, (4, 32))
+    assert preflight(model, config, tokenizer=tok, calibration=windows) == 2  # it has a BOS
+    tok.bos_token, tok.eos_token = None, None
+    with counting(model) as calls, pytest.raises(InvalidInputError, match="BOS or EOS"):
+        prune(model, tok, windows, config)
+    assert calls[0] == 0
