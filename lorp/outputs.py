@@ -14,6 +14,7 @@ safetensors and records why (``notes``, in ``report.json``'s ``artifacts``).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -129,10 +130,17 @@ def plan_outputs(
 
 
 def check_destination(checkpoint: Path) -> None:
-    """Refuse (:class:`InvalidInputError`) a checkpoint folder that exists and is not empty:
-    :func:`write_outputs` never writes over files (checked before any compute too)."""
+    """Refuse (:class:`InvalidInputError`) a checkpoint folder that exists and is not empty
+    (:func:`write_outputs` never writes over files), or that could not be created: its nearest
+    existing ancestor is not a writable directory (checked before any compute too)."""
     if checkpoint.exists() and (not checkpoint.is_dir() or any(checkpoint.iterdir())):
         raise InvalidInputError(f"output directory {checkpoint} exists and is not empty")
+    existing = next(p for p in (checkpoint, *checkpoint.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise InvalidInputError(
+            f"cannot write the output directory {checkpoint}: {existing} is not a writable "
+            "directory"
+        )
 
 
 def write_outputs(

@@ -274,6 +274,8 @@ def test_run_pipeline_refuses_before_loading(dtype: torch.dtype, tmp_path: Path)
         run_pipeline(model_dir, calib, out, config, progress=record)
     with pytest.raises(InvalidInputError, match="needs a GGUF input"):
         run_pipeline(model_dir, calib, tmp_path / "o2", config, output_formats=["gguf"])
+    with pytest.raises(InvalidInputError, match=r"calib\.txt is not a writable directory"):
+        run_pipeline(model_dir, calib, calib / "out", config, progress=record)
     assert stages == []
     assert (out / "model" / "keep.txt").read_text() == "not ours"
     # after loading, prune's preflight refuses before the calibration stage
