@@ -212,6 +212,15 @@ def qwen3_config(shape: str) -> Any:
     )
 
 
+def parameter_count(shape: str) -> int:
+    """The parameters of ``shape``, counted on the meta device (nothing allocated)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(qwen3_config(shape), dtype=torch.bfloat16)
+    return sum(p.numel() for p in model.parameters())
+
+
 def build_and_save(shape: str, folder: Path, device: str) -> dict[str, Any]:
     """Random bf16 weights of ``shape`` (built on ``device``), saved as safetensors."""
     from transformers import AutoModelForCausalLM
@@ -390,8 +399,15 @@ def check(args: argparse.Namespace) -> dict[str, Any]:
             model_dir = work / shape
             entry: dict[str, Any] = {"config": SHAPES[shape], "runs": [], "skipped": []}
             data["models"][shape] = entry
+            params = parameter_count(shape)
+            left = args.time_limit - (time.perf_counter() - began)
+            if per_param is not None and per_param * params > left:  # not even one run fits
+                entry["skipped"].append(
+                    {"method": "all", "reason": f"predicted {per_param * params:.0f} s per run, "
+                     f"{left:.0f} s left"}
+                )  # fmt: skip
+                continue
             entry.update(build_and_save(shape, model_dir, args.device))
-            params = int(entry["parameters"])
             for i, method in enumerate(methods):
                 left = args.time_limit - (time.perf_counter() - began)
                 predicted = None if per_param is None else per_param * params
