@@ -19,15 +19,15 @@ from kombu.utils.uuid import uuid
 from jobcore.config import Settings
 
 RUN_JOB_TASK = "lorp.run_job"
-QUEUE = "lorp"
 
 
 def make_celery(settings: Settings, *, include: Sequence[str] = ()) -> Celery:
     """A Celery app on ``LORP_BROKER_URL`` (the API uses one only to build task messages; the
-    worker's names its task modules in ``include``)."""
+    worker's names its task modules in ``include``). A worker started without ``-Q`` consumes
+    the CPU pool's queue (``Settings.cpu_queue``)."""
     app = Celery("lorp", broker=settings.broker_url, include=list(include))
     app.conf.update(
-        task_default_queue=QUEUE,
+        task_default_queue=settings.cpu_queue,
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         task_ignore_result=True,
@@ -55,9 +55,10 @@ def make_celery(settings: Settings, *, include: Sequence[str] = ()) -> Celery:
     return app
 
 
-def run_job_message(app: Celery, job_id: str) -> str:
-    """The message that ``app.send_task(RUN_JOB_TASK, args=[job_id])`` pushes (LPUSH) onto the
-    Redis list :data:`QUEUE`: Celery's task message (protocol 2, from ``app.amqp``) in kombu's
+def run_job_message(app: Celery, job_id: str, queue: str) -> str:
+    """The message that ``app.send_task(RUN_JOB_TASK, args=[job_id], queue=queue)`` pushes
+    (LPUSH) onto the Redis list ``queue`` (a device class's, ``jobcore.routing``): Celery's task
+    message (protocol 2, from ``app.amqp``) in kombu's
     Redis transport envelope, with new task id and delivery tag.
 
     Built without Celery's publish machinery (a producer from the pool, a retry wrapper, a new
@@ -82,7 +83,7 @@ def run_job_message(app: Celery, job_id: str) -> str:
                 "properties": {
                     **properties,
                     "delivery_mode": maybe_delivery_mode(app.conf.task_default_delivery_mode),
-                    "delivery_info": {"exchange": "", "routing_key": QUEUE},
+                    "delivery_info": {"exchange": "", "routing_key": queue},
                     "priority": 0,
                     "body_encoding": "base64",
                     "delivery_tag": uuid(),

@@ -42,6 +42,8 @@ from jobcore.spec import TERMINAL_STATES, JobCreate, JobError, JobState
 STATES: tuple[JobState, ...] = tuple(JobState)
 _ID_RE = re.compile(r"^[0-9a-f]{32}$")
 MAX_PAGE = 100
+#: Redis keys ``<prefix><device class>:<worker>`` = the memory that worker advertised.
+POOL_PREFIX = "lorp:pool:"
 
 _CREATE_LUA = """
 -- KEYS: job, tenant seq, tenant jobs zset, queued zset, idempotency key (optional), queue list
@@ -153,6 +155,7 @@ class JobRecord:
     cancel_requested: bool = False
     attempts: int = 0
     enqueued: bool = False
+    queue: str | None = None  # the worker pool's queue it was sent to (jobcore.routing)
 
     @classmethod
     def from_hash(cls, h: Mapping[str, str]) -> JobRecord:
@@ -174,6 +177,7 @@ class JobRecord:
             cancel_requested=h.get("cancel_requested") == "1",
             attempts=int(h.get("attempts", "0")),
             enqueued=h.get("enqueued") == "1",
+            queue=h.get("queue") or None,
         )
 
 
@@ -237,6 +241,7 @@ class JobStore:
         idempotency_key: str | None = None,
         *,
         message: Callable[[str], tuple[str, str]] | None = None,
+        queue: str | None = None,
     ) -> tuple[JobRecord, bool]:
         """Store a new queued job; returns ``(record, created)``.
 
@@ -245,6 +250,7 @@ class JobStore:
         :class:`IdempotencyConflictError`. With ``message``, ``message(job_id)`` is a broker
         list in this Redis and the run message of the new job: the same script pushes it there
         and marks the job enqueued, so a job is stored and queued together or not at all.
+        ``queue``: the queue the job is (or will be) sent to, recorded for a later send.
         """
         fingerprint = hashlib.sha256(spec.fingerprint().encode()).hexdigest()
         job_id = uuid.uuid4().hex
@@ -253,7 +259,7 @@ class JobStore:
         if idempotency_key is not None:
             digest = hashlib.sha256(idempotency_key.encode()).hexdigest()
             idem_key = f"lorp:idem:{tenant}:{digest}"
-        queue, payload = message(job_id) if message else ("lorp:queue:none", "")
+        target, payload = message(job_id) if message else ("lorp:queue:none", "")
         fields = {
             "id": job_id,
             "tenant": tenant,
@@ -267,6 +273,8 @@ class JobStore:
             "attempts": "0",
             "enqueued": "1" if payload else "0",
         }
+        if queue is not None:
+            fields["queue"] = queue
         args: list[Any] = [
             job_id,
             "1" if idem_key else "0",
@@ -283,7 +291,7 @@ class JobStore:
                 _tenant_key(tenant, "jobs"),
                 _tenant_key(tenant, f"state:{JobState.queued.value}"),
                 idem_key or "lorp:idem:none",
-                queue,
+                target,
             ],
             args=args,
         )
@@ -453,6 +461,30 @@ class JobStore:
     def refresh_lock(self, job_id: str, token: str, ttl_ms: int) -> bool:
         """Extend our run lock; False when we no longer hold it."""
         return bool(self._refresh_lock(keys=[f"lorp:lock:{job_id}"], args=[token, ttl_ms]))
+
+    # -- worker pools (jobcore.routing) -----------------------------------------------------
+
+    def advertise(self, device_class: str, worker: str, memory_bytes: int, ttl_s: int) -> None:
+        """A worker of ``device_class`` (``cpu``/``gpu``) can hold ``memory_bytes``; forgotten
+        ``ttl_s`` seconds after its last advertisement (a worker that died)."""
+        self.redis.set(f"{POOL_PREFIX}{device_class}:{worker}", int(memory_bytes), ex=ttl_s)
+
+    def withdraw(self, device_class: str, worker: str) -> None:
+        """A worker stopping: its advertisement goes at once."""
+        self.redis.delete(f"{POOL_PREFIX}{device_class}:{worker}")
+
+    def pool_memory(self) -> dict[str, int]:
+        """Device class -> the largest memory a live worker of it advertised."""
+        keys = list(self.redis.scan_iter(match=f"{POOL_PREFIX}*", count=500))
+        if not keys:
+            return {}
+        pools: dict[str, int] = {}
+        for key, value in zip(keys, self.redis.mget(keys), strict=True):
+            if value is None:  # expired between the scan and the read
+                continue
+            device_class = str(key)[len(POOL_PREFIX) :].split(":", 1)[0]
+            pools[device_class] = max(pools.get(device_class, 0), int(value))
+        return pools
 
     def orphaned_running(self) -> list[str]:
         """Ids of jobs in state running that no worker holds the run lock of (their worker

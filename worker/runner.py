@@ -294,7 +294,7 @@ class JobRunner:
             names.update(self._input_names(spec, work))
             progress("downloading", 0.0, "fetching inputs")
             inputs = self._fetch_inputs(spec, work / "inputs", rec.tenant)
-            self._check_memory(inputs, spec.dtype.value)
+            self._check_memory(inputs, spec.dtype.value, spec.device.value)
             progress("downloading", 1.0, "inputs ready")
             out = work / "out"
             result = self._run_pipeline(spec, inputs, out, progress, job_id=rec.id)
@@ -360,10 +360,10 @@ class JobRunner:
                 f"{what} is {total} bytes; this worker accepts at most {limit} bytes"
             )
 
-    def _check_memory(self, inputs: Inputs, dtype: str) -> None:
+    def _check_memory(self, inputs: Inputs, dtype: str, device: str = "auto") -> None:
         """Refuse, before loading, a model whose weights would exceed ``max_model_bytes`` in
         memory as ``dtype`` (``auto`` resolved as the loader resolves it on this worker's
-        device, :func:`lorp.loading.choose_dtype`; the larger of the file headers' and the
+        ``device``, :func:`lorp.loading.choose_dtype`; the larger of the file headers' and the
         config's size: a quantised
         GGUF or a float16 checkpoint is bigger once loaded in float32 than its files, and a
         config claiming huge dimensions beside tiny weights would be allocated as claimed).
@@ -375,7 +375,7 @@ class JobRunner:
 
         if dtype == "auto":
             try:
-                dtype = choose_dtype(inputs.model, gguf_file=inputs.gguf_file, device="auto")[0]
+                dtype = choose_dtype(inputs.model, gguf_file=inputs.gguf_file, device=device)[0]
             except LorpError:
                 dtype = "float32"  # the estimate below names what is wrong with the files
         need = estimate_weight_bytes(inputs.model, gguf_file=inputs.gguf_file, dtype=dtype)
@@ -520,7 +520,7 @@ class JobRunner:
                 None if spec.output_formats is None else [f.value for f in spec.output_formats]
             ),
             made_by=f"LoRP service job {job_id or ''}".rstrip(),
-            device="auto",
+            device=spec.device.value,
             allow_pickle=False,
             trust_remote_code=self.settings.trust_remote_code,
             allow_hub=self.settings.allow_hub,

@@ -73,6 +73,8 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
         worker_env={"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"},
         # the real worker plus a test-only hold point (inert unless a test sets its Redis key)
         worker_app="tests.integration.hold_worker",
+        # the CPU pool's queue (jobcore.routing): every job of these tests is routed there
+        worker_queues=["cpu"],
     )
     with stack:
         yield upload_inputs(stack, local_root, model_dir)

@@ -19,6 +19,7 @@ from jobcore.spec import (
     PRUNE_CONFIG_RENAMES,
     RUN_OPTIONS,
     BenchmarkSpec,
+    Device,
     DType,
     JobCreate,
     Method,
@@ -66,6 +67,7 @@ EVERY_OPTION: dict[str, Any] = {
         "min_task_retention": 0.9,
     },
     "dtype": "bfloat16",
+    "device": "cuda",
     "output_formats": ["gguf", "safetensors"],
     "benchmark": {
         "prefill": [[1, 64], [2, 32]],
@@ -103,6 +105,7 @@ RUN_PARAMETERS = {
     "evaluation": "evaluation",
     "dtype": "dtype",
     "output_formats": "output_formats",
+    "device": "device",
 }
 
 
@@ -110,7 +113,7 @@ def _default(field: Any) -> Any:
     if field.is_required():
         return inspect.Parameter.empty
     value = field.get_default(call_default_factory=True)
-    return value.value if isinstance(value, Method | DType) else value
+    return value.value if isinstance(value, Method | DType | Device) else value
 
 
 def _library_defaults(cls: Any) -> dict[str, Any]:
@@ -266,6 +269,7 @@ def test_the_worker_runs_the_pipeline_with_the_specs_config(tmp_path: Path) -> N
         "bfloat16",
     )
     assert kwargs["output_formats"] == ["gguf", "safetensors"]
+    assert kwargs["device"] == "cuda"
 
 
 # -- lorp prune ---------------------------------------------------------------------------------

@@ -1,0 +1,60 @@
+"""Routing by device class through the real stack (issue 24 item 1): the session's worker runs
+with ``-Q cpu`` and advertises its memory; a ``device: cpu`` job runs on it; a ``cuda`` job goes
+to the GPU pool's queue; a model bigger than every pool its device allows is refused at
+submission with 422 ``model_too_large`` naming the sizes, and nothing is stored."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from devstack.testbed import MAX_MODEL_BYTES, until
+from jobcore.store import POOL_PREFIX
+from tests.integration.conftest import Service
+
+pytestmark = pytest.mark.integration
+
+
+def test_jobs_reach_their_device_class_queue(service: Service, client_a: httpx.Client) -> None:
+    redis = service.redis()
+    worker = service.stack.workers[0]
+    assert worker.queues == ["cpu"]
+    # the -Q cpu worker advertises what it can hold: here max_model_bytes, below its RAM
+    key = f"{POOL_PREFIX}cpu:{worker.hostname}"
+    until("the worker's advertisement", lambda: redis.get(key))
+    assert int(redis.get(key)) == MAX_MODEL_BYTES and redis.ttl(key) > 0
+
+    job_id = client_a.post("/jobs", json=service.job_body(device="cpu")).raise_for_status()
+    job_id = job_id.json()["id"]
+    assert redis.hget(f"lorp:job:{job_id}", "queue") == "cpu"
+    job = service.wait(client_a, job_id, timeout=180)
+    assert job["state"] == "succeeded", job
+
+    # no GPU worker: a cuda job waits on the GPU pool's queue (cancelled here)
+    gpu_job = client_a.post("/jobs", json=service.job_body(device="cuda")).raise_for_status()
+    gpu_id = gpu_job.json()["id"]
+    try:
+        assert redis.hget(f"lorp:job:{gpu_id}", "queue") == "gpu"
+        assert redis.llen("gpu") == 1
+    finally:
+        client_a.post(f"/jobs/{gpu_id}/cancel")
+        redis.delete("gpu")
+    assert service.wait(client_a, gpu_id, timeout=30)["state"] == "cancelled"
+
+    # a GPU pool that advertised less than the model's weight bytes
+    fake = f"{POOL_PREFIX}gpu:test-gpu-worker"
+    redis.set(fake, 1000, ex=60)
+    try:
+        before = redis.dbsize()
+        refused = client_a.post("/jobs", json=service.job_body(device="cuda"))
+        assert refused.status_code == 422, refused.text
+        (error,) = refused.json()["detail"]
+        assert error["type"] == "model_too_large" and error["loc"] == ["body", "model"]
+        assert "gpu workers hold at most 1,000 bytes" in error["msg"]
+        assert redis.dbsize() == before  # nothing stored
+        # auto: the GPU pool is too small, the CPU pool holds it
+        auto = client_a.post("/jobs", json=service.job_body()).raise_for_status().json()["id"]
+        assert redis.hget(f"lorp:job:{auto}", "queue") == "cpu"
+        assert service.wait(client_a, auto, timeout=180)["state"] == "succeeded"
+    finally:
+        redis.delete(fake)
