@@ -24,7 +24,7 @@ import hashlib
 import json
 import re
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, cast
@@ -42,7 +42,7 @@ from jobcore.spec import TERMINAL_STATES, JobCreate, JobError, JobState
 STATES: tuple[JobState, ...] = tuple(JobState)
 _ID_RE = re.compile(r"^[0-9a-f]{32}$")
 MAX_PAGE = 100
-#: Redis keys ``<prefix><device class>:<worker>`` = the memory that worker advertised.
+#: Redis hashes ``<prefix><device class>``: worker -> the memory it advertised and until when.
 POOL_PREFIX = "lorp:pool:"
 
 _CREATE_LUA = """
@@ -465,25 +465,32 @@ class JobStore:
     # -- worker pools (jobcore.routing) -----------------------------------------------------
 
     def advertise(self, device_class: str, worker: str, memory_bytes: int, ttl_s: int) -> None:
-        """A worker of ``device_class`` (``cpu``/``gpu``) can hold ``memory_bytes``; forgotten
-        ``ttl_s`` seconds after its last advertisement (a worker that died)."""
-        self.redis.set(f"{POOL_PREFIX}{device_class}:{worker}", int(memory_bytes), ex=ttl_s)
+        """A worker of ``device_class`` (``cpu``/``gpu``) can hold ``memory_bytes``, until
+        ``ttl_s`` seconds from now by Redis's clock (a worker that died stops counting). One
+        hash per class, so reading the pools costs one round trip whatever the job count."""
+        seconds, micros = self.redis.time()
+        until = seconds + micros / 1e6 + ttl_s
+        value = json.dumps({"memory": int(memory_bytes), "until": until})
+        self.redis.hset(f"{POOL_PREFIX}{device_class}", worker, value)
 
     def withdraw(self, device_class: str, worker: str) -> None:
         """A worker stopping: its advertisement goes at once."""
-        self.redis.delete(f"{POOL_PREFIX}{device_class}:{worker}")
+        self.redis.hdel(f"{POOL_PREFIX}{device_class}", worker)
 
-    def pool_memory(self) -> dict[str, int]:
-        """Device class -> the largest memory a live worker of it advertised."""
-        keys = list(self.redis.scan_iter(match=f"{POOL_PREFIX}*", count=500))
-        if not keys:
-            return {}
+    def pool_memory(self, device_classes: Sequence[str]) -> dict[str, int]:
+        """Device class -> the largest memory a live worker of it advertised (classes nobody
+        advertised are left out)."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.time()
+        for device_class in device_classes:
+            pipe.hgetall(f"{POOL_PREFIX}{device_class}")
+        (seconds, micros), *hashes = pipe.execute()
+        now = seconds + micros / 1e6
         pools: dict[str, int] = {}
-        for key, value in zip(keys, self.redis.mget(keys), strict=True):
-            if value is None:  # expired between the scan and the read
-                continue
-            device_class = str(key)[len(POOL_PREFIX) :].split(":", 1)[0]
-            pools[device_class] = max(pools.get(device_class, 0), int(value))
+        for device_class, offers in zip(device_classes, hashes, strict=True):
+            live = [o["memory"] for o in map(json.loads, offers.values()) if o["until"] > now]
+            if live:
+                pools[device_class] = max(live)
         return pools
 
     def orphaned_running(self) -> list[str]:

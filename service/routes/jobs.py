@@ -12,7 +12,7 @@ from pydantic import BaseModel, ValidationError
 
 from jobcore.config import Settings
 from jobcore.errors import INTERNAL, InvalidTransitionError
-from jobcore.routing import choose_queue, job_weight_bytes
+from jobcore.routing import DEVICE_CLASSES, choose_queue, job_weight_bytes
 from jobcore.spec import JobCreate, JobError, JobState, validate_job
 from jobcore.storage import Storage, job_prefix
 from jobcore.store import JobStore
@@ -86,7 +86,7 @@ def _route(spec: JobCreate, settings: Settings, store: JobStore, storage: Storag
     """The queue of the worker pool that runs ``spec`` (:mod:`jobcore.routing`); a model no
     pool can hold is a 422 on ``model`` with code ``model_too_large``. The model's size is
     looked up only when some pool advertised its memory (else nothing could refuse it)."""
-    pools = store.pool_memory()
+    pools = store.pool_memory(tuple(DEVICE_CLASSES))
     size = job_weight_bytes(spec, storage) if pools else None
     try:
         return choose_queue(spec.device, size, pools, settings)

@@ -5,6 +5,8 @@ submission with 422 ``model_too_large`` naming the sizes, and nothing is stored.
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import pytest
 
@@ -20,9 +22,10 @@ def test_jobs_reach_their_device_class_queue(service: Service, client_a: httpx.C
     worker = service.stack.workers[0]
     assert worker.queues == ["cpu"]
     # the -Q cpu worker advertises what it can hold: here max_model_bytes, below its RAM
-    key = f"{POOL_PREFIX}cpu:{worker.hostname}"
-    until("the worker's advertisement", lambda: redis.get(key))
-    assert int(redis.get(key)) == MAX_MODEL_BYTES and redis.ttl(key) > 0
+    until("the worker's advertisement", lambda: redis.hget(f"{POOL_PREFIX}cpu", worker.hostname))
+    offer = json.loads(redis.hget(f"{POOL_PREFIX}cpu", worker.hostname))
+    assert offer["memory"] == MAX_MODEL_BYTES
+    assert offer["until"] > redis.time()[0]  # refreshed while the worker lives
 
     job_id = client_a.post("/jobs", json=service.job_body(device="cpu")).raise_for_status()
     job_id = job_id.json()["id"]
@@ -42,8 +45,8 @@ def test_jobs_reach_their_device_class_queue(service: Service, client_a: httpx.C
     assert service.wait(client_a, gpu_id, timeout=30)["state"] == "cancelled"
 
     # a GPU pool that advertised less than the model's weight bytes
-    fake = f"{POOL_PREFIX}gpu:test-gpu-worker"
-    redis.set(fake, 1000, ex=60)
+    offer = json.dumps({"memory": 1000, "until": redis.time()[0] + 60})
+    redis.hset(f"{POOL_PREFIX}gpu", "test-gpu-worker", offer)
     try:
         before = redis.dbsize()
         refused = client_a.post("/jobs", json=service.job_body(device="cuda"))
@@ -57,4 +60,4 @@ def test_jobs_reach_their_device_class_queue(service: Service, client_a: httpx.C
         assert redis.hget(f"lorp:job:{auto}", "queue") == "cpu"
         assert service.wait(client_a, auto, timeout=180)["state"] == "succeeded"
     finally:
-        redis.delete(fake)
+        redis.hdel(f"{POOL_PREFIX}gpu", "test-gpu-worker")
