@@ -9,11 +9,10 @@ path). :func:`choose_queue` then picks:
 
 - ``device: cpu`` -> ``Settings.cpu_queue``; ``cuda`` -> ``Settings.gpu_queue``;
 - ``auto`` -> the GPU pool when it advertised enough memory, else the CPU pool when it did;
-- a pool that advertised nothing (no worker of that class yet) refuses nothing: the job waits in
-  its queue (``auto``: the CPU queue);
-- a model bigger than every pool its device allows, all of them advertised, is refused at
-  submission (:class:`lorp.errors.ModelTooLargeError`, HTTP 422 with code ``model_too_large``
-  and the sizes).
+- a model bigger than every live pool its device allows is refused at submission
+  (:class:`lorp.errors.ModelTooLargeError`, HTTP 422 with code ``model_too_large`` and the
+  sizes); only when none of them advertised anything (no live worker) does the job wait in the
+  queue (``auto``: the CPU queue) for a worker to come.
 
 The weight bytes are the files' size, a lower bound of the memory a job needs (a quantized GGUF
 dequantizes, ``dtype: float32`` doubles a 16-bit checkpoint); the worker checks the exact figure
@@ -67,9 +66,8 @@ def choose_queue(
     fits = [c for c in advertised if weight_bytes is None or weight_bytes <= pools[c]]
     if fits:
         return queue_of(fits[0], settings)
-    unknown = [c for c in allowed if c not in pools]
-    if unknown:  # nobody to compare with: the job waits in that pool's queue for a worker
-        return queue_of(unknown[-1], settings)
+    if not advertised:  # nobody to compare with: the job waits in the queue for a worker
+        return queue_of(allowed[-1], settings)
     offers = ", ".join(f"{c} workers hold at most {_fmt(pools[c])}" for c in advertised)
     assert weight_bytes is not None
     raise ModelTooLargeError(

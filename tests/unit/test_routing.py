@@ -66,9 +66,12 @@ def test_a_model_no_pool_can_hold_is_refused_with_the_sizes(settings: Settings) 
     assert "gpu workers hold at most 85,899,345,920 bytes" in message and "cpu workers" in message
     with pytest.raises(ModelTooLargeError, match="device 'cuda'"):
         choose_queue(Device.cuda, 90 * GiB, pools, settings)
-    # a pool with no live worker refuses nothing: the job waits there
-    assert choose_queue(Device.auto, 140 * GiB, {"gpu": 80 * GiB}, settings) == "cpu"
+    # only live pools count: no GPU worker and a CPU pool too small is a refusal for auto
+    with pytest.raises(ModelTooLargeError, match="cpu workers hold at most"):
+        choose_queue(Device.auto, 140 * GiB, {"cpu": 64 * GiB}, settings)
+    # ... but a device whose pool has no live worker at all waits there for one
     assert choose_queue(Device.cuda, 140 * GiB, {"cpu": 200 * GiB}, settings) == "gpu"
+    assert choose_queue(Device.cpu, 140 * GiB, {"gpu": 200 * GiB}, settings) == "cpu"
 
 
 def test_queue_names_are_the_operators(monkeypatch: pytest.MonkeyPatch) -> None:
