@@ -26,9 +26,12 @@ format:
 bench-quality: setup
 	$(PY) benchmarks/quality/run.py $(QUALITY_ARGS)
 
-# run redis + SeaweedFS + API + worker in the foreground until Ctrl-C (for poking with lorp-jobs)
+# run redis + SeaweedFS + API + workers in the foreground until Ctrl-C (for poking with lorp-jobs):
+# WORKERS CPU workers (-Q cpu), GPU_WORKERS GPU workers (-Q gpu)
+WORKERS ?= 1
+GPU_WORKERS ?= 0
 stack: setup
-	$(PY) -m devstack
+	$(PY) -m devstack --workers $(WORKERS) --gpu-workers $(GPU_WORKERS)
 
 clean:
 	rm -rf .stack demo-out .pytest_cache .mypy_cache .ruff_cache

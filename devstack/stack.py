@@ -1013,7 +1013,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Run redis + SeaweedFS + API + worker locally.")
     parser.add_argument("root", nargs="?", help="state directory (default: a temporary one)")
     parser.add_argument("--no-api", action="store_true")
-    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--workers", type=int, default=1, help="workers of the CPU pool")
+    parser.add_argument(
+        "--gpu-workers", type=int, default=0, help="workers of the GPU pool (-Q gpu; a GPU each)"
+    )
     parser.add_argument(
         "--no-housekeeper", action="store_true", help="no webhooks, expiry or orphan sweeps"
     )
@@ -1021,12 +1024,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     install_signal_handlers()
     root = Path(args.root) if args.root else Path(tempfile.mkdtemp(prefix="lorp-stack-"))
     try:
+        # the device-class queues' default names (LORP_CPU_QUEUE, LORP_GPU_QUEUE)
         with LocalStack(
             root,
             api=not args.no_api,
             workers=args.workers,
+            worker_queues=["cpu"],
             housekeeper=not args.no_housekeeper,
         ) as stack:
+            for _ in range(args.gpu_workers):
+                stack.add_worker(queues=["gpu"])
             for key, value in stack.env.items():
                 print(f"{key}={value}")
             if stack.api is not None:

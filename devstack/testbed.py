@@ -30,6 +30,7 @@ __all__ = [
     "KEY_A",
     "KEY_B",
     "MAX_MODEL_BYTES",
+    "OOM_KEY",
     "SHARED_DATA",
     "SMALL_BENCH",
     "TENANT_A",
@@ -56,6 +57,9 @@ MAX_MODEL_BYTES = 2_000_000
 # Redis keys of the test-only hold point (see ``tests.integration.hold_worker``).
 HOLD_KEY = "lorp:test:hold"
 HELD_PREFIX = "lorp:test:held:"
+# While this key holds a stage name, the test worker raises a device out-of-memory error inside
+# that stage's work (``tests.integration.hold_worker``).
+OOM_KEY = "lorp:test:oom"
 
 # Progress reports at which a job is parked before it is cancelled, one per stage the worker
 # reports. "downloading#2" is after the inputs are on the worker's disk; "uploading#3" after two

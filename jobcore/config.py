@@ -76,6 +76,13 @@ class Settings(BaseSettings):
     max_job_tokens: Annotated[int, Field(gt=0)] = 50_000_000
     tenant_max_job_tokens: dict[str, Annotated[int, Field(gt=0)]] = Field(default_factory=dict)
     visibility_timeout: Annotated[int, Field(ge=60)] = 21600
+    # Device-class queues (``jobcore.routing``): a job for CPU workers goes to ``cpu_queue``, one
+    # for GPU workers to ``gpu_queue``; each worker consumes its class's (``celery ... -Q gpu``)
+    # and advertises the memory it can hold: ``worker_memory_bytes``, else measured (RAM, or the
+    # GPU's memory), never above ``max_model_bytes``.
+    cpu_queue: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")] = "cpu"
+    gpu_queue: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")] = "gpu"
+    worker_memory_bytes: Annotated[int, Field(gt=0)] | None = None
     max_request_bytes: Annotated[int, Field(ge=1024, le=16 * 1024 * 1024)] = 64 * 1024
     idempotency_ttl_seconds: Annotated[int, Field(ge=60)] = 24 * 3600
     api_workers: Annotated[int, Field(ge=1, le=64)] = 1  # API processes (``service.serve``)
@@ -277,6 +284,8 @@ class Settings(BaseSettings):
                     "webhook_allowed_hosts is set but tenants "
                     f"{missing} have no signing secret: set webhook_secret (or webhook_secrets)"
                 )
+        if self.cpu_queue == self.gpu_queue:
+            raise ValueError(f"cpu_queue and gpu_queue must differ, both are {self.cpu_queue!r}")
         tenants = set(self.api_keys.values())
         for name in ("tenant_inputs", "tenant_max_job_tokens", "webhook_secrets"):
             unknown = sorted(set(getattr(self, name)) - tenants)

@@ -21,15 +21,15 @@ from jobcore.webhooks import DELIVER_TASK, WEBHOOK_QUEUE
 
 RUN_JOB_TASK = "lorp.run_job"
 EXPIRE_JOBS_TASK = "lorp.expire_jobs"
-QUEUE = "lorp"
 
 
 def make_celery(settings: Settings, *, include: Sequence[str] = ()) -> Celery:
     """A Celery app on ``LORP_BROKER_URL`` (the API uses one only to build task messages; the
-    worker's names its task modules in ``include``)."""
+    worker's names its task modules in ``include``). A worker started without ``-Q`` consumes
+    the CPU pool's queue (``Settings.cpu_queue``)."""
     app = Celery("lorp", broker=settings.broker_url, include=list(include))
     app.conf.update(
-        task_default_queue=QUEUE,
+        task_default_queue=settings.cpu_queue,
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         task_ignore_result=True,
@@ -57,9 +57,10 @@ def make_celery(settings: Settings, *, include: Sequence[str] = ()) -> Celery:
     return app
 
 
-def run_job_message(app: Celery, job_id: str) -> str:
-    """The message that ``app.send_task(RUN_JOB_TASK, args=[job_id])`` pushes (LPUSH) onto the
-    Redis list :data:`QUEUE`: Celery's task message (protocol 2, from ``app.amqp``) in kombu's
+def run_job_message(app: Celery, job_id: str, queue: str) -> str:
+    """The message that ``app.send_task(RUN_JOB_TASK, args=[job_id], queue=queue)`` pushes
+    (LPUSH) onto the Redis list ``queue`` (a device class's, ``jobcore.routing``): Celery's task
+    message (protocol 2, from ``app.amqp``) in kombu's
     Redis transport envelope, with new task id and delivery tag (:func:`task_message`).
 
     Built without Celery's publish machinery (a producer from the pool, a retry wrapper, a new
@@ -67,7 +68,7 @@ def run_job_message(app: Celery, job_id: str) -> str:
     Redis script that stores the job. ``tests/integration/test_job_queue.py`` checks that it
     equals what ``send_task`` pushes, but for the ids.
     """
-    return task_message(app, RUN_JOB_TASK, [job_id], QUEUE)
+    return task_message(app, RUN_JOB_TASK, [job_id], queue)
 
 
 def webhook_message(app: Celery, job_id: str, state: str) -> tuple[str, str]:

@@ -115,6 +115,15 @@ class Offload(StrEnum):
     sequential = "sequential"
 
 
+class Device(StrEnum):
+    """Where a job runs: ``cpu`` or ``cuda`` workers, or ``auto`` (a GPU worker when one can
+    hold the model, else a CPU worker; ``jobcore.routing``)."""
+
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
 class OutputFormat(StrEnum):
     """A format of the pruned model the job writes (``lorp.outputs.OUTPUT_FORMATS``)."""
 
@@ -555,6 +564,12 @@ class JobCreate(BaseModel):
         "memory or the operator's max_device_memory; none: the whole model on the device. The "
         "report says which mode ran and why",
     )
+    device: Device = Field(
+        default=Device.auto,
+        description="which workers run the job: cpu, cuda, or auto (a GPU worker when one can "
+        "hold the model, else a CPU worker); a model no worker pool can hold is refused with "
+        "code model_too_large",
+    )
     output_formats: OutputFormats | None = Field(
         default=None,
         description="formats of the pruned model: gguf (a GGUF input pruned by file "
@@ -769,9 +784,17 @@ def _local_depth(model_dir: Path) -> int | None:
 
 
 #: Options that are arguments of ``lorp.pipeline.run_pipeline``, not ``PruneConfig`` fields: the
-#: inputs (which the worker fetches first and passes as local paths), the compute dtype and the
-#: output formats.
-RUN_OPTIONS = ("model", "gguf_file", "calibration", "evaluation", "dtype", "output_formats")
+#: inputs (which the worker fetches first and passes as local paths), the compute dtype, the
+#: output formats and the device (which also chose the worker pool, ``jobcore.routing``).
+RUN_OPTIONS = (
+    "model",
+    "gguf_file",
+    "calibration",
+    "evaluation",
+    "dtype",
+    "output_formats",
+    "device",
+)
 #: Options the service acts on around the run, which never reach the library.
 SERVICE_OPTIONS = ("callback_url",)
 #: Options whose ``PruneConfig`` fields are named otherwise: option -> the fields it sets.

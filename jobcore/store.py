@@ -41,7 +41,7 @@ import json
 import re
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, cast
@@ -59,6 +59,7 @@ from jobcore.errors import (
     JobNotFoundError,
     QuotaExceededError,
 )
+from jobcore.metrics import record_job
 from jobcore.spec import TERMINAL_STATES, JobCreate, JobError, JobState
 from jobcore.webhooks import MAX_RECORDED_ATTEMPTS
 
@@ -70,6 +71,8 @@ DELETING_KEY = "lorp:deleting"
 QUOTA_RETRY_AFTER_SECONDS = 30  # Retry-After of a submission over the queued-jobs quota
 _ID_RE = re.compile(r"^[0-9a-f]{32}$")
 MAX_PAGE = 100
+#: Redis hashes ``<prefix><device class>``: worker -> the memory it advertised and until when.
+POOL_PREFIX = "lorp:pool:"
 
 _CREATE_LUA = """
 -- KEYS: job, tenant seq, tenant jobs zset, queued zset, idempotency key (optional), queue list
@@ -270,6 +273,7 @@ class JobRecord:
     enqueued: bool = False
     deliveries: list[dict[str, Any]] = field(default_factory=list)
     deleting: bool = False
+    queue: str | None = None  # the worker pool's queue it was sent to (jobcore.routing)
 
     @classmethod
     def from_hash(cls, h: Mapping[str, str]) -> JobRecord:
@@ -292,6 +296,7 @@ class JobRecord:
             attempts=int(h.get("attempts", "0")),
             enqueued=h.get("enqueued") == "1",
             deleting=h.get("deleting") == "1",
+            queue=h.get("queue") or None,
         )
 
 
@@ -373,6 +378,7 @@ class JobStore:
         *,
         message: Callable[[str], tuple[str, str]] | None = None,
         max_queued: int | None = None,
+        queue: str | None = None,
     ) -> tuple[JobRecord, bool]:
         """Store a new queued job; returns ``(record, created)``.
 
@@ -384,6 +390,7 @@ class JobStore:
         With ``max_queued``, a new job of a tenant that already has that many jobs queued raises
         :class:`QuotaExceededError` and nothing is stored (a repeat of a stored job still
         returns it).
+        ``queue``: the queue the job is (or will be) sent to, recorded for a later send.
         """
         fingerprint = hashlib.sha256(spec.fingerprint().encode()).hexdigest()
         job_id = uuid.uuid4().hex
@@ -392,7 +399,7 @@ class JobStore:
         if idempotency_key is not None:
             digest = hashlib.sha256(idempotency_key.encode()).hexdigest()
             idem_key = f"lorp:idem:{tenant}:{digest}"
-        queue, payload = message(job_id) if message else ("lorp:queue:none", "")
+        target, payload = message(job_id) if message else ("lorp:queue:none", "")
         fields = {
             "id": job_id,
             "tenant": tenant,
@@ -408,6 +415,8 @@ class JobStore:
             "callback": "1" if spec.callback_url else "0",
             "idem_key": idem_key,
         }
+        if queue is not None:
+            fields["queue"] = queue
         args: list[Any] = [
             job_id,
             "1" if idem_key else "0",
@@ -425,7 +434,7 @@ class JobStore:
                 _tenant_key(tenant, "jobs"),
                 _tenant_key(tenant, f"state:{JobState.queued.value}"),
                 idem_key or "lorp:idem:none",
-                queue,
+                target,
             ],
             args=args,
         )
@@ -457,6 +466,11 @@ class JobStore:
         if rec.spec.get("callback_url"):
             rec.deliveries = self.deliveries(job_id)
         return rec
+
+    def record_job(self, state: str, timings: Mapping[str, float]) -> None:
+        """Count a job that ended in ``state`` and its stages' seconds (:mod:`jobcore.metrics`,
+        read by ``/metrics``)."""
+        record_job(self.redis, state, timings)
 
     # -- webhooks -------------------------------------------------------------------------
 
@@ -754,6 +768,37 @@ class JobStore:
     def refresh_lock(self, job_id: str, token: str, ttl_ms: int) -> bool:
         """Extend our run lock; False when we no longer hold it."""
         return bool(self._refresh_lock(keys=[f"lorp:lock:{job_id}"], args=[token, ttl_ms]))
+
+    # -- worker pools (jobcore.routing) -----------------------------------------------------
+
+    def advertise(self, device_class: str, worker: str, memory_bytes: int, ttl_s: int) -> None:
+        """A worker of ``device_class`` (``cpu``/``gpu``) can hold ``memory_bytes``, until
+        ``ttl_s`` seconds from now by Redis's clock (a worker that died stops counting). One
+        hash per class, so reading the pools costs one round trip whatever the job count."""
+        seconds, micros = self.redis.time()
+        until = seconds + micros / 1e6 + ttl_s
+        value = json.dumps({"memory": int(memory_bytes), "until": until})
+        self.redis.hset(f"{POOL_PREFIX}{device_class}", worker, value)
+
+    def withdraw(self, device_class: str, worker: str) -> None:
+        """A worker stopping: its advertisement goes at once."""
+        self.redis.hdel(f"{POOL_PREFIX}{device_class}", worker)
+
+    def pool_memory(self, device_classes: Sequence[str]) -> dict[str, int]:
+        """Device class -> the largest memory a live worker of it advertised (classes nobody
+        advertised are left out)."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.time()
+        for device_class in device_classes:
+            pipe.hgetall(f"{POOL_PREFIX}{device_class}")
+        (seconds, micros), *hashes = pipe.execute()
+        now = seconds + micros / 1e6
+        pools: dict[str, int] = {}
+        for device_class, offers in zip(device_classes, hashes, strict=True):
+            live = [o["memory"] for o in map(json.loads, offers.values()) if o["until"] > now]
+            if live:
+                pools[device_class] = max(live)
+        return pools
 
     def orphaned_running(self) -> list[str]:
         """Ids of jobs in state running that no worker holds the run lock of (their worker

@@ -84,3 +84,30 @@ class QualityGateError(LorpError):
         self.result = result
         self.report = report
         self.summary = summary
+
+
+#: What a job that ran out of memory could use instead (sequential onloading: one block on the
+#: device at a time), as a job and as the CLI spell it.
+OFFLOAD_HINT = 'offload: "sequential" in a job, --offload sequential on the CLI'
+
+
+def out_of_memory(exc: BaseException, stage: str) -> ModelTooLargeError | None:
+    """The :class:`ModelTooLargeError` for ``exc`` when it is an allocation failure during
+    ``stage`` (a device's ``torch.OutOfMemoryError``, Python's ``MemoryError``, or torch's CPU
+    allocator refusing: a ``RuntimeError`` "can't allocate memory"); None for any other error.
+    The message names the stage, the memory and :data:`OFFLOAD_HINT`. (Recognised by class
+    name: this module imports no torch.)"""
+    if any(c.__name__ == "OutOfMemoryError" for c in type(exc).__mro__):
+        where = "device"
+    elif isinstance(exc, MemoryError) or (
+        isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)
+    ):
+        where = "CPU"
+    else:
+        return None
+    detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+    return ModelTooLargeError(
+        f"out of {where} memory during the {stage} stage ({detail}): the model and its "
+        f"activations do not fit; rerun with sequential onloading ({OFFLOAD_HINT}), a smaller "
+        "batch_size or fewer/shorter windows"
+    )

@@ -28,11 +28,19 @@ from .quality import QualityComparison
 if TYPE_CHECKING:
     from .tasks import TaskComparison
 
-__all__ = ["FLAG_THRESHOLDS", "GateResult", "QualityGate", "quality_flags"]
+__all__ = ["FLAG_THRESHOLDS", "UNMEASURED", "GateResult", "QualityGate", "quality_flags"]
 
 #: Thresholds of the always-on flags: a value beyond one of them marks the result as far worse
 #: than the dense model. ``ppl_ratio`` and ``kl`` flag above, ``top1_agreement`` below.
 FLAG_THRESHOLDS: dict[str, float] = {"ppl_ratio": 2.0, "kl": 1.0, "top1_agreement": 0.5}
+
+#: Why a gate with perplexity limits cannot be checked (the pipeline's preflight refuses such a
+#: job before any forward pass; :meth:`QualityGate.check` fails the gate with it).
+UNMEASURED = (
+    "quality limits were set but quality could not be measured: give an evaluation text, or a "
+    "calibration text long enough to hold out windows after the calibration windows "
+    "(holdout_windows >= 1)"
+)
 
 
 def _measured(quality: QualityComparison) -> dict[str, float]:
@@ -227,12 +235,7 @@ class QualityGate:
                 passed=not violations, limits=limits, measured=m, violations=violations
             )
         if quality is None:
-            violations.insert(
-                0,
-                "quality limits were set but quality could not be measured: give an "
-                "evaluation text, or a calibration text long enough to hold out windows "
-                "after the calibration windows (holdout_windows >= 1)",
-            )
+            violations.insert(0, UNMEASURED)
             return GateResult(passed=False, limits=limits, measured=m, violations=violations)
         task_violations, violations = violations, []
         m = {**_measured(quality), **m}

@@ -36,11 +36,13 @@ import torch
 from torch import nn
 
 from .errors import (
+    OFFLOAD_HINT,
     InvalidInputError,
     LorpError,
     ModelLoadError,
     ModelTooLargeError,
     UnsafeWeightsError,
+    out_of_memory,
 )
 from .paths import check_confined
 
@@ -428,9 +430,10 @@ def load_model(
             model = AutoModelForCausalLM.from_pretrained(resolved.location, **model_kwargs)
     except LorpError:
         raise
-    except MemoryError as exc:
-        raise ModelTooLargeError(f"out of memory while loading {where}") from exc
     except Exception as exc:
+        too_large = out_of_memory(exc, f"loading ({where})")
+        if too_large is not None:
+            raise too_large from exc
         raise ModelLoadError(f"could not load model from {where}: {_describe(exc)}") from exc
     try:
         tokenizer = AutoTokenizer.from_pretrained(resolved.location, **common)
@@ -448,7 +451,10 @@ def load_model(
         try:
             model.to(target)
         except torch.OutOfMemoryError as exc:
-            raise ModelTooLargeError(f"model from {where} does not fit on {target}") from exc
+            raise ModelTooLargeError(
+                f"model from {where} does not fit on {target}; rerun with sequential "
+                f"onloading ({OFFLOAD_HINT})"
+            ) from exc
         device_name = str(target)
     else:
         device_name = str(model.get_input_embeddings().weight.device)

@@ -14,14 +14,15 @@ safetensors and records why (``notes``, in ``report.json``'s ``artifacts``).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .errors import InvalidInputError, LorpError
+from .errors import InvalidInputError, LorpError, UnsupportedModelError
 
-__all__ = ["OUTPUT_FORMATS", "OutputPlan", "plan_outputs", "write_outputs"]
+__all__ = ["OUTPUT_FORMATS", "OutputPlan", "check_destination", "plan_outputs", "write_outputs"]
 
 OUTPUT_FORMATS: tuple[str, ...] = ("gguf", "safetensors")
 
@@ -68,14 +69,19 @@ def plan_outputs(
     output_formats: Sequence[str] | str | None = None,
     compensate: bool = False,
     temperature: bool = False,
+    budget: int | float | None = None,
 ) -> OutputPlan:
     """The outputs of a prune of ``model_source``, checked before loading (module docstring).
 
     Raises :class:`InvalidInputError` for an unknown format, or ``"gguf"`` asked for a
     non-GGUF input; :class:`~lorp.errors.UnsupportedModelError` when ``"gguf"`` was asked for
-    and the surgery does not support the file (its architecture, its blocks)."""
+    and the surgery does not support the file (its architecture, its blocks), or cannot take
+    ``budget`` blocks (a count or fraction) out of it: Gemma 2/3 derive each block's attention
+    kind from its index, so the kept last block keeps its kind only when the number removed is
+    a multiple of the pattern's period (which runs are removed is checked again on writing)."""
     from .gguf_surgery import check_gguf_surgery, fold_roles
     from .loading import source_gguf
+    from .selection import resolve_budget
 
     requested = _normalise(output_formats)
     gguf = source_gguf(model_source, gguf_file)
@@ -102,6 +108,18 @@ def plan_outputs(
             plan.formats = ["safetensors"]
             plan.notes.append(f"GGUF output not possible ({exc}); wrote safetensors instead")
         else:
+            period = checked.swa_period
+            count = None if budget is None else resolve_budget(checked.block_count, budget)
+            if period and count is not None and count % period:
+                refusal = (
+                    f"{checked.architecture} derives which blocks use sliding-window attention "
+                    f"from the block index (period {period}): a GGUF output can lose only a "
+                    f"multiple of {period} blocks, not {count}"
+                )
+                if plan.explicit_gguf:
+                    raise UnsupportedModelError(f"{refusal}; prune to safetensors instead")
+                plan.formats = ["safetensors"]
+                plan.notes.append(f"GGUF output not possible ({refusal}); wrote safetensors")
             if checked.fallbacks:
                 shown = ", ".join(f"{k} ({v})" for k, v in list(checked.fallbacks.items())[:4])
                 plan.notes.append(
@@ -109,6 +127,20 @@ def plan_outputs(
                     f"type: {shown}" + (" ..." if len(checked.fallbacks) > 4 else "")
                 )
     return plan
+
+
+def check_destination(checkpoint: Path) -> None:
+    """Refuse (:class:`InvalidInputError`) a checkpoint folder that exists and is not empty
+    (:func:`write_outputs` never writes over files), or that could not be created: its nearest
+    existing ancestor is not a writable directory (checked before any compute too)."""
+    if checkpoint.exists() and (not checkpoint.is_dir() or any(checkpoint.iterdir())):
+        raise InvalidInputError(f"output directory {checkpoint} exists and is not empty")
+    existing = next(p for p in (checkpoint, *checkpoint.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise InvalidInputError(
+            f"cannot write the output directory {checkpoint}: {existing} is not a writable "
+            "directory"
+        )
 
 
 def write_outputs(
@@ -137,19 +169,27 @@ def write_outputs(
         "safetensors": None,
     }
     folder = checkpoint.name
-    if checkpoint.exists() and (not checkpoint.is_dir() or any(checkpoint.iterdir())):
-        raise InvalidInputError(f"output directory {checkpoint} exists and is not empty")
+    check_destination(checkpoint)
+    written = None
     if "gguf" in plan.formats and plan.gguf_source is not None:
         checkpoint.mkdir(parents=True, exist_ok=True)
         dst = checkpoint / plan.gguf_source.name
-        written = write_pruned_gguf(
-            plan.gguf_source,
-            dst,
-            list(removed),
-            replaced=folded_tensors(model, compensation),
-        )
+        try:
+            written = write_pruned_gguf(
+                plan.gguf_source,
+                dst,
+                list(removed),
+                replaced=folded_tensors(model, compensation),
+            )
+        except UnsupportedModelError as exc:  # the blocks chosen (checked before writing)
+            if plan.explicit_gguf:
+                raise
+            plan = replace(plan, formats=["safetensors"])  # only the default chose GGUF
+            artifacts["formats"] = list(plan.formats)
+            artifacts["notes"].append(f"GGUF output not possible ({exc}); wrote safetensors")
+    if written is not None:
         info = written.to_dict()
-        info["source"] = source_name if source_name is not None else plan.gguf_source.name
+        info["source"] = source_name if source_name is not None else dst.name
         info["path"] = f"{folder}/{dst.name}"
         info["file"] = dst.name
         artifacts["gguf"] = info

@@ -80,7 +80,7 @@ import torch
 from torch import nn
 
 from ._blocks import num_blocks
-from ._forward import input_device
+from ._forward import check_windows, input_device
 from .bench import BenchmarkConfig, BenchmarkResult, benchmark
 from .compensation import (
     Compensation,
@@ -92,13 +92,15 @@ from .compensation import (
 )
 from .data import prepends_bos, text_windows
 from .errors import (
+    OFFLOAD_HINT,
     BudgetError,
     InvalidInputError,
     LorpError,
     QualityGateError,
     UnsupportedModelError,
+    out_of_memory,
 )
-from .gate import GateResult, QualityGate, quality_flags
+from .gate import UNMEASURED, GateResult, QualityGate, quality_flags
 from .inputs import BlockInputs, hidden_bytes
 from .methods import get_method, method_names, selector
 from .offload import (
@@ -116,13 +118,14 @@ from .quality import QualityComparison, compare_pruned
 from .report import job_summary, make_report, write_reports
 from .scoring import WindowScorer
 from .search import pass_budget, search_layers
-from .selection import Selection, resolve_budget, select_layers
+from .selection import Selection, check_num_clusters, resolve_budget, select_layers
 from .similarity import capture_similarity
-from .surgery import pruned_view, remove_blocks
+from .surgery import check_removable, pruned_view, remove_blocks
 from .target import CONFIRM_STEPS, DepthSearch, QualityTarget, search_depth
 from .tasks import (
     TaskComparison,
     TaskScores,
+    check_encodable,
     compare_scores,
     compare_tasks,
     load_task,
@@ -419,6 +422,10 @@ class StageTimer:
     ``callback`` through :meth:`progress`: ``(stage, 0.0, message)`` when it starts, the work's
     own progress, ``(stage, 1.0, "<stage> done")`` when it ends. :func:`prune` and
     :func:`run_pipeline` time every stage of one job in one timer.
+
+    Running out of memory inside a stage (:func:`out_of_memory`) raises
+    :class:`~lorp.errors.ModelTooLargeError` naming the stage and the option that would have
+    fitted, so the library, the CLI and the worker report it alike (code ``model_too_large``).
     """
 
     def __init__(self, callback: ProgressCallback | None = None) -> None:
@@ -435,7 +442,13 @@ class StageTimer:
         """Time the body as stage ``name`` (``message``: what its start reports)."""
         self.progress(name, 0.0, message)
         start = time.perf_counter()
-        yield
+        try:
+            yield
+        except (MemoryError, RuntimeError) as exc:
+            too_large = out_of_memory(exc, name)
+            if too_large is None:
+                raise
+            raise too_large from exc
         self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
         self.progress(name, 1.0, f"{name} done")
 
@@ -487,16 +500,43 @@ def inputs_to_keep(
     return BlockInputs(sorted(chosen)) if chosen else None
 
 
-def preflight(model: nn.Module, config: PruneConfig) -> int:
-    """The number of blocks to remove (with a quality target: the most the search may remove);
-    fails before any forward pass when the budget does not fit the model
-    (:class:`~lorp.errors.BudgetError`) or the model cannot take the corrections ``config``
-    asks for (:class:`~lorp.errors.UnsupportedModelError`)."""
+def preflight(
+    model: nn.Module,
+    config: PruneConfig,
+    *,
+    tokenizer: Any = None,
+    calibration: str | Path | torch.Tensor | None = None,
+    evaluation: str | Path | torch.Tensor | None = None,
+    scoring: torch.Tensor | None = None,
+) -> int:
+    """The number of blocks to remove; refuses, before any forward pass, a job that would fail
+    later on something knowable now:
+
+    - the budget does not fit the model (:class:`~lorp.errors.BudgetError`), ``num_clusters``
+      is not from 2 to its depth, the surgery cannot take the blocks out of this architecture
+      (:func:`lorp.surgery.check_removable`);
+    - the corrections ``config`` asks for do not fold into this architecture in its dtype
+      (:func:`lorp.compensation.check_compensable`, :func:`lorp.temperature.check_temperature`;
+      :class:`~lorp.errors.UnsupportedModelError`);
+    - the task data is missing or malformed (:func:`check_task_data`);
+    - a window or benchmark workload is longer than the model's learned position table;
+    - with ``tokenizer`` and ``calibration`` (what :func:`prune` passes): every token window the
+      stages will draw (calibration, scoring, evaluation or held-out) is drawn now; a text too
+      short for them, a token id outside the model's vocabulary, or a quality gate with
+      perplexity limits and nothing to measure them on (:data:`lorp.gate.UNMEASURED`) is an
+      :class:`~lorp.errors.InvalidInputError`.
+    With a quality target the number returned is the most the search may remove. A model
+    prepared for sequential onloading is checked too (:func:`check_sequential`). The model is
+    left as it was."""
+    depth = num_blocks(model)
     if config.quality_target is None:
-        num_remove = resolve_budget(num_blocks(model), config.budget)
+        num_remove = resolve_budget(depth, config.budget)
     else:
-        resolve_budget(num_blocks(model), 1)  # at least one removable block
-        num_remove = num_blocks(model) - 2
+        resolve_budget(depth, 1)  # at least one removable block
+        num_remove = depth - 2
+    if config.num_clusters is not None:
+        check_num_clusters(config.num_clusters, depth)
+    check_removable(model, list(range(1, num_remove + 1)))
     check_sequential(model, config)
     if config.compensate:
         try:
@@ -511,7 +551,19 @@ def preflight(model: nn.Module, config: PruneConfig) -> int:
             ) from exc
     if config.temperature:
         check_temperature(model)
-    check_task_data(config)
+    check_task_data(config, tokenizer)
+    lengths: list[tuple[str, int]] = []
+    if tokenizer is None or calibration is None:  # else the windows drawn below are checked
+        lengths.append(("seq_len", config.seq_len))
+        if get_method(config.selection_method).needs_model:
+            lengths.append(("score_seq_len", config.scoring_shape[1]))
+    if config.benchmark is not None:
+        lengths += [(f"benchmark prefill {b}x{t}", t) for b, t in config.benchmark.prefill]
+        lengths += [(f"benchmark decode {b}x{t}+{n}", t + n) for b, t, n in config.benchmark.decode]
+    for what, length in lengths:
+        _check_length(model, length, what)
+    if tokenizer is not None and calibration is not None:
+        _draw_all_windows(model, tokenizer, calibration, config, evaluation, scoring)
     return num_remove
 
 
@@ -575,10 +627,87 @@ def _margin(config: PruneConfig, weights: int, model_config: Any) -> int:
     )
 
 
-def check_task_data(config: PruneConfig) -> None:
+def learned_positions(model: nn.Module) -> int | None:
+    """How many positions the model has a learned embedding for (GPT-2's ``wpe``, OPT's
+    ``embed_positions``: a longer window indexes past the table), or None when its positions are
+    computed (rotary and the like: longer windows run, if less well)."""
+    config = getattr(model, "config", None)
+    declared = [
+        v
+        for v in (getattr(config, a, None) for a in ("n_positions", "max_position_embeddings"))
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0
+    ]
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Embedding) and name.rsplit(".", 1)[-1] in _POSITION_TABLES:
+            return min([int(module.num_embeddings), *declared])
+    return None
+
+
+_POSITION_TABLES = ("wpe", "embed_positions", "position_embeddings")
+
+
+def _check_length(model: nn.Module, length: int, what: str) -> None:
+    limit = learned_positions(model)
+    if limit is not None and length > limit:
+        raise InvalidInputError(
+            f"{what} is {length} tokens but {type(model).__name__} has learned position "
+            f"embeddings for {limit} positions only; use at most {limit}"
+        )
+
+
+def _check_windows(model: nn.Module, windows: torch.Tensor, what: str) -> None:
+    """``windows`` are 2-D token ids the model can embed and position."""
+    check_windows(windows)
+    _check_length(model, int(windows.shape[1]), what)
+    getter = getattr(model, "get_input_embeddings", None)
+    rows = getattr(getter() if callable(getter) else None, "num_embeddings", None)
+    if (
+        isinstance(rows, int)
+        and windows.numel()
+        and not (int(windows.min()) >= 0 and int(windows.max()) < rows)
+    ):
+        raise InvalidInputError(
+            f"the {what} hold token ids from {int(windows.min())} to {int(windows.max())}; the "
+            f"model embeds 0..{rows - 1} (is the tokenizer the model's own?)"
+        )
+
+
+def _draw_all_windows(
+    model: nn.Module,
+    tokenizer: Any,
+    calibration: str | Path | torch.Tensor,
+    config: PruneConfig,
+    evaluation: str | Path | torch.Tensor | None,
+    scoring: torch.Tensor | None,
+) -> None:
+    """Draw every window the stages will (the same functions, tokens only), checked by
+    :func:`_check_windows`; refuse a quality gate that would have nothing to measure on."""
+    windows = _windows_of(calibration, tokenizer, config.seq_len, config.windows)
+    _check_windows(model, windows, "calibration windows")
+    text = None if isinstance(calibration, torch.Tensor) else calibration
+    calib = Calibration(
+        windows=windows,
+        similarity=np.zeros((0, 0)),
+        text=text,
+        bos=False if text is None else prepends_bos(tokenizer),
+    )
+    drawn = None
+    if get_method(config.selection_method).needs_model:
+        drawn = draw_scoring(tokenizer, calib, config, scoring=scoring)
+        _check_windows(model, drawn.windows, "scoring windows")
+    held, _ = evaluation_windows(tokenizer, config, evaluation, calib, drawn)
+    if held is not None:
+        _check_windows(model, held, "evaluation windows")
+    gate = config.quality_gate
+    if held is None and gate is not None and gate.needs_perplexity:
+        raise InvalidInputError(UNMEASURED)
+
+
+def check_task_data(config: PruneConfig, tokenizer: Any = None) -> None:
     """With ``config.tasks``: the task data directory is given and every task's items read
-    (:func:`lorp.tasks.load_task`), so a missing or malformed file fails before any forward
-    pass (:class:`~lorp.errors.InvalidInputError`)."""
+    (:func:`lorp.tasks.load_task`), and with ``tokenizer`` encodable
+    (:func:`lorp.tasks.check_encodable`), so a missing or malformed file fails before any
+    forward pass (:class:`~lorp.errors.InvalidInputError`)."""
     if not config.tasks:
         return
     if config.task_data_dir is None:
@@ -586,7 +715,9 @@ def check_task_data(config: PruneConfig) -> None:
             f"tasks {', '.join(config.tasks)} need task_data_dir, the folder of <task>.jsonl files"
         )
     for name in config.tasks:
-        load_task(name, config.task_data_dir, limit=config.task_limit)
+        items = load_task(name, config.task_data_dir, limit=config.task_limit)
+        if tokenizer is not None:
+            check_encodable(items, tokenizer)
 
 
 @dataclass
@@ -998,6 +1129,44 @@ class Evaluation:
         return self.gate is not None and not self.gate.passed
 
 
+def evaluation_windows(
+    tokenizer: Any,
+    config: PruneConfig,
+    evaluation: str | Path | torch.Tensor | None = None,
+    calibration: Calibration | None = None,
+    scoring: Scoring | None = None,
+    *,
+    source_name: str | None = None,
+    held_out_after: int | None = None,
+) -> tuple[torch.Tensor | None, dict[str, Any] | None]:
+    """The windows :func:`evaluate` measures quality on and how the report names them (kind,
+    source): ``config.eval_windows`` × ``config.eval_seq_len`` of the ``evaluation`` text (or
+    the windows given); else ``config.holdout_windows`` windows of the calibration text after
+    the calibration and scoring windows (and after ``held_out_after`` tokens, when a depth
+    search used more); (None, None) when there are none."""
+    if evaluation is not None:
+        given = _windows_of(evaluation, tokenizer, config.eval_seq_len, config.eval_windows)
+        source = None
+        if not isinstance(evaluation, torch.Tensor):
+            source = str(evaluation) if source_name is None else source_name
+        return given, {"kind": "evaluation text", "source": source}
+    if config.holdout_windows > 0 and calibration is not None and calibration.text is not None:
+        after = calibration.text_tokens if scoring is None else scoring.text_tokens
+        if held_out_after is not None:
+            after = max(after, held_out_after)
+        windows, _ = windows_after(
+            tokenizer,
+            calibration.text,
+            config.seq_len,
+            config.holdout_windows,
+            after,
+            calibration.bos,
+        )
+        if windows is not None:  # else the calibration text has no windows left over
+            return windows, {"kind": "held-out calibration windows", "source": calibration.source}
+    return None, None
+
+
 def evaluate(
     model: nn.Module,
     tokenizer: Any,
@@ -1025,30 +1194,15 @@ def evaluate(
     calibration and scoring windows'; a depth search's windows come after those,
     :attr:`TargetSearch.text_tokens`)."""
     timer = timer or StageTimer()
-    windows: torch.Tensor | None = None
-    info: dict[str, Any] | None = None
-    if evaluation is not None:
-        windows = _windows_of(evaluation, tokenizer, config.eval_seq_len, config.eval_windows)
-        info = {
-            "kind": "evaluation text",
-            "source": None
-            if isinstance(evaluation, torch.Tensor)
-            else (str(evaluation) if source_name is None else source_name),
-        }
-    elif config.holdout_windows > 0 and calibration is not None and calibration.text is not None:
-        after = calibration.text_tokens if scoring is None else scoring.text_tokens
-        if held_out_after is not None:
-            after = max(after, held_out_after)
-        windows, _ = windows_after(
-            tokenizer,
-            calibration.text,
-            config.seq_len,
-            config.holdout_windows,
-            after,
-            calibration.bos,
-        )
-        if windows is not None:  # else the calibration text has no windows left over
-            info = {"kind": "held-out calibration windows", "source": calibration.source}
+    windows, info = evaluation_windows(
+        tokenizer,
+        config,
+        evaluation,
+        calibration,
+        scoring,
+        source_name=source_name,
+        held_out_after=held_out_after,
+    )
     quality = None
     if windows is not None and info is not None:
         info.update(windows=int(windows.shape[0]), seq_len=int(windows.shape[1]))
@@ -1264,7 +1418,14 @@ def prune(
     onloader = None
     if decision.mode == "sequential":
         onloader = prepare(model)
-    preflight(model, config)
+    preflight(
+        model,
+        config,
+        tokenizer=tokenizer,
+        calibration=calibration,
+        evaluation=evaluation,
+        scoring=scoring,
+    )
     calib = calibrate(
         model, tokenizer, calibration, config, source_name=names.get("calibration"), timer=timer
     )
@@ -1376,7 +1537,7 @@ def run_pipeline(
     """
     from .loading import load_model
     from .loading import model_name as short_name
-    from .outputs import plan_outputs, write_outputs
+    from .outputs import check_destination, plan_outputs, write_outputs
     from .report.card import write_model_card
 
     out = Path(out_dir)
@@ -1388,7 +1549,9 @@ def run_pipeline(
         output_formats=output_formats,
         compensate=config.compensate,
         temperature=config.temperature,
+        budget=None if config.quality_target is not None else config.budget,  # searched later
     )
+    check_destination(out / "model")  # a checkpoint is never written over, so refuse it now
     decision = _offload_before_loading(model_source, gguf_file, dtype, device, config)
     with timer.stage("loading", f"loading {model_name}"):
         loaded = load_model(
@@ -1456,6 +1619,7 @@ def run_pipeline(
 
 
 __all__ = [
+    "OFFLOAD_HINT",
     "STAGES",
     "STORED_INPUT_BYTES",
     "TASK_TOKENS_PER_ROW",
@@ -1474,11 +1638,14 @@ __all__ = [
     "compensate",
     "draw_scoring",
     "evaluate",
+    "evaluation_windows",
     "find_depth",
     "fit_logit_scale",
     "inputs_to_keep",
+    "learned_positions",
     "make_report",
     "measure_speed",
+    "out_of_memory",
     "plan_offload",
     "preflight",
     "prune",

@@ -35,7 +35,14 @@ from ._blocks import BlockLocation, locate_blocks
 from .errors import UnsupportedModelError
 from .removal import validate_removed
 
-__all__ = ["REMOVED_LAYERS_ATTR", "block_runs", "pruned_view", "remove_blocks", "validate_removed"]
+__all__ = [
+    "REMOVED_LAYERS_ATTR",
+    "block_runs",
+    "check_removable",
+    "pruned_view",
+    "remove_blocks",
+    "validate_removed",
+]
 
 #: Config attribute recording the original indices of every block removed so far (it survives
 #: ``save_pretrained`` / ``from_pretrained`` as a plain extra config field).
@@ -223,6 +230,13 @@ def _plan_surgery(model: nn.Module, removed: Sequence[int], *, record: bool) -> 
         total = sorted({*previous, *(surviving[i] for i in removed_sorted)})
         plan.changes.append(_Change(top, REMOVED_LAYERS_ATTR, old, total))
     return plan
+
+
+def check_removable(model: nn.Module, removed: Sequence[int]) -> None:
+    """Raise what :func:`remove_blocks` would raise for ``removed`` (bad indices, an
+    architecture or config that cannot be pruned safely) without changing ``model``: the
+    surgery is planned, not applied (the pipeline's preflight)."""
+    _plan_surgery(model, removed, record=False)
 
 
 def remove_blocks(model: nn.Module, removed: Sequence[int]) -> None:

@@ -69,6 +69,7 @@ __all__ = [
     "TaskItem",
     "TaskScore",
     "TaskScores",
+    "check_encodable",
     "compare_scores",
     "compare_tasks",
     "encode_request",
@@ -248,6 +249,13 @@ def _prefix_token(tokenizer: Any) -> int:
         if isinstance(value, int):
             return value
     raise InvalidInputError("an empty context needs a BOS or EOS token; the tokenizer has none")
+
+
+def check_encodable(items: Iterable[TaskItem], tokenizer: Any) -> None:
+    """Raise what :func:`encode_request` would for ``items`` before any is scored: a request
+    with an empty context needs the tokenizer's BOS or EOS token to condition on."""
+    if any(not context.rstrip() for item in items for context, _ in item.requests):
+        _prefix_token(tokenizer)
 
 
 def encode_request(

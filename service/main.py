@@ -410,7 +410,7 @@ def _connect(app: FastAPI) -> None:
     queue: JobQueue = app.state.queue
     pools = [r.connection_pool for r in (store.redis, queue.broker) if r is not None]
     try:
-        queue.message("0" * 32)
+        queue.message("0" * 32, queue.queues[0])
         with ExitStack() as stack:
             for pool in pools:
                 for _ in range(WARM_CONNECTIONS):

@@ -17,7 +17,7 @@ from redis.exceptions import RedisError
 
 from jobcore.config import Settings
 from jobcore.errors import QueueUnavailableError
-from jobcore.queue import QUEUE, make_celery, run_job_message
+from jobcore.queue import make_celery, run_job_message
 from jobcore.store import JobStore, make_redis
 
 
@@ -27,23 +27,25 @@ class JobQueue:
     def __init__(self, settings: Settings, store: JobStore) -> None:
         self.celery = make_celery(settings)
         self.store = store
+        self.queues = (settings.cpu_queue, settings.gpu_queue)
         broker = settings.broker_url
         self.broker = make_redis(broker) if broker and broker != settings.redis_url else None
 
-    def message(self, job_id: str) -> tuple[str, str]:
-        """The broker list and the run message of a job."""
-        return QUEUE, run_job_message(self.celery, job_id)
+    def message(self, job_id: str, queue: str) -> tuple[str, str]:
+        """The broker list ``queue`` and the run message of a job sent there."""
+        return queue, run_job_message(self.celery, job_id, queue)
 
-    @property
-    def with_create(self) -> Callable[[str], tuple[str, str]] | None:
-        """For :meth:`JobStore.create`: the messages to push with a new job when the broker is
-        the job store (None: a separate broker, :meth:`send` after creating)."""
-        return self.message if self.broker is None else None
+    def with_create(self, queue: str) -> Callable[[str], tuple[str, str]] | None:
+        """For :meth:`JobStore.create`: the message to push onto ``queue`` with a new job when
+        the broker is the job store (None: a separate broker, :meth:`send` after creating)."""
+        if self.broker is not None:
+            return None
+        return lambda job_id: self.message(job_id, queue)
 
-    def send(self, job_id: str) -> None:
-        """Queue a stored job that is not enqueued yet and mark it enqueued (a job store error is
-        a ``RedisError``, a separate broker's :class:`QueueUnavailableError`)."""
-        queue, message = self.message(job_id)
+    def send(self, job_id: str, queue: str) -> None:
+        """Queue a stored job that is not enqueued yet onto ``queue`` and mark it enqueued (a
+        job store error is a ``RedisError``, a separate broker's :class:`QueueUnavailableError`)."""
+        queue, message = self.message(job_id, queue)
         if self.broker is None:
             self.store.enqueue(job_id, queue, message)
             return
@@ -54,8 +56,9 @@ class JobQueue:
         self.store.mark_enqueued(job_id)
 
     def length(self) -> int:
-        """Messages waiting in the broker's list."""
-        return int((self.broker or self.store.redis).llen(QUEUE))
+        """Messages waiting in the broker's lists (every device class's queue)."""
+        redis = self.broker or self.store.redis
+        return sum(int(redis.llen(q)) for q in self.queues)
 
     def close(self) -> None:
         """Close the broker's connection pool (a separate broker only)."""

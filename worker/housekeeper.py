@@ -29,7 +29,7 @@ from celery import Task
 
 from jobcore import webhooks
 from jobcore.config import Settings
-from jobcore.queue import EXPIRE_JOBS_TASK, QUEUE, RUN_JOB_TASK, make_celery
+from jobcore.queue import EXPIRE_JOBS_TASK, RUN_JOB_TASK, make_celery
 from jobcore.retention import expire_jobs as expire
 from jobcore.storage import Storage
 from jobcore.store import JobRecord, JobStore
@@ -176,11 +176,16 @@ def requeue_orphans() -> int:
     worker died whole); duplicates are harmless (the run lock and the terminal-state check make
     ``run_job`` idempotent). The number re-sent."""
     store = _store()
-    orphans = store.orphaned_running()
-    for job_id in orphans:
-        log.warning("job %s: running without a live worker; re-enqueueing", job_id)
-        app.send_task(RUN_JOB_TASK, args=[job_id], queue=QUEUE)
-    return len(orphans)
+    orphans = [store.get_any(job_id) for job_id in store.orphaned_running()]
+    sent = 0
+    for rec in orphans:
+        if rec is None:
+            continue
+        log.warning("job %s: running without a live worker; re-enqueueing", rec.id)
+        # the queue of the pool it was routed to (jobcore.routing)
+        app.send_task(RUN_JOB_TASK, args=[rec.id], queue=rec.queue or settings.cpu_queue)
+        sent += 1
+    return sent
 
 
 @app.task(name=EXPIRE_JOBS_TASK)

@@ -57,7 +57,6 @@ from jobcore.errors import (
     StorageNotFoundError,
     StorageUnavailableError,
 )
-from jobcore.metrics import record_job
 from jobcore.spec import (
     WEIGHT_SUFFIXES,
     JobCreate,
@@ -272,7 +271,7 @@ class JobRunner:
             outcome = self._run_locked(job_id, work)
             if outcome in ("succeeded", "failed", "cancelled"):
                 try:
-                    record_job(self.store.redis, outcome, self._timings)
+                    self.store.record_job(outcome, self._timings)
                 except RedisError as e:  # metrics never fail a job
                     log.warning("job %s: metrics not recorded: %s", job_id, e)
             return outcome
@@ -301,8 +300,8 @@ class JobRunner:
             return self._fail(
                 rec,
                 WORKER_LOST,
-                f"the worker died {rec.attempts} times while running this job "
-                "(out of memory? try a smaller model, dtype or batch)",
+                f"the worker died {rec.attempts} times while running this job (killed for "
+                'memory? try offload: "sequential", a smaller dtype or batch_size)',
             )
         try:
             started = self.store.start(rec, max_running=self.settings.tenant_max_running)
@@ -336,7 +335,7 @@ class JobRunner:
             progress("downloading", 0.0, "fetching inputs")
             begun = time.perf_counter()
             inputs = self._fetch_inputs(spec, work / "inputs", rec.tenant)
-            self._check_memory(inputs, spec.dtype.value)
+            self._check_memory(inputs, spec.dtype.value, spec.device.value)
             self._timings["downloading"] = time.perf_counter() - begun
             progress("downloading", 1.0, "inputs ready")
             out = work / "out"
@@ -408,10 +407,10 @@ class JobRunner:
                 f"{what} is {total} bytes; this worker accepts at most {limit} bytes"
             )
 
-    def _check_memory(self, inputs: Inputs, dtype: str) -> None:
+    def _check_memory(self, inputs: Inputs, dtype: str, device: str = "auto") -> None:
         """Refuse, before loading, a model whose weights would exceed ``max_model_bytes`` in
         memory as ``dtype`` (``auto`` resolved as the loader resolves it on this worker's
-        device, :func:`lorp.loading.choose_dtype`; the larger of the file headers' and the
+        ``device``, :func:`lorp.loading.choose_dtype`; the larger of the file headers' and the
         config's size: a quantised
         GGUF or a float16 checkpoint is bigger once loaded in float32 than its files, and a
         config claiming huge dimensions beside tiny weights would be allocated as claimed).
@@ -423,7 +422,7 @@ class JobRunner:
 
         if dtype == "auto":
             try:
-                dtype = choose_dtype(inputs.model, gguf_file=inputs.gguf_file, device="auto")[0]
+                dtype = choose_dtype(inputs.model, gguf_file=inputs.gguf_file, device=device)[0]
             except LorpError:
                 dtype = "float32"  # the estimate below names what is wrong with the files
         need = estimate_weight_bytes(inputs.model, gguf_file=inputs.gguf_file, dtype=dtype)
@@ -568,7 +567,7 @@ class JobRunner:
                 None if spec.output_formats is None else [f.value for f in spec.output_formats]
             ),
             made_by=f"LoRP service job {job_id or ''}".rstrip(),
-            device="auto",
+            device=spec.device.value,
             allow_pickle=False,
             trust_remote_code=self.settings.trust_remote_code,
             allow_hub=self.settings.allow_hub,

@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
+from typing import Any
 
 from celery import Task
-from celery.signals import worker_init, worker_ready
+from celery.signals import worker_init, worker_ready, worker_shutdown
 from redis.exceptions import RedisError
 
 from jobcore.storage import Storage
 from jobcore.store import JobStore
 from worker.celery_app import RUN_JOB_TASK, app, settings
+from worker.pool import Advertiser, device_classes, memory_bytes
 from worker.runner import JobRunner
 
 log = logging.getLogger(__name__)
@@ -41,6 +44,39 @@ def _preload(**_: object) -> None:
     import lorp.pipeline  # noqa: F401
 
 
+_advertiser: list[Advertiser] = []
+
+
+@worker_ready.connect
+def _advertise(sender: Any = None, **_: object) -> None:
+    """Advertise, per device class whose queue this worker consumes, the memory it can hold;
+    the API refuses at submission a model no pool can hold (jobcore.routing)."""
+    consumer = getattr(sender, "task_consumer", None)
+    queues = [q.name for q in getattr(consumer, "queues", [])] or [settings.cpu_queue]
+    offers = {}
+    for device_class in device_classes(queues, settings):
+        size = memory_bytes(device_class, settings)
+        if size is not None:
+            offers[device_class] = size
+    if not offers:
+        return
+    hostname = str(getattr(sender, "hostname", None) or os.getpid())
+    advertiser = Advertiser(JobStore.from_settings(settings, for_worker=True), hostname, offers)
+    try:
+        advertiser.advertise()
+    except RedisError as e:
+        log.warning("could not advertise this worker's memory: %s", e)
+    advertiser.start()
+    _advertiser.append(advertiser)
+    log.info("advertised %s on queues %s", offers, queues)
+
+
+@worker_shutdown.connect
+def _withdraw(**_: object) -> None:
+    for advertiser in _advertiser:
+        advertiser.stop()
+
+
 @worker_ready.connect
 def _requeue_orphans(**_: object) -> None:
     """Re-send jobs left running by a worker that died whole (main process included): their
@@ -48,14 +84,16 @@ def _requeue_orphans(**_: object) -> None:
     (the run lock and the terminal-state check make the task idempotent)."""
     try:
         store = JobStore.from_settings(settings, for_worker=True)
-        orphans = store.orphaned_running()
+        orphans = [store.get_any(job_id) for job_id in store.orphaned_running()]
         store.close()
     except RedisError as e:
         log.warning("could not look for orphaned jobs: %s", e)
         return
-    for job_id in orphans:
-        log.warning("job %s: running without a live worker; re-enqueueing", job_id)
-        app.send_task(RUN_JOB_TASK, args=[job_id])
+    for rec in orphans:
+        if rec is None:
+            continue
+        log.warning("job %s: running without a live worker; re-enqueueing", rec.id)
+        app.send_task(RUN_JOB_TASK, args=[rec.id], queue=rec.queue or settings.cpu_queue)
 
 
 @functools.cache

@@ -10,10 +10,14 @@ from fastapi import APIRouter, Body, Header, Query, Response, status
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 
+from jobcore.config import Settings
 from jobcore.errors import INTERNAL, InvalidTransitionError
 from jobcore.retention import delete_job as delete_job_everywhere
+from jobcore.routing import DEVICE_CLASSES, choose_queue, job_weight_bytes
 from jobcore.spec import JobCreate, JobError, JobState, validate_job
-from jobcore.storage import job_prefix
+from jobcore.storage import Storage, job_prefix
+from jobcore.store import JobStore
+from lorp.errors import ModelTooLargeError
 from service.deps import QueueDep, SettingsDep, StorageDep, StoreDep, TenantDep
 from service.schemas import ArtifactPublic, ArtifactsPublic, ErrorResponse, JobPublic, JobsPublic
 
@@ -84,6 +88,19 @@ def _json(
     )
 
 
+def _route(spec: JobCreate, settings: Settings, store: JobStore, storage: Storage) -> str:
+    """The queue of the worker pool that runs ``spec`` (:mod:`jobcore.routing`); a model no
+    pool can hold is a 422 on ``model`` with code ``model_too_large``. The model's size is
+    looked up only when some pool advertised its memory (else nothing could refuse it)."""
+    pools = store.pool_memory(tuple(DEVICE_CLASSES))
+    size = job_weight_bytes(spec, storage) if pools else None
+    try:
+        return choose_queue(spec.device, size, pools, settings)
+    except ModelTooLargeError as e:
+        error = {"type": e.code, "loc": ("body", "model"), "msg": str(e), "input": spec.model}
+        raise RequestValidationError([error]) from None
+
+
 def _full_validation(body: JobCreate, settings: SettingsDep, tenant: str) -> JobCreate:
     try:
         return validate_job(body.model_dump(), settings, tenant)
@@ -118,6 +135,7 @@ def create_job(
     tenant: TenantDep,
     settings: SettingsDep,
     store: StoreDep,
+    storage: StorageDep,
     queue: QueueDep,
     idempotency_key: Annotated[
         str | None,
@@ -129,20 +147,24 @@ def create_job(
         ),
     ] = None,
 ) -> Response:
-    """Validate the spec, store a queued job and enqueue it. A repeat with the same
+    """Validate the spec, store a queued job and enqueue it on its worker pool's queue (its
+    ``device`` and its model's size choose it; a model no pool can hold is a 422 whose error
+    on ``model`` has type ``model_too_large`` and the sizes). A repeat with the same
     ``Idempotency-Key`` and body returns the first job; another body is a 409. While the tenant
     has ``tenant_max_queued`` jobs queued a new one is refused with 429 and not stored."""
     spec = _full_validation(body, settings, tenant)
+    target = _route(spec, settings, store, storage)
     rec, created = store.create(
         tenant,
         spec,
         idempotency_key,
-        message=queue.with_create,
+        message=queue.with_create(target),
         max_queued=settings.tenant_max_queued,
+        queue=target,
     )
     if rec.state == JobState.queued and not rec.enqueued:
         try:
-            queue.send(rec.id)
+            queue.send(rec.id, rec.queue or target)
         except Exception:
             if idempotency_key is None:
                 # Nobody can retry this exact job: don't leave it queued forever.

@@ -89,6 +89,8 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
         # the real worker plus a test-only hold point (inert unless a test sets its Redis key)
         worker_app="tests.integration.hold_worker",
         workers=0,  # started below, behind the fault proxy
+        # the CPU pool's queue (jobcore.routing): every job of these tests is routed there
+        worker_queues=["cpu"],
     )
     # the workers reach the object store through a fault proxy (latency, resets on demand);
     # the API and the tests reach it directly

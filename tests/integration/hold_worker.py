@@ -5,8 +5,11 @@ addition: when the Redis key :data:`HOLD_KEY` holds ``"<stage>"`` or ``"<stage>#
 stops at the n-th (default first) progress report of that stage, records
 ``lorp:test:held:<job id> = <stage>`` and waits there until the client cancels it or the key is
 deleted. Tests use it to cancel a job in a stage that would otherwise pass too quickly to catch
-(downloading, loading, saving ...), without sleeping. With the key unset the worker behaves as in
-production (one extra Redis GET per progress report).
+(downloading, loading, saving ...), without sleeping. A second fault point: while
+:data:`OOM_KEY` holds ``"<stage>"``, the first progress report inside that stage's work raises
+``torch.OutOfMemoryError`` (what a CUDA allocation that does not fit raises), so a test sees
+the whole stack's answer to running out of memory. With the keys unset the worker behaves as in
+production (two extra Redis GETs per progress report).
 """
 
 from __future__ import annotations
@@ -19,17 +22,18 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import torch
 from celery.signals import worker_process_init
 from redis import Redis
 from redis.exceptions import RedisError
 
-from devstack.testbed import HELD_PREFIX, HOLD_KEY
+from devstack.testbed import HELD_PREFIX, HOLD_KEY, OOM_KEY
 from lorp.errors import CancelledError
 from worker import tasks as _tasks  # noqa: F401  (registers the task and worker signals)
 from worker.celery_app import app, settings
 from worker.runner import _Progress
 
-__all__ = ["HELD_PREFIX", "HOLD_KEY", "app", "settings"]
+__all__ = ["HELD_PREFIX", "HOLD_KEY", "OOM_KEY", "app", "settings"]
 
 #: Test-only: each pool process limits its address space to its size when started plus this
 #: many MiB (benchmarks/reliability: a worker that runs out of memory).
@@ -62,9 +66,9 @@ def _probe() -> Redis:
     )
 
 
-def _hold_value() -> str | None:
+def _hold_value(key: str = HOLD_KEY) -> str | None:
     try:
-        value = _probe().get(HOLD_KEY)
+        value = _probe().get(key)
     except RedisError:
         return None
     return str(value) if value else None
@@ -72,6 +76,8 @@ def _hold_value() -> str | None:
 
 def _held_call(self: _Progress, stage: str, fraction: float, message: str) -> None:
     _original_call(self, stage, fraction, message)  # records progress; may raise CancelledError
+    if 0.0 < fraction < 1.0 and _hold_value(OOM_KEY) == stage:  # inside the stage's work
+        raise torch.OutOfMemoryError(f"CUDA out of memory (injected by the test in {stage})")
     want = _hold_value()
     if not want:
         return

@@ -14,7 +14,7 @@ import redis
 from devstack import RedisServer
 from jobcore.config import Settings
 from jobcore.errors import IdempotencyConflictError
-from jobcore.queue import QUEUE, RUN_JOB_TASK, make_celery, run_job_message
+from jobcore.queue import RUN_JOB_TASK, make_celery, run_job_message
 from jobcore.spec import JobCreate
 from jobcore.store import JobStore
 from service.queue import JobQueue
@@ -22,6 +22,7 @@ from service.queue import JobQueue
 pytestmark = pytest.mark.integration
 
 TENANT = "acme"
+QUEUE = "cpu"  # Settings.cpu_queue's default
 SPEC = JobCreate.model_validate(
     {"model": "s3://inputs/acme/models/tiny", "calibration": "corpus:wiki", "budget": {"blocks": 2}}
 )
@@ -63,10 +64,10 @@ def _without_ids(message: str) -> dict[str, Any]:
 def test_run_job_message_is_what_send_task_publishes(redis_url: str, db: redis.Redis) -> None:
     celery = make_celery(_settings(redis_url))
     job_id = "0123456789abcdef" * 2
-    celery.send_task(RUN_JOB_TASK, args=[job_id])
+    celery.send_task(RUN_JOB_TASK, args=[job_id], queue=QUEUE)
     published = db.lpop(QUEUE)
     assert isinstance(published, str)
-    ours = run_job_message(celery, job_id)
+    ours = run_job_message(celery, job_id, QUEUE)
     assert _without_ids(ours) == _without_ids(published)
     assert list(json.loads(ours)) == list(json.loads(published))  # same envelope layout
     assert json.loads(ours)["headers"]["id"] != json.loads(published)["headers"]["id"]
@@ -77,25 +78,31 @@ def test_job_and_message_are_stored_together_once(redis_url: str, db: redis.Redi
     store = JobStore.from_settings(settings)
     queue = JobQueue(settings, store)
     try:
-        assert queue.broker is None and queue.with_create is not None
-        rec, created = store.create(TENANT, SPEC, "key-1", message=queue.with_create)
+        assert queue.broker is None and queue.with_create(QUEUE) is not None
+        rec, created = store.create(
+            TENANT, SPEC, "key-1", message=queue.with_create(QUEUE), queue=QUEUE
+        )
+        assert rec.queue == QUEUE
         assert created and rec.enqueued
         assert db.hget(f"lorp:job:{rec.id}", "enqueued") == "1"
         (message,) = db.lrange(QUEUE, 0, -1)
         assert json.loads(message)["headers"]["argsrepr"] == repr([rec.id])
         # A retry with the key returns the stored job and queues nothing more.
-        again, created = store.create(TENANT, SPEC, "key-1", message=queue.with_create)
+        again, created = store.create(TENANT, SPEC, "key-1", message=queue.with_create(QUEUE))
         assert not created and again == rec
         assert db.llen(QUEUE) == 1 and queue.length() == 1
         with pytest.raises(IdempotencyConflictError):
             store.create(
-                TENANT, SPEC.model_copy(update={"windows": 3}), "key-1", message=queue.with_create
+                TENANT,
+                SPEC.model_copy(update={"windows": 3}),
+                "key-1",
+                message=queue.with_create(QUEUE),
             )
         # A job stored without its message (an older API) is queued once by send().
         legacy, _ = store.create(TENANT, SPEC)
         assert not legacy.enqueued
-        queue.send(legacy.id)
-        queue.send(legacy.id)
+        queue.send(legacy.id, QUEUE)
+        queue.send(legacy.id, QUEUE)
         assert db.llen(QUEUE) == 2
         assert store.get(TENANT, legacy.id).enqueued
         assert store.enqueue(legacy.id, QUEUE, "unused") is False
@@ -110,10 +117,10 @@ def test_separate_broker_gets_the_message_after_the_job(redis_url: str, db: redi
     queue = JobQueue(settings, store)
     broker = redis.Redis.from_url(str(settings.broker_url), decode_responses=True)
     try:
-        assert queue.broker is not None and queue.with_create is None
-        rec, created = store.create(TENANT, SPEC, message=queue.with_create)
+        assert queue.broker is not None and queue.with_create(QUEUE) is None
+        rec, created = store.create(TENANT, SPEC, message=queue.with_create(QUEUE))
         assert created and not rec.enqueued and db.llen(QUEUE) == 0
-        queue.send(rec.id)
+        queue.send(rec.id, QUEUE)
         assert store.get(TENANT, rec.id).enqueued
         (message,) = broker.lrange(QUEUE, 0, -1)
         assert json.loads(message)["headers"]["argsrepr"] == repr([rec.id])

@@ -226,8 +226,10 @@ def bad_models(service: Service, tmp_path_factory: pytest.TempPathFactory) -> di
     return out
 
 
+# too_large_files: its weight files alone exceed what the (-Q cpu) worker pool advertised
+# (MAX_MODEL_BYTES), so the API refuses it at submission (jobcore.routing), test below.
 BAD_MODEL_CASES = [
-    ("too_large_files", "model_too_large", "accepts at most"),
+    ("too_large_files", "model_too_large", "cpu workers hold at most"),
     ("too_large_in_memory", "model_too_large", "in float32"),
     ("truncated_safetensors", "model_load_failed", "safetensors"),
     ("wrong_shapes", "model_load_failed", "could not load model"),
@@ -245,9 +247,17 @@ def test_bad_models_fail_cleanly(
         # the float16 model fits as it is stored (dtype "auto", the default) but not as float32
         extra = {"dtype": "float32"} if case == "too_large_in_memory" else {}
         resp = client_a.post("/jobs", json=service.job_body(model=bad_models[case], **extra))
+        if case == "too_large_files":  # refused at submission: nothing stored, no worker time
+            assert resp.status_code == 422, (case, resp.text)
+            (error,) = resp.json()["detail"]
+            assert error["type"] == "model_too_large" and error["loc"] == ["body", "model"]
+            assert f"{MAX_MODEL_BYTES:,} bytes" in error["msg"], error
+            continue
         assert resp.status_code == 202, (case, resp.text)
         submitted[case] = resp.json()["id"]
     for case, code, words in BAD_MODEL_CASES:
+        if case not in submitted:
+            continue
         job = service.wait(client_a, submitted[case], timeout=120)
         assert job["state"] == "failed", (case, job)
         assert job["error"]["code"] == code, (case, job["error"])

@@ -111,7 +111,8 @@ def test_worker_refuses_an_ungranted_input_before_reading(
     store = JobStore.from_settings(settings)
     queue = JobQueue(settings, store)
     try:
-        rec, created = store.create(TENANT_B, spec, message=queue.with_create)
+        target = settings.cpu_queue
+        rec, created = store.create(TENANT_B, spec, message=queue.with_create(target), queue=target)
         assert created
     finally:
         queue.close()

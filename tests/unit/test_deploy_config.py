@@ -185,15 +185,16 @@ def test_minio_credentials_match_the_service(compose: dict[str, Any]) -> None:
         assert deps["redis"]["condition"] == "service_healthy"
 
 
-def test_workers_run_one_prefork_job_on_the_task_queue(compose: dict[str, Any]) -> None:
-    from jobcore.queue import QUEUE
+def test_workers_run_one_prefork_job_on_their_device_class_queue(compose: dict[str, Any]) -> None:
+    from jobcore.config import Settings
 
-    for name in ("worker-cpu", "worker-gpu"):
+    defaults = {name: f.default for name, f in Settings.model_fields.items()}
+    for name, queue in (("worker-cpu", "cpu_queue"), ("worker-gpu", "gpu_queue")):
         cmd = services(compose)[name]["command"]
         assert cmd[:4] == ["celery", "-A", "worker.celery_app", "worker"]
         assert cmd[cmd.index("--pool") + 1] == "prefork"
         assert cmd[cmd.index("--concurrency") + 1] == "1"
-        assert QUEUE in cmd[cmd.index("-Q") + 1].split(",")
+        assert cmd[cmd.index("-Q") + 1].split(",") == [defaults[queue]]
 
 
 def test_housekeeper_posts_webhooks_with_one_beat(compose: dict[str, Any]) -> None:

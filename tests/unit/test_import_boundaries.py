@@ -221,6 +221,7 @@ def test_the_api_request_path_loads_no_torch(tmp_path: Path) -> None:
         (root / "calib.txt").write_text("text")
         from jobcore.config import Settings
         from jobcore.queue import make_celery, run_job_message
+        from jobcore.routing import choose_queue, job_weight_bytes
         from jobcore.spec import Method, validate_job
         from service.main import create_app
         from service.schemas import JobPublic
@@ -237,7 +238,8 @@ def test_the_api_request_path_loads_no_torch(tmp_path: Path) -> None:
                 settings, "acme",
             )
             job.estimated_tokens()
-        run_job_message(make_celery(settings), "0" * 32)
+            choose_queue(job.device, job_weight_bytes(job, None), {{"cpu": 1 << 30}}, settings)
+        run_job_message(make_celery(settings), "0" * 32, settings.cpu_queue)
         print(json.dumps(sorted(m for m in {HEAVY!r} if m in sys.modules)))
         """,
         tmp_path,

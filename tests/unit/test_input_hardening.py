@@ -150,6 +150,9 @@ class _Store:
     def acquire_lock(self, job_id: str, token: str, ttl_ms: int) -> bool:
         return True
 
+    def record_job(self, state: str, timings: Any) -> None:
+        self.recorded = (state, dict(timings))
+
     def lock_holder(self, job_id: str) -> str | None:
         return None
 

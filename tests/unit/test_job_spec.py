@@ -21,6 +21,7 @@ from jobcore.spec import (
     SERVICE_OPTIONS,
     BenchmarkSpec,
     Budget,
+    Device,
     DType,
     JobCreate,
     Method,
@@ -71,6 +72,7 @@ EVERY_OPTION: dict[str, Any] = {
     },
     "dtype": "bfloat16",
     "offload": "none",
+    "device": "cuda",
     "output_formats": ["gguf", "safetensors"],
     "benchmark": {
         "prefill": [[1, 64], [2, 32]],
@@ -109,6 +111,7 @@ RUN_PARAMETERS = {
     "evaluation": "evaluation",
     "dtype": "dtype",
     "output_formats": "output_formats",
+    "device": "device",
 }
 
 
@@ -116,7 +119,7 @@ def _default(field: Any) -> Any:
     if field.is_required():
         return inspect.Parameter.empty
     value = field.get_default(call_default_factory=True)
-    return value.value if isinstance(value, Method | DType | Offload) else value
+    return value.value if isinstance(value, Method | DType | Offload | Device) else value
 
 
 def _library_defaults(cls: Any) -> dict[str, Any]:
@@ -278,6 +281,7 @@ def test_the_worker_runs_the_pipeline_with_the_specs_config(tmp_path: Path) -> N
         "bfloat16",
     )
     assert kwargs["output_formats"] == ["gguf", "safetensors"]
+    assert kwargs["device"] == "cuda"
 
 
 # -- lorp prune ---------------------------------------------------------------------------------

@@ -136,8 +136,8 @@ def test_prune_in_memory_refusal_keeps_the_model_whole() -> None:
     with pytest.raises(QualityGateError, match=r"top-1 agreement 0\.\d{4} < min 1"):
         prune(model, tiny_tokenizer(), calib, config, evaluation=evalw)
     assert len(model.model.layers) == 6 and model.config.num_hidden_layers == 6
-    # a gate with nothing to measure refuses too
-    with pytest.raises(QualityGateError, match="could not be measured"):
+    # a gate with nothing to measure is refused before any forward pass (the preflight)
+    with pytest.raises(InvalidInputError, match="could not be measured"):
         prune(model, tiny_tokenizer(), calib, config)
     assert len(model.model.layers) == 6
 
