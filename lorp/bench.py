@@ -811,7 +811,8 @@ class _CompiledDecode:
         prompt_len = int(ids.shape[1])
         cache = self.caches.get(which)
         if cache is None:  # built under the model's view: the pruned one has fewer layers
-            cache = StaticCache(config=model.config, max_cache_len=prompt_len + new_tokens)
+            config: Any = model.config
+            cache = StaticCache(config=config, max_cache_len=prompt_len + new_tokens)
             self.caches[which] = cache
         else:
             cache.reset()
