@@ -306,7 +306,7 @@ class BenchmarkSpec(BaseModel):
         description="prefill workloads [batch, prompt tokens] (time to first token)",
     )
     decode: Annotated[list[tuple[BatchSize, PromptLen, NewTokens]], Field(max_length=8)] = Field(
-        default_factory=lambda: [(1, 32, 64)],
+        default_factory=lambda: [(1, 32, 16)],
         description="decode workloads [batch, prompt tokens, new tokens] (tokens per second; "
         "batch 1 is latency, e.g. [16, 32, 128] and [64, 32, 128] serving throughput)",
     )

@@ -173,7 +173,7 @@ class BenchmarkConfig:
     """
 
     prefill: tuple[tuple[int, int], ...] = ((1, 512),)
-    decode: tuple[tuple[int, int, int], ...] = ((1, 32, 64),)
+    decode: tuple[tuple[int, int, int], ...] = ((1, 32, 16),)
     modes: tuple[str, ...] | None = None
     warmup: int = 1
     repetitions: int = 20

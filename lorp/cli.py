@@ -265,8 +265,8 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--decode",
         type=_shapes(3),
-        default=[(1, 32, 64)],
-        help="decode workloads BATCHxPROMPTxNEW, comma-separated (default 1x32x64: batch-1 "
+        default=[(1, 32, 16)],
+        help="decode workloads BATCHxPROMPTxNEW, comma-separated (default 1x32x16: batch-1 "
         "latency)",
     )
     p.add_argument(

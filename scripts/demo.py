@@ -81,14 +81,12 @@ def build_spec(args: argparse.Namespace, model: str, calibration: str, evaluatio
         "benchmark": None,
     }
     if not args.no_benchmark:
-        # batch-1 latency, eager; the benchmark's time budget is 25% of the job's other stages
-        # (or --bench-budget seconds): every workload runs A/B pairs until its speedup's 95%
-        # interval is within ±2% or its share is spent. 32 new tokens give the per-token decode
-        # speedup at a quarter of the time 128 would (the serving workloads and the compiled
-        # mode are a `lorp bench` away: see the README's speed section).
+        # the default workloads (batch-1 latency: prefill 1x512, decode 1x32+16), eager; the
+        # benchmark's time budget is 25% of the job's other stages (or --bench-budget seconds):
+        # every workload runs A/B pairs until its speedup's 95% interval is within ±2% or its
+        # share is spent (the serving workloads and the compiled mode are a `lorp bench` away:
+        # see the README's speed section)
         spec["benchmark"] = {
-            "prefill": [[1, 512]],
-            "decode": [[1, 32, 32]],
             "repetitions": args.repetitions,
             "budget_s": args.bench_budget,
         }
