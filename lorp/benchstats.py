@@ -20,8 +20,8 @@ Stopping rule (:func:`sample_pairs`)
 Reliability (:func:`assess`)
     A workload is marked unreliable, with the reasons, when its interval is wider than
     ``unreliable`` (default ±5%) or the machine's load changed while it ran
-    (:func:`load_changes`: the other processes' CPU use, CPU steal, the load average, other
-    GPU processes).
+    or was busy (:func:`load_changes`: the other processes' CPU use, CPU steal, the load
+    average, other GPU processes).
 """
 
 from __future__ import annotations
@@ -57,6 +57,7 @@ INTERVAL_METHOD = (
 
 #: Load-change thresholds (:func:`load_changes`).
 OTHERS_CPU_CHANGE = 0.25  # change of the other processes' share of all CPUs between intervals
+OTHERS_CPU_BUSY = 0.5  # the other processes' share of all CPUs over the run: a contended machine
 STEAL_SHARE = 0.05  # CPU time taken by the hypervisor, share of all CPUs
 LOAD_INTERVAL_S = 1.0  # samples are merged into intervals at least this long
 _PROC_STAT = Path("/proc/stat")
@@ -277,6 +278,8 @@ def load_changes(samples: Sequence[LoadSample], own_threads: int = 1) -> dict[st
     - the other processes' share of all CPUs (busy CPU time minus this process's) differs by
       more than :data:`OTHERS_CPU_CHANGE` between intervals of at least
       :data:`LOAD_INTERVAL_S`;
+    - the other processes used more than :data:`OTHERS_CPU_BUSY` of all CPUs over the run
+      (contended: steady or not, their load competes for the cores and the caches);
     - CPU steal above :data:`STEAL_SHARE` of all CPU time;
     - the 1-minute load average rose or fell by more than this process's own threads
       (``own_threads``, its own ramp) plus max(1, half the CPUs);
@@ -304,6 +307,12 @@ def load_changes(samples: Sequence[LoadSample], own_threads: int = 1) -> dict[st
             reasons.append(
                 f"other processes' CPU use changed between {100 * lo:.0f}% and {100 * hi:.0f}% "
                 "of the machine during the run"
+            )
+        overall = _others_share(first, last)
+        if overall is not None and overall > OTHERS_CPU_BUSY:
+            reasons.append(
+                f"other processes used {100 * overall:.0f}% of the CPUs during the run "
+                "(a contended machine)"
             )
     if (
         first.cpu_steal_s is not None

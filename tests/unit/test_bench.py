@@ -475,6 +475,12 @@ def test_other_processes_starting_mid_run_are_detected() -> None:
     assert len(load["reasons"]) == 1 and "other processes' CPU use changed" in load["reasons"][0]
 
 
+def test_a_busy_machine_is_a_reason_even_when_steady() -> None:
+    samples = [_sample(t, 1.4 * t, 0.5 * t) for t in range(0, 10)]  # others: 70% throughout
+    reasons = load_changes(samples, own_threads=1)["reasons"]
+    assert reasons == ["other processes used 70% of the CPUs during the run (a contended machine)"]
+
+
 def test_steal_loadavg_and_gpu_changes_are_detected() -> None:
     samples = [
         _sample(0.0, 0.0, 0.0, loadavg=0.5, gpu_others=()),
