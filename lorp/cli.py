@@ -321,7 +321,16 @@ def _speed_line(w: Any, removed: Sequence[int]) -> str:
     line = (
         f"{w.name:>28}: original {o['median_s'] * 1e3:9.1f} ms  pruned {p['median_s'] * 1e3:9.1f} "
         f"ms  speedup {w.speedup:.3f}x{ci_text} ({len(w.original.times_s)} pairs)"
-        + (f"  ideal {ideal:.3f}x" if ideal else "")
+        + (
+            f"  ideal {ideal:.3f}x, measured/ideal {w.speedup / ideal:.3f}"
+            + (
+                f" [{ci['low'] / ideal:.3f}-{ci['high'] / ideal:.3f}]"
+                if ci.get("low") is not None
+                else ""
+            )
+            if ideal
+            else ""
+        )
         + f"  [{w.engine}]"
     )
     if w.unreliable_reasons:
