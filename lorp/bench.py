@@ -37,8 +37,10 @@ Time budget and stopping rule (:mod:`lorp.benchstats`)
     compilation included, then runs A/B pairs until the 95% interval of its speedup is within
     ``target_half_width`` (±2%), its share is spent, or ``repetitions`` pairs ran; at least
     ``min_repetitions`` pairs always run, so a budget too small for them is overrun (``budget``
-    says so). A row is ``reliable: false`` with its reasons when the interval is wider than
-    ``unreliable_half_width`` (±5%) or the machine's load changed while it ran
+    says so); a row that would start with the budget already spent is not run (``status``
+    "unavailable", ``unavailable_reason`` "skipped: ..."), except the first. A row is
+    ``reliable: false`` with its reasons when the interval is wider than
+    ``unreliable_half_width`` (±5%) or the machine's load changed (or was busy) while it ran
     (:func:`lorp.benchstats.load_changes`).
 
 Memory (per workload, mode and model, from one dedicated untimed run, which is also the first
@@ -372,7 +374,9 @@ class WorkloadResult:
 
     def to_dict(self, removed: Sequence[int]) -> dict[str, Any]:
         ideal = self.ideal_speedup(removed)
-        speedup = self.speedup
+        speedup: float | None = self.speedup
+        if speedup is not None and not math.isfinite(speedup):
+            speedup = None  # unavailable, or a zero median: JSON has no NaN
         removed_time = (
             None
             if self.block_times_s is None
@@ -408,7 +412,7 @@ class WorkloadResult:
             "speedup_ci": ci,
             "ideal_speedup": ideal,
             "ideal_source": ideal_source,
-            "measured_over_ideal": None if ideal is None else speedup / ideal,
+            "measured_over_ideal": None if ideal is None or speedup is None else speedup / ideal,
             "measured_over_ideal_ci": ratio_ci,
             "reliable": self.reliable,
             "unreliable_reasons": list(self.unreliable_reasons),
@@ -1085,6 +1089,30 @@ class _Session:
         result.time_s = self.clock() - start
         return result
 
+    def skipped(self, task: _Task, budget: float) -> WorkloadResult:
+        """A row not run: the budget was spent before it started."""
+        reason = (
+            f"skipped: the benchmark's time budget ({budget:.1f} s) was spent before this "
+            "workload started"
+        )
+        self.report(f"{task.name}: {reason}")
+        return WorkloadResult(
+            name=task.name,
+            kind=task.kind,
+            batch=task.batch,
+            prompt_len=task.prompt_len,
+            new_tokens=task.new_tokens,
+            original=None,
+            pruned=None,
+            schedule=[],
+            mode=task.mode,
+            engine=engine(task.mode, self.device),
+            workload=task.workload,
+            status="unavailable",
+            unavailable_reason=reason,
+            share_s=0.0,
+        )
+
     def _compile(
         self, task: _Task, ids: torch.Tensor
     ) -> tuple[Callable[[str], tuple[float, Any]], dict[str, float]]:
@@ -1215,8 +1243,11 @@ def benchmark(
             session.report(f"{len(tasks)} workloads in a budget of {budget:.0f} s")
             mem_method = memory_method(device)
             for i, task in enumerate(tasks):
-                share = max(0.0, budget - session.spent()) / (len(tasks) - i)
-                results.append(session.measure(task, share))
+                left = budget - session.spent()
+                if i > 0 and left <= 0:  # the first row always runs
+                    results.append(session.skipped(task, budget))
+                    continue
+                results.append(session.measure(task, left / (len(tasks) - i)))
     finally:
         model.train(was_training)
         if session.step is not None:
@@ -1239,8 +1270,8 @@ def benchmark(
     exceeded = total > budget
     if exceeded:
         notes.append(
-            f"the benchmark took {total:.1f} s, over its budget of {budget:.1f} s: every row runs "
-            f"at least {config.min_repetitions} pairs"
+            f"the benchmark took {total:.1f} s, over its budget of {budget:.1f} s: every row it "
+            f"runs times at least {config.min_repetitions} pairs"
         )
     return BenchmarkResult(
         config=config,

@@ -51,7 +51,7 @@ def _config(**overrides: Any) -> BenchmarkConfig:
         "warmup": 1,
         "repetitions": 3,
         "block_repetitions": 2,
-        "budget_s": 0.001,  # only the minimum pairs: exactly `repetitions`
+        "budget_s": 60.0,  # repetitions 3 is also the minimum: exactly 3 pairs
         "allow_few_repetitions": True,
     }
     values.update(overrides)
@@ -112,7 +112,7 @@ def test_result_structure(run: Any) -> None:
         assert w["mode"] == "eager" and w["engine"] == "transformers eager (dynamic KV cache)"
         ci = w["speedup_ci"]
         assert ci["pairs"] == 3 and ci["low"] <= w["speedup"] <= ci["high"]
-        assert w["stop_reason"] in ("converged", "budget")
+        assert w["stop_reason"] in ("converged", "budget", "max_pairs")
         assert w["reliable"] is (not w["unreliable_reasons"])
         assert set(w["load"]) >= {"loadavg_start", "others_cpu_share_max", "reasons"}
         assert len(w["block_times_s"]) == DEPTH
@@ -122,7 +122,7 @@ def test_result_structure(run: Any) -> None:
         assert w["ideal_speedup"] == pytest.approx(total / (total - removed_time))
         assert w["measured_over_ideal"] == pytest.approx(w["speedup"] / w["ideal_speedup"])
     assert data["environment"]["torch"] == torch.__version__
-    assert data["budget"]["budget_s"] == 0.001 and data["budget"]["exceeded"]
+    assert data["budget"]["budget_s"] == 60.0 and data["budget"]["source"] == "budget_s"
     assert data["modes"] == ["eager"]  # CPU default: no compiled mode
     serving = data["serving_memory"]
     assert serving["workload"] == "decode_b2_p4_n5"  # 2 x (4 + 5) cached tokens, the most
@@ -536,7 +536,7 @@ def test_compiled_mode_unavailable_is_reported_not_raised(monkeypatch: pytest.Mo
     assert compiled.status == "unavailable"
     assert compiled.unavailable_reason == "compiling failed: RuntimeError: no compiler here"
     row = result.to_dict()["workloads"][1]
-    assert (row["original"] is None and row["speedup"] is None) or math.isnan(row["speedup"])
+    assert row["original"] is None and row["speedup"] is None
     assert row["reliable"] is None
 
 
@@ -576,3 +576,16 @@ def test_compiled_decode_on_cpu_matches_eager() -> None:
     torch._dynamo.reset()
     assert decoder.last_tokens is not None
     assert torch.equal(decoder.last_tokens, out[:, 4:])
+
+
+def test_rows_are_skipped_once_the_budget_is_spent() -> None:
+    model = build_tiny("llama")
+    result = benchmark(model, REMOVED, _config(budget_s=0.001))
+    first, *rest = result.workloads
+    assert first.status == "measured" and first.interval is not None  # the first always runs
+    assert [w.status for w in rest] == ["unavailable", "unavailable"]
+    assert all(
+        w.unavailable_reason.startswith("skipped: the benchmark's time budget") for w in rest
+    )
+    assert result.budget["exceeded"] and any("over its budget" in n for n in result.notes)
+    json.dumps(result.to_dict(), allow_nan=False)
