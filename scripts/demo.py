@@ -225,6 +225,7 @@ def _demo_job(
         print(f"  job {job_id} succeeded in {_elapsed(job)}")
         for line in format_summary(job.get("summary") or {}):
             print(f"  {line}")
+        _print_speed(dest / "report.json")
         print(f"  report: {dest / 'report.html'}")
         _print_sizes(gguf, dest / "model")
         print()
@@ -244,6 +245,19 @@ def _demo_job(
         say(f"API error: {exc}")
         say(f"logs: {stack.log_dir}")
         return 1
+
+
+def _print_speed(report_path: Path) -> None:
+    """The report's speedups with their 95% intervals, engines and reliability (a contended
+    machine's numbers say so here, not only in the report)."""
+    from lorp.report import speed_headline
+
+    try:
+        report = json.loads(report_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    for line in speed_headline(report):
+        print(f"  {line}")
 
 
 def _print_sizes(source: Path, model_dir: Path) -> None:

@@ -28,7 +28,7 @@ from .document import (
     migrate_report,
 )
 from .files import write_reports
-from .html import render_html, render_markdown
+from .html import render_html, render_markdown, speed_headline
 from .plots import plot_heatmap, plot_speedup
 from .prose import explain, method_label
 
@@ -48,5 +48,6 @@ __all__ = [
     "plot_speedup",
     "render_html",
     "render_markdown",
+    "speed_headline",
     "write_reports",
 ]

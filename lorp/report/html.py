@@ -12,7 +12,7 @@ from typing import Any
 
 from .prose import block_ranges, method_label
 
-__all__ = ["render_html", "render_markdown"]
+__all__ = ["render_html", "render_markdown", "speed_headline"]
 
 
 def _mb(value: Any) -> str:
@@ -48,6 +48,21 @@ def _speed_text(w: Mapping[str, Any]) -> str:
     return text
 
 
+def speed_headline(report: Mapping[str, Any]) -> list[str]:
+    """The report's speed in plain text, one line per engine and mode: every speedup with its
+    95% interval and ideal, and UNRELIABLE with the reasons where it is (the human report's
+    headline; ``make demo`` prints it)."""
+    speed = report.get("speed") or []
+    if not speed:
+        return ["Speed: not measured."]
+    by_engine: dict[str, list[str]] = {}
+    for w in speed:
+        by_engine.setdefault(str(w.get("engine") or "transformers eager"), []).append(
+            _speed_text(w)
+        )
+    return [f"Speedup ({name}): " + "; ".join(parts) + "." for name, parts in by_engine.items()]
+
+
 def _headline(report: Mapping[str, Any]) -> list[str]:
     """The ten-second summary, one short fact a line (plain text)."""
     summ = report["summary"]
@@ -68,17 +83,7 @@ def _headline(report: Mapping[str, Any]) -> list[str]:
         lines += [f"Gate: {v}." for v in (gate or {}).get("violations", [])]
     elif gate:
         lines.append(f"Quality gate passed (limits {gate.get('limits')}).")
-    speed = report.get("speed") or []
-    if speed:
-        by_engine: dict[str, list[str]] = {}
-        for w in speed:
-            by_engine.setdefault(str(w.get("engine") or "transformers eager"), []).append(
-                _speed_text(w)
-            )
-        for name, parts in by_engine.items():
-            lines.append(f"Speedup ({name}): " + "; ".join(parts) + ".")
-    else:
-        lines.append("Speed: not measured.")
+    lines += speed_headline(report)
     mem = report.get("memory")
     serving = (mem or {}).get("serving")
     if serving:
