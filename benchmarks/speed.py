@@ -1,4 +1,5 @@
-"""Issue #4: speed and memory of SmolLM2-135M with 6 of 30 blocks removed, on this machine.
+"""Issue #4 (budgeted and with intervals since issue 22): speed and memory of SmolLM2-135M with
+6 of 30 blocks removed, on this machine.
 
 Loads the bundled SmolLM2-135M (GGUF, float32), picks the blocks to remove, and runs
 lorp.bench.benchmark (original vs pruned view in one process, alternated repetitions) on the
@@ -13,7 +14,8 @@ Blocks to remove, first that applies:
   benchmarks/results/selection_smollm2.json if it exists;
   otherwise S is captured on --windows calibration windows (shared corpus) and LoRP selects.
 
-    .venv/bin/python benchmarks/speed.py [--remove 6] [--repetitions 10] [--threads N]
+    .venv/bin/python benchmarks/speed.py [--remove 6] [--budget 600] [--modes eager,compiled]
+        [--serving] [--repetitions 20] [--threads N]
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import CALIBRATION, RESULTS, table
 
-from lorp.bench import BenchmarkConfig, benchmark
+from lorp.bench import SERVING_DECODE, BenchmarkConfig, benchmark
 from lorp.loading import bundled_model_path, load_model
 
 SELECTION_RESULT = RESULTS / "selection_smollm2.json"
@@ -88,9 +90,12 @@ def main() -> None:
     ap.add_argument("--remove", type=int, default=6, help="blocks LoRP removes (default 6)")
     ap.add_argument("--windows", type=int, default=8, help="calibration windows if S is captured")
     ap.add_argument("--seq-len", type=int, default=512)
-    ap.add_argument("--repetitions", type=int, default=10)
+    ap.add_argument("--repetitions", type=int, default=20, help="most A/B pairs per row")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--block-repetitions", type=int, default=3)
+    ap.add_argument("--budget", type=float, default=600.0, help="benchmark seconds (600)")
+    ap.add_argument("--modes", default="eager", help="eager and/or compiled, comma-separated")
+    ap.add_argument("--serving", action="store_true", help="add decode 16x32x128 and 64x32x128")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--report-dir", default=None, help="also write the human report here")
     ap.add_argument("--note", default="", help="free text stored with the result")
@@ -108,10 +113,12 @@ def main() -> None:
 
     config = BenchmarkConfig(
         prefill=((1, 512), (8, 128)),
-        decode=((1, 32, 128),),
+        decode=((1, 32, 128), *(SERVING_DECODE if args.serving else ())),
+        modes=tuple(m.strip() for m in args.modes.split(",") if m.strip()),
         warmup=args.warmup,
         repetitions=args.repetitions,
         block_repetitions=args.block_repetitions,
+        budget_s=args.budget,
     )
     last = [0.0]
 
@@ -170,13 +177,18 @@ def main() -> None:
     rows = []
     for w in data["workloads"]:
         o, p = w["original"], w["pruned"]
+        if o is None or p is None:
+            rows.append([w["name"], f"unavailable: {w['unavailable_reason']}"] + [""] * 8)
+            continue
+        ci = w["speedup_ci"] or {}
         rows.append(
             [
-                w["name"],
+                w["name"] + ("" if w["reliable"] else " (unreliable)"),
                 f"{o['median_s'] * 1e3:.1f} [{o['p10_s'] * 1e3:.1f}-{o['p90_s'] * 1e3:.1f}]",
                 f"{p['median_s'] * 1e3:.1f} [{p['p10_s'] * 1e3:.1f}-{p['p90_s'] * 1e3:.1f}]",
                 f"{o['tokens_per_s']:.1f} -> {p['tokens_per_s']:.1f}",
-                f"{w['speedup']:.3f}",
+                f"{w['speedup']:.3f} [{ci.get('low') or 0:.3f}-{ci.get('high') or 0:.3f}]",
+                str(len(o["times_s"])),
                 "n/a" if w["ideal_speedup"] is None else f"{w['ideal_speedup']:.3f}",
                 "n/a" if w["measured_over_ideal"] is None else f"{w['measured_over_ideal']:.3f}",
                 f"{o['memory']['kv_cache_bytes'] / 1e6:.1f} -> "
@@ -189,7 +201,8 @@ def main() -> None:
         "original ms [p10-p90]",
         "pruned ms [p10-p90]",
         "tokens/s",
-        "speedup",
+        "speedup [95% CI]",
+        "pairs",
         "ideal",
         "meas/ideal",
         "KV MB",

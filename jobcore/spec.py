@@ -274,6 +274,17 @@ NewTokens = Annotated[StrictInt, Field(ge=1, le=2048)]
 OutputFormats = Annotated[list[OutputFormat], Field(min_length=1, max_length=len(OutputFormat))]
 
 
+class BenchMode(StrEnum):
+    """How the benchmark runs the models (``lorp.bench``): transformers eager, or a static KV
+    cache with ``torch.compile`` (decode only; CUDA graphs on a GPU)."""
+
+    eager = "eager"
+    compiled = "compiled"
+
+
+BenchModes = Annotated[list[BenchMode], Field(min_length=1, max_length=len(BenchMode))]
+
+
 class Budget(BaseModel):
     """How much to remove: exactly one of ``blocks`` (a count), ``fraction`` (of all blocks), or
     a quality target whose depth the worker searches (lorp.target): ``max_ppl_ratio`` or
@@ -338,9 +349,9 @@ class BenchmarkSpec(BaseModel):
             "examples": [
                 {
                     "prefill": [[1, 512], [8, 128]],
-                    "decode": [[1, 32, 128]],
-                    "warmup": 2,
-                    "repetitions": 10,
+                    "decode": [[1, 32, 64], [16, 32, 128]],
+                    "modes": ["eager", "compiled"],
+                    "budget_s": 120,
                 }
             ]
         },
@@ -351,14 +362,26 @@ class BenchmarkSpec(BaseModel):
         description="prefill workloads [batch, prompt tokens] (time to first token)",
     )
     decode: Annotated[list[tuple[BatchSize, PromptLen, NewTokens]], Field(max_length=8)] = Field(
-        default_factory=lambda: [(1, 32, 128)],
-        description="decode workloads [batch, prompt tokens, new tokens] (tokens per second)",
+        default_factory=lambda: [(1, 32, 16)],
+        description="decode workloads [batch, prompt tokens, new tokens] (tokens per second; "
+        "batch 1 is latency, e.g. [16, 32, 128] and [64, 32, 128] serving throughput)",
+    )
+    modes: BenchModes | None = Field(
+        default=None,
+        description="eager and/or compiled (static KV cache + torch.compile, decode "
+        "workloads only); null: eager, plus compiled on a GPU worker",
     )
     warmup: Annotated[StrictInt, Field(ge=0, le=20)] = Field(
-        default=2, description="untimed runs per model and workload"
+        default=1, description="untimed runs per model and workload (the last measures memory)"
     )
-    repetitions: Annotated[StrictInt, Field(ge=10, le=200)] = Field(
-        default=10, description="timed runs per model and workload"
+    repetitions: Annotated[StrictInt, Field(ge=3, le=200)] = Field(
+        default=20,
+        description="most A/B pairs per workload: at least 3 run, then more until the "
+        "speedup's 95% interval is within ±2% or the workload's share of the budget is spent",
+    )
+    budget_s: Annotated[float, Field(gt=0, le=3600)] | None = Field(
+        default=None,
+        description="seconds for the whole benchmark; null: 25% of the job's other stages",
     )
     measure_blocks: StrictBool = Field(
         default=True, description="time every block to report the ideal speedup"
@@ -370,6 +393,8 @@ class BenchmarkSpec(BaseModel):
             raise ValueError("give at least one prefill or decode workload (or benchmark: null)")
         if len(set(self.prefill)) != len(self.prefill) or len(set(self.decode)) != len(self.decode):
             raise ValueError("benchmark workloads must not repeat")
+        if self.modes == [BenchMode.compiled] and not self.decode:
+            raise ValueError("the compiled mode times decode workloads: give one")
         return self
 
 

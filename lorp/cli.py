@@ -223,43 +223,122 @@ def _emit(data: dict[str, Any], as_json: bool, lines: Sequence[str]) -> None:
 
 
 def _bench_config(args: argparse.Namespace) -> Any:
-    from .bench import BenchmarkConfig
+    from .bench import SERVING_DECODE, BenchmarkConfig
 
+    decode = list(args.decode)
+    if args.serving:
+        decode += [w for w in SERVING_DECODE if w not in decode]
     return BenchmarkConfig(
         prefill=tuple(args.prefill),
-        decode=tuple(args.decode),
+        decode=tuple(decode),
+        modes=None if args.modes is None else tuple(args.modes),
         warmup=args.warmup,
         repetitions=args.repetitions,
+        budget_s=args.budget_s,
         measure_blocks=not args.no_block_timing,
-        allow_few_repetitions=args.repetitions < 10,
     )
+
+
+def _modes(text: str) -> list[str]:
+    from .bench import MODES
+
+    modes = [m.strip() for m in text.split(",") if m.strip()]
+    bad = [m for m in modes if m not in MODES]
+    if not modes or bad or len(set(modes)) != len(modes):
+        raise argparse.ArgumentTypeError(
+            f"expected distinct values of {', '.join(MODES)}, comma-separated, got {text!r}"
+        )
+    return modes
+
+
+def _positive_float(text: str) -> float:
+    value = _nonneg_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
 
 
 def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--prefill",
         type=_shapes(2),
-        default=[(1, 512), (8, 128)],
-        help="prefill workloads BATCHxPROMPT, comma-separated (default 1x512,8x128)",
+        default=[(1, 512)],
+        help="prefill workloads BATCHxPROMPT, comma-separated (default 1x512)",
     )
     p.add_argument(
         "--decode",
         type=_shapes(3),
-        default=[(1, 32, 128)],
-        help="decode workloads BATCHxPROMPTxNEW, comma-separated (default 1x32x128)",
+        default=[(1, 32, 16)],
+        help="decode workloads BATCHxPROMPTxNEW, comma-separated (default 1x32x16: batch-1 "
+        "latency)",
     )
     p.add_argument(
-        "--warmup", type=int, default=2, help="untimed runs per model and workload (default 2)"
+        "--serving",
+        action="store_true",
+        help="add the serving-throughput decode workloads 16x32x128 and 64x32x128",
+    )
+    p.add_argument(
+        "--bench-modes",
+        dest="modes",
+        type=_modes,
+        default=None,
+        help="eager and/or compiled (static KV cache + torch.compile, decode only), "
+        "comma-separated (default: eager, plus compiled on CUDA)",
+    )
+    p.add_argument(
+        "--bench-budget",
+        dest="budget_s",
+        type=_positive_float,
+        default=None,
+        help="seconds for the whole benchmark (default: lorp prune 25%% of the job's other "
+        "stages; lorp bench 60)",
+    )
+    p.add_argument(
+        "--warmup",
+        type=int,
+        default=1,
+        help="untimed runs per model and workload, the last one measuring memory (default 1)",
     )
     p.add_argument(
         "--repetitions",
         type=_positive_int,
-        default=10,
-        help="timed runs per model and workload (default 10; fewer is marked as such)",
+        default=20,
+        help="most A/B pairs per workload (default 20; at least 3 run, then until the "
+        "speedup's 95%% interval is within ±2%% or the budget share is spent)",
     )
     p.add_argument(
         "--no-block-timing", action="store_true", help="skip per-block timing (no ideal speedup)"
     )
+
+
+def _speed_line(w: Any, removed: Sequence[int]) -> str:
+    """One benchmark row: engine, times, speedup with its interval, ideal, reliability."""
+    if w.status != "measured":
+        return f"{w.name:>28}: unavailable ({w.unavailable_reason})"
+    o, p = w.original.to_dict(), w.pruned.to_dict()
+    ci = w.interval.to_dict() if w.interval is not None else {}
+    ci_text = (
+        f" [{ci['low']:.3f}-{ci['high']:.3f}]" if ci.get("low") is not None else " [no interval]"
+    )
+    ideal = w.ideal_speedup(removed)
+    line = (
+        f"{w.name:>28}: original {o['median_s'] * 1e3:9.1f} ms  pruned {p['median_s'] * 1e3:9.1f} "
+        f"ms  speedup {w.speedup:.3f}x{ci_text} ({len(w.original.times_s)} pairs)"
+        + (
+            f"  ideal {ideal:.3f}x, measured/ideal {w.speedup / ideal:.3f}"
+            + (
+                f" [{ci['low'] / ideal:.3f}-{ci['high'] / ideal:.3f}]"
+                if ci.get("low") is not None
+                else ""
+            )
+            if ideal
+            else ""
+        )
+        + f"  [{w.engine}]"
+    )
+    if w.unreliable_reasons:
+        line += "  UNRELIABLE: " + "; ".join(w.unreliable_reasons)
+    return line
 
 
 # ----------------------------------------------------------------------------- commands
@@ -437,8 +516,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if res.gate is not None:
         lines.append(res.gate.message)
     if res.benchmark is not None:
-        for w in res.benchmark.workloads:
-            lines.append(f"{w.name}: speedup {w.speedup:.2f}x")
+        lines += [_speed_line(w, res.removed) for w in res.benchmark.workloads]
     summary = {"removed": res.removed, "out": str(args.out), "report": out.report}
     _emit(summary, args.json, lines)
     return EXIT_OK
@@ -566,14 +644,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
         loaded.model, args.remove_layers, _bench_config(args), progress=_Progress(not args.quiet)
     )
     data = result.to_dict()
-    lines = [f"removed blocks {args.remove_layers} of {result.num_layers}"]
-    for w in result.workloads:
-        ideal = w.ideal_speedup(args.remove_layers)
-        lines.append(
-            f"{w.name:>24}: original {w.original.to_dict()['median_s'] * 1e3:9.1f} ms  "
-            f"pruned {w.pruned.to_dict()['median_s'] * 1e3:9.1f} ms  speedup {w.speedup:.3f}x"
-            + (f"  ideal {ideal:.3f}x" if ideal else "")
-        )
+    lines = [
+        f"removed blocks {result.removed} of {result.num_layers}; "
+        f"{result.total_time_s:.1f} s of a {result.budget['budget_s']:.0f} s budget"
+    ]
+    lines += [_speed_line(w, result.removed) for w in result.workloads]
+    lines += [f"note: {n}" for n in result.notes]
     _emit(data, args.json, lines)
     return EXIT_OK
 

@@ -1254,12 +1254,25 @@ def measure_speed(
     timer: StageTimer | None = None,
 ) -> BenchmarkResult | None:
     """Stage "benchmark" (only with ``config.benchmark``; else None): the model and its pruned
-    view timed in this process (:func:`lorp.bench.benchmark`). The model is left as it was."""
+    view timed in this process (:func:`lorp.bench.benchmark`). The model is left as it was.
+
+    Its time budget: ``config.benchmark.budget_s`` when set, else ``budget_fraction`` (25%) of
+    the time the job's other stages took so far (``timer.timings``: loading, calibration,
+    selection, fits, evaluation), so the benchmark stays a fraction of the job."""
     if config.benchmark is None:
         return None
     timer = timer or StageTimer()
+    bench = config.benchmark
+    budget_s: float | None = None
+    source = None
+    if bench.budget_s is None:
+        others = sum(t for name, t in timer.timings.items() if name != "benchmark")
+        budget_s = max(bench.budget_fraction * others, 1e-3)
+        source = f"{100 * bench.budget_fraction:.0f}% of the job's other stages ({others:.1f} s)"
     with timer.stage("benchmark", "timing original vs pruned"):
-        return benchmark(model, removed, config.benchmark, progress=timer.progress)
+        return benchmark(
+            model, removed, bench, progress=timer.progress, budget_s=budget_s, budget_source=source
+        )
 
 
 def remove(

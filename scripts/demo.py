@@ -81,11 +81,14 @@ def build_spec(args: argparse.Namespace, model: str, calibration: str, evaluatio
         "benchmark": None,
     }
     if not args.no_benchmark:
+        # the default workloads (batch-1 latency: prefill 1x512, decode 1x32+16), eager; the
+        # benchmark's time budget is 25% of the job's other stages (or --bench-budget seconds):
+        # every workload runs A/B pairs until its speedup's 95% interval is within ±2% or its
+        # share is spent (the serving workloads and the compiled mode are a `lorp bench` away:
+        # see the README's speed section)
         spec["benchmark"] = {
-            "prefill": [[1, 512], [8, 128]],
-            "decode": [[1, 32, 128]],
-            "warmup": 2,
             "repetitions": args.repetitions,
+            "budget_s": args.bench_budget,
         }
     return spec
 
@@ -222,6 +225,7 @@ def _demo_job(
         print(f"  job {job_id} succeeded in {_elapsed(job)}")
         for line in format_summary(job.get("summary") or {}):
             print(f"  {line}")
+        _print_speed(dest / "report.json")
         print(f"  report: {dest / 'report.html'}")
         _print_sizes(gguf, dest / "model")
         print()
@@ -241,6 +245,19 @@ def _demo_job(
         say(f"API error: {exc}")
         say(f"logs: {stack.log_dir}")
         return 1
+
+
+def _print_speed(report_path: Path) -> None:
+    """The report's speedups with their 95% intervals, engines and reliability (a contended
+    machine's numbers say so here, not only in the report)."""
+    from lorp.report import speed_headline
+
+    try:
+        report = json.loads(report_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    for line in speed_headline(report):
+        print(f"  {line}")
 
 
 def _print_sizes(source: Path, model_dir: Path) -> None:
@@ -276,15 +293,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--blocks", type=int, default=6, help="blocks to remove (default 6)")
     parser.add_argument(
         "--method",
-        default="auto",
+        default="lorp-fold",
         choices=method_names(),
-        help="selection method (default auto: the best of the S-based candidates on held-out "
-        "calibration windows; plain lorp removes blocks SmolLM2 needs at 6 of 30)",
+        help="selection method (default lorp-fold: lorp-loss's selection with the fitted "
+        "compensation and logit temperature folded in, the lowest held-out perplexity of the "
+        "methods measured on SmolLM2; plain lorp removes blocks SmolLM2 needs at 6 of 30)",
     )
     parser.add_argument("--windows", type=int, default=16, help="calibration windows")
     parser.add_argument("--seq-len", type=int, default=256, help="calibration window length")
     parser.add_argument("--eval-windows", type=int, default=16, help="perplexity windows")
-    parser.add_argument("--repetitions", type=int, default=10, help="benchmark repetitions")
+    parser.add_argument(
+        "--repetitions", type=int, default=20, help="most benchmark A/B pairs per workload"
+    )
+    parser.add_argument(
+        "--bench-budget",
+        type=float,
+        default=None,
+        help="benchmark seconds (default: 25%% of the job's other stages)",
+    )
     parser.add_argument("--no-benchmark", action="store_true", help="skip speed measurements")
     parser.add_argument("--threads", type=int, default=2, help="torch threads in the worker")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds to wait for the job")

@@ -2,7 +2,8 @@
 
 * :mod:`.document`: the JSON document (:func:`build_report`; a prune's, quality guard included:
   :func:`make_report`; schema ``lorp/schemas/report.schema.json``, JSON Schema draft 2020-12)
-  and the summary a service job stores, read from it (:func:`job_summary`);
+  and the summary a service job stores, read from it (:func:`job_summary`); an earlier
+  version's document upgraded to this one (:func:`migrate_report`);
 * :mod:`.prose`: each method's label and prose, from the method registry (:mod:`lorp.methods`);
 * :mod:`.plots`: the heatmap of S with the phases and the removed blocks marked and the speedup
   chart and a quality target's quality-vs-depth curve (matplotlib);
@@ -24,9 +25,10 @@ from .document import (
     json_safe,
     load_schema,
     make_report,
+    migrate_report,
 )
 from .files import write_reports
-from .html import render_html, render_markdown
+from .html import render_html, render_markdown, speed_headline
 from .plots import plot_depth, plot_heatmap, plot_speedup
 from .prose import explain, method_label
 
@@ -41,10 +43,12 @@ __all__ = [
     "load_schema",
     "make_report",
     "method_label",
+    "migrate_report",
     "plot_depth",
     "plot_heatmap",
     "plot_speedup",
     "render_html",
     "render_markdown",
+    "speed_headline",
     "write_reports",
 ]

@@ -121,14 +121,26 @@ def render_model_card(report: Mapping[str, Any], *, made_by: str | None = None) 
             f"{env.get('dtype')}, torch {env.get('torch')}, {env.get('torch_threads')} threads), "
             "original and pruned alternated:",
             "",
-            "| workload | batch | prompt | new tokens | original s | pruned s | speedup |",
-            "|---|---|---|---|---|---|---|",
+            "| workload | engine | batch | prompt | new tokens | original s | pruned s | speedup "
+            "[95% CI] |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for w in speed:
+            if w.get("status") == "unavailable":
+                result = f"unavailable: {_one_line(str(w.get('unavailable_reason')))}"
+            else:
+                result = f"{_num(w.get('speedup'), '.2f')}×"
+                if w.get("speedup_low") is not None and w.get("speedup_high") is not None:
+                    result += f" [{w['speedup_low']:.2f}–{w['speedup_high']:.2f}]"
+                if w.get("reliable") is False:
+                    result += " unreliable: " + _one_line(
+                        "; ".join(w.get("unreliable_reasons") or [])
+                    )
             out.append(
-                f"| {w.get('name')} | {w.get('batch')} | {w.get('prompt_len')} | "
-                f"{w.get('new_tokens') or ''} | {_num(w.get('original_median_s'))} | "
-                f"{_num(w.get('pruned_median_s'))} | {_num(w.get('speedup'), '.2f')}× |"
+                f"| {w.get('name')} | {w.get('engine') or 'transformers eager'} | "
+                f"{w.get('batch')} | {w.get('prompt_len')} | {w.get('new_tokens') or ''} | "
+                f"{_num(w.get('original_median_s'))} | {_num(w.get('pruned_median_s'))} | "
+                f"{result} |"
             )
         out.append("")
     else:

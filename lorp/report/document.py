@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .._blocks import get_blocks, num_blocks
-from ..bench import BenchmarkResult, environment_info
+from ..bench import EAGER, BenchmarkResult, engine, environment_info
 from ..errors import InvalidInputError, SimilarityMatrixError
 from ..gate import FLAG_THRESHOLDS
 from .prose import explain
@@ -38,9 +38,12 @@ __all__ = [
     "json_safe",
     "load_schema",
     "make_report",
+    "migrate_report",
 ]
 
-REPORT_SCHEMA_VERSION = "1.0"
+REPORT_SCHEMA_VERSION = "2.0"
+#: Earlier versions :func:`migrate_report` upgrades.
+MIGRATES_FROM = ("1.0",)
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schemas" / "report.schema.json"
 
 #: ``summary.status`` of a prune's report: the blocks were removed, or the quality gate refused.
@@ -136,25 +139,54 @@ def _benchmark_dict(benchmark: BenchmarkResult | Mapping[str, Any] | None) -> di
     return dict(json_safe(data))
 
 
+def _peak_bytes(memory: Mapping[str, Any] | None) -> int | None:
+    """A run's peak memory: CUDA allocator peak on GPU, weights + peak RSS growth on CPU."""
+    memory = memory or {}
+    for key in ("max_memory_allocated_bytes", "estimated_peak_bytes"):
+        if isinstance(memory.get(key), int):
+            return int(memory[key])
+    return None
+
+
 def _speed_summary(bench: Mapping[str, Any] | None) -> list[dict[str, Any]]:
     if bench is None:
         return []
     out = []
     for w in bench.get("workloads", []):
+        o, p = w.get("original") or {}, w.get("pruned") or {}
+        ci = w.get("speedup_ci") or {}
         out.append(
             {
                 "name": w["name"],
+                "workload": w.get("workload") or w["name"],
                 "kind": w["kind"],
+                "mode": w.get("mode") or EAGER,
+                "engine": w.get("engine") or engine(EAGER, "cpu"),
+                "status": w.get("status") or "measured",
+                "unavailable_reason": w.get("unavailable_reason"),
                 "batch": w["batch"],
                 "prompt_len": w["prompt_len"],
                 "new_tokens": w.get("new_tokens"),
-                "original_median_s": w["original"]["median_s"],
-                "pruned_median_s": w["pruned"]["median_s"],
-                "original_tokens_per_s": w["original"].get("tokens_per_s"),
-                "pruned_tokens_per_s": w["pruned"].get("tokens_per_s"),
+                "original_median_s": o.get("median_s"),
+                "pruned_median_s": p.get("median_s"),
+                "original_tokens_per_s": o.get("tokens_per_s"),
+                "pruned_tokens_per_s": p.get("tokens_per_s"),
                 "speedup": w.get("speedup"),
+                "speedup_low": ci.get("low"),
+                "speedup_high": ci.get("high"),
+                "speedup_half_width": ci.get("half_width"),
+                "pairs": ci.get("pairs", o.get("repetitions")),
+                "stop_reason": w.get("stop_reason"),
                 "ideal_speedup": w.get("ideal_speedup"),
+                "ideal_source": w.get("ideal_source"),
                 "measured_over_ideal": w.get("measured_over_ideal"),
+                "measured_over_ideal_low": (w.get("measured_over_ideal_ci") or {}).get("low"),
+                "measured_over_ideal_high": (w.get("measured_over_ideal_ci") or {}).get("high"),
+                "reliable": w.get("reliable"),
+                "unreliable_reasons": list(w.get("unreliable_reasons") or []),
+                "compile_s": w.get("compile_s"),
+                "original_peak_memory_bytes": _peak_bytes(o.get("memory")),
+                "pruned_peak_memory_bytes": _peak_bytes(p.get("memory")),
             }
         )
     return out
@@ -166,6 +198,8 @@ def _memory_summary(bench: Mapping[str, Any] | None) -> dict[str, Any] | None:
     weights = bench.get("weights", {})
     per_workload = {}
     for w in bench.get("workloads", []):
+        if w.get("original") is None or w.get("pruned") is None:
+            continue  # unavailable
         per_workload[w["name"]] = {
             "original": w["original"].get("memory", {}),
             "pruned": w["pruned"].get("memory", {}),
@@ -175,6 +209,7 @@ def _memory_summary(bench: Mapping[str, Any] | None) -> dict[str, Any] | None:
         "weights_pruned_bytes": weights.get("pruned_bytes"),
         "weights_saved_bytes": weights.get("saved_bytes"),
         "weights_saved_fraction": weights.get("saved_fraction"),
+        "serving": bench.get("serving_memory"),
         "method": bench.get("memory_method"),
         "per_workload": per_workload,
     }
@@ -220,6 +255,7 @@ def _summary(
     ``depth_search`` (a quality target) the target, the depth chosen and whether the evaluation
     confirmed it."""
     ppl = _perplexities(quality) or {}
+    serving = (memory or {}).get("serving") or {}
     summary = {
         "method": sel["method"],
         "num_layers": sel["num_layers"],
@@ -230,6 +266,9 @@ def _summary(
         "speedups": {w["name"]: w["speedup"] for w in speed},
         "weights_saved_bytes": None if memory is None else memory["weights_saved_bytes"],
         "weights_saved_fraction": None if memory is None else memory["weights_saved_fraction"],
+        "serving_memory_saved_bytes": serving.get("saved_bytes"),
+        "serving_memory_saved_fraction": serving.get("saved_fraction"),
+        "unreliable_speedups": [w["name"] for w in speed if w.get("reliable") is False],
         "ppl_dense": ppl.get("ppl_dense"),
         "ppl_pruned": ppl.get("ppl_pruned"),
         "ppl_ratio": ppl.get("ppl_ratio"),
@@ -456,7 +495,12 @@ def _tasks_section(result: PruneResult, config: PruneConfig) -> dict[str, Any] |
 
 
 def _median_speedup(speed: Sequence[Mapping[str, Any]], kind: str) -> float | None:
-    vals = [float(r["speedup"]) for r in speed if r.get("kind") == kind and r.get("speedup")]
+    """Median speedup of the eager rows of ``kind`` (compiled rows are in ``speedups``)."""
+    vals = [
+        float(r["speedup"])
+        for r in speed
+        if r.get("kind") == kind and r.get("speedup") and (r.get("mode") or EAGER) == EAGER
+    ]
     return statistics.median(vals) if vals else None
 
 
@@ -505,3 +549,61 @@ def job_summary(report: Mapping[str, Any]) -> dict[str, Any]:
         "target_depth": s.get("target_depth"),
         "target_confirmed": s.get("target_confirmed"),
     }
+
+
+# --------------------------------------------------------------------------------------------
+# Migration
+
+
+def migrate_report(report: Mapping[str, Any]) -> dict[str, Any]:
+    """A report.json document of an earlier schema version (:data:`MIGRATES_FROM`) as this
+    version describes it; a current document is returned as a copy.
+
+    From 1.0 (a fixed number of repetitions, eager only): every speed row and benchmark
+    workload gets ``mode`` "eager", its ``engine``, ``status`` "measured" and no interval
+    (``speedup_ci`` null, ``reliable`` null: not assessed then); ``memory.serving`` and the
+    benchmark's ``budget``/``serving_memory`` are null; ``migrated_from`` says where it came
+    from. Every 1.0 field is kept."""
+    doc = json.loads(json.dumps(report))
+    version = doc.get("schema_version")
+    if version == REPORT_SCHEMA_VERSION:
+        return dict(doc)
+    if version not in MIGRATES_FROM:
+        raise InvalidInputError(
+            f"report schema {version!r} can't be migrated (known: "
+            f"{', '.join((*MIGRATES_FROM, REPORT_SCHEMA_VERSION))})"
+        )
+    eager = engine(EAGER, "cpu")
+    bench = doc.get("benchmark")
+    if isinstance(bench, dict):
+        bench.setdefault("modes", [EAGER])
+        bench.setdefault("budget", None)
+        bench.setdefault("serving_memory", None)
+        for w in bench.get("workloads") or []:
+            ideal = w.get("ideal_speedup")
+            w.setdefault("workload", w["name"])
+            w.setdefault("mode", EAGER)
+            w.setdefault("engine", eager)
+            w.setdefault("status", "measured")
+            w.setdefault("unavailable_reason", None)
+            w.setdefault("speedup_ci", None)
+            w.setdefault("measured_over_ideal_ci", None)
+            w.setdefault("ideal_source", None if ideal is None else "block hooks")
+            w.setdefault("reliable", None)
+            w.setdefault("unreliable_reasons", [])
+            w.setdefault("stop_reason", None)
+            w.setdefault("load", {})
+            w.setdefault("compile_s", None)
+    new_rows = {r["name"]: r for r in _speed_summary(bench)} if isinstance(bench, dict) else {}
+    for row in doc.get("speed") or []:
+        for key, value in new_rows.get(row["name"], {}).items():
+            row.setdefault(key, value)
+    if isinstance(doc.get("memory"), dict):
+        doc["memory"].setdefault("serving", None)
+    summary = doc.get("summary") or {}
+    summary.setdefault("serving_memory_saved_bytes", None)
+    summary.setdefault("serving_memory_saved_fraction", None)
+    summary.setdefault("unreliable_speedups", [])
+    doc["schema_version"] = REPORT_SCHEMA_VERSION
+    doc["migrated_from"] = version
+    return dict(doc)

@@ -12,7 +12,7 @@ from typing import Any
 
 from .prose import block_ranges, method_label
 
-__all__ = ["render_html", "render_markdown"]
+__all__ = ["render_html", "render_markdown", "speed_headline"]
 
 
 def _mb(value: Any) -> str:
@@ -33,6 +33,42 @@ _IMAGES = (
     ("depth", "quality vs depth"),
     ("speedup", "speedup per workload"),
 )
+
+
+def _interval(w: Mapping[str, Any], prefix: str = "speedup") -> str:
+    low, high = w.get(f"{prefix}_low"), w.get(f"{prefix}_high")
+    if not isinstance(low, (int, float)) or not isinstance(high, (int, float)):
+        return ""
+    digits = ".2f" if prefix == "speedup" else ".3f"
+    return f" [95% CI {format(low, digits)}–{format(high, digits)}]"
+
+
+def _speed_text(w: Mapping[str, Any]) -> str:
+    """One row in the headline: speedup, interval, ideal, and UNRELIABLE with the reasons."""
+    name = w.get("workload") or w["name"]
+    if w.get("status") == "unavailable":
+        return f"{name} unavailable ({w.get('unavailable_reason')})"
+    ideal = w.get("ideal_speedup")
+    ideal_text = f", ideal {ideal:.2f}×" if isinstance(ideal, (int, float)) else ""
+    text = f"{name} {_num(w['speedup'], '.2f')}×{_interval(w)}{ideal_text}"
+    if w.get("reliable") is False:
+        text += f" — UNRELIABLE: {'; '.join(w.get('unreliable_reasons') or [])}"
+    return text
+
+
+def speed_headline(report: Mapping[str, Any]) -> list[str]:
+    """The report's speed in plain text, one line per engine and mode: every speedup with its
+    95% interval and ideal, and UNRELIABLE with the reasons where it is (the human report's
+    headline; ``make demo`` prints it)."""
+    speed = report.get("speed") or []
+    if not speed:
+        return ["Speed: not measured."]
+    by_engine: dict[str, list[str]] = {}
+    for w in speed:
+        by_engine.setdefault(str(w.get("engine") or "transformers eager"), []).append(
+            _speed_text(w)
+        )
+    return [f"Speedup ({name}): " + "; ".join(parts) + "." for name, parts in by_engine.items()]
 
 
 def _headline(report: Mapping[str, Any]) -> list[str]:
@@ -58,16 +94,7 @@ def _headline(report: Mapping[str, Any]) -> list[str]:
     search = report.get("depth_search")
     if isinstance(search, Mapping):
         lines.append(_depth_line(search))
-    speed = report.get("speed") or []
-    if speed:
-        parts = []
-        for w in speed:
-            ideal = w.get("ideal_speedup")
-            ideal_text = f" (ideal {ideal:.2f}×)" if isinstance(ideal, (int, float)) else ""
-            parts.append(f"{w['name']} {_num(w['speedup'], '.2f')}×{ideal_text}")
-        lines.append("Speedup: " + "; ".join(parts) + ".")
-    else:
-        lines.append("Speed: not measured.")
+    lines += speed_headline(report)
     offload = (report.get("model") or {}).get("offload") or {}
     if offload.get("mode") == "sequential":
         where = {"disk": "on disk", "host": "in host memory"}.get(str(offload.get("weights")), "")
@@ -79,6 +106,14 @@ def _headline(report: Mapping[str, Any]) -> list[str]:
     elif offload.get("mode") == "none" and offload.get("requested") == "auto":
         lines.append(f"Memory: whole model on the device ({offload.get('reason')}).")
     mem = report.get("memory")
+    serving = (mem or {}).get("serving")
+    if serving:
+        lines.append(
+            f"Serving memory (weights + KV cache at batch {serving['batch']} × "
+            f"{serving['context_tokens']} tokens): {_mb(serving['original_bytes'])} → "
+            f"{_mb(serving['pruned_bytes'])} (−{_mb(serving['saved_bytes'])}, "
+            f"−{100 * serving['saved_fraction']:.1f}%)."
+        )
     if mem and mem.get("weights_saved_bytes") is not None:
         lines.append(
             f"Weights: {_mb(mem['weights_original_bytes'])} → {_mb(mem['weights_pruned_bytes'])} "
@@ -203,43 +238,82 @@ def _tables(report: Mapping[str, Any]) -> list[tuple[str, list[str], list[list[s
         rows = []
         for w in speed:
             f = full.get(w["name"], {})
-            unit_o = f.get("original", {})
-            unit_p = f.get("pruned", {})
+            unit_o = f.get("original") or {}
+            unit_p = f.get("pruned") or {}
+            engine = str(w.get("engine") or "transformers eager")
+            if w.get("status") == "unavailable":
+                reason = f"unavailable: {w.get('unavailable_reason')}"
+                rows.append([w["name"], engine, reason, "", "", "", "", "", "", ""])
+                continue
+            if w.get("reliable") is False:
+                verdict = "UNRELIABLE: " + "; ".join(w.get("unreliable_reasons") or [])
+            elif w.get("reliable"):
+                verdict = "reliable"
+            else:
+                verdict = "not assessed"
+            compiled = w.get("compile_s") or {}
+            if compiled:
+                verdict += f" (compile {sum(compiled.values()):.1f} s, not timed)"
             spread_o = f"{_num(unit_o.get('p10_s'), '.4f')}–{_num(unit_o.get('p90_s'), '.4f')}"
             spread_p = f"{_num(unit_p.get('p10_s'), '.4f')}–{_num(unit_p.get('p90_s'), '.4f')}"
             rows.append(
                 [
                     w["name"],
+                    engine,
                     f"{_num(w['original_median_s'], '.4f')} ({spread_o})",
                     f"{_num(w['pruned_median_s'], '.4f')} ({spread_p})",
                     f"{_num(w['original_tokens_per_s'], ',.1f')} → "
                     f"{_num(w['pruned_tokens_per_s'], ',.1f')}",
-                    f"{_num(w['speedup'], '.3f')}×",
+                    f"{_num(w['speedup'], '.3f')}×{_interval(w)}",
                     f"{_num(w['ideal_speedup'], '.3f')}×",
-                    _num(w["measured_over_ideal"], ".3f"),
+                    _num(w["measured_over_ideal"], ".3f") + _interval(w, "measured_over_ideal"),
+                    str(w.get("pairs") if w.get("pairs") is not None else "n/a"),
+                    verdict,
                 ]
             )
-        reps = (bench.get("config") or {}).get("repetitions")
+        budget = bench.get("budget") or {}
+        spent = (
+            f" The benchmark took {budget['spent_s']:.1f} s of a {budget['budget_s']:.1f} s "
+            f"budget ({budget['source']})."
+            if budget.get("budget_s")
+            else ""
+        )
         tables.append(
             (
                 "Speed",
                 [
                     "workload",
+                    "engine",
                     "original s (p10–p90)",
                     "pruned s (p10–p90)",
                     "tokens/s",
-                    "speedup",
+                    "speedup [95% CI]",
                     "ideal",
-                    "measured/ideal",
+                    "measured/ideal [95% CI]",
+                    "pairs",
+                    "reliability",
                 ],
                 rows,
-                f"Median of {reps} alternated repetitions per model; prefill = time to first "
-                "token, decode = time of the greedy steps with the KV cache.",
+                "Medians of A/B pairs, alternated, run until the speedup's 95% interval (paired "
+                "bootstrap of the ratio of medians) was within ±2% or the row's share of the time "
+                "budget was spent; unreliable: interval wider than ±5% or the machine's load "
+                "changed during the run. Prefill = time to first token, decode = time of the "
+                "greedy steps with the KV cache." + spent,
             )
         )
     mem = report.get("memory")
     if mem:
         rows = [["weights", _mb(mem["weights_original_bytes"]), _mb(mem["weights_pruned_bytes"])]]
+        serving = mem.get("serving")
+        if serving:
+            rows.append(
+                [
+                    f"serving: weights + KV cache at batch {serving['batch']} × "
+                    f"{serving['context_tokens']} tokens",
+                    _mb(serving["original_bytes"]),
+                    _mb(serving["pruned_bytes"]),
+                ]
+            )
         for name, pair in (mem.get("per_workload") or {}).items():
             o, p = pair["original"], pair["pruned"]
             rows.append(

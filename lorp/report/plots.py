@@ -142,7 +142,7 @@ def plot_heatmap(report: Mapping[str, Any], similarity: Any, path: Path) -> Path
 
 def plot_speedup(report: Mapping[str, Any], path: Path) -> Path | None:
     """Bars per workload: measured speedup (with the spread) next to the ideal speedup."""
-    speed = report.get("speed") or []
+    speed = [w for w in report.get("speed") or [] if w.get("status") != "unavailable"]
     if not speed:
         return None
     import matplotlib
@@ -157,6 +157,10 @@ def plot_speedup(report: Mapping[str, Any], path: Path) -> Path | None:
     ideal = [w["ideal_speedup"] for w in speed]
     lo, hi = [], []
     for w, m in zip(speed, measured, strict=True):
+        if w.get("speedup_low") is not None and w.get("speedup_high") is not None:
+            lo.append(max(0.0, m - w["speedup_low"]))  # the 95% interval
+            hi.append(max(0.0, w["speedup_high"] - m))
+            continue
         full = workloads.get(w["name"])
         if full is None:
             lo.append(0.0)
@@ -178,7 +182,7 @@ def plot_speedup(report: Mapping[str, Any], path: Path) -> Path | None:
         yerr=[lo, hi],
         capsize=4,
         color="#2b7bba",
-        label="measured (median; whiskers: quartile band)",
+        label="measured (ratio of medians; whiskers: 95% CI)",
     )
     ideal_vals = [v if v is not None else 0.0 for v in ideal]
     ax.bar(x + width / 2, ideal_vals, width, color="#b0b0b0", label="ideal (block times)")
@@ -186,8 +190,9 @@ def plot_speedup(report: Mapping[str, Any], path: Path) -> Path | None:
     ax.set_xticks(x)
     ax.set_xticklabels(
         [
-            f"{name}\n{m:.2f}× (ideal {'n/a' if i is None else f'{i:.2f}×'})"
-            for name, m, i in zip(names, measured, ideal, strict=True)
+            f"{name}{' (!)' if w.get('reliable') is False else ''}\n{m:.2f}× "
+            f"(ideal {'n/a' if i is None else f'{i:.2f}×'})"
+            for name, m, i, w in zip(names, measured, ideal, speed, strict=True)
         ],
         fontsize=9,
     )

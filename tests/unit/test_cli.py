@@ -400,3 +400,30 @@ def test_prune_compensate(
         )  # fmt: skip
         assert code != 0 and needle in err and "Traceback" not in err, err
         assert not (tmp_path / "refused" / "model").exists()
+
+
+def test_bench_json_has_intervals_and_engines(
+    tiny_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, err = run(
+        capsys, "bench", "--model", str(tiny_dir), "--remove-layers", "1,4",
+        "--prefill", "1x8", "--decode", "1x4x3", "--bench-budget", "2", "--json", "--quiet",
+    )  # fmt: skip
+    assert code == 0, err
+    data = json.loads(out)
+    assert data["budget"]["budget_s"] == 2.0 and data["budget"]["source"] == "budget_s"
+    assert [w["name"] for w in data["workloads"]] == ["prefill_b1_t8", "decode_b1_p4_n3"]
+    for w in data["workloads"]:
+        assert w["engine"] == "transformers eager (dynamic KV cache)"
+        assert w["speedup_ci"]["pairs"] >= 3
+        assert w["speedup_ci"]["low"] <= w["speedup"] <= w["speedup_ci"]["high"]
+        assert isinstance(w["reliable"], bool)
+    code, out, err = run(
+        capsys, "bench", "--model", str(tiny_dir), "--remove-layers", "1,4",
+        "--prefill", "1x8", "--decode", "1x4x3", "--bench-budget", "1", "--quiet",
+    )  # fmt: skip
+    assert code == 0, err
+    assert "[95% CI" not in out and "transformers eager" in out  # text form: [low-high]
+    for argv in (("--bench-modes", "sideways"), ("--bench-budget", "0")):
+        code, _, err = run(capsys, "bench", "--model", str(tiny_dir), "--remove-layers", "1", *argv)
+        assert code == 2 and err.count("\n") == 1, err

@@ -77,8 +77,10 @@ EVERY_OPTION: dict[str, Any] = {
     "benchmark": {
         "prefill": [[1, 64], [2, 32]],
         "decode": [[1, 16, 8]],
-        "warmup": 1,
+        "modes": ["eager", "compiled"],
+        "warmup": 2,
         "repetitions": 12,
+        "budget_s": 30.0,
         "measure_blocks": False,
     },
     "callback_url": "https://hooks.example.com/lorp",
@@ -92,16 +94,17 @@ DEFAULT_EXCEPTIONS = {
     "tasks": "none either way: [] in JSON, () in PruneConfig (which holds the names as a tuple)",
 }
 #: BenchmarkSpec fields whose BenchmarkConfig default differs, and why.
-BENCHMARK_DEFAULT_EXCEPTIONS = {
-    "prefill": "a service job times one prefill workload by default (admission control charges "
-    "every workload); the library and lorp prune time 1x512 and 8x128",
-}
+BENCHMARK_DEFAULT_EXCEPTIONS: dict[str, str] = {}
 #: BenchmarkConfig fields a job can't set, and why.
 BENCHMARK_NOT_IN_SPEC = {
     "block_repetitions": "the library's default",
     "order": "the library's default (alternating pairs)",
     "seed": "the library's default",
-    "allow_few_repetitions": "for tests; the service asks for at least 10 repetitions",
+    "allow_few_repetitions": "for tests; the service asks for at least 3 pairs",
+    "min_repetitions": "the library's default (3 pairs)",
+    "target_half_width": "the library's default (±2%)",
+    "unreliable_half_width": "the library's default (±5%)",
+    "budget_fraction": "the library's default (25% of the other stages; budget_s overrides)",
 }
 #: run_pipeline's parameter for each of the spec's RUN_OPTIONS.
 RUN_PARAMETERS = {
@@ -213,8 +216,10 @@ def test_every_option_reaches_prune_config_as_written_by_hand() -> None:
         benchmark=BenchmarkConfig(
             prefill=((1, 64), (2, 32)),
             decode=((1, 16, 8),),
-            warmup=1,
+            modes=("eager", "compiled"),
+            warmup=2,
             repetitions=12,
+            budget_s=30.0,
             measure_blocks=False,
         ),
         score_windows=5,
@@ -313,12 +318,12 @@ PRUNE_ONLY = {
     "fraction": "budget",
     "target_ppl_ratio": "budget: max_ppl_ratio",
     "target_task_retention": "budget: min_task_retention",
+    "serving": "adds the serving decode workloads (a job lists them in benchmark.decode)",
 }
 #: Options whose `lorp prune` default differs from the spec's, and why.
 PRUNE_DEFAULT_EXCEPTIONS = {
     "benchmark": "lorp prune times the models unless --no-bench; a job only when it asks (the "
     "benchmark costs model runs admission control charges)",
-    "benchmark.prefill": BENCHMARK_DEFAULT_EXCEPTIONS["prefill"],
     "budget": DEFAULT_EXCEPTIONS["budget"],
 }
 

@@ -592,3 +592,113 @@ def test_report_package_keeps_its_public_names() -> None:
     assert package.SCHEMA_PATH.is_file()
     for name in package.__all__:
         assert getattr(package, name) is not None
+
+
+# ---- schema 2.0: intervals, reliability, engines, serving memory; migrating 1.0 reports
+
+REPORT_1_0 = Path(__file__).with_name("report_1_0.json")  # written by lorp before schema 2.0
+
+
+def _unreliable(bench: dict[str, Any]) -> dict[str, Any]:
+    """``bench`` with its decode row marked unreliable and a compiled row that could not run."""
+    bench = copy.deepcopy(bench)
+    for w in bench["workloads"]:  # whatever this machine measured: reliable but the decode
+        w["reliable"], w["unreliable_reasons"] = True, []
+    decode = next(w for w in bench["workloads"] if w["kind"] == "decode")
+    decode["reliable"] = False
+    decode["unreliable_reasons"] = ["95% interval ±7.3% is wider than ±5%"]
+    compiled = {
+        **copy.deepcopy(decode),
+        "name": decode["name"] + "_compiled",
+        "mode": "compiled",
+        "engine": "transformers + torch.compile (inductor default), static KV cache",
+        "status": "unavailable",
+        "unavailable_reason": "compiling failed: RuntimeError: no compiler",
+        "original": None,
+        "pruned": None,
+        "speedup": None,
+        "speedup_ci": None,
+        "measured_over_ideal": None,
+        "measured_over_ideal_ci": None,
+        "reliable": None,
+        "unreliable_reasons": [],
+    }
+    bench["workloads"].append(compiled)
+    return bench
+
+
+def test_report_2_0_speed_rows_carry_interval_engine_and_memory(bench_dict: dict[str, Any]) -> None:
+    report = _report(bench_dict, QUALITY)
+    _validate(report)
+    for row in report["speed"]:
+        assert row["engine"] == "transformers eager (dynamic KV cache)" and row["mode"] == "eager"
+        assert row["speedup_low"] <= row["speedup"] <= row["speedup_high"]
+        assert row["pairs"] == 2 and isinstance(row["reliable"], bool)
+        assert row["original_peak_memory_bytes"] is None or row["original_peak_memory_bytes"] > 0
+    serving = report["memory"]["serving"]
+    assert serving == bench_dict["serving_memory"]
+    assert report["summary"]["serving_memory_saved_bytes"] == serving["saved_bytes"]
+
+
+def test_unreliable_and_unavailable_rows_say_why_in_every_report(
+    tmp_path: Path, bench_dict: dict[str, Any]
+) -> None:
+    from lorp.report.card import render_model_card
+
+    report = _report(_unreliable(bench_dict), QUALITY)
+    _validate(report)
+    decode = next(w for w in report["speed"] if w["name"] == "decode_b1_p4_n3")
+    assert decode["reliable"] is False
+    assert report["summary"]["unreliable_speedups"] == ["decode_b1_p4_n3"]
+    assert report["summary"]["speedups"]["decode_b1_p4_n3_compiled"] is None
+    assert job_summary(report)["decode_speedup"] == decode["speedup"]  # eager rows only
+    write_reports(report, _similarity(), tmp_path)
+    card = render_model_card(report)
+    for text in (
+        (tmp_path / "report.html").read_text(),
+        (tmp_path / "report.md").read_text(),
+        card,
+    ):
+        assert "wider than ±5%" in text and "nreliable" in text
+        assert "compiling failed: RuntimeError: no compiler" in text
+        assert "torch.compile" in text and "transformers eager" in text
+    html_text = (tmp_path / "report.html").read_text()
+    serving = report["memory"]["serving"]
+    assert serving["workload"] == "prefill_b1_t8"  # 8 cached tokens; the decode row holds 7
+    assert "Serving memory (weights + KV cache at batch 1 × 8 tokens)" in html_text
+    assert "95% CI" in html_text
+
+
+def test_migrate_a_1_0_report_keeps_every_field() -> None:
+    from lorp.report import migrate_report, render_html
+
+    old = json.loads(REPORT_1_0.read_text())
+    assert old["schema_version"] == "1.0"
+    with pytest.raises(jsonschema.ValidationError):
+        _validate(old)
+    new = migrate_report(old)
+    _validate(new)
+    assert new["schema_version"] == REPORT_SCHEMA_VERSION and new["migrated_from"] == "1.0"
+
+    def walk(a: Any, b: Any, path: str) -> None:
+        if isinstance(a, dict):
+            for key, value in a.items():
+                if path == "" and key == "schema_version":
+                    continue
+                assert key in b, f"{path}.{key} lost"
+                walk(value, b[key], f"{path}.{key}")
+        elif isinstance(a, list):
+            assert len(a) == len(b), path
+            for i, (x, y) in enumerate(zip(a, b, strict=True)):
+                walk(x, y, f"{path}[{i}]")
+        else:
+            assert a == b, path
+
+    walk(old, new, "")
+    for row in new["speed"]:
+        assert row["mode"] == "eager" and row["reliable"] is None and row["speedup_low"] is None
+    assert job_summary(new) == job_summary(old)
+    assert "not assessed" in render_html(new, {})
+    assert migrate_report(new) == new  # current: a copy
+    with pytest.raises(InvalidInputError):
+        migrate_report({**old, "schema_version": "0.3"})

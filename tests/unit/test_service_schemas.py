@@ -350,7 +350,7 @@ def test_budget_against_local_depth(settings: Settings, roots: dict[str, Path]) 
         ({"gguf_file": "../evil.gguf"}, "gguf_file"),
         ({"gguf_file": "model.bin"}, "gguf_file"),
         ({"trust_remote_code": True}, "trust_remote_code"),
-        ({"benchmark": {"repetitions": 3}}, "benchmark"),
+        ({"benchmark": {"repetitions": 2}}, "benchmark"),
         ({"benchmark": {"prefill": [[1, 8], [1, 8]]}}, "benchmark"),
         ({"benchmark": {"prefill": [], "decode": []}}, "benchmark"),
         ({"benchmark": {"prefill": [[0, 8]]}}, "benchmark"),
