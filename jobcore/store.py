@@ -776,8 +776,8 @@ class JobStore:
         ``ttl_s`` seconds from now by Redis's clock (a worker that died stops counting). One
         hash per class, so reading the pools costs one round trip whatever the job count."""
         seconds, micros = self.redis.time()
-        until = seconds + micros / 1e6 + ttl_s
-        value = json.dumps({"memory": int(memory_bytes), "until": until})
+        now = seconds + micros / 1e6
+        value = json.dumps({"memory": int(memory_bytes), "until": now + ttl_s, "at": now})
         self.redis.hset(f"{POOL_PREFIX}{device_class}", worker, value)
 
     def withdraw(self, device_class: str, worker: str) -> None:
@@ -799,6 +799,31 @@ class JobStore:
             if live:
                 pools[device_class] = max(live)
         return pools
+
+    def pool_workers(self, device_classes: Sequence[str]) -> list[dict[str, Any]]:
+        """Every advertisement of ``device_classes`` (the workers' heartbeats, refreshed while
+        they run): device class, worker, memory, seconds since its last refresh, live (not
+        expired)."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.time()
+        for device_class in device_classes:
+            pipe.hgetall(f"{POOL_PREFIX}{device_class}")
+        (seconds, micros), *hashes = pipe.execute()
+        now = seconds + micros / 1e6
+        out = []
+        for device_class, offers in zip(device_classes, hashes, strict=True):
+            for worker, raw in sorted(offers.items()):
+                offer = json.loads(raw)
+                out.append(
+                    {
+                        "device_class": device_class,
+                        "worker": worker,
+                        "memory": int(offer["memory"]),
+                        "age_s": max(0.0, now - float(offer.get("at", now))),
+                        "live": float(offer["until"]) > now,
+                    }
+                )
+        return out
 
     def orphaned_running(self) -> list[str]:
         """Ids of jobs in state running that no worker holds the run lock of (their worker

@@ -48,6 +48,7 @@ from jobcore.errors import (
     StorageUnavailableError,
 )
 from jobcore.metrics import read_job_metrics
+from jobcore.routing import DEVICE_CLASSES
 from jobcore.storage import Storage
 from jobcore.store import JobStore
 from service.queue import JobQueue
@@ -194,19 +195,45 @@ class MetricsMiddleware:
 
 
 class _QueueCollector:
-    """Queue depth (Redis list of the Celery queue), read at scrape time."""
+    """Queue depth per broker queue and the workers' heartbeats (their pool advertisements,
+    ``jobcore.routing``), read at scrape time."""
 
     def __init__(self, app: FastAPI) -> None:
         self.app = app
 
     def collect(self) -> Any:
-        g = GaugeMetricFamily("lorp_queue_length", "jobs waiting in the broker queue")
+        g = GaugeMetricFamily(
+            "lorp_queue_length", "messages waiting in each broker queue", labels=["queue"]
+        )
         try:
             queue: JobQueue = self.app.state.queue
-            g.add_metric([], float(queue.length()))
+            for name, n in queue.lengths().items():
+                g.add_metric([name], float(n))
+            workers = queue.store.pool_workers(list(DEVICE_CLASSES))
         except Exception:  # no value is better than a failed scrape
             return
         yield g
+        age = GaugeMetricFamily(
+            "lorp_worker_heartbeat_age_seconds",
+            "seconds since each worker last refreshed its advertisement (its heartbeat)",
+            labels=["worker", "device_class"],
+        )
+        memory = GaugeMetricFamily(
+            "lorp_worker_memory_bytes",
+            "memory each worker advertised it can hold a model in",
+            labels=["worker", "device_class"],
+        )
+        live = GaugeMetricFamily(
+            "lorp_workers_live", "workers whose heartbeat is current", labels=["device_class"]
+        )
+        counts = dict.fromkeys(DEVICE_CLASSES, 0)
+        for w in workers:
+            age.add_metric([w["worker"], w["device_class"]], w["age_s"])
+            memory.add_metric([w["worker"], w["device_class"]], float(w["memory"]))
+            counts[w["device_class"]] += int(w["live"])
+        for device_class, n in counts.items():
+            live.add_metric([device_class], float(n))
+        yield from (age, memory, live)
 
 
 class _JobMetricsCollector:

@@ -19,6 +19,7 @@ from jobcore.config import Settings
 from jobcore.errors import QueueUnavailableError
 from jobcore.queue import make_celery, run_job_message
 from jobcore.store import JobStore, make_redis
+from jobcore.webhooks import WEBHOOK_QUEUE
 
 
 class JobQueue:
@@ -57,8 +58,16 @@ class JobQueue:
 
     def length(self) -> int:
         """Messages waiting in the broker's lists (every device class's queue)."""
+        return sum(self.lengths()[q] for q in self.queues)
+
+    def lengths(self) -> dict[str, int]:
+        """Messages waiting in each queue: every device class's and the housekeeper's."""
         redis = self.broker or self.store.redis
-        return sum(int(redis.llen(q)) for q in self.queues)
+        pipe = redis.pipeline(transaction=False)
+        names = [*self.queues, WEBHOOK_QUEUE]
+        for name in names:
+            pipe.llen(name)
+        return {name: int(n) for name, n in zip(names, pipe.execute(), strict=True)}
 
     def close(self) -> None:
         """Close the broker's connection pool (a separate broker only)."""

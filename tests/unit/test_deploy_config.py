@@ -212,6 +212,21 @@ def test_housekeeper_posts_webhooks_with_one_beat(compose: dict[str, Any]) -> No
     }
 
 
+def test_flower_watches_the_broker_the_services_use(compose: dict[str, Any]) -> None:
+    svc = services(compose)
+    flower = svc["flower"]
+    assert flower["profiles"] == ["monitoring"]
+    broker = next(a for a in flower["command"] if a.startswith("--broker="))
+    assert broker == "--broker=" + svc["api"]["environment"]["LORP_BROKER_URL"]
+    assert all(str(p).startswith("127.0.0.1:") for p in flower["ports"])  # never published
+
+
+def test_grafana_dashboard_is_valid_json_with_prometheus_panels() -> None:
+    dashboard = json.loads((ROOT / "deploy" / "grafana" / "lorp-dashboard.json").read_text())
+    assert dashboard["panels"] and all(p["targets"] for p in dashboard["panels"])
+    assert all("lorp_" in t["expr"] for p in dashboard["panels"] for t in p["targets"])
+
+
 def test_gpu_worker_profile_reserves_an_nvidia_device(compose: dict[str, Any]) -> None:
     svc = services(compose)
     gpu = svc["worker-gpu"]
