@@ -446,7 +446,7 @@ def test_ctrl_c_twice_still_stops_everything(tmp_path: Path) -> None:
                 break
             assert time.monotonic() < deadline, "".join(lines)
         children = _children_of(proc.pid)
-        assert len(children) == 2, children  # redis-server and weed
+        assert len(children) == 3, children  # redis-server, weed and the housekeeper
         proc.send_signal(signal.SIGINT)
         time.sleep(0.3)
         proc.send_signal(signal.SIGINT)  # impatient second Ctrl-C during teardown
