@@ -34,6 +34,9 @@ def test_submit_poll_download(service: Service, client_a: httpx.Client, tmp_path
             "warmup": 0,
             "repetitions": 10,
             "measure_blocks": False,
+            # the default (25% of the tiny job's other stages, well under a second) may skip
+            # the decode row; this test wants both measured
+            "budget_s": 60,
         }
     )
     resp = client_a.post("/jobs", json=body)
