@@ -610,10 +610,10 @@ __all__ = [
     "choose_strength",
     "compensated_view",
     "first_changed",
-    "folded_layers",
     "fit_compensation",
     "fit_folded_temperature",
     "fit_tuned_compensation",
+    "folded_layers",
     "temperature_only",
     "tune_strength",
 ]

@@ -41,15 +41,14 @@ from ._forward import check_windows, head_at, input_device
 from .compensation import Compensation, folded_layers
 from .errors import InvalidInputError, LorpError
 from .inputs import BlockInputs, resumed
+from .methods import HEAL_EVAL_EVERY, HEAL_LR, MAX_HEAL_STEPS
 from .progress import ProgressCallback
 from .surgery import pruned_view
 
 #: Adam's learning rate on the maps (entries of a near-identity d x d matrix).
-DEFAULT_HEAL_LR = 1e-4
-#: Most training steps one heal may take.
-MAX_HEAL_STEPS = 10_000
+DEFAULT_HEAL_LR = HEAL_LR
 #: Held-out KL measured every this many steps (and after the last).
-EVAL_EVERY = 5
+EVAL_EVERY = HEAL_EVAL_EVERY
 #: Measurements without a new lowest held-out KL before training stops.
 PATIENCE = 2
 #: Host memory for the dense model's log-probabilities (teacher) over all windows.
@@ -163,7 +162,10 @@ def heal_maps(
     def stored(windows: torch.Tensor) -> torch.Tensor | None:
         return None if inputs is None or start == 0 else inputs.of(start, windows)
 
-    sets = {"train": _Windows(train, stored(train)), "held_out": _Windows(held_out, stored(held_out))}
+    sets = {
+        "train": _Windows(train, stored(train)),
+        "held_out": _Windows(held_out, stored(held_out)),
+    }
 
     def log_probs(
         ids: torch.Tensor, states: torch.Tensor | None, skip: Sequence[int]

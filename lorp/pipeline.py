@@ -43,7 +43,9 @@ Compensation (``config.compensate``, :mod:`lorp.compensation`): after the select
 map per removed run of blocks is fitted on the first ``compensation_windows`` calibration
 windows and folded into the down projection of the block before the run, at the smallest
 strength whose loss on the next ``compensation_tune_windows`` calibration windows is within one
-standard error of the lowest (:func:`lorp.compensation.tune_strength`); the quality measured is
+standard error of the lowest (:func:`lorp.compensation.tune_strength`); with ``heal_steps``, the
+folded maps are then trained alone on the fit windows to match the dense logits, stopping early
+on the tune windows (:func:`heal`, :mod:`lorp.heal`); the quality measured is
 the compensated pruned model's, and the checkpoint carries the folded weights. The capture
 keeps the dense block inputs of the windows these fits use (and the temperature's) within
 :data:`STORED_INPUT_BYTES`, so they start mid-model (:mod:`lorp.inputs`).
@@ -98,6 +100,7 @@ from .errors import (
     UnsupportedModelError,
 )
 from .gate import GateResult, QualityGate, quality_flags
+from .heal import DEFAULT_HEAL_LR, check_heal_options, heal_maps
 from .inputs import BlockInputs, hidden_bytes
 from .methods import get_method, method_names, selector
 from .progress import STAGES, ProgressCallback
@@ -165,6 +168,10 @@ class PruneConfig:
     # how much of the maps to fold, chosen by the loss on the next compensation_tune_windows
     # calibration windows (lorp.compensation.tune_strength); 0: fold the maps as fitted
     compensation_tune_windows: int = 2
+    # then train the folded maps alone for at most heal_steps steps to match the dense model's
+    # logits on the fit windows, stopping early on the tune windows (lorp.heal); 0: off
+    heal_steps: int = 0
+    heal_lr: float = DEFAULT_HEAL_LR
     # fit the pruned (and compensated) model's logit scale and fold it into the final norm
     # (lorp.temperature); fitted on the last temperature_windows calibration windows
     temperature: bool = False
@@ -234,6 +241,25 @@ class PruneConfig:
         if info.fold is not None:  # a selection with corrections on
             self.compensate = self.compensate or info.fold.compensate
             self.temperature = self.temperature or info.fold.temperature
+        check_heal_options(self.heal_steps, self.heal_lr)
+        if self.heal_steps:
+            if not self.compensate:
+                raise InvalidInputError(
+                    f"healing trains the folded maps, and method {self.method!r} folds none: "
+                    "use lorp-fold or compensate=True"
+                )
+            if self.compensation_tune_windows < 1:
+                raise InvalidInputError(
+                    "healing stops early on the compensation's tune windows: "
+                    "compensation_tune_windows must be at least 1"
+                )
+            if self.windows < self.compensation_windows + self.compensation_tune_windows:
+                raise InvalidInputError(
+                    f"healing trains on the first compensation_windows and stops early on the "
+                    f"next compensation_tune_windows calibration windows: windows "
+                    f"({self.windows}) must be at least {self.compensation_windows} + "
+                    f"{self.compensation_tune_windows}"
+                )
         if isinstance(self.benchmark, dict):
             self.benchmark = BenchmarkConfig.from_dict(self.benchmark)
         if isinstance(self.quality_gate, dict):
@@ -451,7 +477,7 @@ def inputs_to_keep(
     :data:`STORED_INPUT_BYTES` with the groups before it; None when nothing is kept."""
     count = int(calib.shape[0])
     groups: list[range] = []
-    if config.compensate:
+    if config.compensate:  # healing uses the same windows
         fit_end = min(config.compensation_windows, count)
         groups.append(range(fit_end))
         groups.append(range(fit_end, min(fit_end + config.compensation_tune_windows, count)))
@@ -865,6 +891,39 @@ def compensate(
         )
 
 
+def heal(
+    model: nn.Module,
+    windows: torch.Tensor,
+    config: PruneConfig,
+    compensation: Compensation | None,
+    *,
+    inputs: BlockInputs | None = None,
+    timer: StageTimer | None = None,
+) -> Compensation | None:
+    """Stage "healing" (only with ``config.heal_steps``; else ``compensation`` unchanged): the
+    folded maps trained for at most ``config.heal_steps`` steps to match the dense model's
+    logits on the compensation's fit windows (the first ``config.compensation_windows`` of the
+    calibration ``windows``), stopping early on its tune windows (the next
+    ``config.compensation_tune_windows``); :func:`lorp.heal.heal_maps`. The model is left as it
+    was."""
+    if not config.heal_steps or compensation is None:
+        return compensation
+    timer = timer or StageTimer()
+    fit, tune = config.compensation_windows, config.compensation_tune_windows
+    with timer.stage("healing", f"training the folded maps ({config.heal_steps} steps at most)"):
+        return heal_maps(
+            model,
+            compensation,
+            windows[:fit],
+            windows[fit : fit + tune],
+            steps=config.heal_steps,
+            lr=config.heal_lr,
+            batch_size=config.batch_size,
+            inputs=inputs,
+            progress=timer.progress,
+        )
+
+
 def fit_logit_scale(
     model: nn.Module,
     removed: Sequence[int],
@@ -1126,7 +1185,8 @@ def prune(
 
     The stages, in order (each a public function of this module): :func:`preflight`,
     :func:`calibrate`, :func:`select_blocks`, :func:`compensate` (``config.compensate``),
-    :func:`fit_logit_scale` (``config.temperature``), :func:`evaluate`, :func:`measure_speed`
+    :func:`heal` (``config.heal_steps``), :func:`fit_logit_scale` (``config.temperature``),
+    :func:`evaluate`, :func:`measure_speed`
     (``config.benchmark``), :func:`remove`. ``progress`` gets their progress; ``timer``
     (instead of ``progress``): a :class:`StageTimer` to time them in, e.g. one that already
     timed the loading.
@@ -1151,6 +1211,9 @@ def prune(
         removed = choice.removed
         compensation = compensate(
             model, removed, calib.windows, config, inputs=calib.inputs, timer=timer
+        )
+        compensation = heal(
+            model, calib.windows, config, compensation, inputs=calib.inputs, timer=timer
         )
         compensation = fit_logit_scale(
             model, removed, calib.windows, config, compensation, inputs=calib.inputs, timer=timer
@@ -1335,6 +1398,7 @@ __all__ = [
     "evaluate",
     "find_depth",
     "fit_logit_scale",
+    "heal",
     "inputs_to_keep",
     "make_report",
     "measure_speed",
