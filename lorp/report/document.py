@@ -470,7 +470,9 @@ def job_summary(report: Mapping[str, Any]) -> dict[str, Any]:
     pruned; ``task_retention``: its average retention (pruned / dense per task, averaged);
     ``task_retention_by_task``: per task; ``quality_target``, ``target_depth``,
     ``target_confirmed``: a quality target's budget, the depth the prune ended with and whether
-    the evaluation data confirmed the target. Keys the report lacks are None (``{}``).
+    the evaluation data confirmed the target; ``healing``: a heal's steps run, early-stop step,
+    best step, held-out KL before and after, and seconds. Keys the report lacks are None
+    (``{}``).
     """
     s = report.get("summary") or {}
     speed = report.get("speed") or []
@@ -501,4 +503,25 @@ def job_summary(report: Mapping[str, Any]) -> dict[str, Any]:
         "quality_target": s.get("quality_target"),
         "target_depth": s.get("target_depth"),
         "target_confirmed": s.get("target_confirmed"),
+        "healing": _healing_summary(report),
     }
+
+
+#: The keys of a heal (``extra.compensation.healing``, :func:`lorp.heal.heal_maps`) a job
+#: summary carries.
+HEALING_SUMMARY_KEYS = (
+    "steps_run",
+    "early_stop_step",
+    "best_step",
+    "held_out_kl_before",
+    "held_out_kl_after",
+    "seconds",
+)
+
+
+def _healing_summary(report: Mapping[str, Any]) -> dict[str, Any] | None:
+    comp = (report.get("extra") or {}).get("compensation")
+    healing = comp.get("healing") if isinstance(comp, Mapping) else None
+    if not isinstance(healing, Mapping):
+        return None
+    return {key: healing.get(key) for key in HEALING_SUMMARY_KEYS}
