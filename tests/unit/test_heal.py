@@ -16,8 +16,9 @@ from lorp import InvalidInputError, PruneConfig, UnsupportedModelError, prune
 from lorp.cli import main
 from lorp.compensation import Compensation, apply_compensation, fit_tuned_compensation
 from lorp.heal import EVAL_EVERY, PATIENCE, heal_maps
+from lorp.inputs import BlockInputs
 from lorp.report import job_summary, make_report
-from tests.tiny_models import VOCAB, build_tiny, snapshot, tiny_tokenizer
+from tests.tiny_models import DEPTH, VOCAB, build_tiny, snapshot, tiny_tokenizer
 
 DTYPES = (torch.float32, torch.bfloat16)
 
@@ -87,6 +88,27 @@ def test_the_training_kl_decreases_and_the_held_out_loss_is_what_was_kept() -> N
     assert again.healing["held_out_kl_before"] == pytest.approx(info["held_out_kl_after"], 1e-4)
 
 
+def test_stored_block_inputs_give_the_same_heal() -> None:
+    """With the dense block inputs kept (as the capture keeps them), every pass starts at the
+    block before the run from its stored input: the same losses and maps as whole passes."""
+    model, windows, comp = _fitted(torch.float32)
+    inputs = BlockInputs(list(range(8)))
+    inputs.start(windows, DEPTH)
+    with torch.no_grad():
+        hidden = model(windows, output_hidden_states=True).hidden_states
+    for block in range(DEPTH):
+        inputs.add(block, 0, hidden[block])
+    inputs.finish()
+    whole = heal_maps(model, comp, windows[:6], windows[6:8], steps=5, lr=1e-3)
+    stored = heal_maps(model, comp, windows[:6], windows[6:8], steps=5, lr=1e-3, inputs=inputs)
+    a, b = whole.healing, stored.healing
+    assert a is not None and b is not None
+    assert b["stored_inputs"] is True and a["stored_inputs"] is False
+    assert b["held_out_kl_before"] == pytest.approx(a["held_out_kl_before"], rel=1e-4)
+    assert b["train_kl_first"] == pytest.approx(a["train_kl_first"], rel=1e-4)
+    torch.testing.assert_close(stored.maps[1], whole.maps[1], rtol=1e-3, atol=1e-4)
+
+
 def test_early_stopping_stops() -> None:
     """A learning rate so large every step makes the held-out loss worse: the heal stops after
     PATIENCE measurements and keeps the maps it started from."""
@@ -142,6 +164,8 @@ def test_prune_heals_and_steps_zero_is_lorp_fold(dtype: torch.dtype) -> None:
     assert healed.removed == fold.removed and "healing" in healed.timings
     comp = healed.compensation
     assert comp is not None and comp.healing is not None and comp.temperature is not None
+    # every pass started mid-model, from the capture's stored inputs (unless at block 0)
+    assert comp.healing["stored_inputs"] is (min(comp.maps) > 0)
     folded = {f"model.layers.{b - sum(r < b for r in fold.removed)}.mlp.down_proj.weight"
               for b in comp.maps}  # fmt: skip
     c = snapshot(healed.model)
