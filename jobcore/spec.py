@@ -38,7 +38,15 @@ from pydantic import (
 from jobcore import webhooks
 from jobcore.config import Settings
 from lorp.errors import InvalidInputError
-from lorp.methods import all_methods, get_method, method_names, selector
+from lorp.methods import (
+    HEAL_EVAL_EVERY,
+    HEAL_LR,
+    MAX_HEAL_STEPS,
+    all_methods,
+    get_method,
+    method_names,
+    selector,
+)
 from lorp.paths import check_confined
 
 if TYPE_CHECKING:
@@ -438,6 +446,22 @@ class QualityGateSpec(BaseModel):
         return self
 
 
+class HealSpec(BaseModel):
+    """Healing the folded maps (``lorp.heal``; needs compensation: method ``lorp-fold`` or
+    ``compensate``): after the fold, the linear maps alone are trained to match the dense
+    model's logits (KL) on the compensation's fit windows, at most ``steps`` steps, stopping
+    early on its tune windows; all other weights frozen."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"steps": 60}]})
+
+    steps: Annotated[StrictInt, Field(ge=1, le=MAX_HEAL_STEPS)] = Field(
+        description="most training steps (one batch of calibration windows each)"
+    )
+    lr: Annotated[StrictFloat, Field(gt=0.0, le=1.0, allow_inf_nan=False)] = Field(
+        default=HEAL_LR, description="Adam's learning rate on the maps"
+    )
+
+
 class JobCreate(BaseModel):
     """A pruning job: which model, which calibration text, which method and budget."""
 
@@ -545,6 +569,12 @@ class JobCreate(BaseModel):
         default=2,
         description="with compensate: calibration windows after the fit windows on which "
         "the strength of the fold is chosen by loss; 0: fold the maps as fitted",
+    )
+    heal: HealSpec | None = Field(
+        default=None,
+        description="with compensate (lorp-fold): then train the folded maps alone to match "
+        "the dense model's logits on the fit windows, stopping early on the tune windows "
+        "(null: off)",
     )
     temperature: StrictBool = Field(
         default=False,
@@ -670,6 +700,8 @@ class JobCreate(BaseModel):
         gate = self.quality_gate
         if gate is not None and gate.min_task_retention is not None and not self.tasks:
             raise ValueError("quality_gate.min_task_retention needs tasks to score")
+        if self.heal is not None:
+            self._check_heal()
         if self.budget.min_task_retention is not None and not self.tasks:
             raise ValueError("budget min_task_retention needs tasks to score")
         if self.budget.max_ppl_ratio is not None and self.holdout_windows < 1:
@@ -702,6 +734,25 @@ class JobCreate(BaseModel):
                 )
         return self
 
+    def _check_heal(self) -> None:
+        fold = get_method(self.method.value).fold
+        if not (self.compensate or (fold is not None and fold.compensate)):
+            raise ValueError(
+                f"heal trains the folded maps, and method {self.method.value!r} folds none: "
+                "use lorp-fold or compensate: true"
+            )
+        if self.compensation_tune_windows < 1:
+            raise ValueError(
+                "heal stops early on the compensation's tune windows: "
+                "compensation_tune_windows must be at least 1"
+            )
+        if self.windows < self.compensation_windows + self.compensation_tune_windows:
+            raise ValueError(
+                "heal trains on the first compensation_windows and stops early on the next "
+                "compensation_tune_windows calibration windows: windows must be at least "
+                f"{self.compensation_windows} + {self.compensation_tune_windows}"
+            )
+
     def estimated_tokens(self) -> dict[str, int]:
         """Admission-control estimate of the token positions this job feeds through the model,
         by stage, and their ``total``. Selection passes are counted as :data:`NOMINAL_PASSES`
@@ -722,6 +773,18 @@ class JobCreate(BaseModel):
             fits += (self.compensation_windows + 4 * self.compensation_tune_windows) * self.seq_len
         if self.temperature or (fold is not None and fold.temperature):
             fits += self.temperature_windows * self.seq_len
+        heal = 0
+        if self.heal is not None:  # the dense logits once, then per step a forward and a
+            # backward (charged as 2 more) of a batch, and the held-out windows every
+            # HEAL_EVAL_EVERY steps (and before the first)
+            held = self.compensation_tune_windows
+            evals = 1 + -(-self.heal.steps // HEAL_EVAL_EVERY)
+            heal = (
+                self.compensation_windows
+                + held
+                + 3 * self.heal.steps * self.batch_size
+                + evals * held
+            ) * self.seq_len
         held_out = self.eval_windows if self.evaluation is not None else self.holdout_windows
         search = 0  # a quality target: the dense measurement, then per depth one selection
         if self.budget.max_ppl_ratio is not None:  # and one pruned pass
@@ -742,6 +805,7 @@ class JobCreate(BaseModel):
             "calibration": self.windows * self.seq_len,
             "selection": scoring,
             "fits": fits,
+            "healing": heal,
             "depth_search": search,
             "evaluation": 2 * held_out * self.seq_len,
             "tasks": 2 * len(self.tasks) * self.task_limit * TASK_ITEM_TOKENS,
@@ -833,6 +897,11 @@ PRUNE_CONFIG_RENAMES: dict[str, Callable[[JobCreate], dict[str, Any]]] = {
     },
     # one window length: the service evaluates with the calibration windows' length
     "seq_len": lambda spec: {"seq_len": spec.seq_len, "eval_seq_len": spec.seq_len},
+    # an object, or null: off (0 steps)
+    "heal": lambda spec: {
+        "heal_steps": 0 if spec.heal is None else spec.heal.steps,
+        "heal_lr": HEAL_LR if spec.heal is None else spec.heal.lr,
+    },
 }
 
 
@@ -935,4 +1004,10 @@ class JobSummary(BaseModel):
     target_confirmed: bool | None = Field(
         default=None,
         description="with a quality target: whether the evaluation data confirmed it",
+    )
+    healing: dict[str, Any] | None = Field(
+        default=None,
+        description="with heal: steps_run, early_stop_step (null: not stopped early), "
+        "best_step, held_out_kl_before / held_out_kl_after (KL(dense || pruned) on the "
+        "held-out calibration windows) and seconds",
     )

@@ -112,6 +112,7 @@ _EXPORTS: dict[str, str] = {
     "remove_blocks": "surgery",
     "Temperature": "temperature",
     "fit_temperature": "temperature",
+    "heal_maps": "heal",
 }
 
 __all__ = [
@@ -152,6 +153,7 @@ __all__ = [
     "estimate_weight_bytes",
     "fit_compensation",
     "fit_temperature",
+    "heal_maps",
     "load_model",
     "perplexity",
     "prune",

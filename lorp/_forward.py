@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -44,3 +46,22 @@ def log_probs(model: nn.Module, batch: torch.Tensor, device: torch.device) -> to
     """Next-token log-probabilities for positions 0..T-2, float32 ``[B, T-1, V]``."""
     logits = model(input_ids=batch.to(device), use_cache=False).logits
     return F.log_softmax(logits[:, :-1].float(), dim=-1)
+
+
+@contextlib.contextmanager
+def head_at(model: nn.Module, positions: torch.Tensor) -> Iterator[None]:
+    """Run ``model``'s output head on the sequence ``positions`` only (a pre-hook on it): the
+    logits of a forward inside are ``[B, len(positions), V]``."""
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    if not isinstance(head, nn.Module):
+        raise InvalidInputError("scoring chosen positions needs a model with an output embedding")
+
+    def take(_m: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        return (args[0][:, positions.to(args[0].device)], *args[1:])
+
+    handle = head.register_forward_pre_hook(take)
+    try:
+        yield
+    finally:
+        handle.remove()

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from .errors import InvalidInputError, LorpError
-from .methods import MethodInfo, all_methods, method_names
+from .methods import HEAL_LR, MethodInfo, all_methods, method_names
 
 if TYPE_CHECKING:
     from .target import DepthSearch
@@ -451,6 +451,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
         compensate=args.compensate,
         compensation_windows=args.compensation_windows,
         compensation_tune_windows=args.compensation_tune_windows,
+        heal_steps=args.heal_steps,
+        heal_lr=args.heal_lr,
         temperature=args.temperature,
         temperature_windows=args.temperature_windows,
         quality_gate=gate if gate.active else None,
@@ -812,6 +814,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=2,
         help="with --compensate: the calibration windows after the fit windows on which the "
         "strength of the fold is chosen by loss (2; 0: fold the maps as fitted)",
+    )
+    p.add_argument(
+        "--heal-steps",
+        type=_nonneg_int,
+        default=0,
+        help="with --compensate (lorp-fold): then train the folded maps alone for at most N "
+        "steps to match the dense model's logits on the fit windows, stopping early on the "
+        "tune windows (0: off)",
+    )
+    p.add_argument(
+        "--heal-lr",
+        type=float,
+        default=HEAL_LR,
+        help=f"with --heal-steps: Adam's learning rate on the maps ({HEAL_LR:g})",
     )
     p.add_argument(
         "--temperature",

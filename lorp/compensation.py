@@ -92,7 +92,9 @@ class Compensation:
     ``temperature``: a logit scale of the pruned model (:mod:`lorp.temperature`), folded into the
     final norm with the maps (no maps when only the temperature was fitted). ``strength``: how
     much of each map is folded, ``I + strength (T - I)`` (:meth:`folded_maps`); ``tuning``: how
-    :func:`tune_strength` chose it (None: not tuned)."""
+    :func:`tune_strength` chose it (None: not tuned); ``healing``: how :func:`lorp.heal.heal_maps`
+    trained the maps after the fit (None: not healed; the maps are then the trained ones, at
+    strength 1)."""
 
     removed: list[int]
     maps: dict[int, torch.Tensor]
@@ -103,6 +105,7 @@ class Compensation:
     strength: float = 1.0
     tuning: dict[str, Any] | None = None
     stored_inputs: bool = False  # fitted from the capture's stored block inputs
+    healing: dict[str, Any] | None = None  # the maps were then trained (lorp.heal)
 
     def folded_maps(self) -> dict[int, torch.Tensor]:
         """The maps as folded: ``I + strength (T - I)``; none at strength 0 (plain removal)."""
@@ -125,6 +128,7 @@ class Compensation:
             "strength": self.strength,
             "tuning": self.tuning,
             "stored_inputs": self.stored_inputs,
+            "healing": self.healing,
             "temperature": None if self.temperature is None else self.temperature.to_dict(),
         }
 
@@ -537,7 +541,9 @@ def _folded(down: nn.Linear, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return weight, bias
 
 
-def _check(model: nn.Module, compensation: Compensation) -> dict[int, nn.Linear]:
+def folded_layers(model: nn.Module, compensation: Compensation) -> dict[int, nn.Linear]:
+    """The down projection every map of ``compensation`` is folded into (block -> layer), on
+    the whole model (original numbering)."""
     blocks = get_blocks(model)
     if any(b >= len(blocks) for b in compensation.maps):
         raise InvalidInputError(
@@ -550,7 +556,7 @@ def apply_compensation(model: nn.Module, compensation: Compensation) -> Callable
     """Fold the fitted maps into the down projections and the temperature (if any) into the
     final norm (call before :func:`lorp.surgery.remove_blocks`: block numbers are the original
     ones). Returns a function that restores the original weights exactly."""
-    downs = _check(model, compensation)
+    downs = folded_layers(model, compensation)
     folded = compensation.folded_maps()
     unscale = (
         None
@@ -607,6 +613,7 @@ __all__ = [
     "fit_compensation",
     "fit_folded_temperature",
     "fit_tuned_compensation",
+    "folded_layers",
     "temperature_only",
     "tune_strength",
 ]

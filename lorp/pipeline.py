@@ -43,7 +43,9 @@ Compensation (``config.compensate``, :mod:`lorp.compensation`): after the select
 map per removed run of blocks is fitted on the first ``compensation_windows`` calibration
 windows and folded into the down projection of the block before the run, at the smallest
 strength whose loss on the next ``compensation_tune_windows`` calibration windows is within one
-standard error of the lowest (:func:`lorp.compensation.tune_strength`); the quality measured is
+standard error of the lowest (:func:`lorp.compensation.tune_strength`); with ``heal_steps``, the
+folded maps are then trained alone on the fit windows to match the dense logits, stopping early
+on the tune windows (:func:`heal`, :mod:`lorp.heal`); the quality measured is
 the compensated pruned model's, and the checkpoint carries the folded weights. The capture
 keeps the dense block inputs of the windows these fits use (and the temperature's) within
 :data:`STORED_INPUT_BYTES`, so they start mid-model (:mod:`lorp.inputs`).
@@ -101,6 +103,7 @@ from .errors import (
     out_of_memory,
 )
 from .gate import UNMEASURED, GateResult, QualityGate, quality_flags
+from .heal import DEFAULT_HEAL_LR, check_heal_options, heal_maps
 from .inputs import BlockInputs, hidden_bytes
 from .methods import get_method, method_names, selector
 from .offload import (
@@ -179,6 +182,10 @@ class PruneConfig:
     # how much of the maps to fold, chosen by the loss on the next compensation_tune_windows
     # calibration windows (lorp.compensation.tune_strength); 0: fold the maps as fitted
     compensation_tune_windows: int = 2
+    # then train the folded maps alone for at most heal_steps steps to match the dense model's
+    # logits on the fit windows, stopping early on the tune windows (lorp.heal); 0: off
+    heal_steps: int = 0
+    heal_lr: float = DEFAULT_HEAL_LR
     # fit the pruned (and compensated) model's logit scale and fold it into the final norm
     # (lorp.temperature); fitted on the last temperature_windows calibration windows
     temperature: bool = False
@@ -254,6 +261,25 @@ class PruneConfig:
         if info.fold is not None:  # a selection with corrections on
             self.compensate = self.compensate or info.fold.compensate
             self.temperature = self.temperature or info.fold.temperature
+        check_heal_options(self.heal_steps, self.heal_lr)
+        if self.heal_steps:
+            if not self.compensate:
+                raise InvalidInputError(
+                    f"healing trains the folded maps, and method {self.method!r} folds none: "
+                    "use lorp-fold or compensate=True"
+                )
+            if self.compensation_tune_windows < 1:
+                raise InvalidInputError(
+                    "healing stops early on the compensation's tune windows: "
+                    "compensation_tune_windows must be at least 1"
+                )
+            if self.windows < self.compensation_windows + self.compensation_tune_windows:
+                raise InvalidInputError(
+                    f"healing trains on the first compensation_windows and stops early on the "
+                    f"next compensation_tune_windows calibration windows: windows "
+                    f"({self.windows}) must be at least {self.compensation_windows} + "
+                    f"{self.compensation_tune_windows}"
+                )
         if isinstance(self.benchmark, dict):
             self.benchmark = BenchmarkConfig.from_dict(self.benchmark)
         if isinstance(self.quality_gate, dict):
@@ -484,7 +510,7 @@ def inputs_to_keep(
     :data:`STORED_INPUT_BYTES` with the groups before it; None when nothing is kept."""
     count = int(calib.shape[0])
     groups: list[range] = []
-    if config.compensate:
+    if config.compensate:  # healing uses the same windows
         fit_end = min(config.compensation_windows, count)
         groups.append(range(fit_end))
         groups.append(range(fit_end, min(fit_end + config.compensation_tune_windows, count)))
@@ -569,10 +595,17 @@ def preflight(
 
 def check_sequential(model: nn.Module, config: PruneConfig) -> None:
     """:class:`~lorp.errors.UnsupportedModelError` when ``model``, prepared for sequential
-    onloading with its block weights on disk (:func:`lorp.offload.load_skeleton`), is asked
-    for compensation: its maps are folded into block weights, which need the weights in host
-    memory (``run_pipeline`` loads them there when ``config.compensate``)."""
+    onloading, is asked to heal (training needs the whole model on the device), or, with its
+    block weights on disk (:func:`lorp.offload.load_skeleton`), is asked for compensation: its
+    maps are folded into block weights, which need the weights in host memory
+    (``run_pipeline`` loads them there when ``config.compensate``)."""
     onloader = onloader_of(model)
+    if onloader is not None and config.heal_steps > 0:
+        raise UnsupportedModelError(
+            "healing trains the folded maps through the whole model at once, and this model "
+            "runs with sequential onloading (one block on the device at a time); prune with "
+            "offload 'none' to heal, or without healing"
+        )
     if onloader is not None and onloader.weights == "disk" and config.compensate:
         raise UnsupportedModelError(
             "compensation folds its maps into block weights, and this model's block weights "
@@ -1080,6 +1113,39 @@ def compensate(
         )
 
 
+def heal(
+    model: nn.Module,
+    windows: torch.Tensor,
+    config: PruneConfig,
+    compensation: Compensation | None,
+    *,
+    inputs: BlockInputs | None = None,
+    timer: StageTimer | None = None,
+) -> Compensation | None:
+    """Stage "healing" (only with ``config.heal_steps``; else ``compensation`` unchanged): the
+    folded maps trained for at most ``config.heal_steps`` steps to match the dense model's
+    logits on the compensation's fit windows (the first ``config.compensation_windows`` of the
+    calibration ``windows``), stopping early on its tune windows (the next
+    ``config.compensation_tune_windows``); :func:`lorp.heal.heal_maps`. The model is left as it
+    was."""
+    if not config.heal_steps or compensation is None:
+        return compensation
+    timer = timer or StageTimer()
+    fit, tune = config.compensation_windows, config.compensation_tune_windows
+    with timer.stage("healing", f"training the folded maps ({config.heal_steps} steps at most)"):
+        return heal_maps(
+            model,
+            compensation,
+            windows[:fit],
+            windows[fit : fit + tune],
+            steps=config.heal_steps,
+            lr=config.heal_lr,
+            batch_size=config.batch_size,
+            inputs=inputs,
+            progress=timer.progress,
+        )
+
+
 def fit_logit_scale(
     model: nn.Module,
     removed: Sequence[int],
@@ -1408,7 +1474,8 @@ def prune(
 
     The stages, in order (each a public function of this module): :func:`preflight`,
     :func:`calibrate`, :func:`select_blocks`, :func:`compensate` (``config.compensate``),
-    :func:`fit_logit_scale` (``config.temperature``), :func:`evaluate`, :func:`measure_speed`
+    :func:`heal` (``config.heal_steps``), :func:`fit_logit_scale` (``config.temperature``),
+    :func:`evaluate`, :func:`measure_speed`
     (``config.benchmark``), :func:`remove`. ``progress`` gets their progress; ``timer``
     (instead of ``progress``): a :class:`StageTimer` to time them in, e.g. one that already
     timed the loading.
@@ -1453,6 +1520,9 @@ def prune(
         removed = choice.removed
         compensation = compensate(
             model, removed, calib.windows, config, inputs=calib.inputs, timer=timer
+        )
+        compensation = heal(
+            model, calib.windows, config, compensation, inputs=calib.inputs, timer=timer
         )
         compensation = fit_logit_scale(
             model, removed, calib.windows, config, compensation, inputs=calib.inputs, timer=timer
@@ -1654,6 +1724,7 @@ __all__ = [
     "evaluation_windows",
     "find_depth",
     "fit_logit_scale",
+    "heal",
     "inputs_to_keep",
     "learned_positions",
     "make_report",

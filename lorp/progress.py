@@ -17,6 +17,7 @@ STAGES: tuple[str, ...] = (
     "calibration",
     "selection",
     "compensation",
+    "healing",
     "temperature",
     "evaluation",
     "benchmark",

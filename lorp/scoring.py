@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from ._blocks import get_blocks
-from ._forward import check_windows, input_device, log_probs
+from ._forward import check_windows, head_at, input_device, log_probs
 from .errors import InvalidInputError
 from .inputs import hidden_bytes, resumed
 from .offload import onloader_of, onloading, sequential_log_probs
@@ -206,20 +206,9 @@ class WindowScorer:
         positions only (a pre-hook on it)."""
         if self.stride == 1:
             return _scored(log_probs(self.model, batch, device), batch)
-        get_head = getattr(self.model, "get_output_embeddings", None)
-        head = get_head() if callable(get_head) else None
-        if not isinstance(head, nn.Module):
-            raise InvalidInputError("a stride > 1 needs a model with an output embedding")
         pos = self._positions.to(device)
-
-        def take(_m: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
-            return (args[0][:, pos], *args[1:])
-
-        handle = head.register_forward_pre_hook(take)
-        try:
+        with head_at(self.model, pos):
             logits = self.model(input_ids=batch.to(device), use_cache=False).logits
-        finally:
-            handle.remove()
         logp = torch.log_softmax(logits.float(), dim=-1)
         target = batch[:, pos.cpu() + 1].to(logp.device)
         per = -logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)

@@ -32,7 +32,7 @@ from typing import Annotated, Any, TextIO
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
-from jobcore.spec import BenchmarkSpec, Budget, JobCreate, QualityGateSpec
+from jobcore.spec import BenchmarkSpec, Budget, HealSpec, JobCreate, QualityGateSpec
 from service.client import (
     Artifact,
     ClientError,
@@ -69,7 +69,13 @@ class UsageError(Exception):
 
 #: Options sent as objects, each with its model (``budget`` has its own flags:
 #: :data:`_BUDGET_FLAGS`).
-_OBJECTS: dict[str, type[BaseModel]] = {"quality_gate": QualityGateSpec, "benchmark": BenchmarkSpec}
+_OBJECTS: dict[str, type[BaseModel]] = {
+    "quality_gate": QualityGateSpec,
+    "heal": HealSpec,
+    "benchmark": BenchmarkSpec,
+}
+#: Objects whose flags carry the object's name (``--heal-steps``: a bare ``--steps`` says nothing).
+_PREFIXED = ("heal",)
 #: The budget's flags, one per field of :class:`jobcore.spec.Budget` (mutually exclusive); the
 #: quality targets are named so as not to clash with the quality gate's limits.
 _BUDGET_FLAGS: dict[str, str] = {
@@ -159,7 +165,9 @@ def _help(field: FieldInfo) -> str:
 
 def _add_option(p: argparse._ActionsContainer, dest: str, field: FieldInfo) -> None:
     """``--<name>`` for one option of the spec (``dest``: ``option`` or ``object.field``)."""
-    name = dest.rpartition(".")[2]
+    obj, _, name = dest.rpartition(".")
+    if obj in _PREFIXED:
+        name = f"{obj}_{name}"
     flags = [f"--{name.replace('_', '-')}", *_ALIASES.get(dest, ())]
     kind = _flag_type(field.annotation)
     kw: dict[str, Any] = {"dest": dest, "help": _help(field), "default": None}

@@ -84,12 +84,19 @@ def two_workers_four_tenants(b: Bench, jobs: int = 20) -> dict[str, Any]:
                     running_seen[tenant] = max(running_seen[tenant], len(page["items"]))
             time.sleep(0.3)
 
+    # inputs every tenant may read: the local model and the operator's corpus
+    body = b.svc.job_body(
+        model=str(b.svc.model_local),
+        calibration="corpus:handbook",
+        evaluation=None,
+        budget={"blocks": 1},
+    )
     with _extra_worker(b):
         started = time.monotonic()
         ids: dict[str, str] = {}
         for n in range(jobs):  # tenant 0 submits its five first: the worst case for fairness
             tenant = list(clients)[min(3, n // 5) if n < 5 else n % 4]
-            resp = clients[tenant].post("/jobs", json=b.svc.job_body(budget={"blocks": 1}))
+            resp = clients[tenant].post("/jobs", json=body)
             resp.raise_for_status()
             ids[resp.json()["id"]] = tenant
         watcher = threading.Thread(target=watch, daemon=True)

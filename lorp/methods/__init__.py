@@ -27,6 +27,9 @@ from collections.abc import Iterable, Iterator
 from ..errors import InvalidInputError
 from ._base import (
     DEFAULT_SCORING,
+    HEAL_EVAL_EVERY,
+    HEAL_LR,
+    MAX_HEAL_STEPS,
     Fold,
     MethodInfo,
     PassBudget,
@@ -36,6 +39,9 @@ from ._base import (
 
 __all__ = [
     "DEFAULT_SCORING",
+    "HEAL_EVAL_EVERY",
+    "HEAL_LR",
+    "MAX_HEAL_STEPS",
     "REGISTRY",
     "Fold",
     "MethodInfo",

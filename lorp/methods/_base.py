@@ -82,6 +82,14 @@ class SelectionRequest:
 PassBudget = Callable[[Any, int, tuple[int, int], int], int | None]
 
 
+#: Healing a fold's maps (:mod:`lorp.heal`): Adam's default learning rate on the maps, the most
+#: steps one heal may take, and every how many steps the held-out loss is measured. Here, free
+#: of heavy imports, so the CLI and the job spec (its admission estimate) share them.
+HEAL_LR = 1e-3
+MAX_HEAL_STEPS = 10_000
+HEAL_EVAL_EVERY = 5
+
+
 @dataclass(frozen=True)
 class Fold:
     """A pipeline method that is another method's selection with corrections turned on

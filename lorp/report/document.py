@@ -516,7 +516,9 @@ def job_summary(report: Mapping[str, Any]) -> dict[str, Any]:
     ``task_retention_by_task``: per task; ``quality_target``, ``target_depth``,
     ``target_confirmed``: a quality target's budget, the depth the prune ended with and whether
     the evaluation data confirmed the target; ``offload``: the memory mode that ran (``"none"``,
-    ``"sequential"``; ``model.offload`` says why). Keys the report lacks are None (``{}``).
+    ``"sequential"``; ``model.offload`` says why); ``healing``: a heal's steps run, early-stop
+    step, best step, held-out KL before and after, and seconds. Keys the report lacks are None
+    (``{}``).
     """
     s = report.get("summary") or {}
     speed = report.get("speed") or []
@@ -548,6 +550,7 @@ def job_summary(report: Mapping[str, Any]) -> dict[str, Any]:
         "quality_target": s.get("quality_target"),
         "target_depth": s.get("target_depth"),
         "target_confirmed": s.get("target_confirmed"),
+        "healing": _healing_summary(report),
     }
 
 
@@ -607,3 +610,23 @@ def migrate_report(report: Mapping[str, Any]) -> dict[str, Any]:
     doc["schema_version"] = REPORT_SCHEMA_VERSION
     doc["migrated_from"] = version
     return dict(doc)
+
+
+#: The keys of a heal (``extra.compensation.healing``, :func:`lorp.heal.heal_maps`) a job
+#: summary carries.
+HEALING_SUMMARY_KEYS = (
+    "steps_run",
+    "early_stop_step",
+    "best_step",
+    "held_out_kl_before",
+    "held_out_kl_after",
+    "seconds",
+)
+
+
+def _healing_summary(report: Mapping[str, Any]) -> dict[str, Any] | None:
+    comp = (report.get("extra") or {}).get("compensation")
+    healing = comp.get("healing") if isinstance(comp, Mapping) else None
+    if not isinstance(healing, Mapping):
+        return None
+    return {key: healing.get(key) for key in HEALING_SUMMARY_KEYS}

@@ -454,6 +454,40 @@ def _tables(report: Mapping[str, Any]) -> list[tuple[str, list[str], list[list[s
                     ),
                 )
             )
+    healing = comp.get("healing") if isinstance(comp, Mapping) else None
+    if isinstance(healing, Mapping):
+        stopped = healing.get("early_stop_step")
+        tables.append(
+            (
+                "Healing the folded maps",
+                [
+                    "steps run",
+                    "early stop at step",
+                    "best step",
+                    "held-out KL before",
+                    "after",
+                    "seconds",
+                ],
+                [
+                    [
+                        _fmt_any(healing.get("steps_run")),
+                        "–" if stopped is None else _fmt_any(stopped),
+                        _fmt_any(healing.get("best_step")),
+                        _num(healing.get("held_out_kl_before"), ".4f"),
+                        _num(healing.get("held_out_kl_after"), ".4f"),
+                        _num(healing.get("seconds"), ".1f"),
+                    ]
+                ],
+                f"After the fold, only the folded maps ({healing.get('trained')}) were trained "
+                "to match the dense model's next-token distribution (KL(dense || pruned)) on "
+                f"{healing.get('train_windows')} calibration windows, at most "
+                f"{healing.get('steps')} steps (learning rate {healing.get('lr')}); every other "
+                "weight frozen. KL measured on the "
+                f"{healing.get('held_out_windows')} held-out calibration windows the strength "
+                "was tuned on; the maps of the lowest were kept (best step 0: the fold as it "
+                "was). The quality above includes it.",
+            )
+        )
     temp = comp.get("temperature") if isinstance(comp, Mapping) else None
     if isinstance(temp, Mapping):
         tables.append(

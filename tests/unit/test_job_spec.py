@@ -23,6 +23,7 @@ from jobcore.spec import (
     Budget,
     Device,
     DType,
+    HealSpec,
     JobCreate,
     Method,
     Offload,
@@ -58,7 +59,8 @@ EVERY_OPTION: dict[str, Any] = {
     "search_candidates": 4,
     "compensate": True,
     "compensation_windows": 6,
-    "compensation_tune_windows": 0,
+    "compensation_tune_windows": 1,
+    "heal": {"steps": 20, "lr": 0.001},
     "temperature": True,
     "temperature_windows": 3,
     "tasks": ["piqa", "boolq"],
@@ -92,6 +94,8 @@ DEFAULT_EXCEPTIONS = {
     "budget": "required in the spec; PruneConfig's num_remove/fraction default to None and its "
     "check asks for exactly one",
     "tasks": "none either way: [] in JSON, () in PruneConfig (which holds the names as a tuple)",
+    "heal": "off either way: null in the spec, heal_steps 0 in PruneConfig (heal_lr: the same "
+    "default, test_nested_options_match_the_library_objects)",
 }
 #: BenchmarkSpec fields whose BenchmarkConfig default differs, and why.
 BENCHMARK_DEFAULT_EXCEPTIONS: dict[str, str] = {}
@@ -142,6 +146,7 @@ def test_every_option_is_listed_here() -> None:
     assert list(EVERY_OPTION) == list(JobCreate.model_fields)
     assert set(EVERY_OPTION["quality_gate"]) == set(QualityGateSpec.model_fields)
     assert set(EVERY_OPTION["benchmark"]) == set(BenchmarkSpec.model_fields)
+    assert set(EVERY_OPTION["heal"]) == set(HealSpec.model_fields)
     full = JobCreate.model_validate(EVERY_OPTION)
     for option, field in JobCreate.model_fields.items():
         assert getattr(full, option) != field.get_default(call_default_factory=True), option
@@ -172,6 +177,9 @@ def test_every_option_reaches_the_library_with_the_same_default() -> None:
 
 
 def test_nested_options_match_the_library_objects() -> None:
+    config_defaults = _library_defaults(PruneConfig)
+    assert {f"heal_{name}" for name in HealSpec.model_fields} <= set(config_defaults)
+    assert config_defaults["heal_lr"] == _default(HealSpec.model_fields["lr"])
     gate_defaults = _library_defaults(QualityGate)
     assert set(QualityGateSpec.model_fields) == set(gate_defaults)
     for name, field in QualityGateSpec.model_fields.items():
@@ -234,7 +242,9 @@ def test_every_option_reaches_prune_config_as_written_by_hand() -> None:
         task_data_dir=None,  # the operator's (OPERATOR_FIELDS), not the job's
         compensate=True,
         compensation_windows=6,
-        compensation_tune_windows=0,
+        compensation_tune_windows=1,
+        heal_steps=20,
+        heal_lr=0.001,
         temperature=True,
         temperature_windows=3,
         offload="none",
@@ -300,6 +310,8 @@ PRUNE_DESTS: dict[str, str] = {
     "quality_gate.min_top1_agreement": "min_top1",
     "benchmark": "no_bench",
     "benchmark.measure_blocks": "no_block_timing",
+    "heal.steps": "heal_steps",
+    "heal.lr": "heal_lr",
 }
 #: `lorp prune` flags that are no job option, and why.
 PRUNE_ONLY = {
@@ -325,6 +337,8 @@ PRUNE_DEFAULT_EXCEPTIONS = {
     "benchmark": "lorp prune times the models unless --no-bench; a job only when it asks (the "
     "benchmark costs model runs admission control charges)",
     "budget": DEFAULT_EXCEPTIONS["budget"],
+    "heal.steps": "required in a job's heal object (heal: null is off); lorp prune's "
+    "--heal-steps 0 is off",
 }
 
 
@@ -342,7 +356,11 @@ def _all_options() -> dict[str, Any]:
     out: dict[str, Any] = {}
     for option, field in JobCreate.model_fields.items():
         out[option] = field
-        for model, prefix in ((QualityGateSpec, "quality_gate"), (BenchmarkSpec, "benchmark")):
+        for model, prefix in (
+            (QualityGateSpec, "quality_gate"),
+            (BenchmarkSpec, "benchmark"),
+            (HealSpec, "heal"),
+        ):
             if option == prefix:
                 out.update({f"{prefix}.{n}": f for n, f in model.model_fields.items()})
     return out
@@ -358,7 +376,7 @@ def test_lorp_prune_has_every_option_with_the_same_default_and_choices() -> None
                 actions
             )
             continue
-        if option == "quality_gate":  # an object: its fields are checked
+        if option in ("quality_gate", "heal"):  # an object: its fields are checked
             continue
         if option in SERVICE_OPTIONS:  # the service's (webhooks): no library run has them
             assert option not in actions, option
@@ -409,7 +427,7 @@ def test_lorp_jobs_submit_has_every_option() -> None:
         if option == "budget":
             assert {f"budget.{name}" for name in Budget.model_fields} <= set(actions)
             continue
-        if option == "quality_gate":
+        if option in ("quality_gate", "heal"):
             continue
         if option == "benchmark":
             assert "no_benchmark" in actions

@@ -518,6 +518,19 @@ def test_job_summary_from_a_hand_built_report() -> None:
         ],
         "quality": {"gate": GATE},
         "model": {"offload": {"mode": "sequential", "reason": "offload 'sequential' requested"}},
+        "extra": {
+            "compensation": {
+                "healing": {
+                    "steps_run": 20,
+                    "early_stop_step": 20,
+                    "best_step": 10,
+                    "held_out_kl_before": 0.4,
+                    "held_out_kl_after": 0.3,
+                    "seconds": 12.0,
+                    "curve": [],
+                }
+            }
+        },
     }
     assert job_summary(report) == {
         "method": "lorp-loss",
@@ -547,6 +560,14 @@ def test_job_summary_from_a_hand_built_report() -> None:
         "quality_target": {"max_ppl_ratio": 1.5},
         "target_depth": 3,
         "target_confirmed": True,
+        "healing": {
+            "steps_run": 20,
+            "early_stop_step": 20,
+            "best_step": 10,
+            "held_out_kl_before": 0.4,
+            "held_out_kl_after": 0.3,
+            "seconds": 12.0,
+        },
     }
     assert job_summary({}) == {
         "method": None,
@@ -576,6 +597,7 @@ def test_job_summary_from_a_hand_built_report() -> None:
         "quality_target": None,
         "target_depth": None,
         "target_confirmed": None,
+        "healing": None,
     }
 
 

@@ -730,6 +730,7 @@ def test_estimated_tokens_by_stage(settings: Settings) -> None:
         "calibration": 2048,
         "selection": 8192,
         "fits": 3072,
+        "healing": 0,
         "depth_search": 0,
         "evaluation": 2048,
         "tasks": 0,
