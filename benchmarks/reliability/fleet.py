@@ -124,6 +124,13 @@ def two_workers_four_tenants(b: Bench, jobs: int = 20) -> dict[str, Any]:
             "jobs": jobs,
             "tenants": len(clients),
             "succeeded": states.count("succeeded"),
+            "errors": sorted(
+                {
+                    f"{j['error']['code']}: {j['error']['message'][:120]}"
+                    for j in finished.values()
+                    if j.get("error")
+                }
+            ),
             "max_attempts": max(attempts),
             "max_running_per_tenant_seen": max(running_seen.values()),
             "median_finish_position_by_tenant": median_pos,
