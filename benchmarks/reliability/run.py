@@ -380,7 +380,16 @@ def load(b: Bench, submissions: int, clients: int) -> dict[str, Any]:
     errors: dict[str, int] = {}
     retries = 0
     per_client = submissions // clients
-    body = json.dumps(b.svc.job_body(budget={"blocks": 1})).encode()
+    # inputs the load tenant may read (the local model, the operator's corpus): tenant A's
+    # uploads are not granted to it
+    body = json.dumps(
+        b.svc.job_body(
+            model=str(b.svc.model_local),
+            calibration="corpus:handbook",
+            evaluation=None,
+            budget={"blocks": 1},
+        )
+    ).encode()
 
     def run_client(n: int) -> None:
         nonlocal retries
