@@ -787,17 +787,10 @@ class JobStore:
     def pool_memory(self, device_classes: Sequence[str]) -> dict[str, int]:
         """Device class -> the largest memory a live worker of it advertised (classes nobody
         advertised are left out)."""
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.time()
-        for device_class in device_classes:
-            pipe.hgetall(f"{POOL_PREFIX}{device_class}")
-        (seconds, micros), *hashes = pipe.execute()
-        now = seconds + micros / 1e6
         pools: dict[str, int] = {}
-        for device_class, offers in zip(device_classes, hashes, strict=True):
-            live = [o["memory"] for o in map(json.loads, offers.values()) if o["until"] > now]
-            if live:
-                pools[device_class] = max(live)
+        for w in self.pool_workers(device_classes):
+            if w["live"]:
+                pools[w["device_class"]] = max(pools.get(w["device_class"], 0), w["memory"])
         return pools
 
     def pool_workers(self, device_classes: Sequence[str]) -> list[dict[str, Any]]:

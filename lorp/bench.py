@@ -1036,20 +1036,7 @@ class _Session:
         start = self.clock()
         deadline = start + share
         ids = self.ids(task)
-        result = WorkloadResult(
-            name=task.name,
-            kind=task.kind,
-            batch=task.batch,
-            prompt_len=task.prompt_len,
-            new_tokens=task.new_tokens,
-            original=None,
-            pruned=None,
-            schedule=[],
-            mode=task.mode,
-            engine=engine(task.mode, self.device),
-            workload=task.workload,
-            share_s=share,
-        )
+        result = self._row(task, share_s=share)
         run: Callable[[str], tuple[float, Any]]
         if task.mode == EAGER:
 
@@ -1096,6 +1083,10 @@ class _Session:
             "workload started"
         )
         self.report(f"{task.name}: {reason}")
+        return self._row(task, status="unavailable", unavailable_reason=reason, share_s=0.0)
+
+    def _row(self, task: _Task, **fields: Any) -> WorkloadResult:
+        """An empty result row of ``task`` (its identity, engine and mode), with ``fields``."""
         return WorkloadResult(
             name=task.name,
             kind=task.kind,
@@ -1108,9 +1099,7 @@ class _Session:
             mode=task.mode,
             engine=engine(task.mode, self.device),
             workload=task.workload,
-            status="unavailable",
-            unavailable_reason=reason,
-            share_s=0.0,
+            **fields,
         )
 
     def _compile(
